@@ -1,0 +1,274 @@
+"""Command-line entry points: `procqueue ...` and `run-task-processor`.
+
+The edge where user mistakes become one-line messages and exit codes: every ProcqueueError
+is caught here, nowhere deeper.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Optional, Tuple
+
+import click
+
+from . import config as config_module
+from .config import (
+    DEFAULT_GRACE_PERIOD_MS,
+    DEFAULT_NUM_WORKERS,
+    DEFAULT_QUEUE_POP_SIZE,
+    DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+    DEFAULT_SLEEP_INTERVAL_MS,
+    ProcessorConfig,
+)
+from .errors import ConfigError, ProcqueueError, TaskError
+from .logs import setup_logging
+
+LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+
+
+def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ProcqueueError into its one-line message on stderr and its exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ProcqueueError as exc:
+            click.echo(f"procqueue: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+def _database_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    func = click.option(
+        "--schema", default=None, metavar="NAME",
+        help="Postgres schema of the queue tables. [env: PROCQUEUE_SCHEMA; default: procqueue]",
+    )(func)
+    func = click.option(
+        "--database-url", default=None, metavar="URL",
+        help="libpq URL of the queue database. [env: DATABASE_URL; default: the embedded PostgreSQL]",
+    )(func)
+    return func
+
+
+def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--numthreads", "num_workers", type=int, default=None, metavar="N",
+                     help=f"Worker processes to run. [env: TASK_PROCESSOR_NUM_THREADS; default: {DEFAULT_NUM_WORKERS}]"),
+        click.option("--sleepintervalms", "sleep_interval_ms", type=int, default=None, metavar="MS",
+                     help="How often an idle worker polls when no NOTIFY arrives. "
+                          f"[env: TASK_PROCESSOR_SLEEP_INTERVAL_MS; default: {DEFAULT_SLEEP_INTERVAL_MS}]"),
+        click.option("--graceperiodms", "grace_period_ms", type=int, default=None, metavar="MS",
+                     help="How long a worker may go without a heartbeat before it counts as stuck. "
+                          f"[env: TASK_PROCESSOR_GRACE_PERIOD_MS; default: {DEFAULT_GRACE_PERIOD_MS}]"),
+        click.option("--queuepopsize", "queue_pop_size", type=int, default=None, metavar="N",
+                     help="Tasks a worker claims per round trip. "
+                          f"[env: TASK_PROCESSOR_QUEUE_POP_SIZE; default: {DEFAULT_QUEUE_POP_SIZE}]"),
+        click.option("--shutdown-timeout", "shutdown_timeout", type=float, default=None, metavar="SECONDS",
+                     help="On SIGTERM/SIGINT, how long running tasks may take to finish before they are "
+                          f"killed and put back. [default: {DEFAULT_SHUTDOWN_TIMEOUT_SECONDS:g}]"),
+        click.option("--import", "-i", "imports", multiple=True, metavar="MODULE",
+                     help="Module that registers tasks; repeatable. [env: PROCQUEUE_IMPORTS, comma-separated]"),
+        click.option("--queue", "-q", "queues", multiple=True, metavar="NAME",
+                     help="Only run tasks of this queue; repeatable. [default: every queue]"),
+        click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return _database_options(func)
+
+
+def build_processor_config(**values: Any) -> ProcessorConfig:
+    return config_module.processor_config(
+        database_url=values.get("database_url"),
+        schema=values.get("schema"),
+        num_workers=values.get("num_workers"),
+        sleep_interval_ms=values.get("sleep_interval_ms"),
+        grace_period_ms=values.get("grace_period_ms"),
+        queue_pop_size=values.get("queue_pop_size"),
+        shutdown_timeout_seconds=values.get("shutdown_timeout"),
+        imports=tuple(values.get("imports") or ()),
+        queues=tuple(values.get("queues") or ()),
+    )
+
+
+def import_task_modules(modules: Tuple[str, ...]) -> None:
+    """Import the user's task modules (and ours), from the current directory too."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    importlib.import_module("procqueue.maintenance")
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ProcqueueError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"cannot import task module {module!r}: {type(exc).__name__}: {exc}") from None
+
+
+def run_processor(config: ProcessorConfig, log_level: str) -> int:
+    from .supervisor import Supervisor
+
+    setup_logging(log_level)
+    import_task_modules(config.imports)
+    return Supervisor(config).run()
+
+
+# -- procqueue -----------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """procqueue: a Postgres-backed task processor with one process per worker."""
+
+
+@main.command("run")
+@_processor_options
+@_user_errors
+def run_command(log_level: str, **values: Any) -> None:
+    """Run the task processor (same as run-task-processor)."""
+    sys.exit(run_processor(build_processor_config(**values), log_level))
+
+
+@main.command("migrate")
+@_database_options
+@_user_errors
+def migrate_command(database_url: Optional[str], schema: Optional[str]) -> None:
+    """Create or upgrade the procqueue tables (idempotent)."""
+    from .db import connect
+    from .migrations import SCHEMA_VERSION, migrate
+
+    database = config_module.processor_config(database_url=database_url, schema=schema).database
+    conn = connect(database)
+    try:
+        applied = migrate(conn, database.schema)
+    finally:
+        conn.close()
+    state = "applied" if applied else "already up to date"
+    click.echo(f"procqueue schema {database.schema!r} version {SCHEMA_VERSION}: {state} ({database.display_url})")
+
+
+@main.command("enqueue")
+@click.argument("task_name")
+@click.option("--args", "args_json", default="[]", metavar="JSON", help="Positional arguments, a JSON array.")
+@click.option("--kwargs", "kwargs_json", default="{}", metavar="JSON", help="Keyword arguments, a JSON object.")
+@click.option("--delay", "delay_seconds", type=float, default=None, metavar="SECONDS", help="Run no sooner than this.")
+@click.option("--priority", type=int, default=None, help="Override the task's priority (lower runs first).")
+@click.option("--import", "-i", "imports", multiple=True, metavar="MODULE", help="Module that registers the task.")
+@_database_options
+@_user_errors
+def enqueue_command(task_name: str, args_json: str, kwargs_json: str, delay_seconds: Optional[float],
+                    priority: Optional[int], imports: Tuple[str, ...], database_url: Optional[str],
+                    schema: Optional[str]) -> None:
+    """Enqueue TASK_NAME (registered by an --import module); prints the task id."""
+    from . import enqueue, registry
+
+    config = config_module.processor_config(database_url=database_url, schema=schema, imports=imports)
+    import_task_modules(config.imports)
+    handler = registry.get_handler(task_name)
+    if handler is None:
+        known = ", ".join(registry.registered_names())
+        raise TaskError(f"unknown task {task_name!r} (registered: {known}); pass its module with --import")
+    args = _json_option("--args", args_json, list, "a JSON array")
+    kwargs = _json_option("--kwargs", kwargs_json, dict, "a JSON object")
+    delay_until = datetime.now(timezone.utc) + timedelta(seconds=delay_seconds) if delay_seconds else None
+    enqueue.configure(database_url=config.database.url, schema=config.database.schema)
+    task_id = handler.delay(args=args, kwargs=kwargs, delay_until=delay_until, priority=priority)
+    click.echo("skipped: queue_size reached" if task_id is None else str(task_id))
+
+
+@main.command("cancel")
+@click.argument("task_id", type=int)
+@_database_options
+@_user_errors
+def cancel_command(task_id: int, database_url: Optional[str], schema: Optional[str]) -> None:
+    """Cancel a task that has not started yet."""
+    conn, queries = _client(database_url, schema)
+    if not queries.cancel(conn, task_id):
+        task = queries.get_task(conn, task_id)
+        state = "does not exist" if task is None else f"is {task.state.value}"
+        raise TaskError(f"cannot cancel task {task_id}: it {state} (only queued tasks can be cancelled)")
+    click.echo(f"cancelled {task_id}")
+
+
+@main.command("show")
+@click.argument("task_id", type=int)
+@_database_options
+@_user_errors
+def show_command(task_id: int, database_url: Optional[str], schema: Optional[str]) -> None:
+    """Print a task and its run history (with tracebacks) as JSON."""
+    conn, queries = _client(database_url, schema)
+    task = queries.get_task(conn, task_id)
+    if task is None:
+        raise TaskError(f"no task with id {task_id}")
+    document = {"task": asdict(task), "runs": [asdict(run) for run in queries.get_runs(conn, task_id)]}
+    click.echo(json.dumps(document, indent=2, default=_json_default))
+
+
+@main.command("demo")
+@click.option("--rate", type=click.FloatRange(min=0.1), default=4.0, show_default=True, help="Example tasks enqueued per second.")
+@click.option("--numthreads", "num_workers", type=click.IntRange(min=1), default=2, show_default=True)
+@_database_options
+@_user_errors
+def demo_command(rate: float, num_workers: int, database_url: Optional[str], schema: Optional[str]) -> None:
+    """Run a processor with example tasks flowing in, until Ctrl-C."""
+    config = build_processor_config(database_url=database_url, schema=schema, num_workers=num_workers,
+                                    sleep_interval_ms=1000, imports=("procqueue.examples",))
+    from .db import connect, resolve_url
+    from .migrations import migrate
+
+    click.echo(f"procqueue demo: database {config.database.display_url}; Ctrl-C to stop", err=True)
+    conn = connect(config.database)
+    migrate(conn, config.database.schema)  # before the producer's first enqueue
+    conn.close()
+    env = dict(os.environ, DATABASE_URL=resolve_url(config.database), PROCQUEUE_SCHEMA=config.database.schema)
+    producer = subprocess.Popen([sys.executable, "-m", "procqueue.examples", "--rate", str(rate)], env=env)
+    try:
+        code = run_processor(config, "info")
+    finally:
+        producer.terminate()
+        producer.wait(timeout=10)
+    sys.exit(code)
+
+
+def _client(database_url: Optional[str], schema: Optional[str]):
+    from . import enqueue
+
+    database = config_module.processor_config(database_url=database_url, schema=schema).database
+    enqueue.configure(database_url=database.url, schema=database.schema)
+    return enqueue.client_connection()
+
+
+def _json_option(flag: str, raw: str, expected_type: type, description: str) -> Any:
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"invalid value for {flag}: {raw!r} is not JSON ({exc.msg}); expected {description}") from None
+    if not isinstance(value, expected_type):
+        raise ConfigError(f"invalid value for {flag}: {raw!r} (expected {description})")
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+# -- run-task-processor --------------------------------------------------------------
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@_processor_options
+@_user_errors
+def run_task_processor(log_level: str, **values: Any) -> None:
+    """Run the procqueue task processor (Flagsmith's `runprocessor` flags)."""
+    sys.exit(run_processor(build_processor_config(**values), log_level))

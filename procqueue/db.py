@@ -1,0 +1,48 @@
+"""Connections to Postgres: opening one, and the error wording when that fails."""
+
+from __future__ import annotations
+
+import psycopg2
+import psycopg2.extensions
+import psycopg2.extras
+
+from .config import DatabaseConfig
+from .embedded import embedded_server_url
+from .errors import DatabaseError
+
+Connection = psycopg2.extensions.connection
+
+# TCP keepalives make a connection to a vanished host (node died, NAT dropped the flow)
+# fail in about 30 s instead of hanging on the kernel's two-hour default.
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3}
+
+
+def resolve_url(database: DatabaseConfig) -> str:
+    """The libpq URL to connect to, starting the embedded server if none was given."""
+    if database.url is not None:
+        return database.url
+    from .config import default_embedded_dir
+
+    return embedded_server_url(database.embedded_dir or default_embedded_dir())
+
+
+def connect(database: DatabaseConfig, *, autocommit: bool = True, application_name: str = "procqueue") -> Connection:
+    """Open a connection, or raise DatabaseError with a one-line, password-free reason."""
+    url = resolve_url(database)
+    try:
+        conn = psycopg2.connect(url, application_name=application_name, connect_timeout=10, **_KEEPALIVES)
+    except psycopg2.Error as exc:
+        raise DatabaseError(f"cannot connect to {database.display_url}: {first_line(exc)}") from None
+    conn.autocommit = autocommit
+    return conn
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when the connection itself is gone (server restart, network cut), as opposed
+    to a statement that failed on a healthy connection."""
+    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))

@@ -1,0 +1,243 @@
+"""The application side: `.delay()`, bulk enqueue, TASK_RUN_METHOD, and its connection."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Iterable, List, Mapping, Optional, Sequence
+
+import psycopg2
+
+from . import config as config_module
+from .config import DatabaseConfig, TaskRunMethod
+from .db import connect, first_line, is_connection_error
+from .errors import DatabaseError, TaskError
+from .logs import log_event
+from .migrations import migrate
+from .queries import EnqueueRow, Queries
+from .registry import TaskCall
+
+logger = logging.getLogger("procqueue.enqueue")
+
+
+class TaskArgumentError(TaskError, TypeError):
+    """An argument cannot be stored as JSON. A TypeError, as `.delay()` promises."""
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    database: DatabaseConfig
+    task_run_method: TaskRunMethod
+
+
+_settings: Optional[ClientSettings] = None
+_settings_lock = threading.Lock()
+_local = threading.local()
+_inherited_connections: list = []
+
+
+def configure(
+    *,
+    database_url: Optional[str] = None,
+    schema: Optional[str] = None,
+    task_run_method: Optional[TaskRunMethod] = None,
+) -> None:
+    """Set, in code, what the environment would otherwise decide for this process."""
+    global _settings
+    with _settings_lock:
+        current = _current_settings_unlocked()
+        database = current.database
+        if database_url is not None:
+            database = replace(database, url=database_url)
+        if schema is not None:
+            database = replace(database, schema=schema)
+        method = TaskRunMethod(task_run_method) if task_run_method is not None else current.task_run_method
+        _settings = ClientSettings(database, method)
+    close_connection()
+
+
+def settings() -> ClientSettings:
+    with _settings_lock:
+        return _current_settings_unlocked()
+
+
+def _current_settings_unlocked() -> ClientSettings:
+    global _settings
+    if _settings is None:
+        _settings = ClientSettings(
+            config_module.database_config_from_env(), config_module.task_run_method_from_env()
+        )
+    return _settings
+
+
+def delay(call: TaskCall, connection: Any = None) -> Optional[int]:
+    method = settings().task_run_method
+    if method is TaskRunMethod.SYNCHRONOUSLY:
+        run_inline(call)
+        return None
+    if method is TaskRunMethod.SEPARATE_THREAD:
+        run_in_thread(call)
+        return None
+    ids = enqueue_many([call], connection=connection)
+    return ids[0] if ids else None
+
+
+def enqueue_many(calls: Iterable[TaskCall], connection: Any = None) -> List[int]:
+    """Insert many tasks in one round trip; returns the ids of the tasks created.
+
+    With `connection` (a psycopg2 connection), the insert joins the caller's transaction:
+    the tasks exist only if the caller commits. Tasks skipped by `queue_size` get no id.
+    """
+    rows = [_enqueue_row(call) for call in calls]
+    if not rows:
+        return []
+    queries = Queries(settings().database.schema)
+    if connection is not None:
+        return _insert_on_callers_connection(queries, connection, rows)
+    return _insert_on_own_connection(queries, rows)
+
+
+def run_inline(call: TaskCall) -> Any:
+    args, kwargs = _json_round_trip(call)
+    return call.handler.func(*args, **kwargs)
+
+
+def run_in_thread(call: TaskCall) -> threading.Thread:
+    args, kwargs = _json_round_trip(call)
+
+    def target() -> None:
+        try:
+            call.handler.func(*args, **kwargs)
+        except Exception:
+            logger.exception("task %s failed in its thread", call.handler.task_name)
+
+    thread = threading.Thread(target=target, name=f"procqueue:{call.handler.task_name}", daemon=True)
+    thread.start()
+    return thread
+
+
+def close_connection() -> None:
+    conn = getattr(_local, "conn", None)
+    _local.conn = None
+    if conn is None:
+        return
+    if getattr(_local, "pid", None) == os.getpid():
+        conn.close()
+    else:
+        # Inherited across fork: freeing it would send the parent's session a Terminate
+        # message on the shared socket. Keep it referenced and never touch it.
+        _inherited_connections.append(conn)
+
+
+# -- serialising ---------------------------------------------------------------------
+
+
+def _enqueue_row(call: TaskCall) -> EnqueueRow:
+    handler = call.handler
+    args_json, kwargs_json = _serialise_arguments(handler.task_name, call.args, call.kwargs)
+    priority = handler.priority if call.priority is None else int(call.priority)
+    if call.delay_until is not None and (not isinstance(call.delay_until, datetime) or call.delay_until.tzinfo is None):
+        raise TaskError(f"task {handler.task_name}: delay_until must be a timezone-aware datetime, got {call.delay_until!r}")
+    return EnqueueRow(
+        task_name=handler.task_name,
+        args_json=args_json,
+        kwargs_json=kwargs_json,
+        queue=handler.queue,
+        priority=priority,
+        run_at=call.delay_until,
+        max_attempts=handler.max_attempts,
+        timeout_seconds=handler.timeout_seconds,
+        queue_size=handler.queue_size,
+    )
+
+
+def _serialise_arguments(task_name: str, args: Sequence[Any], kwargs: Optional[Mapping[str, Any]]):
+    if isinstance(args, (str, bytes)) or not isinstance(args, (list, tuple)):
+        raise TaskArgumentError(f"task {task_name}: args must be a list or tuple, got {type(args).__name__}")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, Mapping):
+        raise TaskArgumentError(f"task {task_name}: kwargs must be a dict, got {type(kwargs).__name__}")
+    for key in kwargs:
+        if not isinstance(key, str):
+            raise TaskArgumentError(f"task {task_name}: kwargs key {key!r} is not a string")
+    for position, value in enumerate(args):
+        _require_json(task_name, f"args[{position}]", value)
+    for key, value in kwargs.items():
+        _require_json(task_name, f"kwargs[{key!r}]", value)
+    return json.dumps(list(args), allow_nan=False), json.dumps(dict(kwargs), allow_nan=False)
+
+
+def _require_json(task_name: str, label: str, value: Any) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TaskArgumentError(
+            f"task {task_name}: argument {label} = {_short_repr(value)} cannot be stored as JSON ({exc})"
+        ) from None
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_round_trip(call: TaskCall):
+    """The arguments exactly as a processor would receive them (tuples become lists...)."""
+    args_json, kwargs_json = _serialise_arguments(call.handler.task_name, call.args, call.kwargs)
+    return json.loads(args_json), json.loads(kwargs_json)
+
+
+# -- inserting -----------------------------------------------------------------------
+
+
+def _insert_on_callers_connection(queries: Queries, connection: Any, rows: List[EnqueueRow]) -> List[int]:
+    try:
+        return queries.enqueue(connection, rows)
+    except psycopg2.errors.UndefinedTable:
+        raise _schema_missing(queries.schema) from None
+
+
+def _insert_on_own_connection(queries: Queries, rows: List[EnqueueRow]) -> List[int]:
+    # One retry on a dropped connection (a Postgres restart closes idle connections): the
+    # insert never reached the server, so retrying cannot duplicate it in practice.
+    for attempt in (1, 2):
+        conn = _own_connection()
+        try:
+            ids = queries.enqueue(conn, rows)
+            log_event(logger, logging.DEBUG, "task.enqueued", count=len(ids), task=rows[0].task_name)
+            return ids
+        except psycopg2.errors.UndefinedTable:
+            raise _schema_missing(queries.schema) from None
+        except psycopg2.Error as exc:
+            if not is_connection_error(exc):
+                raise DatabaseError(f"cannot enqueue {rows[0].task_name}: {first_line(exc)}") from None
+            close_connection()
+            if attempt == 2:
+                raise DatabaseError(f"cannot enqueue {rows[0].task_name}: {first_line(exc)}") from None
+    raise AssertionError("unreachable")
+
+
+def _own_connection():
+    conn = getattr(_local, "conn", None)
+    if conn is not None and getattr(_local, "pid", None) == os.getpid() and not conn.closed:
+        return conn
+    close_connection()
+    database = settings().database
+    conn = connect(database, application_name="procqueue-client")
+    if database.url is None:
+        migrate(conn, database.schema)  # the embedded server is ours to set up
+    _local.conn, _local.pid = conn, os.getpid()
+    return conn
+
+
+def _schema_missing(schema: str) -> DatabaseError:
+    return DatabaseError(f"the procqueue schema {schema!r} is not in this database: run `procqueue migrate`")
+
+
+def client_connection():
+    """This process's own connection and statements (for built-in tasks and the CLI)."""
+    return _own_connection(), Queries(settings().database.schema)

@@ -1,0 +1,110 @@
+"""Running one claimed task to an outcome: look up, call under a timeout, classify."""
+
+from __future__ import annotations
+
+import signal
+import traceback
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+from .records import ClaimedTask, RunOutcome, TaskOutcome, TaskState
+from .registry import DEFAULT_RETRY_BACKOFF, TaskBackoffError, TaskHandler, backoff_delay, get_handler
+
+
+class TaskTimeoutError(BaseException):
+    """Raised inside a task that ran past its timeout.
+
+    A BaseException, like KeyboardInterrupt, so a task's own `except Exception` cannot
+    swallow it and carry on past its deadline.
+    """
+
+
+class _SoftTimeout:
+    """SIGALRM-based timeout for the task running in this (main) thread.
+
+    This is the gentle half of timeout enforcement: it interrupts Python code and lets the
+    worker record the run and carry on. Code that never returns to the interpreter (a C
+    call holding the GIL) is beyond it; the supervisor's hard kill covers that.
+    """
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.installed = False
+
+    def install(self) -> None:
+        signal.signal(signal.SIGALRM, self._on_alarm)
+        self.installed = True
+
+    def _on_alarm(self, signum, frame) -> None:
+        if self.armed:
+            self.armed = False
+            raise TaskTimeoutError()
+
+    def arm(self, seconds: float) -> None:
+        if self.installed:
+            self.armed = True
+            signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    def disarm(self) -> None:
+        if self.installed:
+            self.armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+soft_timeout = _SoftTimeout()
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow) -> TaskOutcome:
+    """Run `task` and say what became of it. Never raises for anything the task does."""
+    started = now()
+    handler = get_handler(task.task_name)
+    if handler is None:
+        error = (
+            f"task {task.task_name!r} is not registered in this processor "
+            "(is its module passed with --import?)"
+        )
+        return _failure(task, None, started, now(), RunOutcome.FAILED, error)
+    try:
+        soft_timeout.arm(task.timeout_seconds)
+        try:
+            handler.func(*task.args, **task.kwargs)
+        finally:
+            soft_timeout.disarm()
+    except TaskBackoffError as backoff:
+        return _backoff(task, handler, started, now(), backoff)
+    except TaskTimeoutError:
+        error = f"task ran past its timeout of {task.timeout_seconds:g}s\n" + traceback.format_exc()
+        return _failure(task, handler, started, now(), RunOutcome.TIMED_OUT, error)
+    except Exception:
+        return _failure(task, handler, started, now(), RunOutcome.FAILED, traceback.format_exc())
+    return TaskOutcome(task.id, TaskState.SUCCEEDED, RunOutcome.SUCCEEDED, started, now())
+
+
+def _failure(
+    task: ClaimedTask,
+    handler: Optional[TaskHandler],
+    started: datetime,
+    finished: datetime,
+    outcome: RunOutcome,
+    error: str,
+) -> TaskOutcome:
+    if task.attempts >= task.max_attempts:
+        return TaskOutcome(task.id, TaskState.FAILED, outcome, started, finished, error=error)
+    base = handler.retry_backoff if handler is not None else DEFAULT_RETRY_BACKOFF
+    delay = backoff_delay(base, task.attempts)
+    return TaskOutcome(task.id, TaskState.QUEUED, outcome, started, finished, error=error, retry_in_seconds=delay)
+
+
+def _backoff(
+    task: ClaimedTask, handler: TaskHandler, started: datetime, finished: datetime, backoff: TaskBackoffError
+) -> TaskOutcome:
+    error = f"TaskBackoffError: {backoff}" if str(backoff) else "TaskBackoffError"
+    if backoff.delay_until is not None:
+        return TaskOutcome(task.id, TaskState.QUEUED, RunOutcome.BACKOFF, started, finished,
+                           error=error, retry_at=backoff.delay_until, refund_attempt=True)
+    return TaskOutcome(task.id, TaskState.QUEUED, RunOutcome.BACKOFF, started, finished, error=error,
+                       retry_in_seconds=handler.retry_delay_seconds(1), refund_attempt=True)

@@ -1,0 +1,47 @@
+"""Applying schema.sql: idempotent, versioned, and safe when many replicas start at once."""
+
+from __future__ import annotations
+
+import zlib
+
+import psycopg2
+from psycopg2 import sql
+
+from .db import first_line
+from .errors import DatabaseError
+from .queries import Queries, schema_sql
+
+SCHEMA_VERSION = 1
+
+# Every processor of every replica may migrate at start; one transaction-scoped advisory
+# lock per schema serialises them, and the version check makes the late ones a no-op
+# (so they never take the brief exclusive lock that re-creating the trigger needs).
+def _lock_key(schema: str) -> int:
+    return zlib.crc32(f"procqueue.migrate.{schema}".encode()) - 2**31
+
+
+def migrate(conn, schema: str) -> bool:
+    """Bring `schema` up to SCHEMA_VERSION. Returns True when anything was applied."""
+    queries = Queries(schema)
+    previous_autocommit = conn.autocommit
+    conn.autocommit = False
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(schema),))
+            if queries.schema_version(conn) >= SCHEMA_VERSION:
+                conn.rollback()
+                return False
+            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+            cur.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
+            cur.execute(schema_sql())
+        conn.commit()
+        return True
+    except psycopg2.Error as exc:
+        conn.rollback()
+        raise DatabaseError(f"cannot apply the procqueue schema to {schema!r}: {first_line(exc)}") from None
+    finally:
+        conn.autocommit = previous_autocommit
+
+
+def installed_version(conn, schema: str) -> int:
+    return Queries(schema).schema_version(conn)

@@ -1,0 +1,192 @@
+"""All SQL procqueue runs, as named statements loaded from `queries.sql`.
+
+`Queries(schema)` binds the statements to one Postgres schema; each method runs one
+statement on the connection it is given and returns records, never raw rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from importlib import resources
+from typing import Dict, Iterable, List, Optional, Sequence, Set
+
+from psycopg2 import sql
+
+from .records import ClaimedTask, RunOutcome, RunRecord, TaskOutcome, TaskRecord, TaskState
+
+_BLOCK_START = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+@functools.lru_cache(maxsize=None)
+def _statement_templates() -> Dict[str, str]:
+    text = resources.files("procqueue").joinpath("queries.sql").read_text(encoding="utf-8")
+    names = _BLOCK_START.findall(text)
+    bodies = _BLOCK_START.split(text)[2::2]
+    return {name: _strip_comments(body) for name, body in zip(names, bodies)}
+
+
+def _strip_comments(body: str) -> str:
+    lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
+    return "\n".join(lines).strip().rstrip(";")
+
+
+def schema_sql() -> str:
+    """The text of schema.sql as shipped inside the package."""
+    return resources.files("procqueue").joinpath("schema.sql").read_text(encoding="utf-8")
+
+
+class Queries:
+    """The named statements of one queue schema."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        self._rendered: Dict[str, str] = {}
+
+    def text(self, name: str, conn) -> str:
+        """The statement `name` with the schema composed in as a quoted identifier."""
+        rendered = self._rendered.get(name)
+        if rendered is None:
+            template = sql.SQL(_statement_templates()[name])
+            rendered = template.format(schema=sql.Identifier(self.schema)).as_string(conn)
+            self._rendered[name] = rendered
+        return rendered
+
+    def _execute(self, conn, name: str, params: Optional[dict] = None) -> list:
+        with conn.cursor() as cur:
+            cur.execute(self.text(name, conn), params)
+            return cur.fetchall() if cur.description else []
+
+    # -- the worker's statements -------------------------------------------------------
+
+    def claim(
+        self, conn, *, processor: str, worker: int, limit: int, queues: Sequence[str] = ()
+    ) -> List[ClaimedTask]:
+        params = {"processor": processor, "worker": worker, "limit": limit, "queues": list(queues) or None}
+        rows = self._execute(conn, "claim", params)
+        tasks = [ClaimedTask(*row) for row in rows]
+        # UPDATE ... RETURNING does not keep the SELECT's order.
+        return sorted(tasks, key=lambda task: (task.priority, task.run_at, task.id))
+
+    def complete(self, conn, *, processor: str, worker: int, outcomes: Sequence[TaskOutcome]) -> Set[int]:
+        """Record a batch of outcomes; returns the ids this worker still held (and moved)."""
+        if not outcomes:
+            return set()
+        params = {
+            "processor": processor,
+            "worker": worker,
+            "ids": [o.task_id for o in outcomes],
+            "states": [o.state.value for o in outcomes],
+            "outcomes": [o.outcome.value for o in outcomes],
+            "retry_in": [o.retry_in_seconds for o in outcomes],
+            "retry_at": [o.retry_at for o in outcomes],
+            "errors": [o.error for o in outcomes],
+            "started": [o.started_at for o in outcomes],
+            "finished": [o.finished_at for o in outcomes],
+            "refunds": [int(o.refund_attempt) for o in outcomes],
+        }
+        return {row[0] for row in self._execute(conn, "complete", params)}
+
+    def release_worker_tasks(
+        self, conn, *, processor: str, worker: int, in_flight: Optional[int], error: str
+    ) -> List[int]:
+        params = {"processor": processor, "worker": worker, "in_flight": in_flight, "error": error}
+        return [row[0] for row in self._execute(conn, "release_worker_tasks", params)]
+
+    # -- the application's statements -------------------------------------------------
+
+    def enqueue(self, conn, calls: Sequence["EnqueueRow"]) -> List[int]:
+        params = {
+            "names": [c.task_name for c in calls],
+            "args": [c.args_json for c in calls],
+            "kwargs": [c.kwargs_json for c in calls],
+            "queues": [c.queue for c in calls],
+            "priorities": [c.priority for c in calls],
+            "run_ats": [c.run_at for c in calls],
+            "max_attempts": [c.max_attempts for c in calls],
+            "timeouts": [c.timeout_seconds for c in calls],
+            "queue_sizes": [c.queue_size for c in calls],
+        }
+        return [row[0] for row in self._execute(conn, "enqueue", params)]
+
+    def cancel(self, conn, task_id: int) -> bool:
+        return bool(self._execute(conn, "cancel", {"id": task_id}))
+
+    # -- recurring tasks ---------------------------------------------------------------
+
+    def register_recurring(
+        self, conn, *, name: str, run_every: timedelta, first_run_at: Optional[datetime], timeout_seconds: float
+    ) -> None:
+        params = {"name": name, "run_every": run_every, "first_run_at": first_run_at, "timeout": timeout_seconds}
+        self._execute(conn, "register_recurring", params)
+
+    def schedule_recurring(self, conn, names: Iterable[str]) -> List[int]:
+        return [row[0] for row in self._execute(conn, "schedule_recurring", {"names": list(names)})]
+
+    def next_recurring_at(self, conn, names: Iterable[str]) -> Optional[datetime]:
+        return self._execute(conn, "next_recurring_at", {"names": list(names)})[0][0]
+
+    # -- retention ---------------------------------------------------------------------
+
+    def delete_finished_tasks(self, conn, *, days: int, batch: int) -> int:
+        return self._rowcount(conn, "delete_finished_tasks", {"days": days, "batch": batch})
+
+    def delete_old_runs(self, conn, *, days: int, batch: int) -> int:
+        return self._rowcount(conn, "delete_old_runs", {"days": days, "batch": batch})
+
+    def _rowcount(self, conn, name: str, params: dict) -> int:
+        with conn.cursor() as cur:
+            cur.execute(self.text(name, conn), params)
+            return cur.rowcount
+
+    # -- processors --------------------------------------------------------------------
+
+    def register_processor(self, conn, *, processor: str, hostname: str, pid: int) -> None:
+        self._execute(conn, "register_processor", {"id": processor, "hostname": hostname, "pid": pid})
+
+    def deregister_processor(self, conn, processor: str) -> None:
+        self._execute(conn, "deregister_processor", {"id": processor})
+
+    # -- reading -----------------------------------------------------------------------
+
+    def get_task(self, conn, task_id: int) -> Optional[TaskRecord]:
+        rows = self._execute(conn, "get_task", {"id": task_id})
+        if not rows:
+            return None
+        row = list(rows[0])
+        row[7] = TaskState(row[7])
+        return TaskRecord(*row)
+
+    def get_runs(self, conn, task_id: int) -> List[RunRecord]:
+        rows = self._execute(conn, "get_runs", {"id": task_id})
+        return [RunRecord(*row[:6], RunOutcome(row[6]), *row[7:]) for row in rows]
+
+    def count_by_state(self, conn) -> Dict[str, int]:
+        counts = {state.value: 0 for state in TaskState}
+        counts.update(dict(self._execute(conn, "count_by_state")))
+        return counts
+
+    def count_waiting(self, conn) -> int:
+        return self._execute(conn, "count_waiting")[0][0]
+
+    def schema_version(self, conn) -> int:
+        if not self._execute(conn, "schema_exists", {"table": f"{self.schema}.schema_version"})[0][0]:
+            return 0
+        return self._execute(conn, "schema_version")[0][0]
+
+
+@dataclass(frozen=True)
+class EnqueueRow:
+    """One task to insert, already validated, its arguments already JSON text."""
+
+    task_name: str
+    args_json: str
+    kwargs_json: str
+    queue: str
+    priority: int
+    run_at: Optional[datetime]
+    max_attempts: int
+    timeout_seconds: float
+    queue_size: Optional[int]

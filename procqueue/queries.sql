@@ -1,0 +1,219 @@
+-- Every statement procqueue runs, by name. `{schema}` is the queue's Postgres schema,
+-- composed as a quoted identifier (never formatted in as text); values are always
+-- parameters. Each task-state change is one statement guarded by the state it expects.
+
+-- name: claim
+-- queued -> running for up to %(limit)s tasks, in claim order. SKIP LOCKED lets any number
+-- of workers on any number of hosts claim at once without waiting on each other.
+WITH picked AS (
+    SELECT id
+    FROM {schema}.tasks
+    WHERE state = 'queued'
+      AND run_at <= now()
+      AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+    ORDER BY priority, run_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {schema}.tasks AS t
+SET state = 'running',
+    attempts = t.attempts + 1,
+    locked_by = %(processor)s,
+    locked_worker = %(worker)s,
+    locked_at = now(),
+    started_at = now()
+FROM picked
+WHERE t.id = picked.id
+RETURNING t.id, t.task_name, t.args, t.kwargs, t.queue, t.priority, t.run_at, t.attempts,
+          t.max_attempts, t.timeout_seconds, t.recurring_slot;
+
+-- name: complete
+-- running -> succeeded / failed / queued (retry) for a batch of finished tasks, writing
+-- each one's run record in the same statement. Only tasks still leased to this worker
+-- move: a task whose lease was taken away (rescued as lost) keeps its new state.
+WITH outcome AS (
+    SELECT *
+    FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(outcomes)s::text[],
+                %(retry_in)s::float8[], %(retry_at)s::timestamptz[], %(errors)s::text[],
+                %(started)s::timestamptz[], %(finished)s::timestamptz[], %(refunds)s::int[])
+         AS o(id, state, outcome, retry_in, retry_at, error, started_at, finished_at, refund)
+), moved AS (
+    UPDATE {schema}.tasks AS t
+    SET state = o.state,
+        attempts = t.attempts - o.refund,
+        run_at = CASE WHEN o.state = 'queued'
+                      THEN coalesce(o.retry_at, now() + o.retry_in * interval '1 second')
+                      ELSE t.run_at END,
+        last_error = o.error,
+        locked_by = NULL,
+        locked_worker = NULL,
+        locked_at = NULL,
+        finished_at = CASE WHEN o.state IN ('succeeded', 'failed') THEN o.finished_at END
+    FROM outcome AS o
+    WHERE t.id = o.id
+      AND t.state = 'running'
+      AND t.locked_by = %(processor)s
+      AND t.locked_worker = %(worker)s
+    RETURNING t.id, t.task_name, t.attempts + o.refund AS attempt
+)
+INSERT INTO {schema}.task_runs
+    (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
+SELECT m.id, m.task_name, m.attempt, o.started_at, o.finished_at, o.outcome, o.error,
+       %(processor)s, %(worker)s
+FROM moved AS m
+JOIN outcome AS o ON o.id = m.id
+RETURNING task_id;
+
+-- name: release_worker_tasks
+-- running -> queued / failed for every task a dead or stopped worker still held. The task
+-- it was running (%(in_flight)s) is charged the attempt and gets a 'lost' run with the
+-- cause; tasks it had claimed but not started go back untouched, attempt refunded.
+WITH released AS (
+    UPDATE {schema}.tasks AS t
+    SET state = CASE WHEN t.id = %(in_flight)s AND t.attempts >= t.max_attempts
+                     THEN 'failed' ELSE 'queued' END,
+        attempts = CASE WHEN t.id = %(in_flight)s THEN t.attempts ELSE t.attempts - 1 END,
+        run_at = now(),
+        last_error = CASE WHEN t.id = %(in_flight)s THEN %(error)s ELSE t.last_error END,
+        locked_by = NULL,
+        locked_worker = NULL,
+        locked_at = NULL,
+        finished_at = CASE WHEN t.id = %(in_flight)s AND t.attempts >= t.max_attempts
+                           THEN now() END
+    WHERE t.state = 'running'
+      AND t.locked_by = %(processor)s
+      AND t.locked_worker = %(worker)s
+    RETURNING t.id, t.task_name, t.attempts, t.started_at, t.state
+)
+INSERT INTO {schema}.task_runs
+    (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
+SELECT r.id, r.task_name, r.attempts, r.started_at, now(), 'lost', %(error)s,
+       %(processor)s, %(worker)s
+FROM released AS r
+WHERE r.id = %(in_flight)s
+RETURNING task_id;
+
+-- name: enqueue
+-- Insert a batch of tasks in one round trip. A row whose task already has queue_size
+-- tasks waiting is skipped (Flagsmith's queue_size). The statement trigger NOTIFYs.
+INSERT INTO {schema}.tasks
+    (task_name, args, kwargs, queue, priority, run_at, max_attempts, timeout_seconds)
+SELECT n.task_name, n.args::jsonb, n.kwargs::jsonb, n.queue, n.priority,
+       coalesce(n.run_at, now()), n.max_attempts, n.timeout_seconds
+FROM unnest(%(names)s::text[], %(args)s::text[], %(kwargs)s::text[], %(queues)s::text[],
+            %(priorities)s::smallint[], %(run_ats)s::timestamptz[], %(max_attempts)s::int[],
+            %(timeouts)s::float8[], %(queue_sizes)s::int[])
+     WITH ORDINALITY
+     AS n(task_name, args, kwargs, queue, priority, run_at, max_attempts, timeout_seconds,
+          queue_size, position)
+WHERE n.queue_size IS NULL
+   OR (SELECT count(*)
+       FROM (SELECT 1 FROM {schema}.tasks AS w
+             WHERE w.task_name = n.task_name AND w.state = 'queued'
+             LIMIT n.queue_size) AS waiting) < n.queue_size
+ORDER BY n.position
+RETURNING id;
+
+-- name: register_recurring
+-- Upsert one recurring schedule. The next slot is the first one at or after now, counted
+-- from the anchor; it is only recomputed when the schedule itself changed, so processors
+-- starting one after another never reset or double a slot.
+INSERT INTO {schema}.recurring_tasks
+    (task_name, run_every, first_run_at, timeout_seconds, next_run_at)
+SELECT %(name)s, %(run_every)s, anchor, %(timeout)s,
+       anchor + %(run_every)s * greatest(0, ceil(extract(epoch FROM now() - anchor)
+                                               / extract(epoch FROM %(run_every)s::interval)))
+FROM (SELECT coalesce(%(first_run_at)s::timestamptz, now()) AS anchor) AS a
+ON CONFLICT (task_name) DO UPDATE
+SET next_run_at = CASE
+        WHEN recurring_tasks.run_every = EXCLUDED.run_every
+         AND (%(first_run_at)s::timestamptz IS NULL
+              OR recurring_tasks.first_run_at = EXCLUDED.first_run_at)
+        THEN recurring_tasks.next_run_at
+        ELSE EXCLUDED.next_run_at END,
+    first_run_at = CASE WHEN %(first_run_at)s::timestamptz IS NULL
+                        THEN recurring_tasks.first_run_at ELSE EXCLUDED.first_run_at END,
+    run_every = EXCLUDED.run_every,
+    timeout_seconds = EXCLUDED.timeout_seconds,
+    registered_at = now();
+
+-- name: schedule_recurring
+-- Enqueue one task for each due recurring schedule and advance it past now, skipping any
+-- slots missed while no processor ran. The row lock (SKIP LOCKED) makes one processor win
+-- each slot; the unique index on (task_name, recurring_slot) backs that up.
+WITH due AS (
+    SELECT task_name, next_run_at AS slot, run_every
+    FROM {schema}.recurring_tasks
+    WHERE next_run_at <= now() AND task_name = ANY(%(names)s::text[])
+    FOR UPDATE SKIP LOCKED
+), advanced AS (
+    UPDATE {schema}.recurring_tasks AS r
+    SET next_run_at = due.slot + due.run_every
+            * (floor(extract(epoch FROM now() - due.slot) / extract(epoch FROM due.run_every)) + 1),
+        last_enqueued_at = now()
+    FROM due
+    WHERE r.task_name = due.task_name
+    RETURNING r.task_name, due.slot, r.timeout_seconds
+)
+INSERT INTO {schema}.tasks (task_name, max_attempts, timeout_seconds, recurring_slot)
+SELECT task_name, 1, timeout_seconds, slot FROM advanced
+ON CONFLICT (task_name, recurring_slot) WHERE recurring_slot IS NOT NULL DO NOTHING
+RETURNING id, task_name, recurring_slot;
+
+-- name: next_recurring_at
+-- When the earliest schedule this processor runs is next due: how long an idle worker
+-- may sleep.
+SELECT min(next_run_at) FROM {schema}.recurring_tasks WHERE task_name = ANY(%(names)s::text[]);
+
+-- name: delete_finished_tasks
+-- Retention: one batch of tasks finished before the cut-off, oldest first.
+DELETE FROM {schema}.tasks
+WHERE id IN (SELECT id FROM {schema}.tasks
+             WHERE state IN ('succeeded', 'failed', 'cancelled')
+               AND finished_at < now() - %(days)s * interval '1 day'
+             ORDER BY finished_at
+             LIMIT %(batch)s);
+
+-- name: delete_old_runs
+-- Retention: one batch of run records older than the cut-off.
+DELETE FROM {schema}.task_runs
+WHERE id IN (SELECT id FROM {schema}.task_runs
+             WHERE finished_at < now() - %(days)s * interval '1 day'
+             ORDER BY finished_at
+             LIMIT %(batch)s);
+
+-- name: cancel
+-- queued -> cancelled. A task already running or finished is left alone.
+UPDATE {schema}.tasks
+SET state = 'cancelled', finished_at = now()
+WHERE id = %(id)s AND state = 'queued'
+RETURNING id;
+
+-- name: register_processor
+INSERT INTO {schema}.processors (id, hostname, pid) VALUES (%(id)s, %(hostname)s, %(pid)s);
+
+-- name: deregister_processor
+DELETE FROM {schema}.processors WHERE id = %(id)s;
+
+-- name: get_task
+SELECT id, task_name, args, kwargs, queue, priority, run_at, state, attempts, max_attempts,
+       timeout_seconds, locked_by, locked_worker, locked_at, last_error, recurring_slot,
+       created_at, started_at, finished_at
+FROM {schema}.tasks WHERE id = %(id)s;
+
+-- name: get_runs
+SELECT id, task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker
+FROM {schema}.task_runs WHERE task_id = %(id)s ORDER BY id;
+
+-- name: count_by_state
+SELECT state, count(*) FROM {schema}.tasks GROUP BY state;
+
+-- name: count_waiting
+-- Flagsmith's monitoring figure: tasks that could run now but have not started.
+SELECT count(*) FROM {schema}.tasks WHERE state = 'queued' AND run_at <= now();
+
+-- name: schema_version
+SELECT coalesce(max(version), 0) FROM {schema}.schema_version;
+
+-- name: schema_exists
+SELECT to_regclass(%(table)s) IS NOT NULL;

@@ -1,0 +1,111 @@
+"""The records procqueue passes around: task states, run outcomes, and rows as dataclasses."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Dict, List, Optional
+
+
+class TaskState(str, enum.Enum):
+    """Every state a task row can be in (the `tasks.state` column)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class RunOutcome(str, enum.Enum):
+    """How one run (attempt) of a task ended (the `task_runs.outcome` column)."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # raised, or its name is not registered here
+    TIMED_OUT = "timed_out"  # ran past its timeout
+    BACKOFF = "backoff"  # raised TaskBackoffError: asked to run again later
+    LOST = "lost"  # its worker or processor died under it
+
+
+class TaskPriority(enum.IntEnum):
+    """Flagsmith's priority levels: lower runs first."""
+
+    HIGHEST = 0
+    HIGH = 25
+    NORMAL = 50
+    LOW = 75
+    LOWER = 100
+
+
+@dataclass(frozen=True)
+class ClaimedTask:
+    """A task a worker holds the lease on."""
+
+    id: int
+    task_name: str
+    args: List[Any]
+    kwargs: Dict[str, Any]
+    queue: str
+    priority: int
+    run_at: datetime
+    attempts: int  # including the run about to happen
+    max_attempts: int
+    timeout_seconds: float
+    recurring_slot: Optional[datetime]
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    """What became of one claimed task; `complete` writes a batch of these at once."""
+
+    task_id: int
+    state: TaskState  # where the task goes next: succeeded, failed or queued (retry)
+    outcome: RunOutcome
+    started_at: datetime
+    finished_at: datetime
+    error: Optional[str] = None
+    retry_in_seconds: Optional[float] = None  # relative retry (backoff after a failure)
+    retry_at: Optional[datetime] = None  # absolute retry (TaskBackoffError.delay_until)
+    refund_attempt: bool = False  # the run does not count against max_attempts
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """A row of `tasks`, as `procqueue.get_task()` returns it."""
+
+    id: int
+    task_name: str
+    args: List[Any]
+    kwargs: Dict[str, Any]
+    queue: str
+    priority: int
+    run_at: datetime
+    state: TaskState
+    attempts: int
+    max_attempts: int
+    timeout_seconds: float
+    locked_by: Optional[str]
+    locked_worker: Optional[int]
+    locked_at: Optional[datetime]
+    last_error: Optional[str]
+    recurring_slot: Optional[datetime]
+    created_at: datetime
+    started_at: Optional[datetime]
+    finished_at: Optional[datetime]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A row of `task_runs`: one attempt of a task."""
+
+    id: int
+    task_id: int
+    task_name: str
+    attempt: int
+    started_at: Optional[datetime]
+    finished_at: datetime
+    outcome: RunOutcome
+    error: Optional[str]
+    processor: Optional[str]
+    worker: Optional[int]

@@ -1,0 +1,282 @@
+"""Task handlers: the functions a processor is allowed to run, by name.
+
+A row in the database can only ever run a function registered here, in the processor's
+own process: the row carries a name and JSON arguments, never code.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta, timezone
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+from .errors import TaskError
+from .records import TaskPriority
+
+DEFAULT_TIMEOUT = timedelta(seconds=60)
+DEFAULT_RECURRING_TIMEOUT = timedelta(minutes=30)
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_QUEUE = "default"
+DEFAULT_RETRY_BACKOFF = timedelta(seconds=5)
+MAX_RETRY_BACKOFF = timedelta(hours=1)
+
+
+class TaskBackoffError(Exception):
+    """Raise from a task to have it run again later (Flagsmith's name).
+
+    `delay_until`: when to run it again (default: the task's usual retry backoff). The run
+    is recorded with outcome `backoff` and does not count against `max_attempts`.
+    """
+
+    def __init__(self, delay_until: Optional[datetime] = None, *args: object) -> None:
+        super().__init__(*args)
+        if delay_until is not None and delay_until.tzinfo is None:
+            raise TaskError(f"TaskBackoffError delay_until must be timezone-aware, got {delay_until!r}")
+        self.delay_until = delay_until
+
+
+@dataclass(frozen=True)
+class TaskCall:
+    """One invocation of a handler, ready to enqueue (see `procqueue.enqueue_many`)."""
+
+    handler: "TaskHandler"
+    args: tuple = ()
+    kwargs: Optional[Mapping[str, Any]] = None
+    delay_until: Optional[datetime] = None
+    priority: Optional[int] = None
+
+
+class TaskHandler:
+    """A registered task: callable like the function, plus `.delay()` to enqueue it."""
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        *,
+        task_name: str,
+        queue_size: Optional[int],
+        priority: int,
+        timeout: timedelta,
+        max_attempts: int,
+        queue: str,
+        retry_backoff: timedelta,
+    ) -> None:
+        self.func = func
+        self.task_name = task_name
+        self.queue_size = queue_size
+        self.priority = int(priority)
+        self.timeout = timeout
+        self.max_attempts = max_attempts
+        self.queue = queue
+        self.retry_backoff = retry_backoff
+        functools.update_wrapper(self, func)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.func(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<TaskHandler {self.task_name}>"
+
+    def call(
+        self,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: Optional[Mapping[str, Any]] = None,
+        delay_until: Optional[datetime] = None,
+        priority: Optional[int] = None,
+    ) -> TaskCall:
+        """Describe one invocation without enqueuing it, for `procqueue.enqueue_many`."""
+        return TaskCall(self, tuple(args), kwargs, delay_until, priority)
+
+    def delay(
+        self,
+        *,
+        args: Sequence[Any] = (),
+        kwargs: Optional[Mapping[str, Any]] = None,
+        delay_until: Optional[datetime] = None,
+        priority: Optional[int] = None,
+        connection: Any = None,
+    ) -> Optional[int]:
+        """Enqueue the task (or run it, per TASK_RUN_METHOD). Returns the new task's id, or
+        None when it ran locally or was skipped because `queue_size` tasks are waiting."""
+        from .enqueue import delay
+
+        return delay(self.call(args=args, kwargs=kwargs, delay_until=delay_until, priority=priority), connection)
+
+    def run_in_thread(self, *, args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None) -> threading.Thread:
+        """Run the function now in a new, unmanaged daemon thread (Flagsmith's fallback)."""
+        from .enqueue import run_in_thread
+
+        return run_in_thread(self.call(args=args, kwargs=kwargs))
+
+    @property
+    def timeout_seconds(self) -> float:
+        return self.timeout.total_seconds()
+
+    def retry_delay_seconds(self, attempt: int) -> float:
+        return backoff_delay(self.retry_backoff, attempt)
+
+
+def backoff_delay(base: timedelta, attempt: int) -> float:
+    """Exponential backoff after failed attempt number `attempt` (1-based), capped."""
+    return min(base.total_seconds() * (2 ** (attempt - 1)), MAX_RETRY_BACKOFF.total_seconds())
+
+
+@dataclass(frozen=True)
+class RecurringSchedule:
+    task_name: str
+    run_every: timedelta
+    first_run_at: Optional[datetime]  # an anchor; None means "from first registration"
+    timeout: timedelta
+
+
+_handlers: Dict[str, TaskHandler] = {}
+_recurring: Dict[str, RecurringSchedule] = {}
+
+
+def register_task_handler(
+    task_name: Optional[str] = None,
+    queue_size: Optional[int] = None,
+    priority: Union[TaskPriority, int] = TaskPriority.NORMAL,
+    timeout: Optional[timedelta] = DEFAULT_TIMEOUT,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    queue: str = DEFAULT_QUEUE,
+    retry_backoff: timedelta = DEFAULT_RETRY_BACKOFF,
+) -> Callable[[Callable[..., Any]], TaskHandler]:
+    """Register a function as a task. The function stays callable directly."""
+
+    def decorator(func: Callable[..., Any]) -> TaskHandler:
+        name = task_name or default_task_name(func)
+        handler = TaskHandler(
+            func,
+            task_name=name,
+            queue_size=_validated_queue_size(name, queue_size),
+            priority=_validated_priority(name, priority),
+            timeout=_validated_timeout(name, timeout or DEFAULT_TIMEOUT),
+            max_attempts=_validated_max_attempts(name, max_attempts),
+            queue=_validated_queue(name, queue),
+            retry_backoff=retry_backoff,
+        )
+        _register(handler)
+        return handler
+
+    return decorator
+
+
+def register_recurring_task(
+    run_every: timedelta,
+    first_run_time: Union[time, datetime, None] = None,
+    timeout: Optional[timedelta] = DEFAULT_RECURRING_TIMEOUT,
+    task_name: Optional[str] = None,
+) -> Callable[[Callable[..., Any]], TaskHandler]:
+    """Register a function to run once per `run_every` across all processors.
+
+    `first_run_time`: a `datetime.time` runs it at that time of day (UTC) and every
+    `run_every` after; a timezone-aware `datetime` anchors the schedule there. Without it,
+    the first run is when a processor first registers the schedule.
+    """
+
+    def decorator(func: Callable[..., Any]) -> TaskHandler:
+        name = task_name or default_task_name(func)
+        if not isinstance(run_every, timedelta) or run_every <= timedelta(0):
+            raise TaskError(f"recurring task {name}: run_every must be a positive timedelta, got {run_every!r}")
+        handler = TaskHandler(
+            func,
+            task_name=name,
+            queue_size=None,
+            priority=TaskPriority.NORMAL,
+            timeout=_validated_timeout(name, timeout or DEFAULT_RECURRING_TIMEOUT),
+            max_attempts=1,  # the next interval is the retry
+            queue=DEFAULT_QUEUE,
+            retry_backoff=DEFAULT_RETRY_BACKOFF,
+        )
+        _register(handler)
+        _recurring[name] = RecurringSchedule(name, run_every, _anchor(name, first_run_time), handler.timeout)
+        return handler
+
+    return decorator
+
+
+def default_task_name(func: Callable[..., Any]) -> str:
+    return f"{func.__module__}.{func.__qualname__}"
+
+
+def get_handler(task_name: str) -> Optional[TaskHandler]:
+    return _handlers.get(task_name)
+
+
+def registered_names() -> List[str]:
+    return sorted(_handlers)
+
+
+def recurring_schedules() -> List[RecurringSchedule]:
+    return [_recurring[name] for name in sorted(_recurring)]
+
+
+def unregister(task_names: Iterable[str]) -> None:
+    """Forget handlers (tests register throwaway tasks)."""
+    for name in task_names:
+        _handlers.pop(name, None)
+        _recurring.pop(name, None)
+
+
+def _register(handler: TaskHandler) -> None:
+    existing = _handlers.get(handler.task_name)
+    if existing is not None and _func_identity(existing.func) != _func_identity(handler.func):
+        raise TaskError(
+            f"task name {handler.task_name!r} is already registered to "
+            f"{_func_identity(existing.func)}; give one of them another task_name"
+        )
+    _handlers[handler.task_name] = handler
+    _recurring.pop(handler.task_name, None)
+
+
+def _func_identity(func: Callable[..., Any]) -> str:
+    # Re-importing a module (e.g. `python -m module` plus an import) re-registers the same
+    # function under a new object; same module and qualname means the same task.
+    return f"{func.__module__}.{func.__qualname__}"
+
+
+def _anchor(name: str, first_run_time: Union[time, datetime, None]) -> Optional[datetime]:
+    if first_run_time is None:
+        return None
+    if isinstance(first_run_time, datetime):
+        if first_run_time.tzinfo is None:
+            raise TaskError(f"recurring task {name}: first_run_time datetime must be timezone-aware")
+        return first_run_time
+    if isinstance(first_run_time, time):
+        # A fixed date, so every processor computes the same anchor and slots line up.
+        return datetime.combine(datetime(2000, 1, 1).date(), first_run_time.replace(tzinfo=None), timezone.utc)
+    raise TaskError(f"recurring task {name}: first_run_time must be a time or datetime, got {first_run_time!r}")
+
+
+def _validated_queue_size(name: str, queue_size: Optional[int]) -> Optional[int]:
+    if queue_size is not None and (not isinstance(queue_size, int) or queue_size < 1):
+        raise TaskError(f"task {name}: queue_size must be a positive integer or None, got {queue_size!r}")
+    return queue_size
+
+
+def _validated_priority(name: str, priority: Union[TaskPriority, int]) -> int:
+    if not isinstance(priority, int) or not -32768 <= priority <= 32767:
+        raise TaskError(f"task {name}: priority must be an integer (TaskPriority), got {priority!r}")
+    return int(priority)
+
+
+def _validated_timeout(name: str, timeout: timedelta) -> timedelta:
+    if not isinstance(timeout, timedelta) or timeout <= timedelta(0):
+        raise TaskError(f"task {name}: timeout must be a positive timedelta, got {timeout!r}")
+    return timeout
+
+
+def _validated_max_attempts(name: str, max_attempts: int) -> int:
+    if not isinstance(max_attempts, int) or max_attempts < 1:
+        raise TaskError(f"task {name}: max_attempts must be an integer >= 1, got {max_attempts!r}")
+    return max_attempts
+
+
+def _validated_queue(name: str, queue: str) -> str:
+    if not isinstance(queue, str) or not queue:
+        raise TaskError(f"task {name}: queue must be a non-empty string, got {queue!r}")
+    return queue

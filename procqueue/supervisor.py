@@ -1,0 +1,339 @@
+"""The supervisor: fork the workers, watch them, replace the ones that exit, shut down.
+
+Signal handlers only queue the signal and write a byte to a self-pipe; every decision
+(reap, release, respawn, stop) is taken in `step()`, which a test can drive.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import multiprocessing
+import os
+import select
+import signal
+import socket
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Deque, Dict, Optional
+
+import psycopg2
+
+from . import enqueue, maintenance, registry
+from .config import ProcessorConfig
+from .db import Connection, connect, first_line
+from .errors import DatabaseError, ProcqueueError
+from .heartbeat import WorkerState, allocate_slots
+from .logs import log_event
+from .migrations import migrate
+from .queries import Queries
+from .worker import Worker
+
+logger = logging.getLogger("procqueue.supervisor")
+
+# A worker that cannot get going (cannot connect, for instance) exits with this code; the
+# supervisor then backs off instead of respawning it in a tight loop.
+WORKER_BOOT_ERROR = 3
+# A worker that dies younger than this counts towards a crash loop.
+QUICK_DEATH_SECONDS = 5.0
+RESPAWN_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 16, 30)
+# After this many consecutive failed boots with no worker ever having run, give up.
+MAX_BOOT_FAILURES = 5
+LOOP_TICK_SECONDS = 0.5
+
+_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGQUIT)
+
+
+@dataclass
+class WorkerProcess:
+    pid: int
+    index: int
+    started_at: float  # monotonic
+
+
+class Supervisor:
+    def __init__(self, config: ProcessorConfig, *, clock=time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.processor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.queries = Queries(config.database.schema)
+        self.slots = allocate_slots(config.num_workers)
+        self.workers: Dict[int, WorkerProcess] = {}
+        self.respawn_at: Dict[int, float] = {}
+        self.quick_deaths: Dict[int, int] = {}
+        self.boot_failures = 0
+        self.any_worker_ran = False
+        self.signals: Deque[int] = deque()
+        self.stopping = False
+        self.stop_deadline: Optional[float] = None
+        self.exit_code = 0
+        self.conn: Optional[Connection] = None
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
+
+    # -- the run -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.prepare()
+        self.install_signal_handlers()
+        try:
+            while not (self.stopping and not self.workers):
+                self.step()
+                self.sleep()
+        finally:
+            self.finish()
+        return self.exit_code
+
+    def prepare(self) -> None:
+        """Everything that must happen once, before the first fork."""
+        multiprocessing.current_process().name = "supervisor"
+        maintenance.configure(self.config.retention)
+        enqueue.configure(database_url=self.config.database.url, schema=self.config.database.schema)
+        self.conn = connect(self.config.database, application_name="procqueue-supervisor")
+        if migrate(self.conn, self.config.database.schema):
+            log_event(logger, logging.INFO, "schema.applied", schema=self.config.database.schema)
+        for schedule in registry.recurring_schedules():
+            self.queries.register_recurring(
+                self.conn, name=schedule.task_name, run_every=schedule.run_every,
+                first_run_at=schedule.first_run_at, timeout_seconds=schedule.timeout.total_seconds(),
+            )
+        self.queries.register_processor(self.conn, processor=self.processor_id, hostname=socket.gethostname(), pid=os.getpid())
+        log_event(logger, logging.INFO, "processor.started", processor=self.processor_id,
+                  pid=os.getpid(), tasks=len(registry.registered_names()), **self.config.public_dict())
+
+    def step(self) -> None:
+        self.handle_signals()
+        self.reap_workers()
+        if self.stopping:
+            self.enforce_stop_deadline()
+        else:
+            self.spawn_missing_workers()
+
+    def sleep(self) -> None:
+        try:
+            select.select([self.wake_r], [], [], LOOP_TICK_SECONDS)
+        except InterruptedError:
+            pass
+        _drain(self.wake_r)
+
+    def finish(self) -> None:
+        self.kill_all_workers()
+        self.reap_workers(block=True)
+        try:
+            if self.conn is not None and not self.conn.closed:
+                self.queries.deregister_processor(self.conn, self.processor_id)
+                self.conn.close()
+        except psycopg2.Error as exc:
+            log_event(logger, logging.WARNING, "processor.deregister_failed", error=first_line(exc))
+        log_event(logger, logging.INFO, "processor.stopped", processor=self.processor_id, exit_code=self.exit_code)
+
+    # -- signals -----------------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        for signum in _HANDLED_SIGNALS:
+            signal.signal(signum, self._queue_signal)
+
+    def _queue_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+        try:
+            os.write(self.wake_w, b"!")
+        except OSError:
+            pass
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.popleft()
+            if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+                self.begin_stop(signal.Signals(signum).name)
+
+    def begin_stop(self, reason: str) -> None:
+        if self.stopping:
+            # A second signal: stop waiting for running tasks.
+            log_event(logger, logging.WARNING, "processor.stop_now", reason=reason)
+            self.stop_deadline = self.clock()
+            return
+        self.stopping = True
+        self.stop_deadline = self.clock() + self.config.shutdown_timeout_seconds
+        log_event(logger, logging.INFO, "processor.stopping", reason=reason,
+                  workers=len(self.workers), timeout_s=self.config.shutdown_timeout_seconds)
+        for worker in self.workers.values():
+            _signal_quietly(worker.pid, signal.SIGTERM)
+
+    def enforce_stop_deadline(self) -> None:
+        if self.stop_deadline is not None and self.clock() >= self.stop_deadline and self.workers:
+            log_event(logger, logging.WARNING, "processor.stop_timeout", workers=len(self.workers))
+            self.kill_all_workers()
+
+    # -- workers -----------------------------------------------------------------------
+
+    def spawn_missing_workers(self) -> None:
+        now = self.clock()
+        for index in range(self.config.num_workers):
+            if index not in self.workers and now >= self.respawn_at.get(index, 0.0):
+                self.spawn_worker(index)
+
+    def spawn_worker(self, index: int) -> None:
+        # The worker object is built before the fork and does nothing until after it.
+        worker = Worker(self.config, processor_id=self.processor_id, index=index, slot=self.slots[index])
+        pid = os.fork()
+        if pid == 0:
+            self._become_worker(worker)  # never returns
+        try:
+            os.setpgid(pid, pid)  # also here, so a kill right after fork finds the group
+        except OSError:
+            pass
+        self.workers[index] = WorkerProcess(pid=pid, index=index, started_at=self.clock())
+        log_event(logger, logging.DEBUG, "worker.spawned", worker=index, pid=pid)
+
+    def _become_worker(self, worker: Worker) -> None:
+        code = 1
+        try:
+            code = run_worker_process(worker, inherited_fds=(self.wake_r, self.wake_w))
+        except BaseException:
+            logger.exception("worker %s crashed", worker.index)
+        finally:
+            logging.shutdown()
+            os._exit(code)
+
+    def reap_workers(self, block: bool = False) -> None:
+        """Collect exited workers. Waits on our own workers' pids only, so a process the
+        embedding program started itself is never reaped from under it."""
+        for worker in list(self.workers.values()):
+            try:
+                pid, status = os.waitpid(worker.pid, 0 if block else os.WNOHANG)
+            except ChildProcessError:
+                pid, status = worker.pid, 0
+            if pid == worker.pid:
+                self.on_worker_exit(worker, status)
+
+    def on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
+        del self.workers[worker.index]
+        slot = self.slots[worker.index]
+        in_flight = slot.task_id or None
+        cause = describe_exit(worker.index, status)
+        expected = self.stopping and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        self.release_tasks(worker.index, in_flight, cause)
+        if slot.tasks_done or slot.state in (WorkerState.IDLE, WorkerState.BUSY):
+            self.any_worker_ran = True
+        slot.pid, slot.state, slot.task_id, slot.task_deadline = 0, int(WorkerState.EMPTY), 0, 0.0
+        if expected:
+            log_event(logger, logging.DEBUG, "worker.exited", worker=worker.index, pid=worker.pid)
+            return
+        log_event(logger, logging.WARNING, "worker.died", worker=worker.index, pid=worker.pid,
+                  cause=cause, task_id=in_flight or "-")
+        self.plan_respawn(worker, status)
+
+    def plan_respawn(self, worker: WorkerProcess, status: int) -> None:
+        boot_error = os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR
+        lived = self.clock() - worker.started_at
+        if boot_error:
+            self.boot_failures += 1
+            if self.boot_failures >= MAX_BOOT_FAILURES and not self.any_worker_ran:
+                log_event(logger, logging.ERROR, "processor.workers_cannot_start", failures=self.boot_failures)
+                self.exit_code = 1
+                self.begin_stop("no worker could start")
+                return
+        else:
+            self.boot_failures = 0
+        quick = boot_error or lived < QUICK_DEATH_SECONDS
+        deaths = self.quick_deaths.get(worker.index, 0) + 1 if quick else 0
+        self.quick_deaths[worker.index] = deaths
+        delay = RESPAWN_BACKOFF_SECONDS[min(deaths, len(RESPAWN_BACKOFF_SECONDS)) - 1] if deaths else 0.0
+        self.respawn_at[worker.index] = self.clock() + delay
+
+    def release_tasks(self, index: int, in_flight: Optional[int], cause: str) -> None:
+        """Put back what a gone worker held. Runs before its replacement can claim."""
+        for attempt in range(3):
+            try:
+                self._ensure_connected()
+                released = self.queries.release_worker_tasks(
+                    self.conn, processor=self.processor_id, worker=index, in_flight=in_flight, error=cause
+                )
+                if released:
+                    log_event(logger, logging.WARNING, "task.lost", task_id=in_flight, worker=index, cause=cause)
+                return
+            except (psycopg2.Error, DatabaseError) as exc:
+                log_event(logger, logging.WARNING, "supervisor.database_error", error=first_line(exc))
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = None
+                time.sleep(0.5 * (attempt + 1))
+        # Still leased to this processor: rescued by a peer (or this processor's next
+        # start) once this processor's registration expires.
+
+    def kill_all_workers(self) -> None:
+        for worker in self.workers.values():
+            _killpg_quietly(worker.pid, signal.SIGKILL)
+
+    def _ensure_connected(self) -> None:
+        if self.conn is None or self.conn.closed:
+            self.conn = connect(self.config.database, application_name="procqueue-supervisor")
+
+
+def run_worker_process(worker: Worker, inherited_fds=()) -> int:
+    """Body of a forked worker process. Returns its exit code."""
+    multiprocessing.current_process().name = f"worker-{worker.index}"  # the log's processName
+    os.setpgid(0, 0)  # its own process group, so a kill takes any children it started
+    for fd in inherited_fds:
+        os.close(fd)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    worker.wakeup_fd = wake_r
+
+    def on_stop(signum, frame) -> None:
+        worker.request_stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, on_stop)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.set_wakeup_fd(wake_w)
+    from .execution import soft_timeout
+
+    soft_timeout.install()
+    enqueue.close_connection()  # never use the supervisor's client connection
+    try:
+        worker._ensure_connected()
+    except DatabaseError as exc:
+        log_event(logger, logging.ERROR, "worker.boot_failed", worker=worker.index, error=str(exc))
+        return WORKER_BOOT_ERROR
+    worker.loop()
+    return 0
+
+
+def describe_exit(index: int, status: int) -> str:
+    if os.WIFSIGNALED(status):
+        signame = signal.Signals(os.WTERMSIG(status)).name
+        return f"worker {index} killed by signal {os.WTERMSIG(status)} ({signame})"
+    return f"worker {index} exited with code {os.WEXITSTATUS(status)}"
+
+
+def _signal_quietly(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _killpg_quietly(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        _signal_quietly(pid, signum)
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
+    except OSError as exc:
+        if exc.errno != errno.EBADF:
+            raise
+
+
+__all__ = ["Supervisor", "ProcqueueError", "WORKER_BOOT_ERROR"]

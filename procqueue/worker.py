@@ -1,0 +1,259 @@
+"""The worker loop: claim a batch, run it, record the outcomes, wait for more.
+
+`Worker.step()` is one iteration, callable from a test in-process; `Worker.loop()` repeats
+it until asked to stop and survives a lost database connection. Forking, signals and
+process exit belong to the supervisor; this module never calls `os.fork` or `os._exit`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import time
+from typing import Callable, List, Optional
+
+import psycopg2
+from psycopg2 import sql
+
+from . import registry
+from .config import ProcessorConfig
+from .db import Connection, connect, first_line
+from .errors import DatabaseError
+from .execution import execute
+from .heartbeat import SlotWriter, WorkerState
+from .logs import log_event
+from .queries import Queries
+from .records import ClaimedTask, RunOutcome, TaskOutcome, TaskState
+
+logger = logging.getLogger("procqueue.worker")
+
+# Outcomes are written in batches, but never held longer than this while a batch of slow
+# tasks runs: a crash loses at most this much bookkeeping, and the run history stays fresh.
+FLUSH_AFTER_SECONDS = 0.2
+# How often a worker checks for due recurring tasks while work is flowing.
+RECURRING_CHECK_SECONDS = 1.0
+# An idle worker beats at least this often, however long --sleepintervalms is.
+IDLE_BEAT_SECONDS = 1.0
+RECONNECT_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8)
+
+
+class Worker:
+    def __init__(
+        self,
+        config: ProcessorConfig,
+        *,
+        processor_id: str,
+        index: int,
+        slot=None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.processor_id = processor_id
+        self.index = index
+        self.clock = clock
+        self.queries = Queries(config.database.schema)
+        self.board = SlotWriter(slot, os.getpid())
+        self.conn: Optional[Connection] = None
+        self.pending: List[TaskOutcome] = []
+        self.pending_since = 0.0
+        self.stopping = False
+        self.wakeup_fd: Optional[int] = None  # read end of the supervisor-installed self-pipe
+        self.recurring_names = [s.task_name for s in registry.recurring_schedules()]
+        self.next_recurring_check = 0.0
+        self.next_poll = 0.0
+        self.connection_failures = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def loop(self) -> None:
+        """Run steps until `request_stop()`; a database outage only pauses the loop."""
+        log_event(logger, logging.INFO, "worker.started", worker=self.index, pid=os.getpid())
+        while not self.stopping:
+            try:
+                self.step()
+                self.connection_failures = 0
+            except (psycopg2.Error, DatabaseError) as exc:
+                self._on_database_error(exc)
+        self.shutdown()
+
+    def request_stop(self) -> None:
+        """Finish the task in hand, record it, release the rest, and leave the loop."""
+        self.stopping = True
+
+    def shutdown(self) -> None:
+        self.board.set_state(WorkerState.STOPPING)
+        try:
+            self._ensure_connected()
+            self.flush()
+            self._release_unstarted()
+        except (psycopg2.Error, DatabaseError) as exc:
+            # The supervisor releases whatever this worker still holds once it has exited.
+            log_event(logger, logging.WARNING, "worker.shutdown_incomplete", worker=self.index, error=first_line(exc))
+        self.close()
+        log_event(logger, logging.INFO, "worker.stopped", worker=self.index, pid=os.getpid())
+
+    def close(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close()
+        self.conn = None
+
+    # -- one iteration -----------------------------------------------------------------
+
+    def step(self) -> int:
+        """Claim and run one batch, or wait for work. Returns how many tasks ran."""
+        self._ensure_connected()
+        self.board.beat()
+        self.schedule_recurring_if_due()
+        tasks = self.claim()
+        if not tasks:
+            self.flush()
+            self.wait_for_work()
+            return 0
+        ran = 0
+        for task in tasks:
+            if self.stopping:
+                break
+            self.run_one(task)
+            ran += 1
+        self.flush()
+        if self.stopping:
+            self._release_unstarted()
+        return ran
+
+    def claim(self) -> List[ClaimedTask]:
+        tasks = self.queries.claim(
+            self.conn,
+            processor=self.processor_id,
+            worker=self.index,
+            limit=self.config.queue_pop_size,
+            queues=self.config.queues,
+        )
+        self.next_poll = self.clock() + self.config.sleep_interval_ms / 1000
+        return tasks
+
+    def run_one(self, task: ClaimedTask) -> TaskOutcome:
+        self.board.task_started(task.id, task.timeout_seconds)
+        outcome = execute(task)
+        self.board.task_finished(failed=outcome.outcome is not RunOutcome.SUCCEEDED)
+        self.board.set_state(WorkerState.IDLE)
+        if not self.pending:
+            self.pending_since = self.clock()
+        self.pending.append(outcome)
+        self._log_outcome(task, outcome)
+        if self.clock() - self.pending_since >= FLUSH_AFTER_SECONDS:
+            self.flush()
+        return outcome
+
+    def flush(self) -> None:
+        """Record every pending outcome in one statement."""
+        if not self.pending:
+            return
+        moved = self.queries.complete(
+            self.conn, processor=self.processor_id, worker=self.index, outcomes=self.pending
+        )
+        for outcome in self.pending:
+            if outcome.task_id not in moved:
+                # Someone took the lease away (the task was rescued as lost): its new
+                # state stands, and this outcome is dropped rather than overwrite it.
+                log_event(logger, logging.WARNING, "task.lease_lost", task_id=outcome.task_id, worker=self.index)
+        self.pending = []
+
+    def schedule_recurring_if_due(self) -> None:
+        if not self.recurring_names or self.clock() < self.next_recurring_check:
+            return
+        for task_id in self.queries.schedule_recurring(self.conn, self.recurring_names):
+            log_event(logger, logging.DEBUG, "recurring.enqueued", task_id=task_id, worker=self.index)
+        self.next_recurring_check = self.clock() + RECURRING_CHECK_SECONDS
+
+    def wait_for_work(self) -> None:
+        """Sleep until a NOTIFY, a stop request, a due recurring check or the poll interval,
+        beating at least every IDLE_BEAT_SECONDS."""
+        self.board.set_state(WorkerState.IDLE)
+        while not self.stopping:
+            deadline = self.next_poll
+            if self.recurring_names:
+                deadline = min(deadline, self.next_recurring_check)
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return
+            if self._wait_readable(min(remaining, IDLE_BEAT_SECONDS)):
+                return
+            self.board.beat()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _wait_readable(self, timeout: float) -> bool:
+        """Wait on the LISTEN connection and the wake-up pipe; True when there is news."""
+        watched = [self.conn] + ([self.wakeup_fd] if self.wakeup_fd is not None else [])
+        try:
+            readable, _, _ = select.select(watched, [], [], timeout)
+        except InterruptedError:
+            return True
+        if self.wakeup_fd is not None and self.wakeup_fd in readable:
+            _drain(self.wakeup_fd)
+        if self.conn in readable:
+            self.conn.poll()
+            had_news = bool(self.conn.notifies)
+            self.conn.notifies.clear()
+            return had_news or self.stopping
+        return self.stopping
+
+    def _ensure_connected(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            return
+        self.conn = connect(self.config.database, application_name=f"procqueue-worker-{self.index}")
+        channel = sql.Identifier(f"procqueue_{self.config.database.schema}")
+        with self.conn.cursor() as cur:
+            cur.execute(sql.SQL("LISTEN {}").format(channel))
+        if self.connection_failures:
+            log_event(logger, logging.INFO, "worker.reconnected", worker=self.index)
+
+    def _release_unstarted(self) -> None:
+        released = self.queries.release_worker_tasks(
+            self.conn, processor=self.processor_id, worker=self.index, in_flight=None, error="worker stopping"
+        )
+        del released  # unstarted tasks go back without a run record; nothing to log per task
+
+    def _on_database_error(self, exc: BaseException) -> None:
+        self.connection_failures += 1
+        delay = RECONNECT_BACKOFF_SECONDS[min(self.connection_failures, len(RECONNECT_BACKOFF_SECONDS)) - 1]
+        log_event(
+            logger, logging.WARNING, "worker.database_error", worker=self.index,
+            error=first_line(exc), retry_in_s=float(delay),
+        )
+        self.close()
+        deadline = self.clock() + delay
+        while not self.stopping and self.clock() < deadline:
+            self.board.beat()
+            self._sleep_interruptibly(min(IDLE_BEAT_SECONDS, deadline - self.clock()))
+
+    def _sleep_interruptibly(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        if self.wakeup_fd is None:
+            time.sleep(seconds)
+            return
+        readable, _, _ = select.select([self.wakeup_fd], [], [], seconds)
+        if readable:
+            _drain(self.wakeup_fd)
+
+    def _log_outcome(self, task: ClaimedTask, outcome: TaskOutcome) -> None:
+        duration_ms = (outcome.finished_at - outcome.started_at).total_seconds() * 1000
+        fields = dict(task_id=task.id, task=task.task_name, attempt=task.attempts, worker=self.index,
+                      duration_ms=duration_ms)
+        if outcome.outcome is RunOutcome.SUCCEEDED:
+            log_event(logger, logging.INFO, "task.succeeded", **fields)
+            return
+        error_line = (outcome.error or "").strip().splitlines()[-1:] or [""]
+        next_step = "retry" if outcome.state is TaskState.QUEUED else "failed"
+        log_event(logger, logging.WARNING, f"task.{outcome.outcome.value}", **fields, next=next_step,
+                  error=error_line[0])
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
