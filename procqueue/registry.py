@@ -88,7 +88,7 @@ class TaskHandler:
         priority: Optional[int] = None,
     ) -> TaskCall:
         """Describe one invocation without enqueuing it, for `procqueue.enqueue_many`."""
-        return TaskCall(self, tuple(args), kwargs, delay_until, priority)
+        return TaskCall(self, args, kwargs, delay_until, priority)
 
     def delay(
         self,
@@ -154,7 +154,7 @@ def register_task_handler(
             task_name=name,
             queue_size=_validated_queue_size(name, queue_size),
             priority=_validated_priority(name, priority),
-            timeout=_validated_timeout(name, timeout or DEFAULT_TIMEOUT),
+            timeout=_validated_timeout(name, DEFAULT_TIMEOUT if timeout is None else timeout),
             max_attempts=_validated_max_attempts(name, max_attempts),
             queue=_validated_queue(name, queue),
             retry_backoff=retry_backoff,
@@ -187,7 +187,7 @@ def register_recurring_task(
             task_name=name,
             queue_size=None,
             priority=TaskPriority.NORMAL,
-            timeout=_validated_timeout(name, timeout or DEFAULT_RECURRING_TIMEOUT),
+            timeout=_validated_timeout(name, DEFAULT_RECURRING_TIMEOUT if timeout is None else timeout),
             max_attempts=1,  # the next interval is the retry
             queue=DEFAULT_QUEUE,
             retry_backoff=DEFAULT_RETRY_BACKOFF,

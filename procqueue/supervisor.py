@@ -248,7 +248,7 @@ class Supervisor:
         """Put back what a gone worker held. Runs before its replacement can claim."""
         for attempt in range(3):
             try:
-                self._ensure_connected()
+                self.ensure_connected()
                 released = self.queries.release_worker_tasks(
                     self.conn, processor=self.processor_id, worker=index, in_flight=in_flight, error=cause
                 )
@@ -268,7 +268,7 @@ class Supervisor:
         for worker in self.workers.values():
             _killpg_quietly(worker.pid, signal.SIGKILL)
 
-    def _ensure_connected(self) -> None:
+    def ensure_connected(self) -> None:
         if self.conn is None or self.conn.closed:
             self.conn = connect(self.config.database, application_name="procqueue-supervisor")
 
@@ -296,7 +296,7 @@ def run_worker_process(worker: Worker, inherited_fds=()) -> int:
     soft_timeout.install()
     enqueue.close_connection()  # never use the supervisor's client connection
     try:
-        worker._ensure_connected()
+        worker.ensure_connected()
     except DatabaseError as exc:
         log_event(logger, logging.ERROR, "worker.boot_failed", worker=worker.index, error=str(exc))
         return WORKER_BOOT_ERROR

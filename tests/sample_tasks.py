@@ -1,0 +1,41 @@
+"""Tasks the test suite's processors import (`--import sample_tasks`).
+
+Each records its execution in `public.executions` on the processor's own client
+connection, so tests can count exactly how often each task ran.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+from procqueue import register_task_handler
+from procqueue.enqueue import client_connection
+
+
+def record(key: str) -> None:
+    conn, _ = client_connection()
+    with conn.cursor() as cur:
+        cur.execute("INSERT INTO public.executions (key, pid) VALUES (%s, %s)", (key, os.getpid()))
+
+
+@register_task_handler(task_name="sample.record")
+def record_task(key: str) -> None:
+    record(key)
+
+
+@register_task_handler(task_name="sample.noop")
+def noop() -> None:
+    pass
+
+
+@register_task_handler(task_name="sample.sleep_then_record", timeout=timedelta(seconds=60))
+def sleep_then_record(seconds: float, key: str) -> None:
+    time.sleep(seconds)
+    record(key)
+
+
+@register_task_handler(task_name="sample.fail", max_attempts=2, retry_backoff=timedelta(0))
+def fail(message: str) -> None:
+    raise RuntimeError(message)

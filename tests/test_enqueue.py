@@ -1,0 +1,214 @@
+"""The application side: .delay(), bulk enqueue, transactions, queue_size, run methods."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import datetime, timedelta, timezone
+
+import psycopg2
+import pytest
+
+import procqueue
+from procqueue import TaskPriority, TaskRunMethod, register_task_handler
+
+
+@register_task_handler(task_name="test_enqueue.greet")
+def greet(name, punctuation="!"):
+    return f"hello {name}{punctuation}"
+
+
+@register_task_handler(task_name="test_enqueue.limited", queue_size=2)
+def limited():
+    pass
+
+
+@register_task_handler(task_name="test_enqueue.urgent", priority=TaskPriority.HIGH, max_attempts=5,
+                       timeout=timedelta(seconds=7), queue="mail")
+def urgent():
+    pass
+
+
+def count_tasks(db, name=None):
+    with db.cursor() as cur:
+        if name:
+            cur.execute("SELECT count(*) FROM procqueue.tasks WHERE task_name = %s", (name,))
+        else:
+            cur.execute("SELECT count(*) FROM procqueue.tasks")
+        return cur.fetchone()[0]
+
+
+def test_delay_stores_name_json_arguments_and_handler_settings(db):
+    task_id = urgent.delay()
+    greet_id = greet.delay(args=("ada",), kwargs={"punctuation": "?"})
+    task = procqueue.get_task(greet_id)
+    assert (task.task_name, task.args, task.kwargs) == ("test_enqueue.greet", ["ada"], {"punctuation": "?"})
+    assert task.state is procqueue.TaskState.QUEUED and task.attempts == 0
+    assert (task.priority, task.max_attempts, task.queue) == (TaskPriority.NORMAL, 3, "default")
+    assert task.timeout_seconds == 60
+    urgent_task = procqueue.get_task(task_id)
+    assert (urgent_task.priority, urgent_task.max_attempts, urgent_task.queue) == (25, 5, "mail")
+    assert urgent_task.timeout_seconds == 7
+
+
+def test_decorated_function_stays_callable_directly(db):
+    assert greet("bob") == "hello bob!"
+    assert count_tasks(db) == 0
+
+
+def test_delay_until_and_priority_override_are_stored(db):
+    when = datetime.now(timezone.utc) + timedelta(hours=1)
+    task = procqueue.get_task(greet.delay(args=("x",), delay_until=when, priority=TaskPriority.LOWER))
+    assert task.run_at == when
+    assert task.priority == 100
+
+
+def test_non_json_argument_fails_before_anything_is_written(db):
+    with pytest.raises(TypeError, match=r"args\[1\].*cannot be stored as JSON"):
+        greet.delay(args=("ok", datetime.now()))
+    with pytest.raises(TypeError, match=r"kwargs\['punctuation'\]"):
+        greet.delay(args=("ok",), kwargs={"punctuation": {1, 2}})
+    with pytest.raises(TypeError, match="args must be a list or tuple"):
+        greet.delay(args="ada")
+    with pytest.raises(TypeError, match="kwargs key 1 is not a string"):
+        greet.delay(kwargs={1: "x"})
+    with pytest.raises(TypeError, match="cannot be stored as JSON"):
+        greet.delay(args=(float("nan"),))
+    assert count_tasks(db) == 0
+
+
+def test_naive_delay_until_is_rejected(db):
+    with pytest.raises(procqueue.TaskError, match="timezone-aware"):
+        greet.delay(args=("x",), delay_until=datetime.now())
+    assert count_tasks(db) == 0
+
+
+def test_queue_size_skips_enqueue_while_that_many_are_waiting(db):
+    assert limited.delay() is not None
+    assert limited.delay() is not None
+    assert limited.delay() is None
+    assert count_tasks(db, "test_enqueue.limited") == 2
+    # Other tasks are not limited by it.
+    assert greet.delay(args=("x",)) is not None
+
+
+def test_transactional_enqueue_exists_only_if_the_caller_commits(db, database_url):
+    conn = psycopg2.connect(database_url)
+    try:
+        greet.delay(args=("rolled back",), connection=conn)
+        conn.rollback()
+        assert count_tasks(db) == 0
+        task_id = greet.delay(args=("committed",), connection=conn)
+        assert count_tasks(db) == 0  # not visible until the caller commits
+        conn.commit()
+        assert procqueue.get_task(task_id).args == ["committed"]
+    finally:
+        conn.close()
+
+
+def test_bulk_enqueue_inserts_many_in_one_call(db):
+    calls = [greet.call(args=(f"user{n}",)) for n in range(500)]
+    ids = procqueue.enqueue_many(calls)
+    assert len(ids) == 500 and len(set(ids)) == 500
+    assert count_tasks(db, "test_enqueue.greet") == 500
+
+
+def test_enqueue_notifies_listeners(db, database_url):
+    listener = psycopg2.connect(database_url)
+    listener.autocommit = True
+    try:
+        with listener.cursor() as cur:
+            cur.execute('LISTEN "procqueue_procqueue"')
+        greet.delay(args=("x",))
+        import select
+
+        assert select.select([listener], [], [], 5)[0], "no NOTIFY within 5 s"
+        listener.poll()
+        assert [n.channel for n in listener.notifies] == ["procqueue_procqueue"]
+    finally:
+        listener.close()
+
+
+def test_synchronously_runs_inline_with_json_round_tripped_arguments(db):
+    seen = []
+
+    @register_task_handler(task_name="test_enqueue.capture_sync")
+    def capture(value):
+        seen.append(value)
+
+    try:
+        procqueue.configure(task_run_method=TaskRunMethod.SYNCHRONOUSLY)
+        assert capture.delay(args=((1, 2),)) is None
+        assert seen == [[1, 2]]  # a tuple arrives as JSON gives it back: a list
+        assert count_tasks(db) == 0
+    finally:
+        procqueue.registry.unregister(["test_enqueue.capture_sync"])
+
+
+def test_synchronously_propagates_the_task_exception(db):
+    @register_task_handler(task_name="test_enqueue.raises_sync")
+    def raises():
+        raise ValueError("inline failure")
+
+    try:
+        procqueue.configure(task_run_method=TaskRunMethod.SYNCHRONOUSLY)
+        with pytest.raises(ValueError, match="inline failure"):
+            raises.delay()
+    finally:
+        procqueue.registry.unregister(["test_enqueue.raises_sync"])
+
+
+def test_separate_thread_runs_in_another_thread(db):
+    ran = threading.Event()
+    threads = []
+
+    @register_task_handler(task_name="test_enqueue.capture_thread")
+    def capture():
+        threads.append(threading.current_thread())
+        ran.set()
+
+    try:
+        procqueue.configure(task_run_method=TaskRunMethod.SEPARATE_THREAD)
+        assert capture.delay() is None
+        assert ran.wait(5)
+        assert threads[0] is not threading.main_thread()
+        assert count_tasks(db) == 0
+        thread = capture.run_in_thread()
+        thread.join(5)
+        assert len(threads) == 2
+    finally:
+        procqueue.registry.unregister(["test_enqueue.capture_thread"])
+
+
+def test_task_run_method_from_environment():
+    from procqueue.config import ConfigError, task_run_method_from_env
+
+    assert task_run_method_from_env({}) is TaskRunMethod.TASK_PROCESSOR
+    assert task_run_method_from_env({"TASK_RUN_METHOD": "SYNCHRONOUSLY"}) is TaskRunMethod.SYNCHRONOUSLY
+    with pytest.raises(ConfigError, match="invalid value for TASK_RUN_METHOD: 'SOMETIMES'"):
+        task_run_method_from_env({"TASK_RUN_METHOD": "SOMETIMES"})
+
+
+def test_registering_two_functions_under_one_name_is_an_error(throwaway_tasks):
+    @register_task_handler(task_name="test_enqueue.twice")
+    def first():
+        pass
+
+    with pytest.raises(procqueue.TaskError, match="already registered"):
+        @register_task_handler(task_name="test_enqueue.twice")
+        def second():
+            pass
+
+
+def test_bad_handler_settings_are_rejected_at_registration(throwaway_tasks):
+    with pytest.raises(procqueue.TaskError, match="max_attempts must be an integer >= 1, got 0"):
+        register_task_handler(task_name="test_enqueue.bad", max_attempts=0)(lambda: None)
+    with pytest.raises(procqueue.TaskError, match="timeout must be a positive timedelta"):
+        register_task_handler(task_name="test_enqueue.bad2", timeout=timedelta(0))(lambda: None)
+    with pytest.raises(procqueue.TaskError, match="queue_size must be a positive integer"):
+        register_task_handler(task_name="test_enqueue.bad3", queue_size=-1)(lambda: None)
+
+
+def test_get_task_reads_json_back(db):
+    task = procqueue.get_task(greet.delay(args=({"nested": [1, "two", None]},)))
+    assert json.dumps(task.args) == '[{"nested": [1, "two", null]}]'

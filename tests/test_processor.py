@@ -1,0 +1,161 @@
+"""The processor as users run it: real processes, real signals, real Postgres."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+import procqueue
+from procqueue import TaskState
+
+from helpers import REPO, wait_until
+
+import sample_tasks
+
+
+def execution_count(db, key=None):
+    with db.cursor() as cur:
+        if key is None:
+            cur.execute("SELECT count(*) FROM public.executions")
+        else:
+            cur.execute("SELECT count(*) FROM public.executions WHERE key = %s", (key,))
+        return cur.fetchone()[0]
+
+
+def states(db, task_name="sample.record"):
+    with db.cursor() as cur:
+        cur.execute("SELECT state, count(*) FROM procqueue.tasks WHERE task_name = %s GROUP BY state", (task_name,))
+        return dict(cur.fetchall())
+
+
+@pytest.mark.timeout(120)
+def test_ten_thousand_tasks_each_run_exactly_once(db, start_processor):
+    script = (
+        "import procqueue, sample_tasks\n"
+        "calls = [sample_tasks.record_task.call(args=(f'k{n}',)) for n in range(10000)]\n"
+        "for start in range(0, 10000, 1000):\n"
+        "    procqueue.enqueue_many(calls[start:start + 1000])\n"
+    )
+    processor = start_processor("--numthreads", "2", "--queuepopsize", "50")
+    env = dict(os.environ, PYTHONPATH=f"{REPO / 'tests'}{os.pathsep}{REPO}", DATABASE_URL=processor_database_url(db))
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=60)
+    wait_until(lambda: states(db) == {"succeeded": 10000}, timeout=90, interval=0.2,
+               message="10,000 tasks succeeded")
+    with db.cursor() as cur:
+        cur.execute("SELECT count(DISTINCT key), count(*) FROM public.executions")
+        assert cur.fetchone() == (10000, 10000)
+        cur.execute("SELECT count(*) FROM procqueue.task_runs WHERE task_name = 'sample.record' AND outcome = 'succeeded'")
+        assert cur.fetchone()[0] == 10000
+    assert processor.stop() == 0
+
+
+def processor_database_url(db):
+    return procqueue.enqueue.settings().database.url
+
+
+def test_idle_processor_picks_up_a_new_task_at_once_via_notify(db, start_processor):
+    # Polling every 60 s: only LISTEN/NOTIFY can explain a pickup within a second.
+    processor = start_processor("--numthreads", "1", "--sleepintervalms", "60000")
+    sample_tasks.record_task.delay(args=("first",))
+    wait_until(lambda: execution_count(db, "first") == 1, timeout=15, message="first task")
+    wait_until(lambda: worker_idle_after_empty_claim(db), timeout=5, message="worker idle")
+    enqueued = time.monotonic()
+    sample_tasks.record_task.delay(args=("notified",))
+    wait_until(lambda: execution_count(db, "notified") == 1, timeout=5, interval=0.005, message="pickup")
+    assert time.monotonic() - enqueued < 1.0
+    assert processor.stop() == 0
+
+
+def worker_idle_after_empty_claim(db):
+    """The worker's session is idle and its last statement was a claim: it is waiting."""
+    with db.cursor() as cur:
+        cur.execute("SELECT state, query FROM pg_stat_activity WHERE application_name = 'procqueue-worker-0'")
+        row = cur.fetchone()
+    return row is not None and row[0] == "idle" and "FOR UPDATE SKIP LOCKED" in row[1]
+
+
+def test_failing_task_shows_its_traceback_in_run_history(db, start_processor):
+    processor = start_processor("--numthreads", "1")
+    task_id = sample_tasks.fail.delay(args=("card declined",))
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.FAILED, timeout=15, message="task failed")
+    runs = procqueue.get_task_runs(task_id)
+    assert [r.outcome.value for r in runs] == ["failed", "failed"]
+    assert all("RuntimeError: card declined" in r.error and "Traceback" in r.error for r in runs)
+    assert "event=task.failed" in processor.log() and f"task_id={task_id}" in processor.log()
+    shown = subprocess.run([sys.executable, "-m", "procqueue", "show", str(task_id)], capture_output=True, text=True,
+                           env=dict(os.environ, DATABASE_URL=processor_database_url(db), PYTHONPATH=str(REPO)))
+    assert shown.returncode == 0, shown.stderr
+    document = json.loads(shown.stdout)
+    assert document["task"]["state"] == "failed"
+    assert "RuntimeError: card declined" in document["runs"][-1]["error"]
+    assert processor.stop() == 0
+
+
+def test_worker_killed_mid_task_is_replaced_and_its_task_retried(db, start_processor):
+    processor = start_processor("--numthreads", "1")
+    task_id = sample_tasks.sleep_then_record.delay(args=(3, "survivor"))
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.RUNNING, timeout=15, message="task running")
+    [worker] = psutil.Process(processor.pid).children()
+    os.kill(worker.pid, signal.SIGKILL)
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=30, message="retried")
+    runs = procqueue.get_task_runs(task_id)
+    assert [r.outcome.value for r in runs] == ["lost", "succeeded"]
+    assert "worker 0 killed by signal 9" in runs[0].error
+    assert execution_count(db, "survivor") == 1
+    assert "event=worker.died" in processor.log()
+    assert processor.stop() == 0
+
+
+def test_sigterm_lets_the_running_task_finish_then_exits_zero(db, start_processor):
+    processor = start_processor("--numthreads", "1")
+    processor.wait_for_log("event=worker.started")
+    task_id = sample_tasks.sleep_then_record.delay(args=(1, "drained"))
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.RUNNING, timeout=15, message="task running")
+    assert processor.stop() == 0
+    assert procqueue.get_task(task_id).state is TaskState.SUCCEEDED
+    assert execution_count(db, "drained") == 1
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM procqueue.processors")
+        assert cur.fetchone()[0] == 0  # deregistered on the way out
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, str(REPO / "bin" / "run-task-processor"), *args], capture_output=True,
+                          text=True, timeout=30, env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.parametrize("args, env, expected", [
+    (["--numthreads", "0"], {}, "invalid value for --numthreads: 0 (expected an integer >= 1)"),
+    (["--queuepopsize", "-5"], {}, "invalid value for --queuepopsize: -5"),
+    ([], {"TASK_PROCESSOR_NUM_THREADS": "many"}, "invalid value for TASK_PROCESSOR_NUM_THREADS: 'many'"),
+    (["--import", "no_such_module_here"], {}, "cannot import task module 'no_such_module_here'"),
+    (["--schema", "Bad-Name"], {}, "invalid schema name: 'Bad-Name'"),
+])
+def test_bad_configuration_is_one_line_and_nonzero(args, env, expected):
+    result = run_cli(*args, env=env)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_database_is_one_line_without_password():
+    result = run_cli("--database-url", "postgresql://app:s3cret@127.0.0.1:1/nowhere", "--numthreads", "1")
+    assert result.returncode == 3
+    assert "cannot connect to postgresql://app:***@127.0.0.1:1/nowhere" in result.stderr
+    assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_documents_flags_with_defaults():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for text in ["--sleepintervalms", "default: 2000", "--numthreads", "default: 5", "--graceperiodms",
+                 "default: 20000", "--queuepopsize", "default: 10", "TASK_PROCESSOR_NUM_THREADS"]:
+        assert text in " ".join(result.stdout.split())  # help text is wrapped to the terminal

@@ -1,0 +1,90 @@
+"""Recurring tasks: once per interval across every processor sharing the database."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, time as time_of_day, timedelta, timezone
+
+import pytest
+
+from procqueue.queries import Queries
+
+from helpers import wait_until
+
+queries = Queries("procqueue")
+
+
+def schedule_row(db, name):
+    with db.cursor() as cur:
+        cur.execute("SELECT run_every, first_run_at, next_run_at FROM procqueue.recurring_tasks WHERE task_name = %s", (name,))
+        return cur.fetchone()
+
+
+def test_first_registration_is_due_at_once_and_reregistering_keeps_the_slot(db):
+    queries.register_recurring(db, name="r.a", run_every=timedelta(minutes=5), first_run_at=None, timeout_seconds=60)
+    _, first, next_run = schedule_row(db, "r.a")
+    assert next_run == first
+    time.sleep(0.01)
+    queries.register_recurring(db, name="r.a", run_every=timedelta(minutes=5), first_run_at=None, timeout_seconds=60)
+    assert schedule_row(db, "r.a")[2] == next_run  # a second processor starting changes nothing
+
+
+def test_time_of_day_anchor_schedules_the_next_occurrence(db):
+    from procqueue.registry import _anchor
+
+    anchor = _anchor("r.daily", time_of_day(3, 0))
+    queries.register_recurring(db, name="r.daily", run_every=timedelta(days=1), first_run_at=anchor, timeout_seconds=60)
+    next_run = schedule_row(db, "r.daily")[2]
+    now = datetime.now(timezone.utc)
+    assert now <= next_run < now + timedelta(days=1)
+    assert (next_run.hour, next_run.minute) == (3, 0)
+
+
+def test_changing_run_every_reschedules(db):
+    queries.register_recurring(db, name="r.b", run_every=timedelta(hours=1),
+                               first_run_at=datetime.now(timezone.utc) + timedelta(hours=1), timeout_seconds=60)
+    queries.register_recurring(db, name="r.b", run_every=timedelta(minutes=1), first_run_at=None, timeout_seconds=60)
+    assert schedule_row(db, "r.b")[0] == timedelta(minutes=1)
+
+
+def test_one_task_per_slot_and_missed_slots_collapse(db):
+    queries.register_recurring(db, name="r.c", run_every=timedelta(minutes=1),
+                               first_run_at=datetime.now(timezone.utc) - timedelta(minutes=10, seconds=30),
+                               timeout_seconds=60)
+    with db.cursor() as cur:  # as if no processor ran for ten minutes
+        cur.execute("UPDATE procqueue.recurring_tasks SET next_run_at = first_run_at WHERE task_name = 'r.c'")
+    first = queries.schedule_recurring(db, ["r.c"])
+    again = queries.schedule_recurring(db, ["r.c"])
+    assert len(first) == 1 and again == []
+    next_run = schedule_row(db, "r.c")[2]
+    assert datetime.now(timezone.utc) < next_run <= datetime.now(timezone.utc) + timedelta(minutes=1)
+    with db.cursor() as cur:
+        cur.execute("SELECT max_attempts, timeout_seconds FROM procqueue.tasks WHERE task_name = 'r.c'")
+        assert cur.fetchall() == [(1, 60.0)]
+
+
+def test_schedules_not_registered_by_this_processor_are_left_alone(db):
+    queries.register_recurring(db, name="r.other", run_every=timedelta(minutes=1), first_run_at=None, timeout_seconds=60)
+    assert queries.schedule_recurring(db, ["r.mine"]) == []
+
+
+@pytest.mark.timeout(90)
+def test_three_processors_run_a_recurring_task_exactly_once_per_interval(db, start_processor):
+    processors = [start_processor("--numthreads", "1", "--import", "sample_recurring", "--sleepintervalms", "200")
+                  for _ in range(3)]
+    for processor in processors:
+        processor.wait_for_log("event=worker.started")
+    time.sleep(6)  # the duration under test: six one-second intervals
+    for processor in processors:
+        assert processor.stop() == 0
+    with db.cursor() as cur:
+        cur.execute("SELECT recurring_slot, count(*) FROM procqueue.tasks WHERE task_name = 'sample.every_second' "
+                    "GROUP BY recurring_slot ORDER BY recurring_slot")
+        slots = cur.fetchall()
+        cur.execute("SELECT count(*) FROM public.executions WHERE key = 'every_second'")
+        executions = cur.fetchone()[0]
+    assert all(count == 1 for _, count in slots)
+    gaps = [(b[0] - a[0]).total_seconds() for a, b in zip(slots, slots[1:])]
+    assert all(gap >= 1.0 for gap in gaps), gaps  # never two runs in one interval
+    assert 5 <= len(slots) <= 8, slots
+    assert executions == len(slots)  # each slot ran exactly once, by exactly one processor

@@ -1,0 +1,229 @@
+"""The worker loop, driven one step at a time in-process against real Postgres."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+import procqueue
+from procqueue import RunOutcome, TaskBackoffError, TaskPriority, TaskState, register_task_handler
+from procqueue.execution import soft_timeout
+from procqueue.worker import Worker
+
+calls = []
+
+
+@register_task_handler(task_name="test_worker.collect")
+def collect(value):
+    calls.append(value)
+
+
+@register_task_handler(task_name="test_worker.explode", max_attempts=3, retry_backoff=timedelta(seconds=10))
+def explode(message):
+    raise RuntimeError(message)
+
+
+@register_task_handler(task_name="test_worker.backoff", max_attempts=1)
+def backoff(seconds):
+    raise TaskBackoffError(delay_until=datetime.now(timezone.utc) + timedelta(seconds=seconds))
+
+
+@register_task_handler(task_name="test_worker.slow", timeout=timedelta(milliseconds=200), max_attempts=2)
+def slow():
+    try:
+        time.sleep(5)
+    except Exception:  # a task that swallows everything still cannot outlive its timeout
+        pass
+
+
+@pytest.fixture(autouse=True)
+def reset_calls():
+    calls.clear()
+
+
+@pytest.fixture
+def worker(db, processor_config):
+    worker = Worker(processor_config, processor_id="test-processor", index=0)
+    worker.recurring_names = []  # recurring scheduling has its own tests
+    worker.ensure_connected()
+    yield worker
+    worker.close()
+
+
+def runs_of(task_id):
+    return procqueue.get_task_runs(task_id)
+
+
+def make_due(db, task_id):
+    """Move a retry's run_at to now: the test stands in for the passing of time."""
+    with db.cursor() as cur:
+        cur.execute("UPDATE procqueue.tasks SET run_at = now() WHERE id = %s", (task_id,))
+
+
+def test_claim_run_complete_records_success(worker):
+    task_id = collect.delay(args=("a",))
+    assert worker.step() == 1
+    assert calls == ["a"]
+    task = procqueue.get_task(task_id)
+    assert task.state is TaskState.SUCCEEDED
+    assert task.attempts == 1 and task.locked_by is None and task.finished_at is not None
+    [run] = runs_of(task_id)
+    assert (run.outcome, run.attempt, run.error, run.worker) == (RunOutcome.SUCCEEDED, 1, None, 0)
+    assert run.started_at <= run.finished_at
+
+
+def test_claims_in_priority_then_run_at_order(worker):
+    collect.delay(args=("normal-1",))
+    collect.delay(args=("lower",), priority=TaskPriority.LOWER)
+    collect.delay(args=("highest",), priority=TaskPriority.HIGHEST)
+    collect.delay(args=("normal-2",))
+    collect.delay(args=("high",), priority=TaskPriority.HIGH)
+    assert worker.step() == 5
+    assert calls == ["highest", "high", "normal-1", "normal-2", "lower"]
+
+
+def test_claims_at_most_queue_pop_size_per_step(db, processor_config):
+    from dataclasses import replace
+
+    worker = Worker(replace(processor_config, queue_pop_size=3), processor_id="p", index=0)
+    worker.recurring_names = []
+    try:
+        procqueue.enqueue_many([collect.call(args=(n,)) for n in range(7)])
+        assert [worker.step(), worker.step(), worker.step()] == [3, 3, 1]
+        assert sorted(calls) == list(range(7))
+    finally:
+        worker.close()
+
+
+def test_delay_until_holds_a_task_back_until_due(worker):
+    task_id = collect.delay(args=("later",), delay_until=datetime.now(timezone.utc) + timedelta(seconds=0.5))
+    assert worker.step() == 0
+    assert calls == []
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        worker.step()
+    assert calls == ["later"]
+    assert procqueue.get_task(task_id).state is TaskState.SUCCEEDED
+
+
+def test_failure_records_traceback_and_retries_with_exponential_backoff(db, worker):
+    task_id = explode.delay(args=("kaboom",))
+    before = datetime.now(timezone.utc)
+    worker.step()
+    task = procqueue.get_task(task_id)
+    assert task.state is TaskState.QUEUED and task.attempts == 1
+    assert timedelta(seconds=9) <= task.run_at - before <= timedelta(seconds=11)
+    [run] = runs_of(task_id)
+    assert run.outcome is RunOutcome.FAILED
+    assert "Traceback (most recent call last)" in run.error and "RuntimeError: kaboom" in run.error
+    assert 'in explode' in run.error
+
+    make_due(db, task_id)
+    before = datetime.now(timezone.utc)
+    worker.step()
+    task = procqueue.get_task(task_id)
+    assert task.attempts == 2
+    assert timedelta(seconds=19) <= task.run_at - before <= timedelta(seconds=21)
+
+
+def test_task_fails_for_good_after_max_attempts(db, worker):
+    task_id = explode.delay(args=("always",))
+    for _ in range(3):
+        make_due(db, task_id)
+        worker.step()
+    task = procqueue.get_task(task_id)
+    assert task.state is TaskState.FAILED and task.attempts == 3
+    assert "RuntimeError: always" in task.last_error
+    assert [r.attempt for r in runs_of(task_id)] == [1, 2, 3]
+    make_due(db, task_id)
+    assert worker.step() == 0  # a failed task is never claimed again
+
+
+def test_unknown_task_is_never_run_nor_dropped(db, worker):
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO procqueue.tasks (task_name, max_attempts) VALUES ('newer_release.task', 2) RETURNING id")
+        task_id = cur.fetchone()[0]
+    worker.step()
+    task = procqueue.get_task(task_id)
+    assert task.state is TaskState.QUEUED and task.run_at > datetime.now(timezone.utc)
+    assert "'newer_release.task' is not registered in this processor" in task.last_error
+    make_due(db, task_id)
+    worker.step()
+    task = procqueue.get_task(task_id)
+    assert task.state is TaskState.FAILED
+    assert [r.outcome for r in runs_of(task_id)] == [RunOutcome.FAILED, RunOutcome.FAILED]
+
+
+def test_backoff_error_reschedules_without_using_an_attempt(worker):
+    task_id = backoff.delay(args=(30,))
+    worker.step()
+    task = procqueue.get_task(task_id)
+    assert task.state is TaskState.QUEUED
+    assert task.attempts == 0  # max_attempts=1, yet it will run again
+    assert timedelta(seconds=28) <= task.run_at - datetime.now(timezone.utc) <= timedelta(seconds=31)
+    [run] = runs_of(task_id)
+    assert run.outcome is RunOutcome.BACKOFF and run.attempt == 1
+
+
+def test_task_past_its_timeout_is_interrupted_and_retried(worker):
+    soft_timeout.install()
+    try:
+        task_id = slow.delay()
+        started = time.monotonic()
+        worker.step()
+        assert time.monotonic() - started < 3
+    finally:
+        import signal
+
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        soft_timeout.installed = False
+    task = procqueue.get_task(task_id)
+    assert task.state is TaskState.QUEUED and task.attempts == 1
+    [run] = runs_of(task_id)
+    assert run.outcome is RunOutcome.TIMED_OUT
+    assert "ran past its timeout of 0.2s" in run.error
+
+
+def test_outcome_of_a_task_whose_lease_was_taken_is_dropped(db, worker):
+    task_id = collect.delay(args=("x",))
+    [claimed] = worker.claim()
+    # Meanwhile the task was rescued from this worker and handed back to the queue.
+    with db.cursor() as cur:
+        cur.execute("UPDATE procqueue.tasks SET state = 'queued', locked_by = NULL, locked_worker = NULL WHERE id = %s", (task_id,))
+    worker.run_one(claimed)
+    worker.flush()
+    assert procqueue.get_task(task_id).state is TaskState.QUEUED
+    assert runs_of(task_id) == []
+
+
+def test_stopping_mid_batch_releases_unstarted_tasks_without_charging_them(db, processor_config):
+    worker = Worker(processor_config, processor_id="p", index=0)
+    worker.recurring_names = []
+
+    @register_task_handler(task_name="test_worker.stop_after_first")
+    def stop_after_first(n):
+        calls.append(n)
+        worker.request_stop()
+
+    try:
+        ids = procqueue.enqueue_many([stop_after_first.call(args=(n,)) for n in range(4)])
+        assert worker.step() == 1
+        states = [procqueue.get_task(i) for i in ids]
+        assert [t.state for t in states] == [TaskState.SUCCEEDED] + [TaskState.QUEUED] * 3
+        assert [t.attempts for t in states] == [1, 0, 0, 0]
+        assert all(t.locked_by is None for t in states)
+    finally:
+        worker.close()
+        procqueue.registry.unregister(["test_worker.stop_after_first"])
+
+
+def test_cancel_only_affects_queued_tasks(worker):
+    queued = collect.delay(args=("never",), delay_until=datetime.now(timezone.utc) + timedelta(hours=1))
+    done = collect.delay(args=("done",))
+    worker.step()
+    assert procqueue.cancel(queued) is True
+    assert procqueue.cancel(done) is False
+    assert procqueue.get_task(queued).state is TaskState.CANCELLED
+    assert procqueue.get_task(done).state is TaskState.SUCCEEDED
