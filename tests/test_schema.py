@@ -1,0 +1,75 @@
+"""schema.sql and `procqueue migrate`: idempotent, versioned, schema-configurable."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from procqueue.migrations import SCHEMA_VERSION, installed_version, migrate
+from procqueue.queries import schema_sql
+
+from helpers import REPO
+
+
+@pytest.fixture
+def fresh_schema(database_url):
+    name = f"pq_{uuid.uuid4().hex[:8]}"
+    conn = psycopg2.connect(database_url)
+    conn.autocommit = True
+    yield conn, name
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+    conn.close()
+
+
+def test_migrate_applies_once_and_records_the_version(fresh_schema):
+    conn, name = fresh_schema
+    assert installed_version(conn, name) == 0
+    assert migrate(conn, name) is True
+    assert installed_version(conn, name) == SCHEMA_VERSION
+    assert migrate(conn, name) is False
+
+
+def test_schema_file_applied_twice_by_hand_is_harmless(fresh_schema):
+    conn, name = fresh_schema
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+        cur.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(name)))
+        cur.execute(schema_sql())
+        cur.execute(schema_sql())
+        cur.execute("SELECT version FROM schema_version")
+        assert cur.fetchall() == [(SCHEMA_VERSION,)]
+
+
+def test_repository_schema_is_the_one_shipped_in_the_package():
+    assert (REPO / "schema.sql").read_text() == schema_sql()
+
+
+def test_claiming_uses_the_partial_index(db):
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO procqueue.tasks (task_name, state, finished_at) "
+                    "SELECT 'old', 'succeeded', now() FROM generate_series(1, 20000)")
+        cur.execute("INSERT INTO procqueue.tasks (task_name) SELECT 'new' FROM generate_series(1, 50)")
+        cur.execute("ANALYZE procqueue.tasks")
+        cur.execute("EXPLAIN SELECT id FROM procqueue.tasks WHERE state = 'queued' AND run_at <= now() "
+                    "ORDER BY priority, run_at, id LIMIT 10 FOR UPDATE SKIP LOCKED")
+        plan = "\n".join(row[0] for row in cur.fetchall())
+    assert "tasks_claimable" in plan, plan
+
+
+def test_a_second_schema_is_an_independent_queue(fresh_schema, database_url):
+    conn, name = fresh_schema
+    result = subprocess.run([sys.executable, "-m", "procqueue", "migrate", "--schema", name],
+                            env=dict(os.environ, DATABASE_URL=database_url, PYTHONPATH=str(REPO)),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert f"procqueue schema '{name}' version {SCHEMA_VERSION}: applied" in result.stdout
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT count(*) FROM {}.tasks").format(sql.Identifier(name)))
+        assert cur.fetchone()[0] == 0
