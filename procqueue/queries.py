@@ -90,9 +90,11 @@ class Queries:
         return {row[0] for row in self._execute(conn, "complete", params)}
 
     def release_worker_tasks(
-        self, conn, *, processor: str, worker: int, in_flight: Optional[int], error: str
+        self, conn, *, processor: str, worker: int, in_flight: Optional[int], error: str,
+        outcome: RunOutcome = RunOutcome.LOST,
     ) -> List[int]:
-        params = {"processor": processor, "worker": worker, "in_flight": in_flight, "error": error}
+        params = {"processor": processor, "worker": worker, "in_flight": in_flight, "error": error,
+                  "outcome": outcome.value}
         return [row[0] for row in self._execute(conn, "release_worker_tasks", params)]
 
     # -- the application's statements -------------------------------------------------

@@ -66,8 +66,9 @@ RETURNING task_id;
 
 -- name: release_worker_tasks
 -- running -> queued / failed for every task a dead or stopped worker still held. The task
--- it was running (%(in_flight)s) is charged the attempt and gets a 'lost' run with the
--- cause; tasks it had claimed but not started go back untouched, attempt refunded.
+-- it was running (%(in_flight)s) is charged the attempt and gets a run with the cause
+-- (outcome 'lost', or 'timed_out' when it was killed for overrunning); tasks it had
+-- claimed but not started go back untouched, attempt refunded.
 WITH released AS (
     UPDATE {schema}.tasks AS t
     SET state = CASE WHEN t.id = %(in_flight)s AND t.attempts >= t.max_attempts
@@ -87,7 +88,7 @@ WITH released AS (
 )
 INSERT INTO {schema}.task_runs
     (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
-SELECT r.id, r.task_name, r.attempts, r.started_at, now(), 'lost', %(error)s,
+SELECT r.id, r.task_name, r.attempts, r.started_at, now(), %(outcome)s, %(error)s,
        %(processor)s, %(worker)s
 FROM released AS r
 WHERE r.id = %(in_flight)s

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, Optional
+from typing import Deque, Dict, Optional, Tuple
 
 import psycopg2
 
@@ -29,6 +29,7 @@ from .heartbeat import WorkerState, allocate_slots
 from .logs import log_event
 from .migrations import migrate
 from .queries import Queries
+from .records import RunOutcome
 from .worker import Worker
 
 logger = logging.getLogger("procqueue.supervisor")
@@ -51,6 +52,8 @@ class WorkerProcess:
     pid: int
     index: int
     started_at: float  # monotonic
+    kill_reason: Optional[str] = None  # set when the supervisor killed it on purpose
+    kill_outcome: RunOutcome = RunOutcome.LOST
 
 
 class Supervisor:
@@ -107,6 +110,7 @@ class Supervisor:
     def step(self) -> None:
         self.handle_signals()
         self.reap_workers()
+        self.murder_stuck_workers()
         if self.stopping:
             self.enforce_stop_deadline()
         else:
@@ -208,14 +212,30 @@ class Supervisor:
                 pid, status = worker.pid, 0
             if pid == worker.pid:
                 self.on_worker_exit(worker, status)
+        if os.getpid() == 1:
+            self.reap_orphans()
+
+    def reap_orphans(self) -> None:
+        """As PID 1 in a container we inherit every orphaned process (a task's grandchild
+        whose parent died): reap them so they do not pile up as zombies."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = next((w for w in self.workers.values() if w.pid == pid), None)
+            if worker is not None:
+                self.on_worker_exit(worker, status)
 
     def on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
         del self.workers[worker.index]
         slot = self.slots[worker.index]
         in_flight = slot.task_id or None
-        cause = describe_exit(worker.index, status)
+        cause = worker.kill_reason or describe_exit(worker.index, status)
         expected = self.stopping and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        self.release_tasks(worker.index, in_flight, cause)
+        self.release_tasks(worker.index, in_flight, cause, worker.kill_outcome)
         if slot.tasks_done or slot.state in (WorkerState.IDLE, WorkerState.BUSY):
             self.any_worker_ran = True
         slot.pid, slot.state, slot.task_id, slot.task_deadline = 0, int(WorkerState.EMPTY), 0, 0.0
@@ -244,13 +264,15 @@ class Supervisor:
         delay = RESPAWN_BACKOFF_SECONDS[min(deaths, len(RESPAWN_BACKOFF_SECONDS)) - 1] if deaths else 0.0
         self.respawn_at[worker.index] = self.clock() + delay
 
-    def release_tasks(self, index: int, in_flight: Optional[int], cause: str) -> None:
+    def release_tasks(self, index: int, in_flight: Optional[int], cause: str,
+                      outcome: RunOutcome = RunOutcome.LOST) -> None:
         """Put back what a gone worker held. Runs before its replacement can claim."""
         for attempt in range(3):
             try:
                 self.ensure_connected()
                 released = self.queries.release_worker_tasks(
-                    self.conn, processor=self.processor_id, worker=index, in_flight=in_flight, error=cause
+                    self.conn, processor=self.processor_id, worker=index, in_flight=in_flight, error=cause,
+                    outcome=outcome,
                 )
                 if released:
                     log_event(logger, logging.WARNING, "task.lost", task_id=in_flight, worker=index, cause=cause)
@@ -263,6 +285,22 @@ class Supervisor:
                 time.sleep(0.5 * (attempt + 1))
         # Still leased to this processor: rescued by a peer (or this processor's next
         # start) once this processor's registration expires.
+
+    def murder_stuck_workers(self) -> None:
+        """Kill workers whose shared-memory slot shows them stuck; reaping replaces them."""
+        now = time.time()
+        grace = self.config.grace_period_ms / 1000
+        for worker in self.workers.values():
+            if worker.kill_reason is not None:
+                continue
+            verdict = stuck_reason(self.slots[worker.index], now, grace)
+            if verdict is None:
+                continue
+            worker.kill_outcome, reason = verdict
+            worker.kill_reason = reason
+            log_event(logger, logging.ERROR, "worker.stuck", worker=worker.index, pid=worker.pid,
+                      task_id=self.slots[worker.index].task_id or "-", reason=reason)
+            _killpg_quietly(worker.pid, signal.SIGKILL)
 
     def kill_all_workers(self) -> None:
         for worker in self.workers.values():
@@ -302,6 +340,27 @@ def run_worker_process(worker: Worker, inherited_fds=()) -> int:
         return WORKER_BOOT_ERROR
     worker.loop()
     return 0
+
+
+# The worker's own soft timeout fires at the deadline; the supervisor steps in only if
+# the worker could not act on it (frozen in C code, signal blocked) this much later.
+HARD_TIMEOUT_MARGIN_SECONDS = 1.0
+
+
+def stuck_reason(slot, now: float, grace_seconds: float) -> Optional[Tuple[RunOutcome, str]]:
+    """Why the worker in `slot` counts as stuck, or None. A busy worker is judged by its
+    task's deadline (it does not beat while a task runs); any other by its heartbeat."""
+    if slot.pid == 0 or slot.state == WorkerState.EMPTY:
+        return None
+    if slot.state == WorkerState.BUSY and slot.task_deadline:
+        overdue = now - slot.task_deadline
+        if overdue > HARD_TIMEOUT_MARGIN_SECONDS:
+            return RunOutcome.TIMED_OUT, f"task {slot.task_id} ran {overdue:.1f}s past its timeout; worker killed"
+        return None
+    silent = now - slot.heartbeat
+    if slot.heartbeat and silent > grace_seconds:
+        return RunOutcome.LOST, f"no heartbeat for {silent:.1f}s (grace period {grace_seconds:g}s); worker killed"
+    return None
 
 
 def describe_exit(index: int, status: int) -> str:

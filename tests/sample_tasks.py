@@ -39,3 +39,13 @@ def sleep_then_record(seconds: float, key: str) -> None:
 @register_task_handler(task_name="sample.fail", max_attempts=2, retry_backoff=timedelta(0))
 def fail(message: str) -> None:
     raise RuntimeError(message)
+
+
+@register_task_handler(task_name="sample.wedged", timeout=timedelta(seconds=1), max_attempts=1)
+def wedged() -> None:
+    """Stands in for C code that never returns to the interpreter: the worker's own
+    timeout signal cannot reach it, only the supervisor can."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(120)

@@ -159,3 +159,17 @@ def test_help_documents_flags_with_defaults():
     for text in ["--sleepintervalms", "default: 2000", "--numthreads", "default: 5", "--graceperiodms",
                  "default: 20000", "--queuepopsize", "default: 10", "TASK_PROCESSOR_NUM_THREADS"]:
         assert text in " ".join(result.stdout.split())  # help text is wrapped to the terminal
+
+
+def test_task_the_worker_cannot_interrupt_is_killed_by_the_supervisor(db, start_processor):
+    processor = start_processor("--numthreads", "1")
+    task_id = sample_tasks.wedged.delay()
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.FAILED, timeout=20, message="killed")
+    [run] = procqueue.get_task_runs(task_id)
+    assert run.outcome.value == "timed_out"
+    assert "past its timeout; worker killed" in run.error
+    assert (run.finished_at - run.started_at).total_seconds() < 4  # timeout 1 s + margin + a tick
+    assert "event=worker.stuck" in processor.log()
+    sample_tasks.record_task.delay(args=("after",))  # the slot was refilled and works
+    wait_until(lambda: execution_count(db, "after") == 1, timeout=15, message="replacement worker")
+    assert processor.stop() == 0
