@@ -6,7 +6,6 @@ Signal handlers only queue the signal and write a byte to a self-pipe; every dec
 
 from __future__ import annotations
 
-import errno
 import logging
 import multiprocessing
 import os
@@ -29,6 +28,7 @@ from .heartbeat import WorkerState, allocate_slots
 from .logs import log_event
 from .migrations import migrate
 from .queries import Queries
+from .selfpipe import SelfPipe
 from .records import RunOutcome
 from .worker import Worker
 
@@ -73,9 +73,7 @@ class Supervisor:
         self.stop_deadline: Optional[float] = None
         self.exit_code = 0
         self.conn: Optional[Connection] = None
-        self.wake_r, self.wake_w = os.pipe()
-        os.set_blocking(self.wake_r, False)
-        os.set_blocking(self.wake_w, False)
+        self.wakeup = SelfPipe()
 
     # -- the run -----------------------------------------------------------------------
 
@@ -118,10 +116,10 @@ class Supervisor:
 
     def sleep(self) -> None:
         try:
-            select.select([self.wake_r], [], [], LOOP_TICK_SECONDS)
+            select.select([self.wakeup.read_fd], [], [], LOOP_TICK_SECONDS)
         except InterruptedError:
             pass
-        _drain(self.wake_r)
+        self.wakeup.drain()
 
     def finish(self) -> None:
         self.kill_all_workers()
@@ -142,10 +140,7 @@ class Supervisor:
 
     def _queue_signal(self, signum, frame) -> None:
         self.signals.append(signum)
-        try:
-            os.write(self.wake_w, b"!")
-        except OSError:
-            pass
+        self.wakeup.wake()
 
     def handle_signals(self) -> None:
         while self.signals:
@@ -195,7 +190,8 @@ class Supervisor:
     def _become_worker(self, worker: Worker) -> None:
         code = 1
         try:
-            code = run_worker_process(worker, inherited_fds=(self.wake_r, self.wake_w))
+            self.wakeup.close()  # the supervisor's, not this worker's
+            code = run_worker_process(worker)
         except BaseException:
             logger.exception("worker %s crashed", worker.index)
         finally:
@@ -311,16 +307,11 @@ class Supervisor:
             self.conn = connect(self.config.database, application_name="procqueue-supervisor")
 
 
-def run_worker_process(worker: Worker, inherited_fds=()) -> int:
+def run_worker_process(worker: Worker) -> int:
     """Body of a forked worker process. Returns its exit code."""
     multiprocessing.current_process().name = f"worker-{worker.index}"  # the log's processName
     os.setpgid(0, 0)  # its own process group, so a kill takes any children it started
-    for fd in inherited_fds:
-        os.close(fd)
-    wake_r, wake_w = os.pipe()
-    os.set_blocking(wake_r, False)
-    os.set_blocking(wake_w, False)
-    worker.wakeup_fd = wake_r
+    worker.wakeup = SelfPipe()
 
     def on_stop(signum, frame) -> None:
         worker.request_stop()
@@ -328,7 +319,7 @@ def run_worker_process(worker: Worker, inherited_fds=()) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, on_stop)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.set_wakeup_fd(wake_w)
+    signal.set_wakeup_fd(worker.wakeup.write_fd)
     from .execution import soft_timeout
 
     soft_timeout.install()
@@ -382,17 +373,6 @@ def _killpg_quietly(pid: int, signum: int) -> None:
         os.killpg(pid, signum)
     except (ProcessLookupError, PermissionError):
         _signal_quietly(pid, signum)
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass
-    except OSError as exc:
-        if exc.errno != errno.EBADF:
-            raise
 
 
 __all__ = ["Supervisor", "ProcqueueError", "WORKER_BOOT_ERROR"]

@@ -24,6 +24,7 @@ from .execution import execute
 from .heartbeat import SlotWriter, WorkerState
 from .logs import log_event
 from .queries import Queries
+from .selfpipe import SelfPipe
 from .records import ClaimedTask, RunOutcome, TaskOutcome, TaskState
 
 logger = logging.getLogger("procqueue.worker")
@@ -58,7 +59,7 @@ class Worker:
         self.pending: List[TaskOutcome] = []
         self.pending_since = 0.0
         self.stopping = False
-        self.wakeup_fd: Optional[int] = None  # read end of the supervisor-installed self-pipe
+        self.wakeup: Optional[SelfPipe] = None  # set in the worker process: signals write to it
         self.recurring_names = [s.task_name for s in registry.recurring_schedules()]
         self.next_recurring_check = 0.0
         self.next_poll = 0.0
@@ -185,13 +186,13 @@ class Worker:
 
     def _wait_readable(self, timeout: float) -> bool:
         """Wait on the LISTEN connection and the wake-up pipe; True when there is news."""
-        watched = [self.conn] + ([self.wakeup_fd] if self.wakeup_fd is not None else [])
+        watched = [self.conn] + ([self.wakeup.read_fd] if self.wakeup is not None else [])
         try:
             readable, _, _ = select.select(watched, [], [], timeout)
         except InterruptedError:
             return True
-        if self.wakeup_fd is not None and self.wakeup_fd in readable:
-            _drain(self.wakeup_fd)
+        if self.wakeup is not None and self.wakeup.read_fd in readable:
+            self.wakeup.drain()
         if self.conn in readable:
             self.conn.poll()
             had_news = bool(self.conn.notifies)
@@ -231,12 +232,12 @@ class Worker:
     def _sleep_interruptibly(self, seconds: float) -> None:
         if seconds <= 0:
             return
-        if self.wakeup_fd is None:
+        if self.wakeup is None:
             time.sleep(seconds)
             return
-        readable, _, _ = select.select([self.wakeup_fd], [], [], seconds)
+        readable, _, _ = select.select([self.wakeup.read_fd], [], [], seconds)
         if readable:
-            _drain(self.wakeup_fd)
+            self.wakeup.drain()
 
     def _log_outcome(self, task: ClaimedTask, outcome: TaskOutcome) -> None:
         duration_ms = (outcome.finished_at - outcome.started_at).total_seconds() * 1000
@@ -249,11 +250,3 @@ class Worker:
         next_step = "retry" if outcome.state is TaskState.QUEUED else "failed"
         log_event(logger, logging.WARNING, f"task.{outcome.outcome.value}", **fields, next=next_step,
                   error=error_line[0])
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, InterruptedError):
-        pass
