@@ -103,12 +103,17 @@ CREATE TABLE IF NOT EXISTS recurring_tasks (
 CREATE INDEX IF NOT EXISTS recurring_tasks_next_run_at ON recurring_tasks (next_run_at);
 
 -- Wake idle workers the moment work is enqueued. One notification per statement, not per
--- row, so a bulk enqueue of 10,000 tasks costs one NOTIFY. The channel carries the schema
--- name so processors on different schemas of one database do not wake each other.
+-- row, so a bulk enqueue of 10,000 tasks costs one NOTIFY; and none for a statement that
+-- inserted nothing (the recurring scheduler's INSERT ... SELECT runs every second in
+-- every worker and usually inserts nothing: notifying then would wake every worker of
+-- every processor every second). The channel carries the schema name so processors on
+-- different schemas of one database do not wake each other.
 CREATE OR REPLACE FUNCTION notify_tasks_enqueued() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('procqueue_' || TG_TABLE_SCHEMA, '');
+    IF EXISTS (SELECT 1 FROM inserted_tasks) THEN
+        PERFORM pg_notify('procqueue_' || TG_TABLE_SCHEMA, '');
+    END IF;
     RETURN NULL;
 END;
 $$;
@@ -116,6 +121,7 @@ $$;
 DROP TRIGGER IF EXISTS tasks_enqueued ON tasks;
 CREATE TRIGGER tasks_enqueued
     AFTER INSERT ON tasks
+    REFERENCING NEW TABLE AS inserted_tasks
     FOR EACH STATEMENT EXECUTE FUNCTION notify_tasks_enqueued();
 
 INSERT INTO schema_version (version) VALUES (1) ON CONFLICT (version) DO NOTHING;

@@ -9,38 +9,14 @@
 """
 
 from .config import TaskRunMethod
-from .enqueue import TaskArgumentError, configure, enqueue_many
+from .client import cancel, configure, get_task, get_task_runs
+from .enqueue import TaskArgumentError, enqueue_many
 from .errors import ConfigError, DatabaseError, ProcqueueError, TaskError
 from .execution import TaskTimeoutError
 from .records import RunOutcome, RunRecord, TaskPriority, TaskRecord, TaskState
 from .registry import TaskBackoffError, TaskCall, TaskHandler, register_recurring_task, register_task_handler
 
 __version__ = "0.1.0"
-
-
-def get_task(task_id: int) -> "TaskRecord | None":
-    """The task row with this id, read on this process's connection."""
-    from .enqueue import client_connection
-
-    conn, queries = client_connection()
-    return queries.get_task(conn, task_id)
-
-
-def get_task_runs(task_id: int) -> "list[RunRecord]":
-    """Every run (attempt) of a task, oldest first, with errors and tracebacks."""
-    from .enqueue import client_connection
-
-    conn, queries = client_connection()
-    return queries.get_runs(conn, task_id)
-
-
-def cancel(task_id: int) -> bool:
-    """Cancel a queued task; False if it is running, finished or unknown."""
-    from .enqueue import client_connection
-
-    conn, queries = client_connection()
-    return queries.cancel(conn, task_id)
-
 
 __all__ = [
     "ConfigError", "DatabaseError", "ProcqueueError", "RunOutcome", "RunRecord", "TaskArgumentError",

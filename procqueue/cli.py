@@ -169,7 +169,7 @@ def enqueue_command(task_name: str, args_json: str, kwargs_json: str, delay_seco
                     priority: Optional[int], imports: Tuple[str, ...], database_url: Optional[str],
                     schema: Optional[str]) -> None:
     """Enqueue TASK_NAME (registered by an --import module); prints the task id."""
-    from . import enqueue, registry
+    from . import client, registry
 
     config = config_module.processor_config(database_url=database_url, schema=schema, imports=imports)
     import_task_modules(config.imports)
@@ -180,7 +180,7 @@ def enqueue_command(task_name: str, args_json: str, kwargs_json: str, delay_seco
     args = _json_option("--args", args_json, list, "a JSON array")
     kwargs = _json_option("--kwargs", kwargs_json, dict, "a JSON object")
     delay_until = datetime.now(timezone.utc) + timedelta(seconds=delay_seconds) if delay_seconds else None
-    enqueue.configure(database_url=config.database.url, schema=config.database.schema)
+    client.configure(database_url=config.database.url, schema=config.database.schema)
     task_id = handler.delay(args=args, kwargs=kwargs, delay_until=delay_until, priority=priority)
     click.echo("skipped: queue_size reached" if task_id is None else str(task_id))
 
@@ -240,11 +240,11 @@ def demo_command(rate: float, num_workers: int, database_url: Optional[str], sch
 
 
 def _client(database_url: Optional[str], schema: Optional[str]):
-    from . import enqueue
+    from . import client
 
     database = config_module.processor_config(database_url=database_url, schema=schema).database
-    enqueue.configure(database_url=database.url, schema=database.schema)
-    return enqueue.client_connection()
+    client.configure(database_url=database.url, schema=database.schema)
+    return client.connection()
 
 
 def _json_option(flag: str, raw: str, expected_type: type, description: str) -> Any:

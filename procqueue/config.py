@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
-from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
 
@@ -148,17 +147,26 @@ def validate_module_name(module: str) -> None:
 
 
 def redact_dsn(url: str) -> str:
-    """Mask the password of a libpq URL or key=value DSN."""
-    if "://" in url:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        netloc = f"{parts.username or ''}:***@{host}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
+    """The connection string as it may be shown: host, port, database and user only.
+
+    Parsed by libpq's own parser (via psycopg2), so a password in any position (URL
+    userinfo, `?password=` parameter, `password=` keyword) is dropped, and a string libpq
+    cannot parse is never echoed back at all.
+    """
+    try:
+        from psycopg2.extensions import parse_dsn
+
+        params = parse_dsn(url)
+    except Exception:
+        return "<unparseable database URL>"
+    if not str(params.get("port", "0")).replace(",", "").isdigit() or "@" in params.get("dbname", ""):
+        # libpq "parsed" a URL whose password holds '/', '?' or '#' into nonsense fields
+        # that still carry pieces of the password: show none of it.
+        return "<unparseable database URL>"
+    shown = [f"{key}={params[key]}" for key in ("host", "port", "dbname", "user") if params.get(key)]
+    if "password" in params:
+        shown.append("password=***")
+    return " ".join(shown) or "<default libpq connection>"
 
 
 def default_embedded_dir() -> Path:

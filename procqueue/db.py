@@ -32,6 +32,12 @@ def connect(database: DatabaseConfig, *, autocommit: bool = True, application_na
     try:
         conn = psycopg2.connect(url, application_name=application_name, connect_timeout=10, **_KEEPALIVES)
     except psycopg2.Error as exc:
+        if database.display_url.startswith("<unparseable"):
+            # libpq's message would quote the mangled fields, which may hold the password.
+            raise DatabaseError(
+                "cannot connect: the database URL cannot be parsed (is a '/', '?', '#' or '@' "
+                "in the password not percent-encoded?)"
+            ) from None
         raise DatabaseError(f"cannot connect to {database.display_url}: {first_line(exc)}") from None
     conn.autocommit = autocommit
     return conn

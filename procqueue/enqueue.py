@@ -1,25 +1,22 @@
-"""The application side: `.delay()`, bulk enqueue, TASK_RUN_METHOD, and its connection."""
+"""The application side: `.delay()`, bulk enqueue and TASK_RUN_METHOD."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
-from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
 import psycopg2
 
-from . import config as config_module
-from .config import DatabaseConfig, TaskRunMethod
-from .db import connect, first_line, is_connection_error
+from . import client
+from .config import TaskRunMethod
+from .db import first_line, is_connection_error
 from .errors import DatabaseError, TaskError
 from .logs import log_event
-from .migrations import migrate
 from .queries import EnqueueRow, Queries
-from .registry import TaskCall
+from .registry import TaskCall, validated_priority
 
 logger = logging.getLogger("procqueue.enqueue")
 
@@ -28,54 +25,8 @@ class TaskArgumentError(TaskError, TypeError):
     """An argument cannot be stored as JSON. A TypeError, as `.delay()` promises."""
 
 
-@dataclass(frozen=True)
-class ClientSettings:
-    database: DatabaseConfig
-    task_run_method: TaskRunMethod
-
-
-_settings: Optional[ClientSettings] = None
-_settings_lock = threading.Lock()
-_local = threading.local()
-_inherited_connections: list = []
-
-
-def configure(
-    *,
-    database_url: Optional[str] = None,
-    schema: Optional[str] = None,
-    task_run_method: Optional[TaskRunMethod] = None,
-) -> None:
-    """Set, in code, what the environment would otherwise decide for this process."""
-    global _settings
-    with _settings_lock:
-        current = _current_settings_unlocked()
-        database = current.database
-        if database_url is not None:
-            database = replace(database, url=database_url)
-        if schema is not None:
-            database = replace(database, schema=schema)
-        method = TaskRunMethod(task_run_method) if task_run_method is not None else current.task_run_method
-        _settings = ClientSettings(database, method)
-    close_connection()
-
-
-def settings() -> ClientSettings:
-    with _settings_lock:
-        return _current_settings_unlocked()
-
-
-def _current_settings_unlocked() -> ClientSettings:
-    global _settings
-    if _settings is None:
-        _settings = ClientSettings(
-            config_module.database_config_from_env(), config_module.task_run_method_from_env()
-        )
-    return _settings
-
-
 def delay(call: TaskCall, connection: Any = None) -> Optional[int]:
-    method = settings().task_run_method
+    method = client.settings().task_run_method
     if method is TaskRunMethod.SYNCHRONOUSLY:
         run_inline(call)
         return None
@@ -95,7 +46,7 @@ def enqueue_many(calls: Iterable[TaskCall], connection: Any = None) -> List[int]
     rows = [_enqueue_row(call) for call in calls]
     if not rows:
         return []
-    queries = Queries(settings().database.schema)
+    queries = Queries(client.settings().database.schema)
     if connection is not None:
         return _insert_on_callers_connection(queries, connection, rows)
     return _insert_on_own_connection(queries, rows)
@@ -120,26 +71,13 @@ def run_in_thread(call: TaskCall) -> threading.Thread:
     return thread
 
 
-def close_connection() -> None:
-    conn = getattr(_local, "conn", None)
-    _local.conn = None
-    if conn is None:
-        return
-    if getattr(_local, "pid", None) == os.getpid():
-        conn.close()
-    else:
-        # Inherited across fork: freeing it would send the parent's session a Terminate
-        # message on the shared socket. Keep it referenced and never touch it.
-        _inherited_connections.append(conn)
-
-
 # -- serialising ---------------------------------------------------------------------
 
 
 def _enqueue_row(call: TaskCall) -> EnqueueRow:
     handler = call.handler
     args_json, kwargs_json = _serialise_arguments(handler.task_name, call.args, call.kwargs)
-    priority = handler.priority if call.priority is None else int(call.priority)
+    priority = handler.priority if call.priority is None else validated_priority(handler.task_name, call.priority)
     if call.delay_until is not None and (not isinstance(call.delay_until, datetime) or call.delay_until.tzinfo is None):
         raise TaskError(f"task {handler.task_name}: delay_until must be a timezone-aware datetime, got {call.delay_until!r}")
     return EnqueueRow(
@@ -202,10 +140,12 @@ def _insert_on_callers_connection(queries: Queries, connection: Any, rows: List[
 
 
 def _insert_on_own_connection(queries: Queries, rows: List[EnqueueRow]) -> List[int]:
-    # One retry on a dropped connection (a Postgres restart closes idle connections): the
-    # insert never reached the server, so retrying cannot duplicate it in practice.
+    # One retry on a dropped connection (a Postgres restart closes idle connections). When
+    # the connection broke before the statement was sent, as it does for an idle one, the
+    # retry is exact; had it broken after the commit but before the reply, the task is
+    # enqueued twice: at-least-once, never lost.
     for attempt in (1, 2):
-        conn = _own_connection()
+        conn, _ = client.connection()
         try:
             ids = queries.enqueue(conn, rows)
             log_event(logger, logging.DEBUG, "task.enqueued", count=len(ids), task=rows[0].task_name)
@@ -215,29 +155,12 @@ def _insert_on_own_connection(queries: Queries, rows: List[EnqueueRow]) -> List[
         except psycopg2.Error as exc:
             if not is_connection_error(exc):
                 raise DatabaseError(f"cannot enqueue {rows[0].task_name}: {first_line(exc)}") from None
-            close_connection()
+            client.close_connection()
             if attempt == 2:
                 raise DatabaseError(f"cannot enqueue {rows[0].task_name}: {first_line(exc)}") from None
     raise AssertionError("unreachable")
 
 
-def _own_connection():
-    conn = getattr(_local, "conn", None)
-    if conn is not None and getattr(_local, "pid", None) == os.getpid() and not conn.closed:
-        return conn
-    close_connection()
-    database = settings().database
-    conn = connect(database, application_name="procqueue-client")
-    if database.url is None:
-        migrate(conn, database.schema)  # the embedded server is ours to set up
-    _local.conn, _local.pid = conn, os.getpid()
-    return conn
-
-
 def _schema_missing(schema: str) -> DatabaseError:
     return DatabaseError(f"the procqueue schema {schema!r} is not in this database: run `procqueue migrate`")
 
-
-def client_connection():
-    """This process's own connection and statements (for built-in tasks and the CLI)."""
-    return _own_connection(), Queries(settings().database.schema)

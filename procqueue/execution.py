@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import signal
 import traceback
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Callable, Optional
 
 from .records import ClaimedTask, RunOutcome, TaskOutcome, TaskState
-from .registry import DEFAULT_RETRY_BACKOFF, TaskBackoffError, TaskHandler, backoff_delay, get_handler
+from .registry import TaskBackoffError, TaskHandler, backoff_delay, get_handler
 
 
 class TaskTimeoutError(BaseException):
@@ -58,6 +58,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# A task whose name this processor does not know was most likely enqueued by a newer
+# release during a rolling deploy: wait long enough for a processor that knows it.
+UNKNOWN_TASK_BACKOFF = timedelta(seconds=60)
+
+
 def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow) -> TaskOutcome:
     """Run `task` and say what became of it. Never raises for anything the task does."""
     started = now()
@@ -94,7 +99,8 @@ def _failure(
 ) -> TaskOutcome:
     if task.attempts >= task.max_attempts:
         return TaskOutcome(task.id, TaskState.FAILED, outcome, started, finished, error=error)
-    base = handler.retry_backoff if handler is not None else DEFAULT_RETRY_BACKOFF
+    error = clean_text(error)
+    base = handler.retry_backoff if handler is not None else UNKNOWN_TASK_BACKOFF
     delay = backoff_delay(base, task.attempts)
     return TaskOutcome(task.id, TaskState.QUEUED, outcome, started, finished, error=error, retry_in_seconds=delay)
 
@@ -102,9 +108,16 @@ def _failure(
 def _backoff(
     task: ClaimedTask, handler: TaskHandler, started: datetime, finished: datetime, backoff: TaskBackoffError
 ) -> TaskOutcome:
-    error = f"TaskBackoffError: {backoff}" if str(backoff) else "TaskBackoffError"
+    error = clean_text(f"TaskBackoffError: {backoff}" if str(backoff) else "TaskBackoffError")
     if backoff.delay_until is not None:
         return TaskOutcome(task.id, TaskState.QUEUED, RunOutcome.BACKOFF, started, finished,
                            error=error, retry_at=backoff.delay_until, refund_attempt=True)
     return TaskOutcome(task.id, TaskState.QUEUED, RunOutcome.BACKOFF, started, finished, error=error,
                        retry_in_seconds=handler.retry_delay_seconds(1), refund_attempt=True)
+
+
+def clean_text(text: str) -> str:
+    """Text Postgres will store: no NUL bytes, no lone surrogates (both come from
+    exception messages of tasks handling binary data)."""
+    text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -2,7 +2,12 @@
 
 One `WorkerSlot` per worker, allocated by the supervisor before it forks. Each slot has
 exactly one writer (its worker), and the supervisor only reads, so no lock is needed:
-every field is a naturally aligned 8-byte value, written and read whole.
+every field is a naturally aligned 8-byte value, written and read whole. Fields that are
+judged together are written in an order that keeps every intermediate state healthy:
+the heartbeat first, the state last when a task starts, first when it ends.
+
+Times are `time.monotonic()`: on Linux one clock for every process, and immune to the
+wall clock being stepped (an NTP jump must not look like every worker going silent).
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import ctypes
 import enum
 import multiprocessing
 import time
-from typing import Optional
+from typing import Optional, Tuple
+
+from .records import RunOutcome
 
 
 class WorkerState(enum.IntEnum):
@@ -26,9 +33,9 @@ class WorkerSlot(ctypes.Structure):
     _fields_ = [
         ("pid", ctypes.c_int64),
         ("state", ctypes.c_int64),
-        ("heartbeat", ctypes.c_double),  # time.time() of the last beat
+        ("heartbeat", ctypes.c_double),  # monotonic time of the last beat
         ("task_id", ctypes.c_int64),  # 0 when idle
-        ("task_deadline", ctypes.c_double),  # time.time() by which the task must end; 0 idle
+        ("task_deadline", ctypes.c_double),  # monotonic time by which the task must end; 0 idle
         ("tasks_done", ctypes.c_int64),
         ("tasks_failed", ctypes.c_int64),
     ]
@@ -52,26 +59,48 @@ class SlotWriter:
 
     def beat(self) -> None:
         if self.slot is not None:
-            self.slot.heartbeat = time.time()
+            self.slot.heartbeat = time.monotonic()
 
     def set_state(self, state: WorkerState) -> None:
         if self.slot is not None:
+            self.slot.heartbeat = time.monotonic()
             self.slot.state = int(state)
-            self.slot.heartbeat = time.time()
 
     def task_started(self, task_id: int, timeout_seconds: float) -> None:
         if self.slot is not None:
-            now = time.time()
-            self.slot.task_id = task_id
-            self.slot.task_deadline = now + timeout_seconds
-            self.slot.state = int(WorkerState.BUSY)
+            now = time.monotonic()
             self.slot.heartbeat = now
+            self.slot.task_deadline = now + timeout_seconds
+            self.slot.task_id = task_id
+            self.slot.state = int(WorkerState.BUSY)
 
     def task_finished(self, failed: bool) -> None:
         if self.slot is not None:
-            self.slot.task_id = 0
+            self.slot.heartbeat = time.monotonic()
+            self.slot.state = int(WorkerState.IDLE)
             self.slot.task_deadline = 0.0
+            self.slot.task_id = 0
             self.slot.tasks_done += 1
             if failed:
                 self.slot.tasks_failed += 1
-            self.slot.heartbeat = time.time()
+
+
+# The worker's own soft timeout fires at the deadline; the supervisor steps in only if
+# the worker could not act on it (frozen in C code, signal blocked) this much later.
+HARD_TIMEOUT_MARGIN_SECONDS = 1.0
+
+
+def stuck_reason(slot: WorkerSlot, now: float, grace_seconds: float) -> Optional[Tuple[RunOutcome, str]]:
+    """Why the worker in `slot` counts as stuck, or None. A busy worker is judged by its
+    task's deadline (it does not beat while a task runs); any other by its heartbeat."""
+    if slot.pid == 0 or slot.state == WorkerState.EMPTY:
+        return None
+    if slot.state == WorkerState.BUSY:
+        overdue = now - slot.task_deadline if slot.task_deadline else 0.0
+        if overdue > HARD_TIMEOUT_MARGIN_SECONDS:
+            return RunOutcome.TIMED_OUT, f"task {slot.task_id} ran {overdue:.1f}s past its timeout; worker killed"
+        return None
+    silent = now - slot.heartbeat
+    if slot.heartbeat and silent > grace_seconds:
+        return RunOutcome.LOST, f"no heartbeat for {silent:.1f}s (grace period {grace_seconds:g}s); worker killed"
+    return None

@@ -30,9 +30,9 @@ def clean_up_old_tasks() -> None:
     Batches keep each DELETE short, so the clean-up never holds locks long enough to
     stall claiming; it stops after a bounded number so one run cannot take forever.
     """
-    from .enqueue import client_connection
+    from . import client
 
-    conn, queries = client_connection()
+    conn, queries = client.connection()
     tasks = _delete_in_batches(lambda: queries.delete_finished_tasks(conn, days=_retention.task_days, batch=_retention.batch_size))
     runs = _delete_in_batches(lambda: queries.delete_old_runs(conn, days=_retention.run_days, batch=_retention.batch_size))
     log_event(logger, logging.INFO, "retention.cleaned", tasks_deleted=tasks, runs_deleted=runs,

@@ -127,8 +127,8 @@ class Queries:
     def schedule_recurring(self, conn, names: Iterable[str]) -> List[int]:
         return [row[0] for row in self._execute(conn, "schedule_recurring", {"names": list(names)})]
 
-    def next_recurring_at(self, conn, names: Iterable[str]) -> Optional[datetime]:
-        return self._execute(conn, "next_recurring_at", {"names": list(names)})[0][0]
+    def seconds_until_next_recurring(self, conn, names: Iterable[str]) -> Optional[float]:
+        return self._execute(conn, "seconds_until_next_recurring", {"names": list(names)})[0][0]
 
     # -- retention ---------------------------------------------------------------------
 

@@ -161,10 +161,11 @@ SELECT task_name, 1, timeout_seconds, slot FROM advanced
 ON CONFLICT (task_name, recurring_slot) WHERE recurring_slot IS NOT NULL DO NOTHING
 RETURNING id, task_name, recurring_slot;
 
--- name: next_recurring_at
--- When the earliest schedule this processor runs is next due: how long an idle worker
--- may sleep.
-SELECT min(next_run_at) FROM {schema}.recurring_tasks WHERE task_name = ANY(%(names)s::text[]);
+-- name: seconds_until_next_recurring
+-- How long until the earliest schedule this processor runs is due (by the database's
+-- clock, the one schedules are kept in): when a worker next needs to look.
+SELECT extract(epoch FROM min(next_run_at) - now())::float8
+FROM {schema}.recurring_tasks WHERE task_name = ANY(%(names)s::text[]);
 
 -- name: delete_finished_tasks
 -- Retention: one batch of tasks finished before the cut-off, oldest first.

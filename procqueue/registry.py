@@ -121,7 +121,8 @@ class TaskHandler:
 
 def backoff_delay(base: timedelta, attempt: int) -> float:
     """Exponential backoff after failed attempt number `attempt` (1-based), capped."""
-    return min(base.total_seconds() * (2 ** (attempt - 1)), MAX_RETRY_BACKOFF.total_seconds())
+    exponent = min(max(attempt - 1, 0), 32)  # 2**32 times any base is past the cap already
+    return min(base.total_seconds() * (2 ** exponent), MAX_RETRY_BACKOFF.total_seconds())
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def register_task_handler(
             func,
             task_name=name,
             queue_size=_validated_queue_size(name, queue_size),
-            priority=_validated_priority(name, priority),
+            priority=validated_priority(name, priority),
             timeout=_validated_timeout(name, DEFAULT_TIMEOUT if timeout is None else timeout),
             max_attempts=_validated_max_attempts(name, max_attempts),
             queue=_validated_queue(name, queue),
@@ -258,7 +259,7 @@ def _validated_queue_size(name: str, queue_size: Optional[int]) -> Optional[int]
     return queue_size
 
 
-def _validated_priority(name: str, priority: Union[TaskPriority, int]) -> int:
+def validated_priority(name: str, priority: Union[TaskPriority, int]) -> int:
     if not isinstance(priority, int) or not -32768 <= priority <= 32767:
         raise TaskError(f"task {name}: priority must be an integer (TaskPriority), got {priority!r}")
     return int(priority)

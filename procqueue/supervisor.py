@@ -20,23 +20,21 @@ from typing import Deque, Dict, Optional, Tuple
 
 import psycopg2
 
-from . import enqueue, maintenance, registry
+from . import client, maintenance, registry
 from .config import ProcessorConfig
 from .db import Connection, connect, first_line
 from .errors import DatabaseError, ProcqueueError
-from .heartbeat import WorkerState, allocate_slots
+from .heartbeat import WorkerState, allocate_slots, stuck_reason
 from .logs import log_event
 from .migrations import migrate
 from .queries import Queries
 from .selfpipe import SelfPipe
 from .records import RunOutcome
 from .worker import Worker
+from .worker_process import WORKER_BOOT_ERROR, run_worker_process
 
 logger = logging.getLogger("procqueue.supervisor")
 
-# A worker that cannot get going (cannot connect, for instance) exits with this code; the
-# supervisor then backs off instead of respawning it in a tight loop.
-WORKER_BOOT_ERROR = 3
 # A worker that dies younger than this counts towards a crash loop.
 QUICK_DEATH_SECONDS = 5.0
 RESPAWN_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 16, 30)
@@ -92,7 +90,7 @@ class Supervisor:
         """Everything that must happen once, before the first fork."""
         multiprocessing.current_process().name = "supervisor"
         maintenance.configure(self.config.retention)
-        enqueue.configure(database_url=self.config.database.url, schema=self.config.database.schema)
+        client.configure(database_url=self.config.database.url, schema=self.config.database.schema)
         self.conn = connect(self.config.database, application_name="procqueue-supervisor")
         if migrate(self.conn, self.config.database.schema):
             log_event(logger, logging.INFO, "schema.applied", schema=self.config.database.schema)
@@ -284,7 +282,7 @@ class Supervisor:
 
     def murder_stuck_workers(self) -> None:
         """Kill workers whose shared-memory slot shows them stuck; reaping replaces them."""
-        now = time.time()
+        now = self.clock()
         grace = self.config.grace_period_ms / 1000
         for worker in self.workers.values():
             if worker.kill_reason is not None:
@@ -305,53 +303,6 @@ class Supervisor:
     def ensure_connected(self) -> None:
         if self.conn is None or self.conn.closed:
             self.conn = connect(self.config.database, application_name="procqueue-supervisor")
-
-
-def run_worker_process(worker: Worker) -> int:
-    """Body of a forked worker process. Returns its exit code."""
-    multiprocessing.current_process().name = f"worker-{worker.index}"  # the log's processName
-    os.setpgid(0, 0)  # its own process group, so a kill takes any children it started
-    worker.wakeup = SelfPipe()
-
-    def on_stop(signum, frame) -> None:
-        worker.request_stop()
-
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-        signal.signal(signum, on_stop)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.set_wakeup_fd(worker.wakeup.write_fd)
-    from .execution import soft_timeout
-
-    soft_timeout.install()
-    enqueue.close_connection()  # never use the supervisor's client connection
-    try:
-        worker.ensure_connected()
-    except DatabaseError as exc:
-        log_event(logger, logging.ERROR, "worker.boot_failed", worker=worker.index, error=str(exc))
-        return WORKER_BOOT_ERROR
-    worker.loop()
-    return 0
-
-
-# The worker's own soft timeout fires at the deadline; the supervisor steps in only if
-# the worker could not act on it (frozen in C code, signal blocked) this much later.
-HARD_TIMEOUT_MARGIN_SECONDS = 1.0
-
-
-def stuck_reason(slot, now: float, grace_seconds: float) -> Optional[Tuple[RunOutcome, str]]:
-    """Why the worker in `slot` counts as stuck, or None. A busy worker is judged by its
-    task's deadline (it does not beat while a task runs); any other by its heartbeat."""
-    if slot.pid == 0 or slot.state == WorkerState.EMPTY:
-        return None
-    if slot.state == WorkerState.BUSY and slot.task_deadline:
-        overdue = now - slot.task_deadline
-        if overdue > HARD_TIMEOUT_MARGIN_SECONDS:
-            return RunOutcome.TIMED_OUT, f"task {slot.task_id} ran {overdue:.1f}s past its timeout; worker killed"
-        return None
-    silent = now - slot.heartbeat
-    if slot.heartbeat and silent > grace_seconds:
-        return RunOutcome.LOST, f"no heartbeat for {silent:.1f}s (grace period {grace_seconds:g}s); worker killed"
-    return None
 
 
 def describe_exit(index: int, status: int) -> str:

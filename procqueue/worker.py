@@ -11,14 +11,16 @@ import logging
 import os
 import select
 import time
-from typing import Callable, List, Optional
+import traceback
+from dataclasses import replace
+from typing import Callable, List, Optional, Set
 
 import psycopg2
 from psycopg2 import sql
 
 from . import registry
 from .config import ProcessorConfig
-from .db import Connection, connect, first_line
+from .db import Connection, connect, first_line, is_connection_error
 from .errors import DatabaseError
 from .execution import execute
 from .heartbeat import SlotWriter, WorkerState
@@ -32,8 +34,11 @@ logger = logging.getLogger("procqueue.worker")
 # Outcomes are written in batches, but never held longer than this while a batch of slow
 # tasks runs: a crash loses at most this much bookkeeping, and the run history stays fresh.
 FLUSH_AFTER_SECONDS = 0.2
-# How often a worker checks for due recurring tasks while work is flowing.
-RECURRING_CHECK_SECONDS = 1.0
+# A worker checks for due recurring schedules when the earliest is due, but at least this
+# often (another processor may have registered an earlier one) and at most this often
+# (a due schedule another processor holds the lock on is retried soon).
+RECURRING_CHECK_MAX_SECONDS = 30.0
+RECURRING_CHECK_MIN_SECONDS = 0.5
 # An idle worker beats at least this often, however long --sleepintervalms is.
 IDLE_BEAT_SECONDS = 1.0
 RECONNECT_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8)
@@ -54,7 +59,8 @@ class Worker:
         self.index = index
         self.clock = clock
         self.queries = Queries(config.database.schema)
-        self.board = SlotWriter(slot, os.getpid())
+        self.slot = slot
+        self.board = SlotWriter(None, os.getpid())  # bound to the slot in the worker process
         self.conn: Optional[Connection] = None
         self.pending: List[TaskOutcome] = []
         self.pending_since = 0.0
@@ -64,8 +70,15 @@ class Worker:
         self.next_recurring_check = 0.0
         self.next_poll = 0.0
         self.connection_failures = 0
+        self.parent_pid = os.getppid()
 
     # -- lifecycle ---------------------------------------------------------------------
+
+    def bind_process(self) -> None:
+        """Called first thing in the forked worker process: claim the slot as this pid,
+        and remember the supervisor, whose death this worker must not outlive."""
+        self.parent_pid = os.getppid()
+        self.board = SlotWriter(self.slot, os.getpid())
 
     def loop(self) -> None:
         """Run steps until `request_stop()`; a database outage only pauses the loop."""
@@ -75,6 +88,10 @@ class Worker:
                 self.step()
                 self.connection_failures = 0
             except (psycopg2.Error, DatabaseError) as exc:
+                self._on_database_error(exc)
+            except Exception as exc:  # a bug of ours must not kill a worker holding leases
+                log_event(logger, logging.ERROR, "worker.error", worker=self.index, error=repr(exc),
+                          traceback=traceback.format_exc())
                 self._on_database_error(exc)
         self.shutdown()
 
@@ -105,6 +122,11 @@ class Worker:
         """Claim and run one batch, or wait for work. Returns how many tasks ran."""
         self.ensure_connected()
         self.board.beat()
+        if os.getppid() != self.parent_pid:
+            # The supervisor is gone: nobody would enforce timeouts or release our leases.
+            log_event(logger, logging.WARNING, "worker.orphaned", worker=self.index)
+            self.request_stop()
+            return 0
         self.schedule_recurring_if_due()
         tasks = self.claim()
         if not tasks:
@@ -123,6 +145,8 @@ class Worker:
         return ran
 
     def claim(self) -> List[ClaimedTask]:
+        # Any NOTIFY that arrived before this claim is answered by it.
+        self.conn.notifies.clear()
         tasks = self.queries.claim(
             self.conn,
             processor=self.processor_id,
@@ -142,7 +166,9 @@ class Worker:
             self.pending_since = self.clock()
         self.pending.append(outcome)
         self._log_outcome(task, outcome)
-        if self.clock() - self.pending_since >= FLUSH_AFTER_SECONDS:
+        # A recurring run is recorded at once: were this worker to die before the batch's
+        # flush, the slot would otherwise run a second time.
+        if task.recurring_slot is not None or self.clock() - self.pending_since >= FLUSH_AFTER_SECONDS:
             self.flush()
         return outcome
 
@@ -150,9 +176,12 @@ class Worker:
         """Record every pending outcome in one statement."""
         if not self.pending:
             return
-        moved = self.queries.complete(
-            self.conn, processor=self.processor_id, worker=self.index, outcomes=self.pending
-        )
+        try:
+            moved = self._complete(self.pending)
+        except psycopg2.Error as exc:
+            if is_connection_error(exc):
+                raise  # kept pending; recorded after reconnecting, the lease is still ours
+            moved = self._complete_one_by_one(self.pending)
         for outcome in self.pending:
             if outcome.task_id not in moved:
                 # Someone took the lease away (the task was rescued as lost): its new
@@ -160,12 +189,33 @@ class Worker:
                 log_event(logger, logging.WARNING, "task.lease_lost", task_id=outcome.task_id, worker=self.index)
         self.pending = []
 
+    def _complete(self, outcomes: List[TaskOutcome]) -> Set[int]:
+        return self.queries.complete(self.conn, processor=self.processor_id, worker=self.index, outcomes=outcomes)
+
+    def _complete_one_by_one(self, outcomes: List[TaskOutcome]) -> Set[int]:
+        """The batch was refused for its data: record each alone, so one bad outcome cannot
+        block the others or, retried for ever, the worker."""
+        moved: Set[int] = set()
+        for outcome in outcomes:
+            try:
+                moved |= self._complete([outcome])
+            except psycopg2.Error as exc:
+                if is_connection_error(exc):
+                    raise
+                log_event(logger, logging.ERROR, "task.outcome_unrecordable", task_id=outcome.task_id,
+                          error=first_line(exc))
+                moved |= self._complete([replace(outcome, error=f"outcome could not be recorded: {first_line(exc)}")])
+        return moved
+
     def schedule_recurring_if_due(self) -> None:
         if not self.recurring_names or self.clock() < self.next_recurring_check:
             return
         for task_id in self.queries.schedule_recurring(self.conn, self.recurring_names):
             log_event(logger, logging.DEBUG, "recurring.enqueued", task_id=task_id, worker=self.index)
-        self.next_recurring_check = self.clock() + RECURRING_CHECK_SECONDS
+        due_in = self.queries.seconds_until_next_recurring(self.conn, self.recurring_names)
+        due_in = RECURRING_CHECK_MAX_SECONDS if due_in is None else due_in
+        self.next_recurring_check = self.clock() + min(max(due_in, RECURRING_CHECK_MIN_SECONDS),
+                                                       RECURRING_CHECK_MAX_SECONDS)
 
     def wait_for_work(self) -> None:
         """Sleep until a NOTIFY, a stop request, a due recurring check or the poll interval,
@@ -186,6 +236,9 @@ class Worker:
 
     def _wait_readable(self, timeout: float) -> bool:
         """Wait on the LISTEN connection and the wake-up pipe; True when there is news."""
+        if self.conn.notifies:  # read along with an earlier statement's reply
+            self.conn.notifies.clear()
+            return True
         watched = [self.conn] + ([self.wakeup.read_fd] if self.wakeup is not None else [])
         try:
             readable, _, _ = select.select(watched, [], [], timeout)

@@ -21,7 +21,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import procqueue  # noqa: E402
-from procqueue import enqueue, registry  # noqa: E402
+from procqueue import client, registry  # noqa: E402
 from procqueue.config import DatabaseConfig, ProcessorConfig  # noqa: E402
 from procqueue.migrations import migrate  # noqa: E402
 
@@ -79,7 +79,7 @@ def database_url(server_url):
     try:
         yield url
     finally:
-        enqueue.close_connection()
+        client.close_connection()
         with admin.cursor() as cur:
             cur.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
         admin.close()

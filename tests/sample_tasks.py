@@ -11,11 +11,11 @@ import time
 from datetime import timedelta
 
 from procqueue import register_task_handler
-from procqueue.enqueue import client_connection
+from procqueue import client
 
 
 def record(key: str) -> None:
-    conn, _ = client_connection()
+    conn, _ = client.connection()
     with conn.cursor() as cur:
         cur.execute("INSERT INTO public.executions (key, pid) VALUES (%s, %s)", (key, os.getpid()))
 

@@ -27,10 +27,13 @@ def test_flagsmith_environment_variables_are_honoured_and_flags_win():
 
 
 @pytest.mark.parametrize("url, shown", [
-    ("postgresql://app:s3cret@db.internal:5432/app", "postgresql://app:***@db.internal:5432/app"),
-    ("postgresql://app@db/app", "postgresql://app@db/app"),
-    ("host=db user=app password=s3cret dbname=app", "host=db user=app password=*** dbname=app"),
-    ("host=db password='se cret' dbname=app", "host=db password=*** dbname=app"),
+    ("postgresql://app:s3cret@db.internal:5432/app", "host=db.internal port=5432 dbname=app user=app password=***"),
+    ("postgresql://app@db/app", "host=db dbname=app user=app"),
+    ("postgresql://db/app?user=app&password=s3cret", "host=db dbname=app user=app password=***"),
+    ("host=db user=app password=s3cret dbname=app", "host=db dbname=app user=app password=***"),
+    ("host=db password='se cret' dbname=app", "host=db dbname=app password=***"),
+    ("postgresql://app:se/cret@db/app", "<unparseable database URL>"),  # unencoded '/' in the password
+    ("postgresql://app:s3cret@db:99x/app", "<unparseable database URL>"),
 ])
 def test_passwords_are_masked(url, shown):
     assert redact_dsn(url) == shown

@@ -57,7 +57,7 @@ def test_ten_thousand_tasks_each_run_exactly_once(db, start_processor):
 
 
 def processor_database_url(db):
-    return procqueue.enqueue.settings().database.url
+    return procqueue.client.settings().database.url
 
 
 def test_idle_processor_picks_up_a_new_task_at_once_via_notify(db, start_processor):
@@ -149,7 +149,7 @@ def test_bad_configuration_is_one_line_and_nonzero(args, env, expected):
 def test_unreachable_database_is_one_line_without_password():
     result = run_cli("--database-url", "postgresql://app:s3cret@127.0.0.1:1/nowhere", "--numthreads", "1")
     assert result.returncode == 3
-    assert "cannot connect to postgresql://app:***@127.0.0.1:1/nowhere" in result.stderr
+    assert "cannot connect to host=127.0.0.1 port=1 dbname=nowhere user=app password=***" in result.stderr
     assert "s3cret" not in result.stderr and "Traceback" not in result.stderr
 
 

@@ -1,0 +1,311 @@
+"""Shared plumbing for the benchmarks: a throwaway database, a queue to fill, a real
+processor to run, and figures to print.
+
+Everything a benchmark creates (embedded server, temp dir, database, processor) is removed
+on the way out, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator, List, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import psutil
+import psycopg2
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+SCHEMA = "procqueue"
+ENV_DATABASE_URL = "PROCQUEUE_BENCH_DATABASE_URL"
+
+
+def argument_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--fast-disk", action="store_true",
+        help="Trade durability for speed: fsync=off and synchronous_commit=off on the embedded "
+             "server (only synchronous_commit=off, for the bench database, on an external one). "
+             "Default: Postgres defaults, fsync on.",
+    )
+    return parser
+
+
+# -- the database --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def bench_database(fast_disk: bool) -> Iterator[str]:
+    """Yield the URL of a migrated database of our own; drop it (and stop the embedded
+    server, and delete its directory) on exit, however the run ends."""
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # so `finally` blocks run
+    with contextlib.ExitStack() as stack:
+        admin_url = os.environ.get(ENV_DATABASE_URL)
+        where = "external server ($%s)" % ENV_DATABASE_URL
+        if not admin_url:
+            admin_url = stack.enter_context(_embedded_server(fast_disk))
+            where = "embedded server"
+        url = stack.enter_context(_own_database(admin_url, fast_disk))
+        print(f"database: {where}, {describe_durability(url, fast_disk)}", flush=True)
+        yield url
+
+
+@contextlib.contextmanager
+def _embedded_server(fast_disk: bool) -> Iterator[str]:
+    from procqueue.embedded import embedded_server_module
+
+    data_dir = Path(tempfile.mkdtemp(prefix="procqueue-bench-pg-"))
+    server = None
+    try:
+        with deferred_interrupts():  # a start cut short by Ctrl-C could orphan a server
+            server = embedded_server_module().get_server(data_dir, cleanup_mode="delete")
+        if fast_disk:
+            run_sql(server.get_uri(), "ALTER SYSTEM SET fsync = off",
+                    "ALTER SYSTEM SET synchronous_commit = off", "SELECT pg_reload_conf()")
+        yield server.get_uri()
+    finally:
+        with deferred_interrupts():
+            if server is not None:
+                server.cleanup()  # pg_ctl stop, then delete the data directory
+            _stop_stray_postmaster(data_dir)
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _stop_stray_postmaster(data_dir: Path) -> None:
+    """A server whose start was interrupted has no handle to stop it with: find it by its
+    pid file, and check its command line names our directory before signalling it."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split()[0])
+        postmaster = psutil.Process(pid)
+        if str(data_dir) not in " ".join(postmaster.cmdline()):
+            return
+        postmaster.send_signal(signal.SIGINT)  # Postgres' "fast" shutdown
+        postmaster.wait(10)
+    except (OSError, ValueError, IndexError, psutil.NoSuchProcess):
+        pass
+    except psutil.TimeoutExpired:
+        postmaster.kill()
+
+
+@contextlib.contextmanager
+def _own_database(admin_url: str, fast_disk: bool) -> Iterator[str]:
+    import procqueue
+    from procqueue.migrations import migrate
+
+    name = f"procqueue_bench_{uuid.uuid4().hex[:10]}"
+    try:
+        run_sql(admin_url, f'CREATE DATABASE "{name}"')
+        if fast_disk:  # per database, so an external server's other users are unaffected
+            run_sql(admin_url, f'ALTER DATABASE "{name}" SET synchronous_commit = off')
+        url = with_database(admin_url, name)
+        conn = psycopg2.connect(url)
+        migrate(conn, SCHEMA)
+        conn.close()
+        yield url
+    finally:
+        with deferred_interrupts():
+            procqueue.configure()  # closes this process's client connection, if it opened one
+            run_sql(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def with_database(url: str, dbname: str) -> str:
+    """The same server URL (libpq URL or key=value DSN) pointing at another database."""
+    if "://" in url:
+        parts = urlsplit(url)
+        return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
+    return f"{url} dbname={dbname}"
+
+
+def describe_durability(url: str, fast_disk: bool) -> str:
+    conn = connect(url)
+    with conn.cursor() as cur:
+        cur.execute("SELECT current_setting('server_version'), current_setting('fsync'), "
+                    "current_setting('synchronous_commit')")
+        version, fsync, sync_commit = cur.fetchone()
+    conn.close()
+    why = "--fast-disk" if fast_disk else "Postgres defaults; --fast-disk turns them off"
+    return f"PostgreSQL {version}, fsync={fsync}, synchronous_commit={sync_commit} ({why})"
+
+
+def connect(url: str):
+    conn = psycopg2.connect(url, application_name="procqueue-bench")
+    conn.autocommit = True
+    return conn
+
+
+def run_sql(url: str, *statements: str) -> None:
+    conn = connect(url)
+    try:
+        with conn.cursor() as cur:
+            for statement in statements:
+                cur.execute(statement)
+    finally:
+        conn.close()
+
+
+# -- the queue -----------------------------------------------------------------------
+
+
+def reset_queue(conn) -> None:
+    with conn.cursor() as cur:
+        cur.execute(f"TRUNCATE {SCHEMA}.tasks, {SCHEMA}.task_runs, {SCHEMA}.recurring_tasks, "
+                    f"{SCHEMA}.processors RESTART IDENTITY")
+
+
+def enqueue_tasks(url: str, handler, count: int, chunk: int = 1000) -> None:
+    """Enqueue `count` argument-less calls of `handler`, as an application would in bulk."""
+    import procqueue
+
+    procqueue.configure(database_url=url, schema=SCHEMA, task_run_method=procqueue.TaskRunMethod.TASK_PROCESSOR)
+    for start in range(0, count, chunk):
+        procqueue.enqueue_many([handler.call() for _ in range(min(chunk, count - start))])
+
+
+def settle(conn) -> None:
+    """Give every scenario the same start: fresh statistics and hint bits, and a checkpoint
+    just taken so none falls due in the middle of a measurement."""
+    with conn.cursor() as cur:
+        cur.execute(f"VACUUM ANALYZE {SCHEMA}.tasks")
+        try:
+            cur.execute("CHECKPOINT")
+        except psycopg2.errors.InsufficientPrivilege:
+            pass  # an external server may not let us; its checkpoints then land where they may
+
+
+def unfinished(conn) -> bool:
+    """Any task queued or running? Two probes of the partial indexes, so polling this
+    often costs the server next to nothing (a count(*) would scan the table)."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT EXISTS (SELECT 1 FROM {SCHEMA}.tasks WHERE state = 'queued') "
+                    f"OR EXISTS (SELECT 1 FROM {SCHEMA}.tasks WHERE state = 'running')")
+        return cur.fetchone()[0]
+
+
+def require_succeeded(conn, task_name: str, count: int) -> None:
+    """A benchmark that drained the queue wrongly must not print a figure."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT state, count(*) FROM {SCHEMA}.tasks WHERE task_name = %s GROUP BY state",
+                    (task_name,))
+        states = dict(cur.fetchall())
+    if states != {"succeeded": count}:
+        raise RuntimeError(f"expected {count} {task_name} tasks succeeded, found {states}")
+
+
+# -- a real processor ----------------------------------------------------------------
+
+
+class Processor:
+    """`bin/run-task-processor` as a user runs it, in a session of its own: Ctrl-C on the
+    benchmark reaches only us, and `stop()` decides how it ends."""
+
+    def __init__(self, url: str, args: Sequence[str]) -> None:
+        env = dict(os.environ, DATABASE_URL=url, PROCQUEUE_SCHEMA=SCHEMA)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
+        env.pop("TASK_RUN_METHOD", None)
+        self.log = tempfile.TemporaryFile()  # unlinked already: nothing to clean up
+        command = [sys.executable, str(REPO / "bin" / "run-task-processor"), *args]
+        self.proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self.pid = self.proc.pid
+        self.exit_code = None
+
+    def check_alive(self) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"the processor exited with code {self.proc.returncode}:\n{self.log_text()}")
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM, as Kubernetes stops a pod; then kill whatever of it is left."""
+        with deferred_interrupts():
+            family = self._family()
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.exit_code = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            for process in family:  # psutil checks pid and start time: never a stranger
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            self.proc.wait()
+
+    def _family(self) -> List[psutil.Process]:
+        try:
+            supervisor = psutil.Process(self.pid)
+            return [supervisor] + supervisor.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def log_text(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+
+# -- signals -------------------------------------------------------------------------
+
+
+def _raise_keyboard_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM until the block is done (a clean-up cut in half is what
+    leaves servers behind), then act on them."""
+    received: List[int] = []
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda s, f: received.append(s)) for signum in handled}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if received:
+        raise KeyboardInterrupt(f"signal {received[0]}")
+
+
+def run_main(main) -> None:
+    """Run a benchmark's main(); Ctrl-C exits 130 once everything is cleaned up."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("\ninterrupted; everything the benchmark started has been cleaned up", file=sys.stderr)
+        sys.exit(130)
+
+
+# -- figures -------------------------------------------------------------------------
+
+
+def machine() -> str:
+    return (f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
+            f"Python {platform.python_version()}")
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile: always a value that was actually measured."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(pct / 100 * len(ordered)) - 1)]
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [list(headers)] + [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for n, row in enumerate(cells):
+        # The first column is text (left-aligned); the rest are figures (right-aligned).
+        print("  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def progress(message: str) -> None:
+    print(f"  ... {message}", file=sys.stderr, flush=True)

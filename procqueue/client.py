@@ -1,0 +1,116 @@
+"""The application process's view of the queue: its settings and its own connection.
+
+Used by `.delay()`, by tasks that enqueue other tasks, by the CLI and by the read API
+(`procqueue.get_task` ...). One connection per thread, opened on first use, never shared
+across a fork.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, replace
+from typing import List, Optional, Tuple
+
+from . import config as config_module
+from .config import DatabaseConfig, TaskRunMethod
+from .db import Connection, connect
+from .migrations import migrate
+from .queries import Queries
+from .records import RunRecord, TaskRecord
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    database: DatabaseConfig
+    task_run_method: TaskRunMethod
+
+
+_settings: Optional[ClientSettings] = None
+_settings_lock = threading.Lock()
+_local = threading.local()
+_inherited_connections: list = []
+
+
+def configure(
+    *,
+    database_url: Optional[str] = None,
+    schema: Optional[str] = None,
+    task_run_method: Optional[TaskRunMethod] = None,
+) -> None:
+    """Set, in code, what the environment would otherwise decide for this process."""
+    global _settings
+    with _settings_lock:
+        current = _current_settings_unlocked()
+        database = current.database
+        if database_url is not None:
+            database = replace(database, url=database_url)
+        if schema is not None:
+            database = replace(database, schema=schema)
+        method = TaskRunMethod(task_run_method) if task_run_method is not None else current.task_run_method
+        _settings = ClientSettings(database, method)
+    close_connection()
+
+
+def settings() -> ClientSettings:
+    with _settings_lock:
+        return _current_settings_unlocked()
+
+
+def _current_settings_unlocked() -> ClientSettings:
+    global _settings
+    if _settings is None:
+        _settings = ClientSettings(
+            config_module.database_config_from_env(), config_module.task_run_method_from_env()
+        )
+    return _settings
+
+
+def connection() -> Tuple[Connection, Queries]:
+    """This thread's own autocommit connection, and the statements of the configured schema."""
+    conn = getattr(_local, "conn", None)
+    if conn is None or getattr(_local, "pid", None) != os.getpid() or conn.closed:
+        forget_inherited_connection()
+        database = settings().database
+        conn = connect(database, application_name="procqueue-client")
+        if database.url is None:
+            migrate(conn, database.schema)  # the embedded server is ours to set up
+        _local.conn, _local.pid = conn, os.getpid()
+    return conn, Queries(settings().database.schema)
+
+
+def close_connection() -> None:
+    conn = getattr(_local, "conn", None)
+    if conn is not None and getattr(_local, "pid", None) == os.getpid():
+        _local.conn = None
+        conn.close()
+    else:
+        forget_inherited_connection()
+
+
+def forget_inherited_connection() -> None:
+    """Drop a connection inherited across fork without closing it: closing (or letting it
+    be garbage-collected) would send the parent's session a Terminate message on the
+    shared socket. It stays referenced, untouched, for the life of the process."""
+    conn = getattr(_local, "conn", None)
+    if conn is not None and getattr(_local, "pid", None) != os.getpid():
+        _inherited_connections.append(conn)
+        _local.conn = None
+
+
+def get_task(task_id: int) -> Optional[TaskRecord]:
+    """The task row with this id."""
+    conn, queries = connection()
+    return queries.get_task(conn, task_id)
+
+
+def get_task_runs(task_id: int) -> List[RunRecord]:
+    """Every run (attempt) of a task, oldest first, with errors and tracebacks."""
+    conn, queries = connection()
+    return queries.get_runs(conn, task_id)
+
+
+def cancel(task_id: int) -> bool:
+    """Cancel a queued task; False if it is running, finished or unknown."""
+    conn, queries = connection()
+    return queries.cancel(conn, task_id)

@@ -1,0 +1,69 @@
+"""The body of a forked worker process: from just after fork() to its exit code.
+
+Everything here undoes or replaces what the child inherited from the supervisor (signal
+handlers, process group, pipes, connections) before the worker loop starts.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+
+from . import client
+from .errors import DatabaseError
+from .execution import soft_timeout
+from .logs import log_event
+from .selfpipe import SelfPipe
+from .worker import Worker
+
+logger = logging.getLogger("procqueue.worker")
+
+# A worker that cannot get going (cannot connect, for instance) exits with this code; the
+# supervisor then backs off instead of respawning it in a tight loop.
+WORKER_BOOT_ERROR = 3
+_PR_SET_PDEATHSIG = 1
+
+
+def run_worker_process(worker: Worker) -> int:
+    """Set the process up, run the loop, return the exit code."""
+    multiprocessing.current_process().name = f"worker-{worker.index}"  # the log's processName
+    worker.bind_process()
+    os.setpgid(0, 0)  # its own process group, so a kill takes any children it started
+    _stop_when_supervisor_dies()
+    _install_signal_handlers(worker)
+    soft_timeout.install()
+    client.forget_inherited_connection()  # never use the supervisor's client connection
+    try:
+        worker.ensure_connected()
+    except DatabaseError as exc:
+        log_event(logger, logging.ERROR, "worker.boot_failed", worker=worker.index, error=str(exc))
+        return WORKER_BOOT_ERROR
+    worker.loop()
+    return 0
+
+
+def _install_signal_handlers(worker: Worker) -> None:
+    """Stop signals only set a flag (the loop acts on it) and wake the loop's select()."""
+    worker.wakeup = SelfPipe()
+
+    def on_stop(signum, frame) -> None:
+        worker.request_stop()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(signum, on_stop)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.set_wakeup_fd(worker.wakeup.write_fd)
+
+
+def _stop_when_supervisor_dies() -> None:
+    """Ask Linux to SIGTERM this worker if the supervisor dies (kill -9, OOM): a worker
+    left alone would run on with no one to enforce timeouts or release its leases. The
+    loop also checks its parent pid, for other kernels and for a death before this call."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
