@@ -2,8 +2,11 @@
 # Run:  docker run -e DATABASE_URL=postgresql://... -v $PWD/app:/app procqueue --import app.tasks
 FROM python:3.12-slim
 
+# PROCQUEUE_EMBEDDED=0: in a container a missing DATABASE_URL is a mistake, not a cue to
+# start a private PostgreSQL that no other pod can see.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
+    PROCQUEUE_EMBEDDED=0 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 

@@ -18,7 +18,7 @@ _connection = None  # (pid, connection): this worker process's own, opened on fi
 
 def _own_connection():
     """A connection of the task's own, from the DATABASE_URL the benchmark gave the
-    processor (procqueue's client connection is internal API, and in flux)."""
+    processor: procqueue's own client connection is internal API."""
     global _connection
     if _connection is None or _connection[0] != os.getpid():
         conn = psycopg2.connect(os.environ["DATABASE_URL"], application_name="bench-task")

@@ -238,6 +238,14 @@ class Processor:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.kill()
             self.proc.wait()
+        self._report()
+
+    def _report(self) -> None:
+        """At --log-level warning a healthy run logs nothing: show whatever it did log."""
+        text = self.log_text().strip()
+        if self.exit_code != 0 or text:
+            print(f"processor exited with code {self.exit_code}; its log:\n{text[-3000:]}")
+        self.log.close()
 
     def _family(self) -> List[psutil.Process]:
         try:

@@ -103,14 +103,6 @@ def drain_processor(conn, url: str, usage: Usage) -> float:
         return seconds
     finally:
         processor.stop()
-        report_processor_log(processor)
-
-
-def report_processor_log(processor: common.Processor) -> None:
-    """At --log-level warning a healthy drain logs nothing: show anything it did log."""
-    text = processor.log_text().strip()
-    if processor.exit_code != 0 or text:
-        print(f"processor exited with code {processor.exit_code}; its log:\n{text[-3000:]}")
 
 
 def measure(conn, url: str, tasks: int, drain: Callable[[], float]) -> float:

@@ -1,5 +1,5 @@
 """`python -m procqueue ...`: the same as the `procqueue` command."""
 
-from .cli import main
+from .cli import procqueue_main
 
-main(prog_name="procqueue")
+procqueue_main()

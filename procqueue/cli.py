@@ -17,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional, Tuple
 
 import click
+import psycopg2
 
 from . import config as config_module
 from .config import (
@@ -27,24 +28,57 @@ from .config import (
     DEFAULT_SLEEP_INTERVAL_MS,
     ProcessorConfig,
 )
-from .errors import ConfigError, ProcqueueError, TaskError
+from .db import first_line
+from .errors import ConfigError, DatabaseError, ProcqueueError, TaskError
 from .logs import setup_logging
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 
 
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ProcqueueError into its one-line message on stderr and its exit code."""
+    """Turn ProcqueueError (and any database error) into one line on stderr and its exit code."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except ProcqueueError as exc:
-            click.echo(f"procqueue: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            _fail(str(exc), exc.exit_code)
+        except psycopg2.errors.UndefinedTable:
+            _fail("the procqueue tables are not in this database schema: run `procqueue migrate`",
+                  DatabaseError.exit_code)
+        except psycopg2.Error as exc:
+            _fail(f"database error: {first_line(exc)}", DatabaseError.exit_code)
 
     return wrapper
+
+
+def _fail(message: str, exit_code: int) -> None:
+    click.echo(f"procqueue: error: {message}", err=True)
+    sys.exit(exit_code)
+
+
+def _run_click(command: click.Command, prog_name: str) -> None:
+    """Run a click command with usage errors as one line too (click prints four)."""
+    try:
+        command.main(prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.UsageError as exc:
+        hint = f" (see {exc.ctx.command_path if exc.ctx else prog_name} --help)"
+        _fail(exc.format_message() + hint, exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+
+
+def procqueue_main() -> None:
+    """Console entry point of `procqueue`."""
+    _run_click(main, "procqueue")
+
+
+def run_task_processor_main() -> None:
+    """Console entry point of `run-task-processor`."""
+    _run_click(run_task_processor, "run-task-processor")
 
 
 def _database_options(func: Callable[..., Any]) -> Callable[..., Any]:

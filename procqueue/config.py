@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Optional, Tuple
 
@@ -21,6 +21,7 @@ from .errors import ConfigError
 ENV_DATABASE_URL = "DATABASE_URL"
 ENV_SCHEMA = "PROCQUEUE_SCHEMA"
 ENV_EMBEDDED_DIR = "PROCQUEUE_EMBEDDED_DIR"
+ENV_EMBEDDED = "PROCQUEUE_EMBEDDED"
 ENV_IMPORTS = "PROCQUEUE_IMPORTS"
 ENV_TASK_RUN_METHOD = "TASK_RUN_METHOD"
 ENV_NUM_THREADS = "TASK_PROCESSOR_NUM_THREADS"
@@ -63,6 +64,7 @@ class DatabaseConfig:
     url: Optional[str] = None
     schema: str = DEFAULT_SCHEMA
     embedded_dir: Optional[Path] = None
+    embedded_allowed: bool = True  # PROCQUEUE_EMBEDDED=0: a missing URL is an error
 
     def __post_init__(self) -> None:
         validate_schema_name(self.schema)
@@ -103,7 +105,8 @@ class ProcessorConfig:
         require_int_at_least("--sleepintervalms", self.sleep_interval_ms, 1)
         require_int_at_least("--graceperiodms", self.grace_period_ms, 1)
         require_int_at_least("--queuepopsize", self.queue_pop_size, 1)
-        if not isinstance(self.shutdown_timeout_seconds, (int, float)) or self.shutdown_timeout_seconds < 0:
+        timeout = self.shutdown_timeout_seconds
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
             raise ConfigError(
                 f"invalid value for --shutdown-timeout: {self.shutdown_timeout_seconds!r} (expected seconds >= 0)"
             )
@@ -186,10 +189,14 @@ def database_config_from_env(env: Optional[Mapping[str, str]] = None) -> Databas
     """What an application process (the `.delay()` side) uses when not configured in code."""
     env = os.environ if env is None else env
     embedded = env.get(ENV_EMBEDDED_DIR)
+    allowed = env.get(ENV_EMBEDDED, "1").strip().lower()
+    if allowed not in ("0", "1", "false", "true", "no", "yes"):
+        raise ConfigError(f"invalid value for {ENV_EMBEDDED}: {allowed!r} (expected 1 or 0)")
     return DatabaseConfig(
         url=env.get(ENV_DATABASE_URL) or None,
         schema=env.get(ENV_SCHEMA) or DEFAULT_SCHEMA,
         embedded_dir=Path(embedded) if embedded else None,
+        embedded_allowed=allowed in ("1", "true", "yes"),
     )
 
 
@@ -226,9 +233,9 @@ def processor_config(
     env = os.environ if env is None else env
     database = database_config_from_env(env)
     if database_url is not None:
-        database = DatabaseConfig(url=database_url, schema=database.schema, embedded_dir=database.embedded_dir)
+        database = replace(database, url=database_url)
     if schema is not None:
-        database = DatabaseConfig(url=database.url, schema=schema, embedded_dir=database.embedded_dir)
+        database = replace(database, schema=schema)
     return ProcessorConfig(
         database=database,
         num_workers=_int_setting(num_workers, env, ENV_NUM_THREADS, DEFAULT_NUM_WORKERS),
@@ -240,11 +247,18 @@ def processor_config(
         ),
         imports=tuple(imports) + tuple(m for m in imports_from_env(env) if m not in imports),
         queues=tuple(queues),
-        retention=RetentionConfig(
-            task_days=_int_setting(None, env, ENV_TASK_RETENTION_DAYS, DEFAULT_TASK_RETENTION_DAYS, minimum=0),
-            run_days=_int_setting(None, env, ENV_RUN_RETENTION_DAYS, DEFAULT_RUN_RETENTION_DAYS, minimum=0),
-            batch_size=_int_setting(None, env, ENV_DELETE_BATCH_SIZE, DEFAULT_DELETE_BATCH_SIZE, minimum=1),
-        ),
+        retention=retention_config_from_env(env),
+    )
+
+
+def retention_config_from_env(env: Optional[Mapping[str, str]] = None) -> RetentionConfig:
+    """Retention is set by environment only (Flagsmith's settings names); the clean-up task
+    reads it where it runs, and the processor validates it at start."""
+    env = os.environ if env is None else env
+    return RetentionConfig(
+        task_days=_int_setting(None, env, ENV_TASK_RETENTION_DAYS, DEFAULT_TASK_RETENTION_DAYS, minimum=0),
+        run_days=_int_setting(None, env, ENV_RUN_RETENTION_DAYS, DEFAULT_RUN_RETENTION_DAYS, minimum=0),
+        batch_size=_int_setting(None, env, ENV_DELETE_BATCH_SIZE, DEFAULT_DELETE_BATCH_SIZE, minimum=1),
     )
 
 

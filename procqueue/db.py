@@ -21,6 +21,8 @@ def resolve_url(database: DatabaseConfig) -> str:
     """The libpq URL to connect to, starting the embedded server if none was given."""
     if database.url is not None:
         return database.url
+    if not database.embedded_allowed:
+        raise DatabaseError("DATABASE_URL is not set (and PROCQUEUE_EMBEDDED=0 forbids the embedded PostgreSQL)")
     from .config import default_embedded_dir
 
     return embedded_server_url(database.embedded_dir or default_embedded_dir())

@@ -18,11 +18,17 @@ def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> 
     logger.log(level, " ".join(parts))
 
 
+_NEEDS_QUOTES = ' "='
+# One event, one line: every control character is escaped, never emitted raw.
+_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}
+_ESCAPES.update({code: f"\\x{code:02x}" for code in range(32) if code not in _ESCAPES})
+_ESCAPES[0x7F] = "\\x7f"
+
+
 def format_value(value: Any) -> str:
     text = f"{value:.3f}" if isinstance(value, float) else str(value)
-    if text == "" or any(ch in text for ch in ' "=\n\t'):
-        escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
+    if text == "" or any(ch in text for ch in _NEEDS_QUOTES) or not text.isprintable():
+        return '"' + text.translate(_ESCAPES) + '"'
     return text
 
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import timedelta
 
-from .config import RetentionConfig
+from .config import retention_config_from_env
 from .logs import log_event
 from .registry import register_recurring_task
 
@@ -14,13 +15,9 @@ logger = logging.getLogger("procqueue.maintenance")
 CLEANUP_TASK_NAME = "procqueue.clean_up_old_tasks"
 CLEANUP_EVERY = timedelta(minutes=15)
 
-# Set by the supervisor from its config before it forks (data flows CLI -> config -> here).
-_retention = RetentionConfig()
-
-
-def configure(retention: RetentionConfig) -> None:
-    global _retention
-    _retention = retention
+# One run deletes until nothing is left or this much time has passed, so a backlog is
+# worked off over a few runs without one run hogging a worker.
+TIME_BUDGET_SECONDS = 300.0
 
 
 @register_recurring_task(run_every=CLEANUP_EVERY, timeout=timedelta(minutes=10), task_name=CLEANUP_TASK_NAME)
@@ -32,16 +29,22 @@ def clean_up_old_tasks() -> None:
     """
     from . import client
 
+    retention = retention_config_from_env()
     conn, queries = client.connection()
-    tasks = _delete_in_batches(lambda: queries.delete_finished_tasks(conn, days=_retention.task_days, batch=_retention.batch_size))
-    runs = _delete_in_batches(lambda: queries.delete_old_runs(conn, days=_retention.run_days, batch=_retention.batch_size))
+    deadline = time.monotonic() + TIME_BUDGET_SECONDS
+    tasks = _delete_in_batches(
+        lambda: queries.delete_finished_tasks(conn, days=retention.task_days, batch=retention.batch_size), deadline
+    )
+    runs = _delete_in_batches(
+        lambda: queries.delete_old_runs(conn, days=retention.run_days, batch=retention.batch_size), deadline
+    )
     log_event(logger, logging.INFO, "retention.cleaned", tasks_deleted=tasks, runs_deleted=runs,
-              task_days=_retention.task_days, run_days=_retention.run_days)
+              task_days=retention.task_days, run_days=retention.run_days)
 
 
-def _delete_in_batches(delete_batch, max_batches: int = 100) -> int:
+def _delete_in_batches(delete_batch, deadline: float) -> int:
     total = 0
-    for _ in range(max_batches):
+    while time.monotonic() < deadline:
         deleted = delete_batch()
         total += deleted
         if deleted == 0:

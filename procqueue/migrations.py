@@ -5,7 +5,6 @@ from __future__ import annotations
 import zlib
 
 import psycopg2
-from psycopg2 import sql
 
 from .db import first_line
 from .errors import DatabaseError
@@ -13,10 +12,10 @@ from .queries import Queries, schema_sql
 
 SCHEMA_VERSION = 1
 
-# Every processor of every replica may migrate at start; one transaction-scoped advisory
-# lock per schema serialises them, and the version check makes the late ones a no-op
-# (so they never take the brief exclusive lock that re-creating the trigger needs).
 def _lock_key(schema: str) -> int:
+    """One advisory lock per schema. Every processor of every replica may migrate at
+    start: the lock serialises them, and the version check then makes the late ones a
+    no-op (so they never take the exclusive lock that re-creating the trigger needs)."""
     return zlib.crc32(f"procqueue.migrate.{schema}".encode()) - 2**31
 
 
@@ -26,13 +25,13 @@ def migrate(conn, schema: str) -> bool:
     previous_autocommit = conn.autocommit
     conn.autocommit = False
     try:
+        queries.lock_migrations(conn, _lock_key(schema))
+        if queries.schema_version(conn) >= SCHEMA_VERSION:
+            conn.rollback()
+            return False
+        queries.create_schema(conn)
+        queries.use_schema(conn)
         with conn.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (_lock_key(schema),))
-            if queries.schema_version(conn) >= SCHEMA_VERSION:
-                conn.rollback()
-                return False
-            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-            cur.execute(sql.SQL("SET LOCAL search_path TO {}").format(sql.Identifier(schema)))
             cur.execute(schema_sql())
         conn.commit()
         return True

@@ -50,7 +50,8 @@ class Queries:
         rendered = self._rendered.get(name)
         if rendered is None:
             template = sql.SQL(_statement_templates()[name])
-            rendered = template.format(schema=sql.Identifier(self.schema)).as_string(conn)
+            identifiers = {"schema": sql.Identifier(self.schema), "channel": sql.Identifier(f"procqueue_{self.schema}")}
+            rendered = template.format(**identifiers).as_string(conn)
             self._rendered[name] = rendered
         return rendered
 
@@ -151,6 +152,20 @@ class Queries:
     def deregister_processor(self, conn, processor: str) -> None:
         self._execute(conn, "deregister_processor", {"id": processor})
 
+    # -- schema and connection set-up ----------------------------------------------------
+
+    def lock_migrations(self, conn, key: int) -> None:
+        self._execute(conn, "lock_migrations", {"key": key})
+
+    def create_schema(self, conn) -> None:
+        self._execute(conn, "create_schema")
+
+    def use_schema(self, conn) -> None:
+        self._execute(conn, "use_schema")
+
+    def listen(self, conn) -> None:
+        self._execute(conn, "listen")
+
     # -- reading -----------------------------------------------------------------------
 
     def get_task(self, conn, task_id: int) -> Optional[TaskRecord]:
@@ -164,14 +179,6 @@ class Queries:
     def get_runs(self, conn, task_id: int) -> List[RunRecord]:
         rows = self._execute(conn, "get_runs", {"id": task_id})
         return [RunRecord(*row[:6], RunOutcome(row[6]), *row[7:]) for row in rows]
-
-    def count_by_state(self, conn) -> Dict[str, int]:
-        counts = {state.value: 0 for state in TaskState}
-        counts.update(dict(self._execute(conn, "count_by_state")))
-        return counts
-
-    def count_waiting(self, conn) -> int:
-        return self._execute(conn, "count_waiting")[0][0]
 
     def schema_version(self, conn) -> int:
         if not self._execute(conn, "schema_exists", {"table": f"{self.schema}.schema_version"})[0][0]:

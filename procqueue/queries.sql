@@ -207,15 +207,24 @@ FROM {schema}.tasks WHERE id = %(id)s;
 SELECT id, task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker
 FROM {schema}.task_runs WHERE task_id = %(id)s ORDER BY id;
 
--- name: count_by_state
-SELECT state, count(*) FROM {schema}.tasks GROUP BY state;
-
--- name: count_waiting
--- Flagsmith's monitoring figure: tasks that could run now but have not started.
-SELECT count(*) FROM {schema}.tasks WHERE state = 'queued' AND run_at <= now();
-
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM {schema}.schema_version;
 
 -- name: schema_exists
 SELECT to_regclass(%(table)s) IS NOT NULL;
+
+-- name: lock_migrations
+-- Serialises concurrent `migrate` runs on one schema (every replica migrates at start);
+-- released when the migrating transaction ends.
+SELECT pg_advisory_xact_lock(%(key)s);
+
+-- name: create_schema
+CREATE SCHEMA IF NOT EXISTS {schema};
+
+-- name: use_schema
+-- schema.sql names no schema: it is applied with this search_path, in one transaction.
+SET LOCAL search_path TO {schema};
+
+-- name: listen
+-- The channel the tasks_enqueued trigger notifies: "procqueue_<schema>".
+LISTEN {channel};

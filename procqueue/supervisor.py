@@ -20,7 +20,7 @@ from typing import Deque, Dict, Optional, Tuple
 
 import psycopg2
 
-from . import client, maintenance, registry
+from . import client, registry
 from .config import ProcessorConfig
 from .db import Connection, connect, first_line
 from .errors import DatabaseError, ProcqueueError
@@ -38,11 +38,12 @@ logger = logging.getLogger("procqueue.supervisor")
 # A worker that dies younger than this counts towards a crash loop.
 QUICK_DEATH_SECONDS = 5.0
 RESPAWN_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 16, 30)
-# After this many consecutive failed boots with no worker ever having run, give up.
-MAX_BOOT_FAILURES = 5
+# After this many consecutive failed starts with no worker ever having run, give up.
+MAX_FAILED_STARTS = 5
 LOOP_TICK_SECONDS = 0.5
 
-_HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGQUIT)
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+_HANDLED_SIGNALS = _STOP_SIGNALS + (signal.SIGCHLD,)
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Supervisor:
         self.workers: Dict[int, WorkerProcess] = {}
         self.respawn_at: Dict[int, float] = {}
         self.quick_deaths: Dict[int, int] = {}
-        self.boot_failures = 0
+        self.failed_starts = 0
         self.any_worker_ran = False
         self.signals: Deque[int] = deque()
         self.stopping = False
@@ -89,8 +90,10 @@ class Supervisor:
     def prepare(self) -> None:
         """Everything that must happen once, before the first fork."""
         multiprocessing.current_process().name = "supervisor"
-        maintenance.configure(self.config.retention)
         client.configure(database_url=self.config.database.url, schema=self.config.database.schema)
+        if self.config.database.url is None:
+            log_event(logger, logging.WARNING, "database.embedded", where=self.config.database.display_url,
+                      note="no DATABASE_URL: fine for development; processors and apps elsewhere cannot see it")
         self.conn = connect(self.config.database, application_name="procqueue-supervisor")
         if migrate(self.conn, self.config.database.schema):
             log_event(logger, logging.INFO, "schema.applied", schema=self.config.database.schema)
@@ -105,6 +108,7 @@ class Supervisor:
 
     def step(self) -> None:
         self.handle_signals()
+        self.note_running_workers()
         self.reap_workers()
         self.murder_stuck_workers()
         if self.stopping:
@@ -143,7 +147,7 @@ class Supervisor:
     def handle_signals(self) -> None:
         while self.signals:
             signum = self.signals.popleft()
-            if signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            if signum in _STOP_SIGNALS:
                 self.begin_stop(signal.Signals(signum).name)
 
     def begin_stop(self, reason: str) -> None:
@@ -175,9 +179,13 @@ class Supervisor:
     def spawn_worker(self, index: int) -> None:
         # The worker object is built before the fork and does nothing until after it.
         worker = Worker(self.config, processor_id=self.processor_id, index=index, slot=self.slots[index])
+        # Signals stay blocked across the fork until the child has its own handlers: a
+        # SIGTERM landing in between would otherwise run the supervisor's handler there.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
         pid = os.fork()
         if pid == 0:
             self._become_worker(worker)  # never returns
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)
         try:
             os.setpgid(pid, pid)  # also here, so a kill right after fork finds the group
         except OSError:
@@ -230,8 +238,6 @@ class Supervisor:
         cause = worker.kill_reason or describe_exit(worker.index, status)
         expected = self.stopping and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         self.release_tasks(worker.index, in_flight, cause, worker.kill_outcome)
-        if slot.tasks_done or slot.state in (WorkerState.IDLE, WorkerState.BUSY):
-            self.any_worker_ran = True
         slot.pid, slot.state, slot.task_id, slot.task_deadline = 0, int(WorkerState.EMPTY), 0, 0.0
         if expected:
             log_event(logger, logging.DEBUG, "worker.exited", worker=worker.index, pid=worker.pid)
@@ -241,22 +247,28 @@ class Supervisor:
         self.plan_respawn(worker, status)
 
     def plan_respawn(self, worker: WorkerProcess, status: int) -> None:
+        """Replace at once a worker that lived a while; back off, per slot, from one that
+        keeps dying young; give up when workers keep failing and none has ever run."""
         boot_error = os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR
-        lived = self.clock() - worker.started_at
-        if boot_error:
-            self.boot_failures += 1
-            if self.boot_failures >= MAX_BOOT_FAILURES and not self.any_worker_ran:
-                log_event(logger, logging.ERROR, "processor.workers_cannot_start", failures=self.boot_failures)
-                self.exit_code = 1
-                self.begin_stop("no worker could start")
-                return
-        else:
-            self.boot_failures = 0
-        quick = boot_error or lived < QUICK_DEATH_SECONDS
+        quick = boot_error or self.clock() - worker.started_at < QUICK_DEATH_SECONDS
+        self.failed_starts = self.failed_starts + 1 if quick else 0
+        if self.failed_starts >= MAX_FAILED_STARTS and not self.any_worker_ran:
+            log_event(logger, logging.ERROR, "processor.workers_cannot_start", failures=self.failed_starts,
+                      last_cause=describe_exit(worker.index, status))
+            self.exit_code = 1
+            self.begin_stop("no worker could start")
+            return
         deaths = self.quick_deaths.get(worker.index, 0) + 1 if quick else 0
         self.quick_deaths[worker.index] = deaths
         delay = RESPAWN_BACKOFF_SECONDS[min(deaths, len(RESPAWN_BACKOFF_SECONDS)) - 1] if deaths else 0.0
         self.respawn_at[worker.index] = self.clock() + delay
+
+    def note_running_workers(self) -> None:
+        """Remember whether any worker ever got as far as running its loop."""
+        if not self.any_worker_ran:
+            self.any_worker_ran = any(
+                self.slots[w.index].state in (WorkerState.IDLE, WorkerState.BUSY) for w in self.workers.values()
+            )
 
     def release_tasks(self, index: int, in_flight: Optional[int], cause: str,
                       outcome: RunOutcome = RunOutcome.LOST) -> None:

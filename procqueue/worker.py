@@ -16,7 +16,6 @@ from dataclasses import replace
 from typing import Callable, List, Optional, Set
 
 import psycopg2
-from psycopg2 import sql
 
 from . import registry
 from .config import ProcessorConfig
@@ -257,9 +256,7 @@ class Worker:
         if self.conn is not None and not self.conn.closed:
             return
         self.conn = connect(self.config.database, application_name=f"procqueue-worker-{self.index}")
-        channel = sql.Identifier(f"procqueue_{self.config.database.schema}")
-        with self.conn.cursor() as cur:
-            cur.execute(sql.SQL("LISTEN {}").format(channel))
+        self.queries.listen(self.conn)
         if self.connection_failures:
             log_event(logger, logging.INFO, "worker.reconnected", worker=self.index)
 

@@ -52,10 +52,14 @@ def _install_signal_handlers(worker: Worker) -> None:
     def on_stop(signum, frame) -> None:
         worker.request_stop()
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+    stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+    for signum in stop_signals:
         signal.signal(signum, on_stop)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.set_wakeup_fd(worker.wakeup.write_fd)
+    # The supervisor blocked these around fork(); a signal that arrived meanwhile is
+    # delivered now, to the handlers above.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals + (signal.SIGCHLD,))
 
 
 def _stop_when_supervisor_dies() -> None:

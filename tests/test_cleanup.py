@@ -12,7 +12,7 @@ def test_cleanup_is_a_registered_recurring_task():
     assert maintenance.CLEANUP_TASK_NAME in names
 
 
-def test_cleanup_deletes_old_finished_tasks_and_runs_only(db):
+def test_cleanup_deletes_old_finished_tasks_and_runs_only(db, monkeypatch):
     with db.cursor() as cur:
         cur.execute("""
             INSERT INTO procqueue.tasks (task_name, state, finished_at) VALUES
@@ -26,11 +26,9 @@ def test_cleanup_deletes_old_finished_tasks_and_runs_only(db):
               (1, 'old.ok', 1, now() - interval '20 days', 'succeeded'),
               (4, 'recent.ok', 1, now() - interval '1 day', 'succeeded');
         """)
-    maintenance.configure(RetentionConfig(task_days=15, run_days=15, batch_size=1))
-    try:
-        maintenance.clean_up_old_tasks()
-    finally:
-        maintenance.configure(RetentionConfig())
+    monkeypatch.setenv("TASK_DELETE_RETENTION_DAYS", "15")
+    monkeypatch.setenv("TASK_DELETE_BATCH_SIZE", "1")  # several batches, each one row
+    maintenance.clean_up_old_tasks()
     with db.cursor() as cur:
         cur.execute("SELECT task_name FROM procqueue.tasks ORDER BY id")
         assert [r[0] for r in cur.fetchall()] == ["recent.ok", "old.still.queued"]

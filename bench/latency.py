@@ -1,0 +1,170 @@
+"""Pickup latency: how long an idle processor takes to start a task after `.delay()`,
+next to the raw Postgres NOTIFY round trip measured in the same run.
+
+    .venv/bin/python bench/latency.py [--samples N] [--fast-disk]
+"""
+
+from __future__ import annotations
+
+import queue
+import random
+import select
+import threading
+import time
+from typing import Dict, List
+
+import bench_tasks
+import common
+import procqueue
+
+PROCESSOR_ARGS = ["--numthreads", "2", "--sleepintervalms", "2000", "--log-level", "warning",
+                  "--import", "bench_tasks"]
+WORKERS = 2
+GAP_SECONDS = (0.005, 0.050)  # random pause before each sample, so none lands in step with a poll
+WAIT_SECONDS = 10.0  # for any one sample: far beyond any plausible latency, short of a hang
+
+
+def wait_for_notify(conn, payload: str, timeout: float = WAIT_SECONDS) -> None:
+    """Block on a LISTEN connection until a notification with `payload` arrives."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for notify in conn.notifies:
+            if notify.payload == payload:
+                conn.notifies.clear()
+                return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"no notification {payload!r} within {timeout:g}s")
+        if select.select([conn], [], [], remaining)[0]:
+            conn.poll()
+
+
+def listen(url: str, channel: str):
+    conn = common.connect(url)
+    with conn.cursor() as cur:
+        cur.execute(f"LISTEN {channel}")
+    return conn
+
+
+def wait_until_idle(conn, processor: common.Processor) -> None:
+    """Idle: every worker connected (so LISTENing), the retention task a processor
+    enqueues at start already run, and nothing queued or running."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        processor.check_alive()
+        with conn.cursor() as cur:
+            cur.execute("SELECT (SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND application_name LIKE 'procqueue-worker-%'), "
+                        f"(SELECT count(*) FROM {common.SCHEMA}.recurring_tasks WHERE last_enqueued_at IS NULL)")
+            workers, never_enqueued = cur.fetchone()
+        if workers == WORKERS and never_enqueued == 0 and not common.unfinished(conn):
+            time.sleep(1.0)  # let each worker finish the step it is in and block in select()
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the processor did not become idle within 30 s:\n{processor.log_text()}")
+
+
+def enqueue_one_at_a_time(url: str, samples: int, rng: random.Random) -> Dict[int, tuple]:
+    """Enqueue `samples` tasks, each only once the previous one has started.
+    Returns sample -> (time before .delay(), time .delay() returned)."""
+    procqueue.configure(database_url=url, schema=common.SCHEMA,
+                        task_run_method=procqueue.TaskRunMethod.TASK_PROCESSOR)
+    started = listen(url, bench_tasks.STARTED_CHANNEL)
+    times = {}
+    try:
+        for sample in range(-1, samples):  # sample -1 warms up the client connection, unrecorded
+            time.sleep(rng.uniform(*GAP_SECONDS))
+            before = time.time()
+            bench_tasks.record_start.delay(args=(sample,))
+            times[sample] = (before, time.time())
+            wait_for_notify(started, str(sample))
+    finally:
+        started.close()
+    del times[-1]
+    return times
+
+
+def measure_pickup(conn, url: str, samples: int, rng: random.Random) -> tuple:
+    """Returns (pickup latencies, .delay() call durations), both in ms."""
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE TABLE {bench_tasks.PICKUP_TABLE} (sample int PRIMARY KEY, started float8 NOT NULL)")
+    processor = common.Processor(url, PROCESSOR_ARGS)
+    try:
+        wait_until_idle(conn, processor)
+        enqueued = enqueue_one_at_a_time(url, samples, rng)
+    finally:
+        processor.stop()
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT sample, started FROM {bench_tasks.PICKUP_TABLE} WHERE sample >= 0")
+        started = dict(cur.fetchall())
+    pickup = [(started[n] - before) * 1000 for n, (before, _) in enqueued.items()]
+    calls = [(returned - before) * 1000 for before, returned in enqueued.values()]
+    return pickup, calls
+
+
+def measure_notify(url: str, samples: int, rng: random.Random) -> List[float]:
+    """The floor under any pickup: pg_notify() committed on one connection until a LISTEN
+    connection, waiting in select() in its own thread, has it. In ms."""
+    inbox: "queue.Queue[tuple]" = queue.Queue()
+    listener = listen(url, "bench_rtt")
+    thread = threading.Thread(target=_receive, args=(listener, inbox, samples), daemon=True)
+    thread.start()
+    sender = common.connect(url)
+    rtts = []
+    try:
+        for sample in range(samples):
+            time.sleep(rng.uniform(*GAP_SECONDS))
+            before = time.time()
+            with sender.cursor() as cur:
+                cur.execute("SELECT pg_notify('bench_rtt', %s)", (str(sample),))
+            payload, received = inbox.get(timeout=WAIT_SECONDS)
+            assert payload == str(sample), (payload, sample)
+            rtts.append((received - before) * 1000)
+    finally:
+        sender.close()
+        thread.join(WAIT_SECONDS)
+        listener.close()
+    return rtts
+
+
+def _receive(conn, inbox: "queue.Queue[tuple]", count: int) -> None:
+    while count > 0 and select.select([conn], [], [], WAIT_SECONDS)[0]:
+        conn.poll()
+        received = time.time()
+        for notify in conn.notifies:
+            inbox.put((notify.payload, received))
+            count -= 1
+        conn.notifies.clear()
+
+
+def print_results(samples: int, pickup: List[float], calls: List[float], rtts: List[float]) -> None:
+    def row(label, values):
+        return [label] + [f"{common.percentile(values, p):.2f}" for p in (50, 90, 99, 100)]
+
+    print()
+    print(f"{samples} samples, one at a time, {GAP_SECONDS[0] * 1000:g}-{GAP_SECONDS[1] * 1000:g} ms apart")
+    common.print_table(["ms", "p50", "p90", "p99", "max"], [
+        row("procqueue pickup: .delay() called -> task starts", pickup),
+        row("  of which .delay() itself (INSERT + commit)", calls),
+        row("baseline: NOTIFY -> LISTENer has it", rtts),
+    ])
+
+
+def main() -> None:
+    parser = common.argument_parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=200, help="tasks enqueued, and NOTIFYs sent (default 200)")
+    args = parser.parse_args()
+    print(f"procqueue pickup latency: idle run-task-processor {' '.join(PROCESSOR_ARGS[:4])}; {common.machine()}")
+    rng = random.Random()
+    with common.bench_database(args.fast_disk) as url:
+        conn = common.connect(url)
+        common.progress(f"pickup latency, {args.samples} tasks")
+        pickup, calls = measure_pickup(conn, url, args.samples, rng)
+        common.progress(f"NOTIFY round trip, {args.samples} notifications")
+        rtts = measure_notify(url, args.samples, rng)
+        conn.close()
+    print_results(args.samples, pickup, calls, rtts)
+
+
+if __name__ == "__main__":
+    common.run_main(main)
