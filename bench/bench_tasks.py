@@ -40,6 +40,6 @@ def record_start(sample: int) -> None:
         # and the benchmark waits on the NOTIFY instead of polling the table.
         cur.execute(
             f"INSERT INTO {PICKUP_TABLE} (sample, started) VALUES (%(sample)s, %(started)s); "
-            f"SELECT pg_notify('{STARTED_CHANNEL}', %(sample)s::text)",
-            {"sample": sample, "started": started},
+            f"SELECT pg_notify('{STARTED_CHANNEL}', %(payload)s)",
+            {"sample": sample, "started": started, "payload": str(sample)},
         )

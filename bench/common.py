@@ -278,8 +278,8 @@ def deferred_interrupts() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if received:
-        raise KeyboardInterrupt(f"signal {received[0]}")
+        if received:  # also replaces an error it caused (Ctrl-C reaches pg_ctl and initdb too)
+            raise KeyboardInterrupt(f"signal {received[0]}")
 
 
 def run_main(main) -> None:

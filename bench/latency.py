@@ -102,24 +102,31 @@ def measure_pickup(conn, url: str, samples: int, rng: random.Random) -> tuple:
     return pickup, calls
 
 
-def measure_notify(url: str, samples: int, rng: random.Random) -> List[float]:
-    """The floor under any pickup: pg_notify() committed on one connection until a LISTEN
-    connection, waiting in select() in its own thread, has it. In ms."""
-    inbox: "queue.Queue[tuple]" = queue.Queue()
-    listener = listen(url, "bench_rtt")
+# Raw Postgres doing procqueue's wake-up with nothing of procqueue's around it: what it
+# takes for a committed statement's NOTIFY to reach a LISTENer. (label, channel, statement)
+BASELINES = [
+    ("baseline: pg_notify() -> LISTENer has it", "bench_rtt", "SELECT pg_notify('bench_rtt', '')"),
+    ("baseline: 1-row INSERT into tasks -> LISTENer has its trigger's NOTIFY", f"procqueue_{common.SCHEMA}",
+     f"INSERT INTO {common.SCHEMA}.tasks (task_name) VALUES ('bench.never_run')"),
+]
+
+
+def measure_round_trips(url: str, samples: int, rng: random.Random, channel: str, statement: str) -> List[float]:
+    """Run `statement` (autocommit) on one connection, one sample at a time, until a LISTEN
+    connection waiting in select() in its own thread has the notification. In ms."""
+    inbox: "queue.Queue[float]" = queue.Queue()
+    listener = listen(url, channel)
     thread = threading.Thread(target=_receive, args=(listener, inbox, samples), daemon=True)
     thread.start()
     sender = common.connect(url)
     rtts = []
     try:
-        for sample in range(samples):
+        for _ in range(samples):
             time.sleep(rng.uniform(*GAP_SECONDS))
             before = time.time()
             with sender.cursor() as cur:
-                cur.execute("SELECT pg_notify('bench_rtt', %s)", (str(sample),))
-            payload, received = inbox.get(timeout=WAIT_SECONDS)
-            assert payload == str(sample), (payload, sample)
-            rtts.append((received - before) * 1000)
+                cur.execute(statement)
+            rtts.append((inbox.get(timeout=WAIT_SECONDS) - before) * 1000)
     finally:
         sender.close()
         thread.join(WAIT_SECONDS)
@@ -127,17 +134,18 @@ def measure_notify(url: str, samples: int, rng: random.Random) -> List[float]:
     return rtts
 
 
-def _receive(conn, inbox: "queue.Queue[tuple]", count: int) -> None:
+def _receive(conn, inbox: "queue.Queue[float]", count: int) -> None:
+    """The listening thread: the time each notification arrived."""
     while count > 0 and select.select([conn], [], [], WAIT_SECONDS)[0]:
         conn.poll()
         received = time.time()
-        for notify in conn.notifies:
-            inbox.put((notify.payload, received))
+        for _ in conn.notifies:
+            inbox.put(received)
             count -= 1
         conn.notifies.clear()
 
 
-def print_results(samples: int, pickup: List[float], calls: List[float], rtts: List[float]) -> None:
+def print_results(samples: int, pickup: List[float], calls: List[float], baselines: List[tuple]) -> None:
     def row(label, values):
         return [label] + [f"{common.percentile(values, p):.2f}" for p in (50, 90, 99, 100)]
 
@@ -146,13 +154,12 @@ def print_results(samples: int, pickup: List[float], calls: List[float], rtts: L
     common.print_table(["ms", "p50", "p90", "p99", "max"], [
         row("procqueue pickup: .delay() called -> task starts", pickup),
         row("  of which .delay() itself (INSERT + commit)", calls),
-        row("baseline: NOTIFY -> LISTENer has it", rtts),
-    ])
+    ] + [row(label, rtts) for label, rtts in baselines])
 
 
 def main() -> None:
     parser = common.argument_parser(__doc__.split("\n\n")[0])
-    parser.add_argument("--samples", type=int, default=200, help="tasks enqueued, and NOTIFYs sent (default 200)")
+    parser.add_argument("--samples", type=int, default=200, help="tasks enqueued, and round trips of each baseline (default 200)")
     args = parser.parse_args()
     print(f"procqueue pickup latency: idle run-task-processor {' '.join(PROCESSOR_ARGS[:4])}; {common.machine()}")
     rng = random.Random()
@@ -160,10 +167,12 @@ def main() -> None:
         conn = common.connect(url)
         common.progress(f"pickup latency, {args.samples} tasks")
         pickup, calls = measure_pickup(conn, url, args.samples, rng)
-        common.progress(f"NOTIFY round trip, {args.samples} notifications")
-        rtts = measure_notify(url, args.samples, rng)
+        baselines = []
+        for label, channel, statement in BASELINES:  # with the processor stopped: no one else about
+            common.progress(f"{label}, {args.samples} samples")
+            baselines.append((label, measure_round_trips(url, args.samples, rng, channel, statement)))
         conn.close()
-    print_results(args.samples, pickup, calls, rtts)
+    print_results(args.samples, pickup, calls, baselines)
 
 
 if __name__ == "__main__":

@@ -97,9 +97,9 @@ def _failure(
     outcome: RunOutcome,
     error: str,
 ) -> TaskOutcome:
+    error = clean_text(error)
     if task.attempts >= task.max_attempts:
         return TaskOutcome(task.id, TaskState.FAILED, outcome, started, finished, error=error)
-    error = clean_text(error)
     base = handler.retry_backoff if handler is not None else UNKNOWN_TASK_BACKOFF
     delay = backoff_delay(base, task.attempts)
     return TaskOutcome(task.id, TaskState.QUEUED, outcome, started, finished, error=error, retry_in_seconds=delay)

@@ -92,10 +92,10 @@ class Queries:
 
     def release_worker_tasks(
         self, conn, *, processor: str, worker: int, in_flight: Optional[int], error: str,
-        outcome: RunOutcome = RunOutcome.LOST,
+        outcome: RunOutcome = RunOutcome.LOST, charge: bool = True,
     ) -> List[int]:
         params = {"processor": processor, "worker": worker, "in_flight": in_flight, "error": error,
-                  "outcome": outcome.value}
+                  "outcome": outcome.value, "charge": charge}
         return [row[0] for row in self._execute(conn, "release_worker_tasks", params)]
 
     # -- the application's statements -------------------------------------------------

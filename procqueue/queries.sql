@@ -66,20 +66,21 @@ RETURNING task_id;
 
 -- name: release_worker_tasks
 -- running -> queued / failed for every task a dead or stopped worker still held. The task
--- it was running (%(in_flight)s) is charged the attempt and gets a run with the cause
--- (outcome 'lost', or 'timed_out' when it was killed for overrunning); tasks it had
--- claimed but not started go back untouched, attempt refunded.
+-- it was running (%(in_flight)s) gets a run with the cause (outcome 'lost', or
+-- 'timed_out' when it was killed for overrunning) and, when %(charge)s, is charged the
+-- attempt (not when the processor killed it only to shut down). Tasks it had claimed but
+-- not started go back untouched, attempt refunded.
 WITH released AS (
     UPDATE {schema}.tasks AS t
-    SET state = CASE WHEN t.id = %(in_flight)s AND t.attempts >= t.max_attempts
+    SET state = CASE WHEN t.id = %(in_flight)s AND %(charge)s AND t.attempts >= t.max_attempts
                      THEN 'failed' ELSE 'queued' END,
-        attempts = CASE WHEN t.id = %(in_flight)s THEN t.attempts ELSE t.attempts - 1 END,
+        attempts = CASE WHEN t.id = %(in_flight)s AND %(charge)s THEN t.attempts ELSE t.attempts - 1 END,
         run_at = now(),
         last_error = CASE WHEN t.id = %(in_flight)s THEN %(error)s ELSE t.last_error END,
         locked_by = NULL,
         locked_worker = NULL,
         locked_at = NULL,
-        finished_at = CASE WHEN t.id = %(in_flight)s AND t.attempts >= t.max_attempts
+        finished_at = CASE WHEN t.id = %(in_flight)s AND %(charge)s AND t.attempts >= t.max_attempts
                            THEN now() END
     WHERE t.state = 'running'
       AND t.locked_by = %(processor)s
@@ -88,8 +89,8 @@ WITH released AS (
 )
 INSERT INTO {schema}.task_runs
     (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
-SELECT r.id, r.task_name, r.attempts, r.started_at, now(), %(outcome)s, %(error)s,
-       %(processor)s, %(worker)s
+SELECT r.id, r.task_name, r.attempts + CASE WHEN %(charge)s THEN 0 ELSE 1 END, r.started_at, now(),
+       %(outcome)s, %(error)s, %(processor)s, %(worker)s
 FROM released AS r
 WHERE r.id = %(in_flight)s
 RETURNING task_id;

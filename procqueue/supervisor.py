@@ -236,8 +236,13 @@ class Supervisor:
         slot = self.slots[worker.index]
         in_flight = slot.task_id or None
         cause = worker.kill_reason or describe_exit(worker.index, status)
+        if self.stopping and worker.kill_reason is None and not os.WIFEXITED(status):
+            cause = f"killed at shutdown: still running after --shutdown-timeout ({cause})"
         expected = self.stopping and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        self.release_tasks(worker.index, in_flight, cause, worker.kill_outcome)
+        # A task killed only because the processor is shutting down did nothing wrong: it
+        # goes back without losing an attempt.
+        charge = not (self.stopping and worker.kill_reason is None)
+        self.release_tasks(worker.index, in_flight, cause, worker.kill_outcome, charge)
         slot.pid, slot.state, slot.task_id, slot.task_deadline = 0, int(WorkerState.EMPTY), 0, 0.0
         if expected:
             log_event(logger, logging.DEBUG, "worker.exited", worker=worker.index, pid=worker.pid)
@@ -271,14 +276,14 @@ class Supervisor:
             )
 
     def release_tasks(self, index: int, in_flight: Optional[int], cause: str,
-                      outcome: RunOutcome = RunOutcome.LOST) -> None:
+                      outcome: RunOutcome = RunOutcome.LOST, charge: bool = True) -> None:
         """Put back what a gone worker held. Runs before its replacement can claim."""
         for attempt in range(3):
             try:
                 self.ensure_connected()
                 released = self.queries.release_worker_tasks(
                     self.conn, processor=self.processor_id, worker=index, in_flight=in_flight, error=cause,
-                    outcome=outcome,
+                    outcome=outcome, charge=charge,
                 )
                 if released:
                     log_event(logger, logging.WARNING, "task.lost", task_id=in_flight, worker=index, cause=cause)

@@ -177,7 +177,7 @@ class Worker:
             return
         try:
             moved = self._complete(self.pending)
-        except psycopg2.Error as exc:
+        except (psycopg2.Error, ValueError) as exc:  # ValueError: text psycopg2 cannot send
             if is_connection_error(exc):
                 raise  # kept pending; recorded after reconnecting, the lease is still ours
             moved = self._complete_one_by_one(self.pending)
@@ -198,12 +198,12 @@ class Worker:
         for outcome in outcomes:
             try:
                 moved |= self._complete([outcome])
-            except psycopg2.Error as exc:
+            except (psycopg2.Error, ValueError) as exc:
                 if is_connection_error(exc):
                     raise
                 log_event(logger, logging.ERROR, "task.outcome_unrecordable", task_id=outcome.task_id,
                           error=first_line(exc))
-                moved |= self._complete([replace(outcome, error=f"outcome could not be recorded: {first_line(exc)}")])
+                moved |= self._complete([replace(outcome, error=f"outcome could not be recorded: {exc!r}"[:2000])])
         return moved
 
     def schedule_recurring_if_due(self) -> None:

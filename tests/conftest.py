@@ -25,7 +25,7 @@ from procqueue import client, registry  # noqa: E402
 from procqueue.config import DatabaseConfig, ProcessorConfig  # noqa: E402
 from procqueue.migrations import migrate  # noqa: E402
 
-from helpers import ProcessorProcess  # noqa: E402
+from helpers import ProcessorProcess, kill_session_leftovers  # noqa: E402
 
 SCHEMA = "procqueue"
 
@@ -35,6 +35,12 @@ def _with_database(url: str, dbname: str) -> str:
         parts = urlsplit(url)
         return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
     return f"{url} dbname={dbname}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_processes():
+    yield
+    kill_session_leftovers()
 
 
 @pytest.fixture(scope="session")

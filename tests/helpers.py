@@ -11,6 +11,10 @@ from pathlib import Path
 from typing import Callable, List, Optional, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
+# Every process a test run starts carries this in its environment, so whatever survives
+# a test (a crashed test, a timeout) can still be found and killed at the end of the run.
+SESSION_MARKER = "PROCQUEUE_TEST_SESSION"
+SESSION_ID = f"{os.getpid()}-{time.time_ns()}"
 TESTS = Path(__file__).resolve().parent
 T = TypeVar("T")
 
@@ -35,6 +39,7 @@ class ProcessorProcess:
         env["DATABASE_URL"] = database_url
         env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
         env.pop("TASK_RUN_METHOD", None)
+        env[SESSION_MARKER] = SESSION_ID
         env.update(extra_env or {})
         self.log_path = log_path
         self._log = open(log_path, "wb")
@@ -90,3 +95,18 @@ class ProcessorProcess:
         except psutil.NoSuchProcess:
             pass
         return sorted(groups)
+
+
+def kill_session_leftovers() -> int:
+    """Kill every process this test run started that is still alive; returns how many."""
+    import psutil
+
+    killed = 0
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(SESSION_MARKER) == SESSION_ID:
+                proc.kill()
+                killed += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return killed

@@ -52,13 +52,17 @@ def test_repository_schema_is_the_one_shipped_in_the_package():
 
 
 def test_claiming_uses_the_partial_index(db):
+    from procqueue.queries import Queries
+
     with db.cursor() as cur:
         cur.execute("INSERT INTO procqueue.tasks (task_name, state, finished_at) "
                     "SELECT 'old', 'succeeded', now() FROM generate_series(1, 20000)")
+        cur.execute("INSERT INTO procqueue.tasks (task_name, run_at) "
+                    "SELECT 'later', now() + interval '1 hour' FROM generate_series(1, 2000)")
         cur.execute("INSERT INTO procqueue.tasks (task_name) SELECT 'new' FROM generate_series(1, 50)")
         cur.execute("ANALYZE procqueue.tasks")
-        cur.execute("EXPLAIN SELECT id FROM procqueue.tasks WHERE state = 'queued' AND run_at <= now() "
-                    "ORDER BY priority, run_at, id LIMIT 10 FOR UPDATE SKIP LOCKED")
+        claim = Queries("procqueue").text("claim", db)
+        cur.execute("EXPLAIN " + claim, {"processor": "p", "worker": 0, "limit": 10, "queues": None})
         plan = "\n".join(row[0] for row in cur.fetchall())
     assert "tasks_claimable" in plan, plan
 
