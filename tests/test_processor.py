@@ -245,3 +245,16 @@ def test_cli_enqueue_show_and_cancel(db, database_url):
     assert unknown.returncode == 4 and "unknown task 'nope.task'" in unknown.stderr
     missing = cli("show", "999999")
     assert missing.returncode == 4 and "no task with id 999999" in missing.stderr
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(db, start_processor):
+    processor = start_processor("--numthreads", "2", "--queuepopsize", "1")
+    task_id = sample_tasks.sleep_then_record.delay(args=(1, "orphaned"))
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.RUNNING, timeout=15, message="running")
+    workers = psutil.Process(processor.pid).children()
+    assert len(workers) == 2
+    os.kill(processor.pid, signal.SIGKILL)
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == []
+    task = procqueue.get_task(task_id)  # the worker finished its task and recorded it on the way out
+    assert task.state is TaskState.SUCCEEDED and execution_count(db, "orphaned") == 1
