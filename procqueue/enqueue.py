@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import traceback
 from datetime import datetime
 from typing import Any, Iterable, List, Mapping, Optional, Sequence
 
@@ -63,8 +64,9 @@ def run_in_thread(call: TaskCall) -> threading.Thread:
     def target() -> None:
         try:
             call.handler.func(*args, **kwargs)
-        except Exception:
-            logger.exception("task %s failed in its thread", call.handler.task_name)
+        except Exception as exc:
+            log_event(logger, logging.ERROR, "task.failed_in_thread", task=call.handler.task_name, error=repr(exc),
+                      traceback=traceback.format_exc())
 
     thread = threading.Thread(target=target, name=f"procqueue:{call.handler.task_name}", daemon=True)
     thread.start()

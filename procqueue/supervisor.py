@@ -13,6 +13,7 @@ import select
 import signal
 import socket
 import time
+import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -198,8 +199,9 @@ class Supervisor:
         try:
             self.wakeup.close()  # the supervisor's, not this worker's
             code = run_worker_process(worker)
-        except BaseException:
-            logger.exception("worker %s crashed", worker.index)
+        except BaseException as exc:
+            log_event(logger, logging.ERROR, "worker.crashed", worker=worker.index, error=repr(exc),
+                      traceback=traceback.format_exc())
         finally:
             logging.shutdown()
             os._exit(code)

@@ -77,6 +77,12 @@ def test_non_json_argument_fails_before_anything_is_written(db):
     assert count_tasks(db) == 0
 
 
+def test_out_of_range_priority_is_rejected_before_writing(db):
+    with pytest.raises(procqueue.TaskError, match="priority must be an integer"):
+        greet.delay(args=("x",), priority=99999)
+    assert count_tasks(db) == 0
+
+
 def test_naive_delay_until_is_rejected(db):
     with pytest.raises(procqueue.TaskError, match="timezone-aware"):
         greet.delay(args=("x",), delay_until=datetime.now())
