@@ -83,9 +83,10 @@ def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow) -> TaskOutc
         return _backoff(task, handler, started, now(), backoff)
     except TaskTimeoutError:
         error = f"task ran past its timeout of {task.timeout_seconds:g}s\n" + traceback.format_exc()
-        return _failure(task, handler, started, now(), RunOutcome.TIMED_OUT, error)
-    except Exception:
-        return _failure(task, handler, started, now(), RunOutcome.FAILED, traceback.format_exc())
+        return _failure(task, handler, started, now(), RunOutcome.TIMED_OUT, error,
+                        f"TaskTimeoutError: ran past its timeout of {task.timeout_seconds:g}s")
+    except Exception as exc:
+        return _failure(task, handler, started, now(), RunOutcome.FAILED, traceback.format_exc(), summarise(exc))
     return TaskOutcome(task.id, TaskState.SUCCEEDED, RunOutcome.SUCCEEDED, started, now())
 
 
@@ -96,13 +97,16 @@ def _failure(
     finished: datetime,
     outcome: RunOutcome,
     error: str,
+    summary: Optional[str] = None,
 ) -> TaskOutcome:
     error = clean_text(error)
+    summary = clean_text(summary or error.strip().splitlines()[-1])
     if task.attempts >= task.max_attempts:
-        return TaskOutcome(task.id, TaskState.FAILED, outcome, started, finished, error=error)
+        return TaskOutcome(task.id, TaskState.FAILED, outcome, started, finished, error=error, summary=summary)
     base = handler.retry_backoff if handler is not None else UNKNOWN_TASK_BACKOFF
     delay = backoff_delay(base, task.attempts)
-    return TaskOutcome(task.id, TaskState.QUEUED, outcome, started, finished, error=error, retry_in_seconds=delay)
+    return TaskOutcome(task.id, TaskState.QUEUED, outcome, started, finished, error=error,
+                       retry_in_seconds=delay, summary=summary)
 
 
 def _backoff(
@@ -114,6 +118,13 @@ def _backoff(
                            error=error, retry_at=backoff.delay_until, refund_attempt=True)
     return TaskOutcome(task.id, TaskState.QUEUED, RunOutcome.BACKOFF, started, finished, error=error,
                        retry_in_seconds=handler.retry_delay_seconds(1), refund_attempt=True)
+
+
+def summarise(exc: BaseException) -> str:
+    """`Type: first line of the message`: psycopg2 errors, for one, end in HINT lines that
+    would otherwise stand in for the error in a one-line log."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def clean_text(text: str) -> str:

@@ -68,6 +68,7 @@ class TaskOutcome:
     retry_in_seconds: Optional[float] = None  # relative retry (backoff after a failure)
     retry_at: Optional[datetime] = None  # absolute retry (TaskBackoffError.delay_until)
     refund_attempt: bool = False  # the run does not count against max_attempts
+    summary: Optional[str] = None  # one line for the log: the exception type and message
 
 
 @dataclass(frozen=True)

@@ -296,7 +296,6 @@ class Worker:
         if outcome.outcome is RunOutcome.SUCCEEDED:
             log_event(logger, logging.INFO, "task.succeeded", **fields)
             return
-        error_line = (outcome.error or "").strip().splitlines()[-1:] or [""]
         next_step = "retry" if outcome.state is TaskState.QUEUED else "failed"
         log_event(logger, logging.WARNING, f"task.{outcome.outcome.value}", **fields, next=next_step,
-                  error=error_line[0])
+                  error=outcome.summary or outcome.error or "")

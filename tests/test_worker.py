@@ -270,3 +270,23 @@ def test_exception_messages_postgres_cannot_store_are_recorded_cleaned(worker):
         assert "bad byte \\x00 and lone surrogate \\udc80" in task.last_error
     finally:
         procqueue.registry.unregister(["test_worker.binary_error"])
+
+
+def test_failure_log_line_names_the_error_not_its_hint(worker, caplog):
+    @register_task_handler(task_name="test_worker.bad_sql", max_attempts=1)
+    def bad_sql():
+        from procqueue import client
+
+        conn, _ = client.connection()
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 + 'a'::text")
+
+    try:
+        bad_sql.delay()
+        with caplog.at_level("WARNING", logger="procqueue.worker"):
+            worker.step()
+        [line] = [r.getMessage() for r in caplog.records if "event=task.failed" in r.getMessage()]
+        assert 'error="UndefinedFunction: operator does not exist' in line
+        assert "HINT" not in line
+    finally:
+        procqueue.registry.unregister(["test_worker.bad_sql"])
