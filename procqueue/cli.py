@@ -24,6 +24,7 @@ from .config import (
     DEFAULT_GRACE_PERIOD_MS,
     DEFAULT_NUM_WORKERS,
     DEFAULT_QUEUE_POP_SIZE,
+    DEFAULT_RESCUE_AFTER_SECONDS,
     DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
     DEFAULT_SLEEP_INTERVAL_MS,
     ProcessorConfig,
@@ -109,6 +110,9 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--shutdown-timeout", "shutdown_timeout", type=float, default=None, metavar="SECONDS",
                      help="On SIGTERM/SIGINT, how long running tasks may take to finish before they are "
                           f"killed and put back. [default: {DEFAULT_SHUTDOWN_TIMEOUT_SECONDS:g}]"),
+        click.option("--rescue-after", "rescue_after", type=float, default=None, metavar="SECONDS",
+                     help="A processor (of any host) silent this long is dead: its tasks are put back "
+                          f"by a live one. [default: {DEFAULT_RESCUE_AFTER_SECONDS:g}]"),
         click.option("--import", "-i", "imports", multiple=True, metavar="MODULE",
                      help="Module that registers tasks; repeatable. [env: PROCQUEUE_IMPORTS, comma-separated]"),
         click.option("--queue", "-q", "queues", multiple=True, metavar="NAME",
@@ -129,6 +133,7 @@ def build_processor_config(**values: Any) -> ProcessorConfig:
         grace_period_ms=values.get("grace_period_ms"),
         queue_pop_size=values.get("queue_pop_size"),
         shutdown_timeout_seconds=values.get("shutdown_timeout"),
+        rescue_after_seconds=values.get("rescue_after"),
         imports=tuple(values.get("imports") or ()),
         queues=tuple(values.get("queues") or ()),
     )

@@ -40,6 +40,10 @@ DEFAULT_QUEUE_POP_SIZE = 10
 # Kubernetes sends SIGTERM, then SIGKILL after terminationGracePeriodSeconds (30 s by
 # default): finish draining before that, with time left to put leftover tasks back.
 DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 25.0
+# A processor silent this long is dead and its tasks are rescued by any live peer. Long
+# enough to ride out a database fail-over, short enough that a dead node's tasks are back
+# within about half a minute.
+DEFAULT_RESCUE_AFTER_SECONDS = 20.0
 DEFAULT_TASK_RETENTION_DAYS = 15
 DEFAULT_RUN_RETENTION_DAYS = 15
 DEFAULT_DELETE_BATCH_SIZE = 2000
@@ -98,6 +102,7 @@ class ProcessorConfig:
     imports: Tuple[str, ...] = ()
     queues: Tuple[str, ...] = ()  # empty: every queue
     shutdown_timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+    rescue_after_seconds: float = DEFAULT_RESCUE_AFTER_SECONDS
     retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def __post_init__(self) -> None:
@@ -110,6 +115,9 @@ class ProcessorConfig:
             raise ConfigError(
                 f"invalid value for --shutdown-timeout: {self.shutdown_timeout_seconds!r} (expected seconds >= 0)"
             )
+        rescue = self.rescue_after_seconds
+        if isinstance(rescue, bool) or not isinstance(rescue, (int, float)) or not 2 <= rescue < float("inf"):
+            raise ConfigError(f"invalid value for --rescue-after: {rescue!r} (expected seconds >= 2)")
         for module in self.imports:
             validate_module_name(module)
         for queue in self.queues:
@@ -128,6 +136,7 @@ class ProcessorConfig:
             "imports": list(self.imports),
             "queues": list(self.queues) or "all",
             "shutdown_timeout": self.shutdown_timeout_seconds,
+            "rescue_after": self.rescue_after_seconds,
         }
 
 
@@ -225,6 +234,7 @@ def processor_config(
     grace_period_ms: Optional[int] = None,
     queue_pop_size: Optional[int] = None,
     shutdown_timeout_seconds: Optional[float] = None,
+    rescue_after_seconds: Optional[float] = None,
     imports: Tuple[str, ...] = (),
     queues: Tuple[str, ...] = (),
     env: Optional[Mapping[str, str]] = None,
@@ -245,6 +255,7 @@ def processor_config(
         shutdown_timeout_seconds=(
             DEFAULT_SHUTDOWN_TIMEOUT_SECONDS if shutdown_timeout_seconds is None else shutdown_timeout_seconds
         ),
+        rescue_after_seconds=DEFAULT_RESCUE_AFTER_SECONDS if rescue_after_seconds is None else rescue_after_seconds,
         imports=tuple(imports) + tuple(m for m in imports_from_env(env) if m not in imports),
         queues=tuple(queues),
         retention=retention_config_from_env(env),

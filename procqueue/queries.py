@@ -146,8 +146,12 @@ class Queries:
 
     # -- processors --------------------------------------------------------------------
 
-    def register_processor(self, conn, *, processor: str, hostname: str, pid: int) -> None:
-        self._execute(conn, "register_processor", {"id": processor, "hostname": hostname, "pid": pid})
+    def processor_heartbeat(self, conn, *, processor: str, hostname: str, pid: int) -> None:
+        self._execute(conn, "processor_heartbeat", {"id": processor, "hostname": hostname, "pid": pid})
+
+    def rescue_dead_processors(self, conn, *, expiry_seconds: float, rescuer: str) -> List[int]:
+        params = {"expiry": expiry_seconds, "rescuer": rescuer}
+        return [row[0] for row in self._execute(conn, "rescue_dead_processors", params)]
 
     def deregister_processor(self, conn, processor: str) -> None:
         self._execute(conn, "deregister_processor", {"id": processor})

@@ -192,8 +192,50 @@ SET state = 'cancelled', finished_at = now()
 WHERE id = %(id)s AND state = 'queued'
 RETURNING id;
 
--- name: register_processor
-INSERT INTO {schema}.processors (id, hostname, pid) VALUES (%(id)s, %(hostname)s, %(pid)s);
+-- name: processor_heartbeat
+-- Register, or prove this processor alive. An upsert, so a processor whose row a peer
+-- removed (it was silent too long, say through a network partition) comes back.
+INSERT INTO {schema}.processors (id, hostname, pid) VALUES (%(id)s, %(hostname)s, %(pid)s)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = now();
+
+-- name: rescue_dead_processors
+-- running -> queued / failed for the tasks of processors silent for %(expiry)s seconds
+-- (their pod was deleted, their node died), and of leases naming no processor at all.
+-- Rescue goes by the owner's death, never by how long a task has run. The DELETE of a
+-- dead processor's row is the claim on rescuing it: a second rescuer waits on that row,
+-- then finds it gone, so two rescuers never both win; the task UPDATE re-checks that the
+-- task is still running under that owner.
+WITH dead AS (
+    DELETE FROM {schema}.processors
+    WHERE heartbeat_at < now() - %(expiry)s * interval '1 second'
+    RETURNING id
+), orphaned AS (
+    SELECT t.id, t.locked_by
+    FROM {schema}.tasks AS t
+    WHERE t.state = 'running'
+      AND (t.locked_by IN (SELECT id FROM dead)
+           OR (t.locked_at < now() - %(expiry)s * interval '1 second'
+               AND NOT EXISTS (SELECT 1 FROM {schema}.processors AS p WHERE p.id = t.locked_by)))
+    FOR UPDATE SKIP LOCKED
+), rescued AS (
+    UPDATE {schema}.tasks AS t
+    SET state = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'queued' END,
+        run_at = now(),
+        last_error = 'processor ' || t.locked_by || ' stopped heartbeating; task rescued by '
+                     || %(rescuer)s,
+        locked_by = NULL,
+        locked_worker = NULL,
+        locked_at = NULL,
+        finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END
+    FROM orphaned AS o
+    WHERE t.id = o.id AND t.state = 'running' AND t.locked_by = o.locked_by
+    RETURNING t.id, t.task_name, t.attempts, t.started_at, t.last_error, o.locked_by
+)
+INSERT INTO {schema}.task_runs
+    (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
+SELECT r.id, r.task_name, r.attempts, r.started_at, now(), 'lost', r.last_error, r.locked_by, NULL
+FROM rescued AS r
+RETURNING task_id;
 
 -- name: deregister_processor
 DELETE FROM {schema}.processors WHERE id = %(id)s;

@@ -42,9 +42,22 @@ RESPAWN_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 16, 30)
 # After this many consecutive failed starts with no worker ever having run, give up.
 MAX_FAILED_STARTS = 5
 LOOP_TICK_SECONDS = 0.5
+# On the way out, how long to keep trying to put back what killed workers held.
+FINAL_RELEASE_SECONDS = 10.0
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 _HANDLED_SIGNALS = _STOP_SIGNALS + (signal.SIGCHLD,)
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a gone worker held, to be put back before its slot is refilled."""
+
+    index: int
+    in_flight: Optional[int]
+    cause: str
+    outcome: RunOutcome
+    charge: bool
 
 
 @dataclass
@@ -73,6 +86,11 @@ class Supervisor:
         self.stop_deadline: Optional[float] = None
         self.exit_code = 0
         self.conn: Optional[Connection] = None
+        self.pending_releases: Dict[int, Release] = {}
+        self.database_retry_at = 0.0
+        self.database_failures = 0
+        self.next_heartbeat = 0.0
+        self.next_rescue = 0.0
         self.wakeup = SelfPipe()
 
     # -- the run -----------------------------------------------------------------------
@@ -103,7 +121,8 @@ class Supervisor:
                 self.conn, name=schedule.task_name, run_every=schedule.run_every,
                 first_run_at=schedule.first_run_at, timeout_seconds=schedule.timeout.total_seconds(),
             )
-        self.queries.register_processor(self.conn, processor=self.processor_id, hostname=socket.gethostname(), pid=os.getpid())
+        self.heartbeat(self.conn)
+        self.rescue(self.conn)
         log_event(logger, logging.INFO, "processor.started", processor=self.processor_id,
                   pid=os.getpid(), tasks=len(registry.registered_names()), **self.config.public_dict())
 
@@ -112,6 +131,7 @@ class Supervisor:
         self.note_running_workers()
         self.reap_workers()
         self.murder_stuck_workers()
+        self.keep_house()
         if self.stopping:
             self.enforce_stop_deadline()
         else:
@@ -127,11 +147,21 @@ class Supervisor:
     def finish(self) -> None:
         self.kill_all_workers()
         self.reap_workers(block=True)
+        deadline = self.clock() + FINAL_RELEASE_SECONDS
+        while self.pending_releases and self.clock() < deadline:
+            self.database_retry_at = 0.0
+            self.keep_house()
+            if self.pending_releases:
+                time.sleep(0.5)
+        if self.pending_releases:
+            # Left leased to this processor: a peer rescues them once its heartbeat expires.
+            log_event(logger, logging.ERROR, "processor.release_incomplete", workers=sorted(self.pending_releases))
+            return
         try:
-            if self.conn is not None and not self.conn.closed:
-                self.queries.deregister_processor(self.conn, self.processor_id)
-                self.conn.close()
-        except psycopg2.Error as exc:
+            self.ensure_connected()
+            self.queries.deregister_processor(self.conn, self.processor_id)
+            self.conn.close()
+        except (psycopg2.Error, DatabaseError) as exc:
             log_event(logger, logging.WARNING, "processor.deregister_failed", error=first_line(exc))
         log_event(logger, logging.INFO, "processor.stopped", processor=self.processor_id, exit_code=self.exit_code)
 
@@ -174,6 +204,10 @@ class Supervisor:
     def spawn_missing_workers(self) -> None:
         now = self.clock()
         for index in range(self.config.num_workers):
+            # Never refill a slot whose last tenant's tasks are not released yet: the new
+            # worker's leases would look the same, and the late release would take them.
+            if index in self.pending_releases:
+                continue
             if index not in self.workers and now >= self.respawn_at.get(index, 0.0):
                 self.spawn_worker(index)
 
@@ -244,7 +278,8 @@ class Supervisor:
         # A task killed only because the processor is shutting down did nothing wrong: it
         # goes back without losing an attempt.
         charge = not (self.stopping and worker.kill_reason is None)
-        self.release_tasks(worker.index, in_flight, cause, worker.kill_outcome, charge)
+        self.pending_releases[worker.index] = Release(worker.index, in_flight, cause, worker.kill_outcome, charge)
+        self.keep_house()
         slot.pid, slot.state, slot.task_id, slot.task_deadline = 0, int(WorkerState.EMPTY), 0, 0.0
         if expected:
             log_event(logger, logging.DEBUG, "worker.exited", worker=worker.index, pid=worker.pid)
@@ -277,27 +312,57 @@ class Supervisor:
                 self.slots[w.index].state in (WorkerState.IDLE, WorkerState.BUSY) for w in self.workers.values()
             )
 
-    def release_tasks(self, index: int, in_flight: Optional[int], cause: str,
-                      outcome: RunOutcome = RunOutcome.LOST, charge: bool = True) -> None:
-        """Put back what a gone worker held. Runs before its replacement can claim."""
-        for attempt in range(3):
-            try:
-                self.ensure_connected()
-                released = self.queries.release_worker_tasks(
-                    self.conn, processor=self.processor_id, worker=index, in_flight=in_flight, error=cause,
-                    outcome=outcome, charge=charge,
-                )
-                if released:
-                    log_event(logger, logging.WARNING, "task.lost", task_id=in_flight, worker=index, cause=cause)
-                return
-            except (psycopg2.Error, DatabaseError) as exc:
-                log_event(logger, logging.WARNING, "supervisor.database_error", error=first_line(exc))
-                if self.conn is not None:
-                    self.conn.close()
-                self.conn = None
-                time.sleep(0.5 * (attempt + 1))
-        # Still leased to this processor: rescued by a peer (or this processor's next
-        # start) once this processor's registration expires.
+    # -- the database: releases, heartbeat, rescue ------------------------------------------
+
+    def keep_house(self) -> None:
+        """Every database chore of the supervisor, none of which may stall the loop for
+        long: after a failure they wait out a backoff while reaping and killing go on."""
+        if self.clock() < self.database_retry_at:
+            return
+        try:
+            self.ensure_connected()
+            self.release_pending(self.conn)
+            if self.clock() >= self.next_heartbeat:
+                self.heartbeat(self.conn)
+            if self.clock() >= self.next_rescue and not self.stopping:
+                self.rescue(self.conn)
+            self.database_failures = 0
+        except (psycopg2.Error, DatabaseError) as exc:
+            self.on_database_error(exc)
+
+    def release_pending(self, conn: Connection) -> None:
+        for index, release in list(self.pending_releases.items()):
+            released = self.queries.release_worker_tasks(
+                conn, processor=self.processor_id, worker=index, in_flight=release.in_flight,
+                error=release.cause, outcome=release.outcome, charge=release.charge,
+            )
+            del self.pending_releases[index]
+            if released:
+                log_event(logger, logging.WARNING, "task.lost", task_id=release.in_flight, worker=index,
+                          cause=release.cause)
+
+    def heartbeat(self, conn: Connection) -> None:
+        self.queries.processor_heartbeat(conn, processor=self.processor_id, hostname=socket.gethostname(),
+                                         pid=os.getpid())
+        self.next_heartbeat = self.clock() + self.config.rescue_after_seconds / 4
+
+    def rescue(self, conn: Connection) -> None:
+        rescued = self.queries.rescue_dead_processors(
+            conn, expiry_seconds=self.config.rescue_after_seconds, rescuer=self.processor_id
+        )
+        if rescued:
+            log_event(logger, logging.WARNING, "tasks.rescued", count=len(rescued), task_ids=rescued[:20])
+        self.next_rescue = self.clock() + self.config.rescue_after_seconds / 4
+
+    def on_database_error(self, exc: BaseException) -> None:
+        self.database_failures += 1
+        delay = RESPAWN_BACKOFF_SECONDS[min(self.database_failures, len(RESPAWN_BACKOFF_SECONDS)) - 1]
+        log_event(logger, logging.WARNING, "supervisor.database_error", error=first_line(exc), retry_in_s=float(delay),
+                  pending_releases=len(self.pending_releases))
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close()
+        self.conn = None
+        self.database_retry_at = self.clock() + delay
 
     def murder_stuck_workers(self) -> None:
         """Kill workers whose shared-memory slot shows them stuck; reaping replaces them."""

@@ -258,3 +258,38 @@ def test_workers_do_not_outlive_a_killed_supervisor(db, start_processor):
     assert alive == []
     task = procqueue.get_task(task_id)  # the worker finished its task and recorded it on the way out
     assert task.state is TaskState.SUCCEEDED and execution_count(db, "orphaned") == 1
+
+
+@pytest.mark.timeout(90)
+def test_tasks_of_a_dead_host_are_rescued_by_a_live_processor(db, start_processor):
+    first = start_processor("--numthreads", "1", "--rescue-after", "3")
+    first.wait_for_log("event=worker.started")
+    task_id = sample_tasks.sleep_then_record.delay(args=(5, "rescued"))
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.RUNNING, timeout=15, message="running")
+    second = start_processor("--numthreads", "1", "--rescue-after", "3")
+    second.wait_for_log("event=worker.started")
+    # The host dies: everything of the first processor stops at once, nothing is released.
+    os.kill(first.pid, signal.SIGSTOP)
+    for worker in psutil.Process(first.pid).children():
+        os.killpg(worker.pid, signal.SIGKILL)
+    os.kill(first.pid, signal.SIGKILL)
+    died = time.monotonic()
+    wait_until(lambda: procqueue.get_task(task_id).state is not TaskState.RUNNING, timeout=20, message="rescue")
+    rescue_seconds = time.monotonic() - died
+    assert rescue_seconds < 3 + 3  # expiry, plus at most a heartbeat period and a tick
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=20, message="rerun")
+    runs = procqueue.get_task_runs(task_id)
+    assert [r.outcome.value for r in runs] == ["lost", "succeeded"]
+    assert "stopped heartbeating; task rescued" in runs[0].error
+    assert execution_count(db, "rescued") == 1
+    assert "event=tasks.rescued" in second.log()
+    assert second.stop() == 0
+
+
+def test_a_slow_task_on_a_live_processor_is_never_rescued(db, start_processor):
+    processor = start_processor("--numthreads", "1", "--rescue-after", "2")
+    task_id = sample_tasks.sleep_then_record.delay(args=(5, "slow but alive"))
+    wait_until(lambda: execution_count(db, "slow but alive") == 1, timeout=20, message="finished")
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=5, message="recorded")
+    assert [r.outcome.value for r in procqueue.get_task_runs(task_id)] == ["succeeded"]
+    assert processor.stop() == 0
