@@ -113,6 +113,11 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--rescue-after", "rescue_after", type=float, default=None, metavar="SECONDS",
                      help="A processor (of any host) silent this long is dead: its tasks are put back "
                           f"by a live one. [default: {DEFAULT_RESCUE_AFTER_SECONDS:g}]"),
+        click.option("--max-tasks-per-worker", "max_tasks_per_worker", type=int, default=None, metavar="N",
+                     help="Replace a worker after it has run N tasks. [default: never]"),
+        click.option("--max-memory-per-worker", "max_memory_per_worker", type=int, default=None, metavar="MB",
+                     help="Replace a worker, after its current task, once its RSS exceeds MB megabytes. "
+                          "[default: never]"),
         click.option("--import", "-i", "imports", multiple=True, metavar="MODULE",
                      help="Module that registers tasks; repeatable. [env: PROCQUEUE_IMPORTS, comma-separated]"),
         click.option("--queue", "-q", "queues", multiple=True, metavar="NAME",
@@ -134,6 +139,8 @@ def build_processor_config(**values: Any) -> ProcessorConfig:
         queue_pop_size=values.get("queue_pop_size"),
         shutdown_timeout_seconds=values.get("shutdown_timeout"),
         rescue_after_seconds=values.get("rescue_after"),
+        max_tasks_per_worker=values.get("max_tasks_per_worker"),
+        max_memory_per_worker_mb=values.get("max_memory_per_worker"),
         imports=tuple(values.get("imports") or ()),
         queues=tuple(values.get("queues") or ()),
     )

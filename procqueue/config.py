@@ -103,6 +103,8 @@ class ProcessorConfig:
     queues: Tuple[str, ...] = ()  # empty: every queue
     shutdown_timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
     rescue_after_seconds: float = DEFAULT_RESCUE_AFTER_SECONDS
+    max_tasks_per_worker: Optional[int] = None  # recycle a worker after this many tasks
+    max_memory_per_worker_mb: Optional[int] = None  # ... or once its RSS passes this
     retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     def __post_init__(self) -> None:
@@ -115,6 +117,10 @@ class ProcessorConfig:
             raise ConfigError(
                 f"invalid value for --shutdown-timeout: {self.shutdown_timeout_seconds!r} (expected seconds >= 0)"
             )
+        if self.max_tasks_per_worker is not None:
+            require_int_at_least("--max-tasks-per-worker", self.max_tasks_per_worker, 1)
+        if self.max_memory_per_worker_mb is not None:
+            require_int_at_least("--max-memory-per-worker", self.max_memory_per_worker_mb, 1)
         rescue = self.rescue_after_seconds
         if isinstance(rescue, bool) or not isinstance(rescue, (int, float)) or not 2 <= rescue < float("inf"):
             raise ConfigError(f"invalid value for --rescue-after: {rescue!r} (expected seconds >= 2)")
@@ -137,6 +143,8 @@ class ProcessorConfig:
             "queues": list(self.queues) or "all",
             "shutdown_timeout": self.shutdown_timeout_seconds,
             "rescue_after": self.rescue_after_seconds,
+            "max_tasks_per_worker": self.max_tasks_per_worker,
+            "max_memory_per_worker_mb": self.max_memory_per_worker_mb,
         }
 
 
@@ -235,6 +243,8 @@ def processor_config(
     queue_pop_size: Optional[int] = None,
     shutdown_timeout_seconds: Optional[float] = None,
     rescue_after_seconds: Optional[float] = None,
+    max_tasks_per_worker: Optional[int] = None,
+    max_memory_per_worker_mb: Optional[int] = None,
     imports: Tuple[str, ...] = (),
     queues: Tuple[str, ...] = (),
     env: Optional[Mapping[str, str]] = None,
@@ -256,6 +266,8 @@ def processor_config(
             DEFAULT_SHUTDOWN_TIMEOUT_SECONDS if shutdown_timeout_seconds is None else shutdown_timeout_seconds
         ),
         rescue_after_seconds=DEFAULT_RESCUE_AFTER_SECONDS if rescue_after_seconds is None else rescue_after_seconds,
+        max_tasks_per_worker=max_tasks_per_worker,
+        max_memory_per_worker_mb=max_memory_per_worker_mb,
         imports=tuple(imports) + tuple(m for m in imports_from_env(env) if m not in imports),
         queues=tuple(queues),
         retention=retention_config_from_env(env),

@@ -29,6 +29,9 @@ class WorkerState(enum.IntEnum):
     STOPPING = 4
 
 
+TASK_NAME_BYTES = 120
+
+
 class WorkerSlot(ctypes.Structure):
     _fields_ = [
         ("pid", ctypes.c_int64),
@@ -38,6 +41,9 @@ class WorkerSlot(ctypes.Structure):
         ("task_deadline", ctypes.c_double),  # monotonic time by which the task must end; 0 idle
         ("tasks_done", ctypes.c_int64),
         ("tasks_failed", ctypes.c_int64),
+        # Only for messages about the task (logged when the worker is killed); judged by
+        # nobody, so a torn read of it costs a garbled log field at worst.
+        ("task_name", ctypes.c_char * TASK_NAME_BYTES),
     ]
 
 
@@ -66,9 +72,10 @@ class SlotWriter:
             self.slot.heartbeat = time.monotonic()
             self.slot.state = int(state)
 
-    def task_started(self, task_id: int, timeout_seconds: float) -> None:
+    def task_started(self, task_id: int, timeout_seconds: float, task_name: str = "") -> None:
         if self.slot is not None:
             now = time.monotonic()
+            self.slot.task_name = task_name.encode("utf-8", "replace")[: TASK_NAME_BYTES - 1]
             self.slot.heartbeat = now
             self.slot.task_deadline = now + timeout_seconds
             self.slot.task_id = task_id
@@ -104,3 +111,7 @@ def stuck_reason(slot: WorkerSlot, now: float, grace_seconds: float) -> Optional
     if slot.heartbeat and silent > grace_seconds:
         return RunOutcome.LOST, f"no heartbeat for {silent:.1f}s (grace period {grace_seconds:g}s); worker killed"
     return None
+
+
+def slot_task_name(slot: WorkerSlot) -> str:
+    return slot.task_name.decode("utf-8", "replace") or "-"

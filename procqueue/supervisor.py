@@ -25,14 +25,15 @@ from . import client, registry
 from .config import ProcessorConfig
 from .db import Connection, connect, first_line
 from .errors import DatabaseError, ProcqueueError
-from .heartbeat import WorkerState, allocate_slots, stuck_reason
+from .heartbeat import WorkerState, allocate_slots, slot_task_name, stuck_reason
+from .process_tree import begin_kill, finish_kill
 from .logs import log_event
 from .migrations import migrate
 from .queries import Queries
 from .selfpipe import SelfPipe
 from .records import RunOutcome
 from .worker import Worker
-from .worker_process import WORKER_BOOT_ERROR, run_worker_process
+from .worker_process import WORKER_BOOT_ERROR, WORKER_RECYCLED, run_worker_process
 
 logger = logging.getLogger("procqueue.supervisor")
 
@@ -41,7 +42,9 @@ QUICK_DEATH_SECONDS = 5.0
 RESPAWN_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 16, 30)
 # After this many consecutive failed starts with no worker ever having run, give up.
 MAX_FAILED_STARTS = 5
-LOOP_TICK_SECONDS = 0.5
+LOOP_TICK_SECONDS = 0.25
+# Between SIGTERM to a stuck worker's process tree and SIGKILL.
+KILL_GRACE_SECONDS = 0.5
 # On the way out, how long to keep trying to put back what killed workers held.
 FINAL_RELEASE_SECONDS = 10.0
 
@@ -67,6 +70,8 @@ class WorkerProcess:
     started_at: float  # monotonic
     kill_reason: Optional[str] = None  # set when the supervisor killed it on purpose
     kill_outcome: RunOutcome = RunOutcome.LOST
+    kill_at: float = 0.0  # when SIGTERM gives way to SIGKILL
+    tree: Optional[list] = None  # the processes being killed, until SIGKILL is sent
 
 
 class Supervisor:
@@ -87,6 +92,7 @@ class Supervisor:
         self.exit_code = 0
         self.conn: Optional[Connection] = None
         self.pending_releases: Dict[int, Release] = {}
+        self.restarts: Dict[str, int] = {"stuck": 0, "crashed": 0, "recycled": 0}
         self.database_retry_at = 0.0
         self.database_failures = 0
         self.next_heartbeat = 0.0
@@ -284,6 +290,11 @@ class Supervisor:
         if expected:
             log_event(logger, logging.DEBUG, "worker.exited", worker=worker.index, pid=worker.pid)
             return
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_RECYCLED:
+            self.restarts["recycled"] += 1
+            log_event(logger, logging.INFO, "worker.recycled", worker=worker.index, pid=worker.pid)
+            return  # refilled on this tick: no backoff, not a failed start
+        self.restarts["stuck" if worker.kill_reason else "crashed"] += 1
         log_event(logger, logging.WARNING, "worker.died", worker=worker.index, pid=worker.pid,
                   cause=cause, task_id=in_flight or "-")
         self.plan_respawn(worker, status)
@@ -365,20 +376,27 @@ class Supervisor:
         self.database_retry_at = self.clock() + delay
 
     def murder_stuck_workers(self) -> None:
-        """Kill workers whose shared-memory slot shows them stuck; reaping replaces them."""
+        """Stop workers whose shared-memory slot shows them stuck, in two steps (stack dump
+        and SIGTERM to the tree, then SIGKILL); reaping then records and replaces them."""
         now = self.clock()
         grace = self.config.grace_period_ms / 1000
         for worker in self.workers.values():
             if worker.kill_reason is not None:
+                if worker.tree is not None and now >= worker.kill_at:
+                    finish_kill(worker.pid, worker.tree)
+                    worker.tree = None
                 continue
             verdict = stuck_reason(self.slots[worker.index], now, grace)
-            if verdict is None:
-                continue
-            worker.kill_outcome, reason = verdict
-            worker.kill_reason = reason
-            log_event(logger, logging.ERROR, "worker.stuck", worker=worker.index, pid=worker.pid,
-                      task_id=self.slots[worker.index].task_id or "-", reason=reason)
-            _killpg_quietly(worker.pid, signal.SIGKILL)
+            if verdict is not None:
+                self.begin_murder(worker, *verdict)
+
+    def begin_murder(self, worker: WorkerProcess, outcome: RunOutcome, reason: str) -> None:
+        slot = self.slots[worker.index]
+        worker.kill_outcome, worker.kill_reason = outcome, reason
+        log_event(logger, logging.ERROR, "worker.stuck", worker=worker.index, pid=worker.pid,
+                  task_id=slot.task_id or "-", task=slot_task_name(slot), reason=reason)
+        worker.tree = begin_kill(worker.pid)
+        worker.kill_at = self.clock() + KILL_GRACE_SECONDS
 
     def kill_all_workers(self) -> None:
         for worker in self.workers.values():

@@ -15,6 +15,7 @@ import traceback
 from dataclasses import replace
 from typing import Callable, List, Optional, Set
 
+import psutil
 import psycopg2
 
 from . import registry
@@ -70,6 +71,8 @@ class Worker:
         self.next_poll = 0.0
         self.connection_failures = 0
         self.parent_pid = os.getppid()
+        self.tasks_run = 0
+        self.recycle_reason: Optional[str] = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -108,7 +111,8 @@ class Worker:
             # The supervisor releases whatever this worker still holds once it has exited.
             log_event(logger, logging.WARNING, "worker.shutdown_incomplete", worker=self.index, error=first_line(exc))
         self.close()
-        log_event(logger, logging.INFO, "worker.stopped", worker=self.index, pid=os.getpid())
+        log_event(logger, logging.INFO, "worker.stopped", worker=self.index, pid=os.getpid(),
+                  reason=self.recycle_reason or "asked to stop")
 
     def close(self) -> None:
         if self.conn is not None and not self.conn.closed:
@@ -157,10 +161,12 @@ class Worker:
         return tasks
 
     def run_one(self, task: ClaimedTask) -> TaskOutcome:
-        self.board.task_started(task.id, task.timeout_seconds)
+        self.board.task_started(task.id, task.timeout_seconds, task.task_name)
         outcome = execute(task)
         self.board.task_finished(failed=outcome.outcome is not RunOutcome.SUCCEEDED)
         self.board.set_state(WorkerState.IDLE)
+        self.tasks_run += 1
+        self.check_recycling()
         if not self.pending:
             self.pending_since = self.clock()
         self.pending.append(outcome)
@@ -170,6 +176,24 @@ class Worker:
         if task.recurring_slot is not None or self.clock() - self.pending_since >= FLUSH_AFTER_SECONDS:
             self.flush()
         return outcome
+
+    def check_recycling(self) -> None:
+        """Past --max-tasks-per-worker or --max-memory-per-worker, finish up and leave: the
+        supervisor forks a fresh worker (as Celery's max_tasks_per_child, gunicorn's
+        max_requests), which is how a leak in task code stays bounded."""
+        limit = self.config.max_tasks_per_worker
+        if limit is not None and self.tasks_run >= limit:
+            self.recycle(f"ran {self.tasks_run} tasks (--max-tasks-per-worker {limit})")
+            return
+        limit_mb = self.config.max_memory_per_worker_mb
+        if limit_mb is not None:
+            rss_mb = psutil.Process().memory_info().rss / 2**20
+            if rss_mb > limit_mb:
+                self.recycle(f"RSS {rss_mb:.0f} MB (--max-memory-per-worker {limit_mb})")
+
+    def recycle(self, reason: str) -> None:
+        self.recycle_reason = reason
+        self.request_stop()
 
     def flush(self) -> None:
         """Record every pending outcome in one statement."""

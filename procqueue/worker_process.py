@@ -7,15 +7,18 @@ handlers, process group, pipes, connections) before the worker loop starts.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import logging
 import multiprocessing
 import os
 import signal
+import sys
 
 from . import client
 from .errors import DatabaseError
 from .execution import soft_timeout
 from .logs import log_event
+from .process_tree import STACK_DUMP_SIGNAL
 from .selfpipe import SelfPipe
 from .worker import Worker
 
@@ -24,6 +27,8 @@ logger = logging.getLogger("procqueue.worker")
 # A worker that cannot get going (cannot connect, for instance) exits with this code; the
 # supervisor then backs off instead of respawning it in a tight loop.
 WORKER_BOOT_ERROR = 3
+# A worker that left to be replaced (--max-tasks-per-worker, --max-memory-per-worker).
+WORKER_RECYCLED = 4
 _PR_SET_PDEATHSIG = 1
 
 
@@ -34,6 +39,9 @@ def run_worker_process(worker: Worker) -> int:
     os.setpgid(0, 0)  # its own process group, so a kill takes any children it started
     _stop_when_supervisor_dies()
     _install_signal_handlers(worker)
+    # When the supervisor finds this worker stuck, it asks for every thread's stack first:
+    # written from a C-level handler, so it works even with the GIL held by C code.
+    faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True)
     soft_timeout.install()
     client.forget_inherited_connection()  # never use the supervisor's client connection
     try:
@@ -42,7 +50,7 @@ def run_worker_process(worker: Worker) -> int:
         log_event(logger, logging.ERROR, "worker.boot_failed", worker=worker.index, error=str(exc))
         return WORKER_BOOT_ERROR
     worker.loop()
-    return 0
+    return WORKER_RECYCLED if worker.recycle_reason else 0
 
 
 def _install_signal_handlers(worker: Worker) -> None:

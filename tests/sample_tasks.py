@@ -49,3 +49,35 @@ def wedged() -> None:
 
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     time.sleep(120)
+
+
+@register_task_handler(task_name="sample.spawn_hanging_child", timeout=timedelta(seconds=1), max_attempts=1)
+def spawn_hanging_child(pid_file: str) -> None:
+    """Starts a child in its own session (out of the worker's process group), which hangs
+    as the task does: the whole tree must go when the worker is killed."""
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    with open(pid_file, "w") as handle:
+        handle.write(str(child.pid))
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(120)
+
+
+@register_task_handler(task_name="sample.busy_loop", timeout=timedelta(seconds=1), max_attempts=1)
+def busy_loop() -> None:
+    """Pure Python spinning: the worker's own timeout interrupts it."""
+    while True:
+        pass
+
+
+@register_task_handler(task_name="sample.grow", max_attempts=1)
+def grow(megabytes: int, key: str) -> None:
+    """Keeps memory (as a leaky task would) in the worker process."""
+    _hoard.append(bytearray(megabytes * 1024 * 1024))
+    record(key)
+
+
+_hoard: list = []

@@ -171,7 +171,9 @@ def test_task_the_worker_cannot_interrupt_is_killed_by_the_supervisor(db, start_
     assert run.outcome.value == "timed_out"
     assert "past its timeout; worker killed" in run.error
     assert (run.finished_at - run.started_at).total_seconds() < 4  # timeout 1 s + margin + a tick
-    assert "event=worker.stuck" in processor.log()
+    assert "event=worker.stuck" in processor.log() and "task=sample.wedged" in processor.log()
+    # The worker's Python stack, dumped before the kill, shows where it hung.
+    assert "most recent call first" in processor.log() and 'in wedged' in processor.log()
     sample_tasks.record_task.delay(args=("after",))  # the slot was refilled and works
     wait_until(lambda: execution_count(db, "after") == 1, timeout=15, message="replacement worker")
     assert processor.stop() == 0
@@ -292,4 +294,64 @@ def test_a_slow_task_on_a_live_processor_is_never_rescued(db, start_processor):
     wait_until(lambda: execution_count(db, "slow but alive") == 1, timeout=20, message="finished")
     wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=5, message="recorded")
     assert [r.outcome.value for r in procqueue.get_task_runs(task_id)] == ["succeeded"]
+    assert processor.stop() == 0
+
+
+def test_a_hung_task_is_killed_with_the_processes_it_started(db, start_processor, tmp_path):
+    processor = start_processor("--numthreads", "1")
+    pid_file = tmp_path / "child.pid"
+    task_id = sample_tasks.spawn_hanging_child.delay(args=(str(pid_file),))
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.FAILED, timeout=20, message="killed")
+    child_pid = int(pid_file.read_text())
+    wait_until(lambda: not psutil.pid_exists(child_pid) or psutil.Process(child_pid).status() == psutil.STATUS_ZOMBIE,
+               timeout=5, message="child killed")
+    assert procqueue.get_task_runs(task_id)[0].outcome.value == "timed_out"
+    assert processor.stop() == 0
+
+
+def test_a_busy_looping_task_is_interrupted_at_its_timeout(db, start_processor):
+    processor = start_processor("--numthreads", "1")
+    task_id = sample_tasks.busy_loop.delay()
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.FAILED, timeout=20, message="interrupted")
+    [run] = procqueue.get_task_runs(task_id)
+    assert run.outcome.value == "timed_out" and "TaskTimeoutError" in run.error
+    assert "event=worker.stuck" not in processor.log()  # the worker handled it itself
+    assert processor.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_workers_replaced_hundreds_of_times_while_tasks_flow(db, start_processor):
+    # Every task ends its worker's life: 300 forks under load, none may hang or lose work.
+    processor = start_processor("--numthreads", "2", "--queuepopsize", "1", "--max-tasks-per-worker", "1",
+                                "--log-level", "warning")
+    procqueue.enqueue_many([sample_tasks.record_task.call(args=(f"fork{n}",)) for n in range(300)])
+    wait_until(lambda: execution_count(db) >= 300, timeout=100, interval=0.2, message="300 tasks")
+    assert execution_count(db) == 300
+    with db.cursor() as cur:
+        cur.execute("SELECT count(DISTINCT key), count(DISTINCT pid) FROM public.executions")
+        distinct_keys, distinct_pids = cur.fetchone()
+    assert distinct_keys == 300 and distinct_pids == 300  # each ran once, each in a fresh worker
+    assert processor.stop() == 0
+
+
+def test_worker_is_recycled_after_max_tasks(db, start_processor):
+    processor = start_processor("--numthreads", "1", "--max-tasks-per-worker", "3")
+    procqueue.enqueue_many([sample_tasks.record_task.call(args=(f"r{n}",)) for n in range(7)])
+    wait_until(lambda: execution_count(db) == 7, timeout=20, message="7 tasks")
+    with db.cursor() as cur:
+        cur.execute("SELECT pid, count(*) FROM public.executions GROUP BY pid ORDER BY min(at)")
+        assert [count for _, count in cur.fetchall()] == [3, 3, 1]
+    assert processor.log().count("event=worker.recycled") >= 2
+    assert "event=worker.died" not in processor.log()
+    assert processor.stop() == 0
+
+
+def test_worker_is_recycled_after_max_memory(db, start_processor):
+    processor = start_processor("--numthreads", "1", "--max-memory-per-worker", "150")
+    procqueue.enqueue_many([sample_tasks.grow.call(args=(60, f"m{n}")) for n in range(4)])
+    wait_until(lambda: execution_count(db) == 4, timeout=20, message="4 tasks")
+    with db.cursor() as cur:
+        cur.execute("SELECT count(DISTINCT pid) FROM public.executions")
+        assert cur.fetchone()[0] >= 2  # the hoard outgrew 150 MB and its worker was replaced
+    assert "--max-memory-per-worker 150" in processor.log()
     assert processor.stop() == 0
