@@ -81,3 +81,18 @@ def grow(megabytes: int, key: str) -> None:
 
 
 _hoard: list = []
+
+
+@register_task_handler(task_name="sample.sleep")
+def sleep(seconds: float) -> None:
+    """Touches no database: its outcome depends only on the processor's own bookkeeping."""
+    time.sleep(seconds)
+
+
+@register_task_handler(task_name="sample.c_call_holding_gil", timeout=timedelta(seconds=1), max_attempts=1)
+def c_call_holding_gil() -> None:
+    """libc sleep() through ctypes.PyDLL, which keeps the GIL for the call: no Python code,
+    signal handlers included, runs in this process until it returns."""
+    import ctypes
+
+    ctypes.PyDLL(None).sleep(120)

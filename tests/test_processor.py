@@ -355,3 +355,47 @@ def test_worker_is_recycled_after_max_memory(db, start_processor):
         assert cur.fetchone()[0] >= 2  # the hoard outgrew 150 MB and its worker was replaced
     assert "--max-memory-per-worker 150" in processor.log()
     assert processor.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_database_connections_cut_mid_run_lose_nothing(db, database_url, tmp_path):
+    from helpers import ProcessorProcess
+    from proxy import CuttableProxy
+
+    proxy = CuttableProxy(database_url)
+    processor = ProcessorProcess(proxy.url, ["--import", "sample_tasks", "--numthreads", "2", "--queuepopsize", "5"],
+                                 tmp_path / "processor.log")
+    try:
+        ids = procqueue.enqueue_many([sample_tasks.sleep.call(args=(0.02,)) for _ in range(300)])
+        wait_until(lambda: succeeded_count(db, ids) >= 50, timeout=30, message="work under way")
+        proxy.cut()  # as a Postgres restart: every connection dropped, new ones refused...
+        time.sleep(3)  # ...for this long: the outage under test
+        proxy.restore()
+        wait_until(lambda: succeeded_count(db, ids) == 300, timeout=60, interval=0.2, message="all 300 tasks")
+        log = processor.log()
+        assert "event=worker.database_error" in log and "event=worker.reconnected" in log
+        assert "Traceback" not in log
+        assert processor.proc.poll() is None  # the supervisor carried on
+        with db.cursor() as cur:
+            cur.execute("SELECT count(*) FROM procqueue.tasks WHERE id = ANY(%s) AND attempts > 1", (ids,))
+            assert cur.fetchone()[0] <= 10  # at most a batch per worker re-run: at-least-once
+        assert processor.stop() == 0
+    finally:
+        processor.kill()
+        proxy.close()
+
+
+def succeeded_count(db, ids):
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM procqueue.tasks WHERE id = ANY(%s) AND state = 'succeeded'", (ids,))
+        return cur.fetchone()[0]
+
+
+def test_a_c_call_holding_the_gil_is_caught_by_the_supervisor(db, start_processor):
+    processor = start_processor("--numthreads", "1")
+    task_id = sample_tasks.c_call_holding_gil.delay()
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.FAILED, timeout=20, message="killed")
+    [run] = procqueue.get_task_runs(task_id)
+    assert run.outcome.value == "timed_out" and "past its timeout; worker killed" in run.error
+    assert "in c_call_holding_gil" in processor.log()  # faulthandler's dump, despite the held GIL
+    assert processor.stop() == 0
