@@ -2,9 +2,11 @@
 
 A stuck task may have started processes of its own (a subprocess, a pool) and those may
 have left the worker's process group, so the tree is taken from psutil as well as from
-the group. First step: SIGUSR1 (the worker's faulthandler writes every thread's Python
-stack to the log, showing where it hung) and SIGTERM to the whole tree. Second step, a
-moment later: SIGKILL to whatever is still alive.
+the group. First step: SIGUSR1 to the worker (its faulthandler writes every thread's
+Python stack to the log, showing where it hung) and SIGTERM to the processes it started,
+so they may clean up. The worker itself gets no SIGTERM: it would only ask a stuck loop
+to stop gracefully. Second step, a moment later (time for the dump to be written):
+SIGKILL to whatever is still alive.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ STACK_DUMP_SIGNAL = signal.SIGUSR1
 
 
 def begin_kill(pid: int) -> List[psutil.Process]:
-    """Dump the stack, SIGTERM the tree; returns the processes to finish off."""
+    """Dump the worker's stack, SIGTERM its descendants; returns the processes to finish off."""
     _send(pid, STACK_DUMP_SIGNAL)
     tree = process_tree(pid)
-    for proc in tree:
+    for proc in tree[1:]:
         _terminate(proc)
     return tree
 

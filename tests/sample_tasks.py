@@ -91,8 +91,14 @@ def sleep(seconds: float) -> None:
 
 @register_task_handler(task_name="sample.c_call_holding_gil", timeout=timedelta(seconds=1), max_attempts=1)
 def c_call_holding_gil() -> None:
-    """libc sleep() through ctypes.PyDLL, which keeps the GIL for the call: no Python code,
-    signal handlers included, runs in this process until it returns."""
+    """libc sleep() called through ctypes.PyDLL, which keeps the GIL for the call, with the
+    worker's timeout signal blocked as a C library may do: no Python code runs in this
+    process until it returns (the regex engine and big-int arithmetic, the usual
+    suspects, do poll for signals, so they are not stand-ins)."""
     import ctypes
+    import signal
 
-    ctypes.PyDLL(None).sleep(120)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    libc = ctypes.PyDLL(None)
+    while True:  # sleep() returns early when a signal (the stack dump) arrives
+        libc.sleep(120)
