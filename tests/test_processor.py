@@ -399,3 +399,17 @@ def test_a_c_call_holding_the_gil_is_caught_by_the_supervisor(db, start_processo
     assert run.outcome.value == "timed_out" and "past its timeout; worker killed" in run.error
     assert "in c_call_holding_gil" in processor.log()  # faulthandler's dump, despite the held GIL
     assert processor.stop() == 0
+
+
+def test_a_frozen_idle_worker_is_replaced_after_the_grace_period(db, start_processor):
+    processor = start_processor("--numthreads", "1", "--graceperiodms", "1500")
+    processor.wait_for_log("event=worker.started")
+    [worker] = psutil.Process(processor.pid).children()
+    os.kill(worker.pid, signal.SIGSTOP)  # alive, but its loop makes no progress: no beats
+    frozen = time.monotonic()
+    processor.wait_for_log("event=worker.started", count=2, timeout=10)
+    assert time.monotonic() - frozen < 1.5 + 1.5  # grace period, a tick, the kill's grace, a fork
+    assert "no heartbeat for" in processor.log()
+    sample_tasks.record_task.delay(args=("after freeze",))
+    wait_until(lambda: execution_count(db, "after freeze") == 1, timeout=10, message="replacement works")
+    assert processor.stop() == 0
