@@ -30,11 +30,13 @@ def resolve_url(database: DatabaseConfig) -> str:
     return embedded_server_url(database.embedded_dir or default_embedded_dir())
 
 
-def connect(database: DatabaseConfig, *, autocommit: bool = True, application_name: str = "procqueue") -> Connection:
+def connect(
+    database: DatabaseConfig, *, autocommit: bool = True, application_name: str = "procqueue", timeout: int = 10
+) -> Connection:
     """Open a connection, or raise DatabaseError with a one-line, password-free reason."""
     url = resolve_url(database)
     try:
-        conn = psycopg2.connect(url, application_name=application_name, connect_timeout=10, **_KEEPALIVES)
+        conn = psycopg2.connect(url, application_name=application_name, connect_timeout=timeout, **_KEEPALIVES)
     except psycopg2.Error as exc:
         if database.display_url.startswith("<unparseable"):
             # libpq's message would quote the mangled fields, which may hold the password.

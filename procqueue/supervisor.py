@@ -12,6 +12,7 @@ import os
 import select
 import signal
 import socket
+import threading
 import time
 import traceback
 import uuid
@@ -93,6 +94,7 @@ class Supervisor:
         self.conn: Optional[Connection] = None
         self.pending_releases: Dict[int, Release] = {}
         self.restarts: Dict[str, int] = {"stuck": 0, "crashed": 0, "recycled": 0}
+        self.warned_threads = False
         self.database_retry_at = 0.0
         self.database_failures = 0
         self.next_heartbeat = 0.0
@@ -220,6 +222,7 @@ class Supervisor:
     def spawn_worker(self, index: int) -> None:
         # The worker object is built before the fork and does nothing until after it.
         worker = Worker(self.config, processor_id=self.processor_id, index=index, slot=self.slots[index])
+        self.warn_if_threads_running()
         # Signals stay blocked across the fork until the child has its own handlers: a
         # SIGTERM landing in between would otherwise run the supervisor's handler there.
         signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
@@ -233,6 +236,15 @@ class Supervisor:
             pass
         self.workers[index] = WorkerProcess(pid=pid, index=index, started_at=self.clock())
         log_event(logger, logging.DEBUG, "worker.spawned", worker=index, pid=pid)
+
+    def warn_if_threads_running(self) -> None:
+        """fork() copies only the calling thread: a lock another thread held (in logging,
+        an SDK's exporter) stays locked for ever in the child. Say so once."""
+        if threading.active_count() > 1 and not self.warned_threads:
+            self.warned_threads = True
+            names = ", ".join(sorted(t.name for t in threading.enumerate() if t is not threading.current_thread()))
+            log_event(logger, logging.WARNING, "processor.threads_before_fork", threads=names,
+                      note="a task module started threads; forked workers may deadlock on their locks")
 
     def _become_worker(self, worker: Worker) -> None:
         code = 1
@@ -404,7 +416,9 @@ class Supervisor:
 
     def ensure_connected(self) -> None:
         if self.conn is None or self.conn.closed:
-            self.conn = connect(self.config.database, application_name="procqueue-supervisor")
+            # A short timeout: while the database is unreachable the loop must go on
+            # reaping and killing; the chores wait for the next try.
+            self.conn = connect(self.config.database, application_name="procqueue-supervisor", timeout=3)
 
 
 def describe_exit(index: int, status: int) -> str:
