@@ -1,4 +1,4 @@
--- procqueue schema, version 1.
+-- procqueue schema, version 2.
 --
 -- The one source of truth for procqueue's tables. `procqueue migrate` applies it inside
 -- one transaction with `search_path` set to the target Postgres schema (default
@@ -91,6 +91,8 @@ CREATE INDEX IF NOT EXISTS task_runs_finished_at ON task_runs (finished_at);
 
 CREATE TABLE IF NOT EXISTS recurring_tasks (
     task_name       text PRIMARY KEY,
+    args            jsonb NOT NULL DEFAULT '[]'::jsonb,
+    kwargs          jsonb NOT NULL DEFAULT '{}'::jsonb,
     run_every       interval NOT NULL CHECK (run_every > interval '0'),
     first_run_at    timestamptz NOT NULL,
     timeout_seconds double precision NOT NULL DEFAULT 1800 CHECK (timeout_seconds > 0),
@@ -101,6 +103,11 @@ CREATE TABLE IF NOT EXISTS recurring_tasks (
 );
 
 CREATE INDEX IF NOT EXISTS recurring_tasks_next_run_at ON recurring_tasks (next_run_at);
+
+-- Version 2: recurring tasks take arguments (Flagsmith's register_recurring_task(args=,
+-- kwargs=)). A version-1 database gets the columns here; a new one has them already.
+ALTER TABLE recurring_tasks ADD COLUMN IF NOT EXISTS args jsonb NOT NULL DEFAULT '[]'::jsonb;
+ALTER TABLE recurring_tasks ADD COLUMN IF NOT EXISTS kwargs jsonb NOT NULL DEFAULT '{}'::jsonb;
 
 -- Wake idle workers the moment work is enqueued. One notification per statement, not per
 -- row, so a bulk enqueue of 10,000 tasks costs one NOTIFY; and none for a statement that
@@ -124,4 +131,4 @@ CREATE TRIGGER tasks_enqueued
     REFERENCING NEW TABLE AS inserted_tasks
     FOR EACH STATEMENT EXECUTE FUNCTION notify_tasks_enqueued();
 
-INSERT INTO schema_version (version) VALUES (1) ON CONFLICT (version) DO NOTHING;
+INSERT INTO schema_version (version) VALUES (1), (2) ON CONFLICT (version) DO NOTHING;

@@ -17,13 +17,10 @@ from .db import first_line, is_connection_error
 from .errors import DatabaseError, TaskError
 from .logs import log_event
 from .queries import EnqueueRow, Queries
+from .arguments import TaskArgumentError, serialise_arguments
 from .registry import TaskCall, validated_priority
 
 logger = logging.getLogger("procqueue.enqueue")
-
-
-class TaskArgumentError(TaskError, TypeError):
-    """An argument cannot be stored as JSON. A TypeError, as `.delay()` promises."""
 
 
 def delay(call: TaskCall, connection: Any = None) -> Optional[int]:
@@ -78,7 +75,7 @@ def run_in_thread(call: TaskCall) -> threading.Thread:
 
 def _enqueue_row(call: TaskCall) -> EnqueueRow:
     handler = call.handler
-    args_json, kwargs_json = _serialise_arguments(handler.task_name, call.args, call.kwargs)
+    args_json, kwargs_json = serialise_arguments(handler.task_name, call.args, call.kwargs)
     priority = handler.priority if call.priority is None else validated_priority(handler.task_name, call.priority)
     if call.delay_until is not None and (not isinstance(call.delay_until, datetime) or call.delay_until.tzinfo is None):
         raise TaskError(f"task {handler.task_name}: delay_until must be a timezone-aware datetime, got {call.delay_until!r}")
@@ -95,39 +92,9 @@ def _enqueue_row(call: TaskCall) -> EnqueueRow:
     )
 
 
-def _serialise_arguments(task_name: str, args: Sequence[Any], kwargs: Optional[Mapping[str, Any]]):
-    if isinstance(args, (str, bytes)) or not isinstance(args, (list, tuple)):
-        raise TaskArgumentError(f"task {task_name}: args must be a list or tuple, got {type(args).__name__}")
-    kwargs = {} if kwargs is None else kwargs
-    if not isinstance(kwargs, Mapping):
-        raise TaskArgumentError(f"task {task_name}: kwargs must be a dict, got {type(kwargs).__name__}")
-    for key in kwargs:
-        if not isinstance(key, str):
-            raise TaskArgumentError(f"task {task_name}: kwargs key {key!r} is not a string")
-    for position, value in enumerate(args):
-        _require_json(task_name, f"args[{position}]", value)
-    for key, value in kwargs.items():
-        _require_json(task_name, f"kwargs[{key!r}]", value)
-    return json.dumps(list(args), allow_nan=False), json.dumps(dict(kwargs), allow_nan=False)
-
-
-def _require_json(task_name: str, label: str, value: Any) -> None:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TaskArgumentError(
-            f"task {task_name}: argument {label} = {_short_repr(value)} cannot be stored as JSON ({exc})"
-        ) from None
-
-
-def _short_repr(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def _json_round_trip(call: TaskCall):
     """The arguments exactly as a processor would receive them (tuples become lists...)."""
-    args_json, kwargs_json = _serialise_arguments(call.handler.task_name, call.args, call.kwargs)
+    args_json, kwargs_json = serialise_arguments(call.handler.task_name, call.args, call.kwargs)
     return json.loads(args_json), json.loads(kwargs_json)
 
 

@@ -10,7 +10,7 @@ from .db import first_line
 from .errors import DatabaseError
 from .queries import Queries, schema_sql
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 def _lock_key(schema: str) -> int:
     """One advisory lock per schema. Every processor of every replica may migrate at

@@ -120,9 +120,11 @@ class Queries:
     # -- recurring tasks ---------------------------------------------------------------
 
     def register_recurring(
-        self, conn, *, name: str, run_every: timedelta, first_run_at: Optional[datetime], timeout_seconds: float
+        self, conn, *, name: str, run_every: timedelta, first_run_at: Optional[datetime], timeout_seconds: float,
+        args_json: str = "[]", kwargs_json: str = "{}",
     ) -> None:
-        params = {"name": name, "run_every": run_every, "first_run_at": first_run_at, "timeout": timeout_seconds}
+        params = {"name": name, "run_every": run_every, "first_run_at": first_run_at, "timeout": timeout_seconds,
+                  "args": args_json, "kwargs": kwargs_json}
         self._execute(conn, "register_recurring", params)
 
     def schedule_recurring(self, conn, names: Iterable[str]) -> List[int]:

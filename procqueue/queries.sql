@@ -121,8 +121,8 @@ RETURNING id;
 -- from the anchor; it is only recomputed when the schedule itself changed, so processors
 -- starting one after another never reset or double a slot.
 INSERT INTO {schema}.recurring_tasks
-    (task_name, run_every, first_run_at, timeout_seconds, next_run_at)
-SELECT %(name)s, %(run_every)s, anchor, %(timeout)s,
+    (task_name, args, kwargs, run_every, first_run_at, timeout_seconds, next_run_at)
+SELECT %(name)s, %(args)s::jsonb, %(kwargs)s::jsonb, %(run_every)s, anchor, %(timeout)s,
        anchor + %(run_every)s * greatest(0, ceil(extract(epoch FROM now() - anchor)
                                                / extract(epoch FROM %(run_every)s::interval)))
 FROM (SELECT coalesce(%(first_run_at)s::timestamptz, now()) AS anchor) AS a
@@ -136,6 +136,8 @@ SET next_run_at = CASE
     first_run_at = CASE WHEN %(first_run_at)s::timestamptz IS NULL
                         THEN recurring_tasks.first_run_at ELSE EXCLUDED.first_run_at END,
     run_every = EXCLUDED.run_every,
+    args = EXCLUDED.args,
+    kwargs = EXCLUDED.kwargs,
     timeout_seconds = EXCLUDED.timeout_seconds,
     registered_at = now();
 
@@ -155,10 +157,10 @@ WITH due AS (
         last_enqueued_at = now()
     FROM due
     WHERE r.task_name = due.task_name
-    RETURNING r.task_name, due.slot, r.timeout_seconds
+    RETURNING r.task_name, r.args, r.kwargs, due.slot, r.timeout_seconds
 )
-INSERT INTO {schema}.tasks (task_name, max_attempts, timeout_seconds, recurring_slot)
-SELECT task_name, 1, timeout_seconds, slot FROM advanced
+INSERT INTO {schema}.tasks (task_name, args, kwargs, max_attempts, timeout_seconds, recurring_slot)
+SELECT task_name, args, kwargs, 1, timeout_seconds, slot FROM advanced
 ON CONFLICT (task_name, recurring_slot) WHERE recurring_slot IS NOT NULL DO NOTHING
 RETURNING id, task_name, recurring_slot;
 

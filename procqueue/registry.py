@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, time, timedelta, timezone
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
+from .arguments import serialise_arguments
 from .errors import TaskError
 from .records import TaskPriority
 
@@ -131,6 +132,8 @@ class RecurringSchedule:
     run_every: timedelta
     first_run_at: Optional[datetime]  # an anchor; None means "from first registration"
     timeout: timedelta
+    args_json: str = "[]"
+    kwargs_json: str = "{}"
 
 
 _handlers: Dict[str, TaskHandler] = {}
@@ -168,11 +171,14 @@ def register_task_handler(
 
 def register_recurring_task(
     run_every: timedelta,
+    task_name: Optional[str] = None,
+    args: Sequence[Any] = (),
+    kwargs: Optional[Mapping[str, Any]] = None,
     first_run_time: Union[time, datetime, None] = None,
     timeout: Optional[timedelta] = DEFAULT_RECURRING_TIMEOUT,
-    task_name: Optional[str] = None,
 ) -> Callable[[Callable[..., Any]], TaskHandler]:
-    """Register a function to run once per `run_every` across all processors.
+    """Register a function to run once per `run_every` across all processors, called with
+    `args`/`kwargs` each time (Flagsmith's signature, in Flagsmith's order).
 
     `first_run_time`: a `datetime.time` runs it at that time of day (UTC) and every
     `run_every` after; a timezone-aware `datetime` anchors the schedule there. Without it,
@@ -183,6 +189,7 @@ def register_recurring_task(
         name = task_name or default_task_name(func)
         if not isinstance(run_every, timedelta) or run_every <= timedelta(0):
             raise TaskError(f"recurring task {name}: run_every must be a positive timedelta, got {run_every!r}")
+        args_json, kwargs_json = serialise_arguments(name, args, kwargs)
         handler = TaskHandler(
             func,
             task_name=name,
@@ -194,14 +201,19 @@ def register_recurring_task(
             retry_backoff=DEFAULT_RETRY_BACKOFF,
         )
         _register(handler)
-        _recurring[name] = RecurringSchedule(name, run_every, _anchor(name, first_run_time), handler.timeout)
+        _recurring[name] = RecurringSchedule(
+            name, run_every, _anchor(name, first_run_time), handler.timeout, args_json, kwargs_json
+        )
         return handler
 
     return decorator
 
 
 def default_task_name(func: Callable[..., Any]) -> str:
-    return f"{func.__module__}.{func.__qualname__}"
+    """Flagsmith's task identifier: the module's last component and the function's name
+    (`myapp.tasks.send_email` -> `tasks.send_email`), so names, and dashboards filtering
+    on them, carry over."""
+    return f"{func.__module__.rsplit('.', 1)[-1]}.{func.__name__}"
 
 
 def get_handler(task_name: str) -> Optional[TaskHandler]:

@@ -128,6 +128,7 @@ class Supervisor:
             self.queries.register_recurring(
                 self.conn, name=schedule.task_name, run_every=schedule.run_every,
                 first_run_at=schedule.first_run_at, timeout_seconds=schedule.timeout.total_seconds(),
+                args_json=schedule.args_json, kwargs_json=schedule.kwargs_json,
             )
         self.heartbeat(self.conn)
         self.rescue(self.conn)

@@ -8,6 +8,7 @@ from procqueue import register_recurring_task
 from sample_tasks import record
 
 
-@register_recurring_task(run_every=timedelta(seconds=1), task_name="sample.every_second")
-def every_second() -> None:
-    record("every_second")
+@register_recurring_task(run_every=timedelta(seconds=1), task_name="sample.every_second",
+                         kwargs={"key": "every_second"})
+def every_second(key: str) -> None:
+    record(key)  # the schedule's fixed arguments arrive with every run

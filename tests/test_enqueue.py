@@ -218,3 +218,19 @@ def test_bad_handler_settings_are_rejected_at_registration(throwaway_tasks):
 def test_get_task_reads_json_back(db):
     task = procqueue.get_task(greet.delay(args=({"nested": [1, "two", None]},)))
     assert json.dumps(task.args) == '[{"nested": [1, "two", null]}]'
+
+
+def test_default_task_name_follows_flagsmith(throwaway_tasks):
+    def send_report():
+        pass
+
+    send_report.__module__ = "myapp.tasks"
+    assert register_task_handler()(send_report).task_name == "tasks.send_report"
+
+
+def test_recurring_task_arguments_must_be_json(throwaway_tasks):
+    from procqueue import register_recurring_task
+
+    with pytest.raises(TypeError, match=r"argument kwargs\['when'\]"):
+        register_recurring_task(run_every=timedelta(minutes=1), task_name="test_enqueue.bad_recurring",
+                                kwargs={"when": datetime.now()})(lambda when: None)

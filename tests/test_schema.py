@@ -43,8 +43,8 @@ def test_schema_file_applied_twice_by_hand_is_harmless(fresh_schema):
         cur.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(name)))
         cur.execute(schema_sql())
         cur.execute(schema_sql())
-        cur.execute("SELECT version FROM schema_version")
-        assert cur.fetchall() == [(SCHEMA_VERSION,)]
+        cur.execute("SELECT version FROM schema_version ORDER BY version")
+        assert cur.fetchall()[-1] == (SCHEMA_VERSION,)
 
 
 def test_repository_schema_is_the_one_shipped_in_the_package():
@@ -77,3 +77,20 @@ def test_a_second_schema_is_an_independent_queue(fresh_schema, database_url):
     with conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT count(*) FROM {}.tasks").format(sql.Identifier(name)))
         assert cur.fetchone()[0] == 0
+
+
+def test_version_1_database_is_upgraded_in_place(fresh_schema):
+    conn, name = fresh_schema
+    migrate(conn, name)
+    table = sql.Identifier(name)
+    with conn.cursor() as cur:  # wind it back to what version 1 created
+        cur.execute(sql.SQL("ALTER TABLE {}.recurring_tasks DROP COLUMN args, DROP COLUMN kwargs").format(table))
+        cur.execute(sql.SQL("DELETE FROM {}.schema_version WHERE version = 2").format(table))
+        cur.execute(sql.SQL("INSERT INTO {}.tasks (task_name) VALUES ('kept')").format(table))
+    assert installed_version(conn, name) == 1
+    assert migrate(conn, name) is True
+    assert installed_version(conn, name) == 2
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT args, kwargs FROM {}.recurring_tasks").format(table))
+        cur.execute(sql.SQL("SELECT task_name FROM {}.tasks").format(table))
+        assert cur.fetchall() == [("kept",)]  # data survives the upgrade
