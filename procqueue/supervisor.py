@@ -38,8 +38,6 @@ from .worker_process import WORKER_BOOT_ERROR, WORKER_RECYCLED, run_worker_proce
 
 logger = logging.getLogger("procqueue.supervisor")
 
-# A worker that dies younger than this counts towards a crash loop.
-QUICK_DEATH_SECONDS = 5.0
 RESPAWN_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 16, 30)
 # After this many consecutive failed starts with no worker ever having run, give up.
 MAX_FAILED_STARTS = 5
@@ -73,6 +71,7 @@ class WorkerProcess:
     kill_outcome: RunOutcome = RunOutcome.LOST
     kill_at: float = 0.0  # when SIGTERM gives way to SIGKILL
     tree: Optional[list] = None  # the processes being killed, until SIGKILL is sent
+    reached_loop: bool = False  # it got as far as its loop: a later death is no boot failure
 
 
 class Supervisor:
@@ -289,6 +288,8 @@ class Supervisor:
     def on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
         del self.workers[worker.index]
         slot = self.slots[worker.index]
+        if slot.state in (WorkerState.IDLE, WorkerState.BUSY) or slot.tasks_done:
+            worker.reached_loop = self.any_worker_ran = True
         in_flight = slot.task_id or None
         cause = worker.kill_reason or describe_exit(worker.index, status)
         if self.stopping and worker.kill_reason is None and not os.WIFEXITED(status):
@@ -313,10 +314,12 @@ class Supervisor:
         self.plan_respawn(worker, status)
 
     def plan_respawn(self, worker: WorkerProcess, status: int) -> None:
-        """Replace at once a worker that lived a while; back off, per slot, from one that
-        keeps dying young; give up when workers keep failing and none has ever run."""
+        """Replace at once a worker that died after it got going (a task crashed it, or it
+        was killed for being stuck: its task's attempts bound that); back off, per slot,
+        from one that keeps dying before it gets going; give up when workers keep failing
+        that way and none has ever run."""
         boot_error = os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR
-        quick = boot_error or self.clock() - worker.started_at < QUICK_DEATH_SECONDS
+        quick = boot_error or not worker.reached_loop
         self.failed_starts = self.failed_starts + 1 if quick else 0
         if self.failed_starts >= MAX_FAILED_STARTS and not self.any_worker_ran:
             log_event(logger, logging.ERROR, "processor.workers_cannot_start", failures=self.failed_starts,
@@ -330,11 +333,10 @@ class Supervisor:
         self.respawn_at[worker.index] = self.clock() + delay
 
     def note_running_workers(self) -> None:
-        """Remember whether any worker ever got as far as running its loop."""
-        if not self.any_worker_ran:
-            self.any_worker_ran = any(
-                self.slots[w.index].state in (WorkerState.IDLE, WorkerState.BUSY) for w in self.workers.values()
-            )
+        """Remember which workers got as far as running their loop."""
+        for worker in self.workers.values():
+            if not worker.reached_loop and self.slots[worker.index].state in (WorkerState.IDLE, WorkerState.BUSY):
+                worker.reached_loop = self.any_worker_ran = True
 
     # -- the database: releases, heartbeat, rescue ------------------------------------------
 

@@ -403,7 +403,11 @@ def test_a_c_call_holding_the_gil_is_caught_by_the_supervisor(db, start_processo
 
 def test_a_frozen_idle_worker_is_replaced_after_the_grace_period(db, start_processor):
     processor = start_processor("--numthreads", "1", "--graceperiodms", "1500")
-    processor.wait_for_log("event=worker.started")
+    # Idle, not busy: a busy worker is judged by its task's timeout, not the grace period
+    # (and at start it runs the built-in clean-up task).
+    wait_until(lambda: states(db, "procqueue.clean_up_old_tasks") == {"succeeded": 1}, timeout=15,
+               message="start-up clean-up done")
+    wait_until(lambda: worker_idle_after_empty_claim(db), timeout=15, message="worker idle")
     [worker] = psutil.Process(processor.pid).children()
     os.kill(worker.pid, signal.SIGSTOP)  # alive, but its loop makes no progress: no beats
     frozen = time.monotonic()
