@@ -72,6 +72,7 @@ class WorkerProcess:
     kill_at: float = 0.0  # when SIGTERM gives way to SIGKILL
     tree: Optional[list] = None  # the processes being killed, until SIGKILL is sent
     reached_loop: bool = False  # it got as far as its loop: a later death is no boot failure
+    done_at_spawn: int = 0  # the slot's tasks_done counter (kept across tenants) at fork
 
 
 class Supervisor:
@@ -234,7 +235,8 @@ class Supervisor:
             os.setpgid(pid, pid)  # also here, so a kill right after fork finds the group
         except OSError:
             pass
-        self.workers[index] = WorkerProcess(pid=pid, index=index, started_at=self.clock())
+        self.workers[index] = WorkerProcess(pid=pid, index=index, started_at=self.clock(),
+                                            done_at_spawn=self.slots[index].tasks_done)
         log_event(logger, logging.DEBUG, "worker.spawned", worker=index, pid=pid)
 
     def warn_if_threads_running(self) -> None:
@@ -288,7 +290,7 @@ class Supervisor:
     def on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
         del self.workers[worker.index]
         slot = self.slots[worker.index]
-        if slot.state in (WorkerState.IDLE, WorkerState.BUSY) or slot.tasks_done:
+        if slot.state in (WorkerState.IDLE, WorkerState.BUSY) or slot.tasks_done > worker.done_at_spawn:
             worker.reached_loop = self.any_worker_ran = True
         in_flight = slot.task_id or None
         cause = worker.kill_reason or describe_exit(worker.index, status)
