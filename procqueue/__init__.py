@@ -6,21 +6,56 @@
     def send_email(to: str) -> None: ...
 
     send_email.delay(args=("ada@example.com",))
+
+The public names below are imported on first use (PEP 562), not with the package: a
+liveness probe (`procqueue-health`) runs `procqueue.health` every few seconds and must not
+pay for psycopg2, click and prometheus-client, which importing everything would load.
 """
 
-from .config import TaskRunMethod
-from .client import cancel, configure, get_task, get_task_runs
-from .enqueue import TaskArgumentError, enqueue_many
-from .errors import ConfigError, DatabaseError, ProcqueueError, TaskError
-from .execution import TaskTimeoutError
-from .records import RunOutcome, RunRecord, TaskPriority, TaskRecord, TaskState
-from .registry import TaskBackoffError, TaskCall, TaskHandler, register_recurring_task, register_task_handler
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ConfigError", "DatabaseError", "ProcqueueError", "RunOutcome", "RunRecord", "TaskArgumentError",
-    "TaskBackoffError", "TaskCall", "TaskError", "TaskHandler", "TaskPriority", "TaskRecord", "TaskRunMethod",
-    "TaskState", "TaskTimeoutError", "cancel", "configure", "enqueue_many", "get_task", "get_task_runs",
-    "register_recurring_task", "register_task_handler",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "TaskRunMethod": "config",
+    "cancel": "client",
+    "configure": "client",
+    "get_task": "client",
+    "get_task_runs": "client",
+    "TaskArgumentError": "arguments",
+    "enqueue_many": "enqueue",
+    "ConfigError": "errors",
+    "DatabaseError": "errors",
+    "ProcqueueError": "errors",
+    "TaskError": "errors",
+    "TaskTimeoutError": "execution",
+    "RunOutcome": "records",
+    "RunRecord": "records",
+    "TaskPriority": "records",
+    "TaskRecord": "records",
+    "TaskState": "records",
+    "TaskBackoffError": "registry",
+    "TaskCall": "registry",
+    "TaskHandler": "registry",
+    "register_recurring_task": "registry",
+    "register_task_handler": "registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'procqueue' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_EXPORTS))
