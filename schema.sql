@@ -1,4 +1,4 @@
--- procqueue schema, version 2.
+-- procqueue schema, version 3.
 --
 -- The one source of truth for procqueue's tables. `procqueue migrate` applies it inside
 -- one transaction with `search_path` set to the target Postgres schema (default
@@ -131,4 +131,9 @@ CREATE TRIGGER tasks_enqueued
     REFERENCING NEW TABLE AS inserted_tasks
     FOR EACH STATEMENT EXECUTE FUNCTION notify_tasks_enqueued();
 
-INSERT INTO schema_version (version) VALUES (1), (2) ON CONFLICT (version) DO NOTHING;
+-- Version 3: queue statistics (metrics, status, `procqueue stats`) count failed tasks by
+-- queue every few seconds; without this index that would read every finished row.
+CREATE INDEX IF NOT EXISTS tasks_failed_by_queue
+    ON tasks (queue) WHERE state = 'failed';
+
+INSERT INTO schema_version (version) VALUES (1), (2), (3) ON CONFLICT (version) DO NOTHING;

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional, Tuple
@@ -26,14 +27,17 @@ from .config import (
     DEFAULT_QUEUE_POP_SIZE,
     DEFAULT_RESCUE_AFTER_SECONDS,
     DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
+    DEFAULT_METRICS_HOST,
     DEFAULT_SLEEP_INTERVAL_MS,
     ProcessorConfig,
+    default_status_file,
 )
 from .db import first_line
 from .errors import ConfigError, DatabaseError, ProcqueueError, TaskError
-from .logs import setup_logging
+from .logs import LOG_FORMATS, setup_logging
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
+LOG_FORMAT = click.Choice(list(LOG_FORMATS), case_sensitive=False)
 
 
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -122,7 +126,17 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="Module that registers tasks; repeatable. [env: PROCQUEUE_IMPORTS, comma-separated]"),
         click.option("--queue", "-q", "queues", multiple=True, metavar="NAME",
                      help="Only run tasks of this queue; repeatable. [default: every queue]"),
+        click.option("--metrics-port", "metrics_port", type=int, default=None, metavar="PORT",
+                     help="Serve /metrics, /healthz, /status and /monitoring on this port; 0 picks a free "
+                          "one. [env: PROCQUEUE_METRICS_PORT; default: not served]"),
+        click.option("--metrics-host", "metrics_host", default=None, metavar="HOST",
+                     help=f"Address to serve them on. [env: PROCQUEUE_METRICS_HOST; default: {DEFAULT_METRICS_HOST}]"),
+        click.option("--status-file", "status_file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+                     help="JSON status file, rewritten every second; what procqueue-health reads. "
+                          f"[env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}]"),
         click.option("--log-level", type=LOG_LEVELS, default="info", show_default=True),
+        click.option("--log-format", type=LOG_FORMAT, default="text", show_default=True,
+                     help="text: one key=value line per event; json: one JSON object per line."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -143,6 +157,9 @@ def build_processor_config(**values: Any) -> ProcessorConfig:
         max_memory_per_worker_mb=values.get("max_memory_per_worker"),
         imports=tuple(values.get("imports") or ()),
         queues=tuple(values.get("queues") or ()),
+        metrics_port=values.get("metrics_port"),
+        metrics_host=values.get("metrics_host"),
+        status_file=values.get("status_file"),
     )
 
 
@@ -160,12 +177,20 @@ def import_task_modules(modules: Tuple[str, ...]) -> None:
             raise ConfigError(f"cannot import task module {module!r}: {type(exc).__name__}: {exc}") from None
 
 
-def run_processor(config: ProcessorConfig, log_level: str) -> int:
+def run_processor(config: ProcessorConfig, log_level: str, log_format: str = "text") -> int:
+    from .metrics import MultiprocessMetrics
     from .supervisor import Supervisor
 
-    setup_logging(log_level)
-    import_task_modules(config.imports)
-    return Supervisor(config).run()
+    setup_logging(log_level, log_format)
+    store = MultiprocessMetrics.create() if config.metrics_port is not None else None
+    try:
+        if store is not None:
+            store.enable()  # before task modules are imported: they may create metrics
+        import_task_modules(config.imports)
+        return Supervisor(config, metrics_store=store).run()
+    finally:
+        if store is not None:
+            store.remove()
 
 
 # -- procqueue -----------------------------------------------------------------------
@@ -179,9 +204,9 @@ def main() -> None:
 @main.command("run")
 @_processor_options
 @_user_errors
-def run_command(log_level: str, **values: Any) -> None:
+def run_command(log_level: str, log_format: str, **values: Any) -> None:
     """Run the task processor (same as run-task-processor)."""
-    sys.exit(run_processor(build_processor_config(**values), log_level))
+    sys.exit(run_processor(build_processor_config(**values), log_level, log_format))
 
 
 @main.command("migrate")
@@ -259,6 +284,48 @@ def show_command(task_id: int, database_url: Optional[str], schema: Optional[str
     click.echo(json.dumps(document, indent=2, default=_json_default))
 
 
+@main.command("status")
+@click.option("--status-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help=f"The processor's status file. [env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}]")
+@click.option("--json", "as_json", is_flag=True, help="Print the status document itself.")
+@_user_errors
+def status_command(status_file: Optional[str], as_json: bool) -> None:
+    """Show a running processor's workers and queue, from its status file."""
+    from .health import StatusError, load_status
+    from .status import render_text
+
+    path = status_file or default_status_file()
+    try:
+        document = load_status(path)
+    except StatusError as exc:
+        raise ConfigError(str(exc)) from None
+    if document.get("state") == "starting":
+        raise ConfigError(f"the processor writing {path} is still starting")
+    click.echo(json.dumps(document, indent=2) if as_json else render_text(document, time.time()))
+
+
+@main.command("stats")
+@_database_options
+@_user_errors
+def stats_command(database_url: Optional[str], schema: Optional[str]) -> None:
+    """Queue depth by state and queue, read from the database now, as JSON."""
+    from .status import queue_section
+
+    conn, queries = _client(database_url, schema)
+    stats = queries.queue_stats(conn, timeout_seconds=60, now=time.time())
+    click.echo(json.dumps(queue_section(stats), indent=2))
+
+
+@main.command("health", add_help_option=False,
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
+def health_command(arguments: Tuple[str, ...]) -> None:
+    """Exit 0 if the processor is healthy, 1 if not (same as procqueue-health; see --help)."""
+    from . import health
+
+    sys.exit(health.run(list(arguments), prog="procqueue health"))
+
+
 @main.command("demo")
 @click.option("--rate", type=click.FloatRange(min=0.1), default=4.0, show_default=True, help="Example tasks enqueued per second.")
 @click.option("--numthreads", "num_workers", type=click.IntRange(min=1), default=2, show_default=True)
@@ -315,6 +382,6 @@ def _json_default(value: Any) -> Any:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @_processor_options
 @_user_errors
-def run_task_processor(log_level: str, **values: Any) -> None:
+def run_task_processor(log_level: str, log_format: str, **values: Any) -> None:
     """Run the procqueue task processor (Flagsmith's `runprocessor` flags)."""
-    sys.exit(run_processor(build_processor_config(**values), log_level))
+    sys.exit(run_processor(build_processor_config(**values), log_level, log_format))

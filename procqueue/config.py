@@ -31,6 +31,10 @@ ENV_QUEUE_POP_SIZE = "TASK_PROCESSOR_QUEUE_POP_SIZE"
 ENV_TASK_RETENTION_DAYS = "TASK_DELETE_RETENTION_DAYS"
 ENV_RUN_RETENTION_DAYS = "RECURRING_TASK_RUN_RETENTION_DAYS"
 ENV_DELETE_BATCH_SIZE = "TASK_DELETE_BATCH_SIZE"
+ENV_METRICS_PORT = "PROCQUEUE_METRICS_PORT"
+ENV_METRICS_HOST = "PROCQUEUE_METRICS_HOST"
+ENV_STATUS_FILE = "PROCQUEUE_STATUS_FILE"
+ENV_TMPDIR = "TMPDIR"
 
 DEFAULT_SCHEMA = "procqueue"
 DEFAULT_NUM_WORKERS = 5
@@ -47,6 +51,9 @@ DEFAULT_RESCUE_AFTER_SECONDS = 20.0
 DEFAULT_TASK_RETENTION_DAYS = 15
 DEFAULT_RUN_RETENTION_DAYS = 15
 DEFAULT_DELETE_BATCH_SIZE = 2000
+# Metrics are served only when a port is given: two processors on one host (a developer's
+# machine, a test run) would otherwise fight over a fixed default. In a pod, set it.
+DEFAULT_METRICS_HOST = "0.0.0.0"
 
 # The NOTIFY channel is "procqueue_<schema>" and Postgres caps identifiers at 63 bytes.
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,49}$")
@@ -106,6 +113,9 @@ class ProcessorConfig:
     max_tasks_per_worker: Optional[int] = None  # recycle a worker after this many tasks
     max_memory_per_worker_mb: Optional[int] = None  # ... or once its RSS passes this
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    metrics_port: Optional[int] = None  # None: no HTTP endpoint; 0: any free port
+    metrics_host: str = DEFAULT_METRICS_HOST
+    status_file: Path = field(default_factory=lambda: default_status_file())
 
     def __post_init__(self) -> None:
         require_int_at_least("--numthreads", self.num_workers, 1)
@@ -129,6 +139,14 @@ class ProcessorConfig:
         for queue in self.queues:
             if not queue:
                 raise ConfigError("invalid value for --queue: '' (expected a queue name)")
+        if self.metrics_port is not None:
+            port = self.metrics_port
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+                raise ConfigError(f"invalid value for --metrics-port: {port!r} (expected a port number 0-65535)")
+        if not isinstance(self.metrics_host, str) or not self.metrics_host:
+            raise ConfigError(f"invalid value for --metrics-host: {self.metrics_host!r} (expected a host name or address)")
+        if not str(self.status_file) or Path(self.status_file).name in ("", ".", ".."):
+            raise ConfigError(f"invalid value for --status-file: {str(self.status_file)!r} (expected a file path)")
 
     def public_dict(self) -> dict:
         """The config as shown in logs and status: no secrets."""
@@ -145,6 +163,9 @@ class ProcessorConfig:
             "rescue_after": self.rescue_after_seconds,
             "max_tasks_per_worker": self.max_tasks_per_worker,
             "max_memory_per_worker_mb": self.max_memory_per_worker_mb,
+            "metrics_host": self.metrics_host if self.metrics_port is not None else None,
+            "metrics_port": self.metrics_port,
+            "status_file": str(self.status_file),
         }
 
 
@@ -202,6 +223,18 @@ def default_embedded_dir() -> Path:
     return Path(base) / "procqueue" / "pgdata"
 
 
+def default_status_file(env: Optional[Mapping[str, str]] = None) -> Path:
+    """Where the processor writes its status and `procqueue-health` reads it, when neither
+    is told otherwise: PROCQUEUE_STATUS_FILE, else a per-user directory under $TMPDIR (or
+    /tmp), so a processor and the probe that checks it agree without configuration, and
+    two users of one machine do not overwrite each other's file."""
+    env = os.environ if env is None else env
+    if env.get(ENV_STATUS_FILE):
+        return Path(env[ENV_STATUS_FILE])
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return Path(env.get(ENV_TMPDIR) or "/tmp") / f"procqueue-{uid}" / "status.json"
+
+
 def database_config_from_env(env: Optional[Mapping[str, str]] = None) -> DatabaseConfig:
     """What an application process (the `.delay()` side) uses when not configured in code."""
     env = os.environ if env is None else env
@@ -247,6 +280,9 @@ def processor_config(
     max_memory_per_worker_mb: Optional[int] = None,
     imports: Tuple[str, ...] = (),
     queues: Tuple[str, ...] = (),
+    metrics_port: Optional[int] = None,
+    metrics_host: Optional[str] = None,
+    status_file: Optional[Path] = None,
     env: Optional[Mapping[str, str]] = None,
 ) -> ProcessorConfig:
     """Merge command-line values (first), environment (second) and defaults (last)."""
@@ -271,6 +307,9 @@ def processor_config(
         imports=tuple(imports) + tuple(m for m in imports_from_env(env) if m not in imports),
         queues=tuple(queues),
         retention=retention_config_from_env(env),
+        metrics_port=_int_setting(metrics_port, env, ENV_METRICS_PORT, None, minimum=0),
+        metrics_host=metrics_host or env.get(ENV_METRICS_HOST) or DEFAULT_METRICS_HOST,
+        status_file=Path(status_file) if status_file is not None else default_status_file(env),
     )
 
 
@@ -285,7 +324,9 @@ def retention_config_from_env(env: Optional[Mapping[str, str]] = None) -> Retent
     )
 
 
-def _int_setting(cli_value: Optional[int], env: Mapping[str, str], env_name: str, default: int, minimum: int = 1) -> int:
+def _int_setting(
+    cli_value: Optional[int], env: Mapping[str, str], env_name: str, default: Optional[int], minimum: int = 1
+) -> Optional[int]:
     if cli_value is not None:
         return cli_value
     raw = env.get(env_name)

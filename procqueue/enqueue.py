@@ -7,7 +7,7 @@ import logging
 import threading
 import traceback
 from datetime import datetime
-from typing import Any, Iterable, List, Mapping, Optional, Sequence
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import psycopg2
 
@@ -16,6 +16,7 @@ from .config import TaskRunMethod
 from .db import first_line, is_connection_error
 from .errors import DatabaseError, TaskError
 from .logs import log_event
+from .metrics import ENQUEUED
 from .queries import EnqueueRow, Queries
 from .arguments import TaskArgumentError, serialise_arguments
 from .registry import TaskCall, validated_priority
@@ -103,9 +104,17 @@ def _json_round_trip(call: TaskCall):
 
 def _insert_on_callers_connection(queries: Queries, connection: Any, rows: List[EnqueueRow]) -> List[int]:
     try:
-        return queries.enqueue(connection, rows)
+        inserted = queries.enqueue(connection, rows)
     except psycopg2.errors.UndefinedTable:
         raise _schema_missing(queries.schema) from None
+    return counted(inserted)
+
+
+def counted(inserted: List[Tuple[int, str]]) -> List[int]:
+    """Count the new tasks in procqueue_enqueued_tasks_total; return their ids."""
+    for _, task_name in inserted:
+        ENQUEUED.labels(task_name).inc()
+    return [task_id for task_id, _ in inserted]
 
 
 def _insert_on_own_connection(queries: Queries, rows: List[EnqueueRow]) -> List[int]:
@@ -116,7 +125,7 @@ def _insert_on_own_connection(queries: Queries, rows: List[EnqueueRow]) -> List[
     for attempt in (1, 2):
         conn, _ = client.connection()
         try:
-            ids = queries.enqueue(conn, rows)
+            ids = counted(queries.enqueue(conn, rows))
             log_event(logger, logging.DEBUG, "task.enqueued", count=len(ids), task=rows[0].task_name)
             return ids
         except psycopg2.errors.UndefinedTable:

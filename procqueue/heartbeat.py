@@ -18,6 +18,7 @@ import multiprocessing
 import time
 from typing import Optional, Tuple
 
+from . import health
 from .records import RunOutcome
 
 
@@ -38,6 +39,7 @@ class WorkerSlot(ctypes.Structure):
         ("state", ctypes.c_int64),
         ("heartbeat", ctypes.c_double),  # monotonic time of the last beat
         ("task_id", ctypes.c_int64),  # 0 when idle
+        ("task_started", ctypes.c_double),  # monotonic time the current task started; 0 idle
         ("task_deadline", ctypes.c_double),  # monotonic time by which the task must end; 0 idle
         ("tasks_done", ctypes.c_int64),
         ("tasks_failed", ctypes.c_int64),
@@ -77,6 +79,7 @@ class SlotWriter:
             now = time.monotonic()
             self.slot.task_name = task_name.encode("utf-8", "replace")[: TASK_NAME_BYTES - 1]
             self.slot.heartbeat = now
+            self.slot.task_started = now
             self.slot.task_deadline = now + timeout_seconds
             self.slot.task_id = task_id
             self.slot.state = int(WorkerState.BUSY)
@@ -86,31 +89,29 @@ class SlotWriter:
             self.slot.heartbeat = time.monotonic()
             self.slot.state = int(WorkerState.IDLE)
             self.slot.task_deadline = 0.0
+            self.slot.task_started = 0.0
             self.slot.task_id = 0
             self.slot.tasks_done += 1
             if failed:
                 self.slot.tasks_failed += 1
 
 
-# The worker's own soft timeout fires at the deadline; the supervisor steps in only if
-# the worker could not act on it (frozen in C code, signal blocked) this much later.
-HARD_TIMEOUT_MARGIN_SECONDS = 1.0
-
-
 def stuck_reason(slot: WorkerSlot, now: float, grace_seconds: float) -> Optional[Tuple[RunOutcome, str]]:
-    """Why the worker in `slot` counts as stuck, or None. A busy worker is judged by its
-    task's deadline (it does not beat while a task runs); any other by its heartbeat."""
+    """Why the worker in `slot` counts as stuck, and what its task's run is then recorded
+    as; None when it is fine. The rule is health.stuck_reason, shared with the probe."""
     if slot.pid == 0 or slot.state == WorkerState.EMPTY:
         return None
-    if slot.state == WorkerState.BUSY:
-        overdue = now - slot.task_deadline if slot.task_deadline else 0.0
-        if overdue > HARD_TIMEOUT_MARGIN_SECONDS:
-            return RunOutcome.TIMED_OUT, f"task {slot.task_id} ran {overdue:.1f}s past its timeout; worker killed"
+    busy = slot.state == WorkerState.BUSY
+    reason = health.stuck_reason(
+        busy=busy,
+        silent_seconds=now - slot.heartbeat if slot.heartbeat else 0.0,
+        overdue_seconds=now - slot.task_deadline if busy and slot.task_deadline else 0.0,
+        task_id=slot.task_id,
+        grace_seconds=grace_seconds,
+    )
+    if reason is None:
         return None
-    silent = now - slot.heartbeat
-    if slot.heartbeat and silent > grace_seconds:
-        return RunOutcome.LOST, f"no heartbeat for {silent:.1f}s (grace period {grace_seconds:g}s); worker killed"
-    return None
+    return (RunOutcome.TIMED_OUT if busy else RunOutcome.LOST), f"{reason}; worker killed"
 
 
 def slot_task_name(slot: WorkerSlot) -> str:

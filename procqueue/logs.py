@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from datetime import datetime, timezone
 from typing import Any
 
 _FORMAT = "%(asctime)s %(levelname)s %(processName)s %(message)s"
@@ -15,7 +17,8 @@ def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> 
         return
     parts = [f"event={event}"]
     parts.extend(f"{key}={format_value(value)}" for key, value in fields.items())
-    logger.log(level, " ".join(parts))
+    # The fields ride along unformatted for the JSON formatter.
+    logger.log(level, " ".join(parts), extra={"procqueue_event": event, "procqueue_fields": fields})
 
 
 _NEEDS_QUOTES = ' "='
@@ -32,10 +35,40 @@ def format_value(value: Any) -> str:
     return text
 
 
-def setup_logging(level: str) -> None:
+LOG_FORMATS = ("text", "json")
+# Keys of a JSON log line that a field of the same name must not overwrite.
+_JSON_BASE_KEYS = ("time", "level", "process", "logger", "event", "message", "exception")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers: the event's fields as keys."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "process": record.processName,
+            "logger": record.name,
+        }
+        event = getattr(record, "procqueue_event", None)
+        if event is None:
+            line["message"] = record.getMessage()
+        else:
+            line["event"] = event
+            for key, value in getattr(record, "procqueue_fields", {}).items():
+                line[f"field_{key}" if key in _JSON_BASE_KEYS else key] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str, ensure_ascii=False)
+
+
+def setup_logging(level: str, log_format: str = "text") -> None:
     """Configure the root logger for a procqueue command (stderr, one line per event)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S"))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

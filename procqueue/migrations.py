@@ -10,7 +10,8 @@ from .db import first_line
 from .errors import DatabaseError
 from .queries import Queries, schema_sql
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
 
 def _lock_key(schema: str) -> int:
     """One advisory lock per schema. Every processor of every replica may migrate at

@@ -11,11 +11,13 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from psycopg2 import sql
 
-from .records import ClaimedTask, RunOutcome, RunRecord, TaskOutcome, TaskRecord, TaskState
+from .records import (
+    ClaimedTask, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord, TaskOutcome, TaskRecord, TaskState,
+)
 
 _BLOCK_START = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -93,14 +95,16 @@ class Queries:
     def release_worker_tasks(
         self, conn, *, processor: str, worker: int, in_flight: Optional[int], error: str,
         outcome: RunOutcome = RunOutcome.LOST, charge: bool = True,
-    ) -> List[int]:
+    ) -> List[ReleasedTask]:
+        """Put back what a worker held; returns the in-flight task, if its run was recorded."""
         params = {"processor": processor, "worker": worker, "in_flight": in_flight, "error": error,
                   "outcome": outcome.value, "charge": charge}
-        return [row[0] for row in self._execute(conn, "release_worker_tasks", params)]
+        return [ReleasedTask(*row) for row in self._execute(conn, "release_worker_tasks", params)]
 
     # -- the application's statements -------------------------------------------------
 
-    def enqueue(self, conn, calls: Sequence["EnqueueRow"]) -> List[int]:
+    def enqueue(self, conn, calls: Sequence["EnqueueRow"]) -> List[Tuple[int, str]]:
+        """Insert the rows (less those queue_size skips); returns (id, task name) of each."""
         params = {
             "names": [c.task_name for c in calls],
             "args": [c.args_json for c in calls],
@@ -112,7 +116,7 @@ class Queries:
             "timeouts": [c.timeout_seconds for c in calls],
             "queue_sizes": [c.queue_size for c in calls],
         }
-        return [row[0] for row in self._execute(conn, "enqueue", params)]
+        return [(row[0], row[1]) for row in self._execute(conn, "enqueue", params)]
 
     def cancel(self, conn, task_id: int) -> bool:
         return bool(self._execute(conn, "cancel", {"id": task_id}))
@@ -151,9 +155,9 @@ class Queries:
     def processor_heartbeat(self, conn, *, processor: str, hostname: str, pid: int) -> None:
         self._execute(conn, "processor_heartbeat", {"id": processor, "hostname": hostname, "pid": pid})
 
-    def rescue_dead_processors(self, conn, *, expiry_seconds: float, rescuer: str) -> List[int]:
+    def rescue_dead_processors(self, conn, *, expiry_seconds: float, rescuer: str) -> List[ReleasedTask]:
         params = {"expiry": expiry_seconds, "rescuer": rescuer}
-        return [row[0] for row in self._execute(conn, "rescue_dead_processors", params)]
+        return [ReleasedTask(*row) for row in self._execute(conn, "rescue_dead_processors", params)]
 
     def deregister_processor(self, conn, processor: str) -> None:
         self._execute(conn, "deregister_processor", {"id": processor})
@@ -185,6 +189,18 @@ class Queries:
     def get_runs(self, conn, task_id: int) -> List[RunRecord]:
         rows = self._execute(conn, "get_runs", {"id": task_id})
         return [RunRecord(*row[:6], RunOutcome(row[6]), *row[7:]) for row in rows]
+
+    def queue_stats(self, conn, *, timeout_seconds: float, now: float) -> QueueStats:
+        """Depth of every queue, taken at Unix time `now`; QueryCanceled past the timeout."""
+        rows = self._execute(conn, "queue_stats", {"timeout_ms": str(int(timeout_seconds * 1000))})
+        counts: Dict[str, dict] = {}
+        for queue, state, due, later, oldest_age in rows:
+            depth = counts.setdefault(queue, {})
+            if state == "queued":
+                depth.update(waiting=due, scheduled=later, oldest_waiting_age_seconds=oldest_age)
+            else:
+                depth[state] = due
+        return QueueStats(checked_at=now, queues={queue: QueueDepth(**depth) for queue, depth in sorted(counts.items())})
 
     def schema_version(self, conn) -> int:
         if not self._execute(conn, "schema_exists", {"table": f"{self.schema}.schema_version"})[0][0]:

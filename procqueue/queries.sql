@@ -69,7 +69,7 @@ RETURNING task_id;
 -- it was running (%(in_flight)s) gets a run with the cause (outcome 'lost', or
 -- 'timed_out' when it was killed for overrunning) and, when %(charge)s, is charged the
 -- attempt (not when the processor killed it only to shut down). Tasks it had claimed but
--- not started go back untouched, attempt refunded.
+-- not started go back untouched, attempt refunded. Returns the task whose run it recorded.
 WITH released AS (
     UPDATE {schema}.tasks AS t
     SET state = CASE WHEN t.id = %(in_flight)s AND %(charge)s AND t.attempts >= t.max_attempts
@@ -85,15 +85,18 @@ WITH released AS (
     WHERE t.state = 'running'
       AND t.locked_by = %(processor)s
       AND t.locked_worker = %(worker)s
-    RETURNING t.id, t.task_name, t.attempts, t.started_at, t.state
+    RETURNING t.id, t.task_name, t.attempts, t.started_at, t.state, t.recurring_slot
+), recorded AS (
+    INSERT INTO {schema}.task_runs
+        (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
+    SELECT r.id, r.task_name, r.attempts + CASE WHEN %(charge)s THEN 0 ELSE 1 END, r.started_at, now(),
+           %(outcome)s, %(error)s, %(processor)s, %(worker)s
+    FROM released AS r
+    WHERE r.id = %(in_flight)s
+    RETURNING task_id
 )
-INSERT INTO {schema}.task_runs
-    (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
-SELECT r.id, r.task_name, r.attempts + CASE WHEN %(charge)s THEN 0 ELSE 1 END, r.started_at, now(),
-       %(outcome)s, %(error)s, %(processor)s, %(worker)s
-FROM released AS r
-WHERE r.id = %(in_flight)s
-RETURNING task_id;
+SELECT r.id, r.task_name, r.recurring_slot IS NOT NULL, r.state = 'queued'
+FROM released AS r JOIN recorded ON recorded.task_id = r.id;
 
 -- name: enqueue
 -- Insert a batch of tasks in one round trip. A row whose task already has queue_size
@@ -114,7 +117,7 @@ WHERE n.queue_size IS NULL
              WHERE w.task_name = n.task_name AND w.state = 'queued'
              LIMIT n.queue_size) AS waiting) < n.queue_size
 ORDER BY n.position
-RETURNING id;
+RETURNING id, task_name;
 
 -- name: register_recurring
 -- Upsert one recurring schedule. The next slot is the first one at or after now, counted
@@ -231,13 +234,16 @@ WITH dead AS (
         finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END
     FROM orphaned AS o
     WHERE t.id = o.id AND t.state = 'running' AND t.locked_by = o.locked_by
-    RETURNING t.id, t.task_name, t.attempts, t.started_at, t.last_error, o.locked_by
+    RETURNING t.id, t.task_name, t.attempts, t.started_at, t.last_error, o.locked_by, t.state, t.recurring_slot
+), recorded AS (
+    INSERT INTO {schema}.task_runs
+        (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
+    SELECT r.id, r.task_name, r.attempts, r.started_at, now(), 'lost', r.last_error, r.locked_by, NULL
+    FROM rescued AS r
+    RETURNING task_id
 )
-INSERT INTO {schema}.task_runs
-    (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
-SELECT r.id, r.task_name, r.attempts, r.started_at, now(), 'lost', r.last_error, r.locked_by, NULL
-FROM rescued AS r
-RETURNING task_id;
+SELECT r.id, r.task_name, r.recurring_slot IS NOT NULL, r.state = 'queued'
+FROM rescued AS r JOIN recorded ON recorded.task_id = r.id;
 
 -- name: deregister_processor
 DELETE FROM {schema}.processors WHERE id = %(id)s;
@@ -273,3 +279,21 @@ SET LOCAL search_path TO {schema};
 -- name: listen
 -- The channel the tasks_enqueued trigger notifies: "procqueue_<schema>".
 LISTEN {channel};
+
+-- name: queue_stats
+-- Queue depth by queue and state, and how long the oldest due task has waited: what
+-- /metrics, /monitoring, the status file and `procqueue stats` report. Each branch
+-- matches one partial index's predicate (claimable, running, failed), so the statement
+-- never reads the finished rows that make up most of the table. The time limit, local to
+-- this statement, keeps a vast backlog from stalling the supervisor's loop, which also
+-- kills stuck workers: a skipped refresh is better than a late kill.
+SELECT set_config('statement_timeout', %(timeout_ms)s, true);
+SELECT queue, 'queued' AS state,
+       count(*) FILTER (WHERE run_at <= now()) AS due,
+       count(*) FILTER (WHERE run_at > now()) AS later,
+       extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8 AS oldest_due_age
+FROM {schema}.tasks WHERE state = 'queued' GROUP BY queue
+UNION ALL
+SELECT queue, 'running', count(*), 0, NULL FROM {schema}.tasks WHERE state = 'running' GROUP BY queue
+UNION ALL
+SELECT queue, 'failed', count(*), 0, NULL FROM {schema}.tasks WHERE state = 'failed' GROUP BY queue;

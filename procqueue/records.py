@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 
 class TaskState(str, enum.Enum):
@@ -110,3 +110,50 @@ class RunRecord:
     error: Optional[str]
     processor: Optional[str]
     worker: Optional[int]
+
+
+@dataclass(frozen=True)
+class ReleasedTask:
+    """A running task taken back from a worker or processor that died under it."""
+
+    task_id: int
+    task_name: str
+    recurring: bool
+    retrying: bool  # back in the queue (else failed for good: its attempts are used up)
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """How many tasks of one queue are in each state that matters to an operator."""
+
+    waiting: int = 0  # queued and due: what `{"waiting": N}` counts
+    scheduled: int = 0  # queued for later (delay_until, a retry's backoff)
+    running: int = 0
+    failed: int = 0  # failed for good, kept for the retention period
+    oldest_waiting_age_seconds: Optional[float] = None  # how long the oldest due task has waited
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """A snapshot of every queue, taken at `checked_at` (Unix seconds)."""
+
+    checked_at: float
+    queues: Mapping[str, QueueDepth]
+
+    def including(self, queue_names) -> "QueueStats":
+        """The same, with an all-zero entry for each named queue that holds no task, so
+        a queue a processor serves is reported (as empty) before its first task."""
+        queues = {name: QueueDepth() for name in queue_names}
+        queues.update(self.queues)
+        return QueueStats(self.checked_at, dict(sorted(queues.items())))
+
+    def total(self) -> QueueDepth:
+        depths = list(self.queues.values())
+        ages = [d.oldest_waiting_age_seconds for d in depths if d.oldest_waiting_age_seconds is not None]
+        return QueueDepth(
+            waiting=sum(d.waiting for d in depths),
+            scheduled=sum(d.scheduled for d in depths),
+            running=sum(d.running for d in depths),
+            failed=sum(d.failed for d in depths),
+            oldest_waiting_age_seconds=max(ages) if ages else None,
+        )

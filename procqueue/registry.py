@@ -224,6 +224,10 @@ def registered_names() -> List[str]:
     return sorted(_handlers)
 
 
+def registered_queues() -> List[str]:
+    return sorted({handler.queue for handler in _handlers.values()})
+
+
 def recurring_schedules() -> List[RecurringSchedule]:
     return [_recurring[name] for name in sorted(_recurring)]
 

@@ -29,10 +29,13 @@ from .errors import DatabaseError, ProcqueueError
 from .heartbeat import WorkerState, allocate_slots, slot_task_name, stuck_reason
 from .process_tree import begin_kill, finish_kill
 from .logs import log_event
+from .metrics import MultiprocessMetrics, TaskMetrics, initialise_series, result_label
 from .migrations import migrate
+from .monitor import STATUS_INTERVAL_SECONDS, Monitor
 from .queries import Queries
 from .selfpipe import SelfPipe
-from .records import RunOutcome
+from .records import QueueStats, RunOutcome
+from .status import SupervisorFacts
 from .worker import Worker
 from .worker_process import WORKER_BOOT_ERROR, WORKER_RECYCLED, run_worker_process
 
@@ -46,6 +49,10 @@ LOOP_TICK_SECONDS = 0.25
 KILL_GRACE_SECONDS = 0.5
 # On the way out, how long to keep trying to put back what killed workers held.
 FINAL_RELEASE_SECONDS = 10.0
+# Queue depth is read from Postgres at most this often, however often /metrics is scraped,
+# and each read may take at most QUEUE_STATS_TIMEOUT_SECONDS (a vast backlog is slow to count).
+QUEUE_STATS_INTERVAL_SECONDS = 5.0
+QUEUE_STATS_TIMEOUT_SECONDS = 2.0
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 _HANDLED_SIGNALS = _STOP_SIGNALS + (signal.SIGCHLD,)
@@ -76,7 +83,8 @@ class WorkerProcess:
 
 
 class Supervisor:
-    def __init__(self, config: ProcessorConfig, *, clock=time.monotonic) -> None:
+    def __init__(self, config: ProcessorConfig, *, clock=time.monotonic,
+                 metrics_store: Optional[MultiprocessMetrics] = None) -> None:
         self.config = config
         self.clock = clock
         self.processor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -94,6 +102,15 @@ class Supervisor:
         self.conn: Optional[Connection] = None
         self.pending_releases: Dict[int, Release] = {}
         self.restarts: Dict[str, int] = {"stuck": 0, "crashed": 0, "recycled": 0}
+        self.restarts_by_slot: Dict[int, int] = {}
+        self.tasks_lost = 0
+        self.tasks_rescued = 0
+        self.queue_stats: Optional[QueueStats] = None
+        self.database_up = False
+        self.next_status = 0.0
+        self.next_queue_stats = 0.0
+        self.task_metrics = TaskMetrics()
+        self.monitor = Monitor(config, processor_id=self.processor_id, slots=self.slots, metrics_store=metrics_store)
         self.warned_threads = False
         self.database_retry_at = 0.0
         self.database_failures = 0
@@ -117,6 +134,9 @@ class Supervisor:
     def prepare(self) -> None:
         """Everything that must happen once, before the first fork."""
         multiprocessing.current_process().name = "supervisor"
+        self.monitor.open()
+        if self.monitor.metrics_store is not None:
+            initialise_series(registry.registered_names(), [s.task_name for s in registry.recurring_schedules()])
         client.configure(database_url=self.config.database.url, schema=self.config.database.schema)
         if self.config.database.url is None:
             log_event(logger, logging.WARNING, "database.embedded", where=self.config.database.display_url,
@@ -132,8 +152,11 @@ class Supervisor:
             )
         self.heartbeat(self.conn)
         self.rescue(self.conn)
+        self.refresh_queue_stats(self.conn)
+        self.database_up = True
         log_event(logger, logging.INFO, "processor.started", processor=self.processor_id,
                   pid=os.getpid(), tasks=len(registry.registered_names()), **self.config.public_dict())
+        self.monitor.start_serving()
 
     def step(self) -> None:
         self.handle_signals()
@@ -145,6 +168,8 @@ class Supervisor:
             self.enforce_stop_deadline()
         else:
             self.spawn_missing_workers()
+        if self.clock() >= self.next_status:
+            self.publish_status()
 
     def sleep(self) -> None:
         try:
@@ -165,14 +190,39 @@ class Supervisor:
         if self.pending_releases:
             # Left leased to this processor: a peer rescues them once its heartbeat expires.
             log_event(logger, logging.ERROR, "processor.release_incomplete", workers=sorted(self.pending_releases))
-            return
+        else:
+            self.deregister()
+        self.publish_status(state="stopped")
+        self.monitor.close()
+        log_event(logger, logging.INFO, "processor.stopped", processor=self.processor_id, exit_code=self.exit_code)
+
+    def deregister(self) -> None:
         try:
             self.ensure_connected()
             self.queries.deregister_processor(self.conn, self.processor_id)
             self.conn.close()
         except (psycopg2.Error, DatabaseError) as exc:
             log_event(logger, logging.WARNING, "processor.deregister_failed", error=first_line(exc))
-        log_event(logger, logging.INFO, "processor.stopped", processor=self.processor_id, exit_code=self.exit_code)
+
+    # -- what the outside world sees ---------------------------------------------------
+
+    def publish_status(self, state: Optional[str] = None) -> None:
+        """Refresh the status document (file, /status, /healthz, /metrics)."""
+        self.next_status = self.clock() + STATUS_INTERVAL_SECONDS
+        self.monitor.publish(self.facts(state), monotonic_now=self.clock())
+
+    def facts(self, state: Optional[str] = None) -> SupervisorFacts:
+        return SupervisorFacts(
+            state=state or ("stopping" if self.stopping else "running"),
+            database_up=self.database_up,
+            queue_stats=self.queue_stats,
+            restarts=dict(self.restarts),
+            restarts_by_slot=dict(self.restarts_by_slot),
+            rss_by_slot={w.index: self.monitor.rss.read(w.pid) for w in self.workers.values()},
+            tasks_lost=self.tasks_lost,
+            tasks_rescued=self.tasks_rescued,
+            metrics_address=self.monitor.url,
+        )
 
     # -- signals -----------------------------------------------------------------------
 
@@ -242,9 +292,12 @@ class Supervisor:
     def warn_if_threads_running(self) -> None:
         """fork() copies only the calling thread: a lock another thread held (in logging,
         an SDK's exporter) stays locked for ever in the child. Say so once."""
-        if threading.active_count() > 1 and not self.warned_threads:
+        # Our own HTTP thread is built to be safe across fork (see procqueue.http).
+        others = [t for t in threading.enumerate()
+                  if t is not threading.current_thread() and not t.name.startswith("procqueue-")]
+        if others and not self.warned_threads:
             self.warned_threads = True
-            names = ", ".join(sorted(t.name for t in threading.enumerate() if t is not threading.current_thread()))
+            names = ", ".join(sorted(t.name for t in others))
             log_event(logger, logging.WARNING, "processor.threads_before_fork", threads=names,
                       note="a task module started threads; forked workers may deadlock on their locks")
 
@@ -289,6 +342,7 @@ class Supervisor:
 
     def on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
         del self.workers[worker.index]
+        self.monitor.forget_worker(worker.pid)
         slot = self.slots[worker.index]
         if slot.state in (WorkerState.IDLE, WorkerState.BUSY) or slot.tasks_done > worker.done_at_spawn:
             worker.reached_loop = self.any_worker_ran = True
@@ -306,6 +360,7 @@ class Supervisor:
         if expected:
             log_event(logger, logging.DEBUG, "worker.exited", worker=worker.index, pid=worker.pid)
             return
+        self.restarts_by_slot[worker.index] = self.restarts_by_slot.get(worker.index, 0) + 1
         if os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_RECYCLED:
             self.restarts["recycled"] += 1
             log_event(logger, logging.INFO, "worker.recycled", worker=worker.index, pid=worker.pid)
@@ -354,7 +409,10 @@ class Supervisor:
                 self.heartbeat(self.conn)
             if self.clock() >= self.next_rescue and not self.stopping:
                 self.rescue(self.conn)
+            if self.clock() >= self.next_queue_stats:
+                self.refresh_queue_stats(self.conn)
             self.database_failures = 0
+            self.database_up = True
         except (psycopg2.Error, DatabaseError) as exc:
             self.on_database_error(exc)
 
@@ -365,9 +423,12 @@ class Supervisor:
                 error=release.cause, outcome=release.outcome, charge=release.charge,
             )
             del self.pending_releases[index]
-            if released:
-                log_event(logger, logging.WARNING, "task.lost", task_id=release.in_flight, worker=index,
-                          cause=release.cause)
+            for task in released:
+                self.tasks_lost += 1
+                self.task_metrics.run_finished(task.task_name, task.recurring,
+                                               result_label(release.outcome, task.retrying), None)
+                log_event(logger, logging.WARNING, "task.lost", task_id=task.task_id, task=task.task_name,
+                          worker=index, cause=release.cause)
 
     def heartbeat(self, conn: Connection) -> None:
         self.queries.processor_heartbeat(conn, processor=self.processor_id, hostname=socket.gethostname(),
@@ -378,12 +439,27 @@ class Supervisor:
         rescued = self.queries.rescue_dead_processors(
             conn, expiry_seconds=self.config.rescue_after_seconds, rescuer=self.processor_id
         )
+        for task in rescued:
+            self.tasks_rescued += 1
+            self.task_metrics.run_finished(task.task_name, task.recurring, result_label(RunOutcome.LOST, task.retrying),
+                                           None)
         if rescued:
-            log_event(logger, logging.WARNING, "tasks.rescued", count=len(rescued), task_ids=rescued[:20])
+            log_event(logger, logging.WARNING, "tasks.rescued", count=len(rescued),
+                      task_ids=[task.task_id for task in rescued[:20]])
         self.next_rescue = self.clock() + self.config.rescue_after_seconds / 4
+
+    def refresh_queue_stats(self, conn: Connection) -> None:
+        self.next_queue_stats = self.clock() + QUEUE_STATS_INTERVAL_SECONDS
+        try:
+            stats = self.queries.queue_stats(conn, timeout_seconds=QUEUE_STATS_TIMEOUT_SECONDS, now=time.time())
+            self.queue_stats = stats.including(set(registry.registered_queues()) | set(self.config.queues))
+        except psycopg2.errors.QueryCanceled:
+            log_event(logger, logging.WARNING, "queue_stats.timeout", timeout_s=QUEUE_STATS_TIMEOUT_SECONDS,
+                      note="counting the queue took too long; the figures shown are older")
 
     def on_database_error(self, exc: BaseException) -> None:
         self.database_failures += 1
+        self.database_up = False
         delay = RESPAWN_BACKOFF_SECONDS[min(self.database_failures, len(RESPAWN_BACKOFF_SECONDS)) - 1]
         log_event(logger, logging.WARNING, "supervisor.database_error", error=first_line(exc), retry_in_s=float(delay),
                   pending_releases=len(self.pending_releases))

@@ -25,6 +25,7 @@ from .errors import DatabaseError
 from .execution import execute
 from .heartbeat import SlotWriter, WorkerState
 from .logs import log_event
+from .metrics import TaskMetrics, result_label
 from .queries import Queries
 from .selfpipe import SelfPipe
 from .records import ClaimedTask, RunOutcome, TaskOutcome, TaskState
@@ -73,6 +74,7 @@ class Worker:
         self.parent_pid = os.getppid()
         self.tasks_run = 0
         self.recycle_reason: Optional[str] = None
+        self.metrics = TaskMetrics()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -166,6 +168,7 @@ class Worker:
         self.board.task_finished(failed=outcome.outcome is not RunOutcome.SUCCEEDED)
         self.board.set_state(WorkerState.IDLE)
         self.tasks_run += 1
+        self.record_metrics(task, outcome)
         self.check_recycling()
         if not self.pending:
             self.pending_since = self.clock()
@@ -176,6 +179,13 @@ class Worker:
         if task.recurring_slot is not None or self.clock() - self.pending_since >= FLUSH_AFTER_SECONDS:
             self.flush()
         return outcome
+
+    def record_metrics(self, task: ClaimedTask, outcome: TaskOutcome) -> None:
+        recurring = task.recurring_slot is not None
+        retrying = outcome.state is TaskState.QUEUED
+        duration = (outcome.finished_at - outcome.started_at).total_seconds()
+        self.metrics.run_started(task.task_name, task.queue, (outcome.started_at - task.run_at).total_seconds())
+        self.metrics.run_finished(task.task_name, recurring, result_label(outcome.outcome, retrying), duration)
 
     def check_recycling(self) -> None:
         """Past --max-tasks-per-worker or --max-memory-per-worker, finish up and leave: the

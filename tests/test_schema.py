@@ -85,12 +85,15 @@ def test_version_1_database_is_upgraded_in_place(fresh_schema):
     table = sql.Identifier(name)
     with conn.cursor() as cur:  # wind it back to what version 1 created
         cur.execute(sql.SQL("ALTER TABLE {}.recurring_tasks DROP COLUMN args, DROP COLUMN kwargs").format(table))
-        cur.execute(sql.SQL("DELETE FROM {}.schema_version WHERE version = 2").format(table))
+        cur.execute(sql.SQL("DROP INDEX {}.tasks_failed_by_queue").format(table))
+        cur.execute(sql.SQL("DELETE FROM {}.schema_version WHERE version >= 2").format(table))
         cur.execute(sql.SQL("INSERT INTO {}.tasks (task_name) VALUES ('kept')").format(table))
     assert installed_version(conn, name) == 1
     assert migrate(conn, name) is True
-    assert installed_version(conn, name) == 2
+    assert installed_version(conn, name) == SCHEMA_VERSION
     with conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT args, kwargs FROM {}.recurring_tasks").format(table))
+        cur.execute("SELECT to_regclass(%s)", (f"{name}.tasks_failed_by_queue",))
+        assert cur.fetchone()[0] is not None
         cur.execute(sql.SQL("SELECT task_name FROM {}.tasks").format(table))
         assert cur.fetchall() == [("kept",)]  # data survives the upgrade

@@ -1,0 +1,217 @@
+"""The health verdict on a processor, read from its status document.
+
+One verdict, three doors: `procqueue-health` (a Kubernetes liveness probe, run every few
+seconds), `procqueue health`, and the supervisor's `/healthz`. A probe must answer fast, so
+this module imports only the standard library and `procqueue.config` (itself stdlib-only);
+never psycopg2, click or prometheus-client.
+
+The rule for "stuck" lives here too, and the supervisor judges its workers with the same
+function, so the probe and the supervisor can never disagree about a worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+STATUS_VERSION = 1
+# The worker's own timeout fires at the task's deadline; only if it could not act on it
+# (frozen in C code, signal blocked) is it stuck, this much later.
+HARD_TIMEOUT_MARGIN_SECONDS = 1.0
+# The supervisor rewrites the status file every second, but its loop may wait up to about
+# 15 s on a database that stopped answering (TCP user timeout): a liveness probe must not
+# restart a pod for that, since a restart would not bring the database back.
+DEFAULT_MAX_AGE_SECONDS = 30.0
+DEFAULT_MIN_HEALTHY_WORKERS = 1
+
+EXIT_HEALTHY = 0
+EXIT_UNHEALTHY = 1
+EXIT_USAGE = 2
+
+
+class StatusError(Exception):
+    """The status file cannot be used: missing, unreadable, not a status document."""
+
+
+@dataclass
+class Verdict:
+    healthy: bool
+    reasons: List[str] = field(default_factory=list)
+    state: Optional[str] = None
+    age_seconds: Optional[float] = None
+    workers_healthy: int = 0
+    workers: int = 0
+
+
+def stuck_reason(
+    *, busy: bool, silent_seconds: float, overdue_seconds: float, task_id: Optional[int], grace_seconds: float
+) -> Optional[str]:
+    """Why a worker counts as stuck, or None. A busy worker does not beat while its task
+    runs, so it is judged by the task's deadline; any other by its heartbeat."""
+    if busy:
+        if overdue_seconds > HARD_TIMEOUT_MARGIN_SECONDS:
+            return f"task {task_id} ran {overdue_seconds:.1f}s past its timeout"
+        return None
+    if silent_seconds > grace_seconds:
+        return f"no heartbeat for {silent_seconds:.1f}s (grace period {grace_seconds:g}s)"
+    return None
+
+
+def load_status(path: Path) -> dict:
+    """The status document at `path`, or StatusError saying in one line what is wrong."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StatusError(f"status file {path} does not exist (is the processor running with this --status-file?)")
+    except OSError as exc:
+        raise StatusError(f"cannot read status file {path}: {exc.strerror or exc}")
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise StatusError(f"status file {path} is not valid JSON ({exc})") from None
+    if not isinstance(document, dict) or "version" not in document:
+        raise StatusError(f"status file {path} is not a procqueue status document")
+    return document
+
+
+def judge(document: dict, *, now: float, max_age: float, min_healthy_workers: int) -> Verdict:
+    """Healthy when the supervisor updated the document within `max_age` seconds, is not
+    stopped, no worker is stuck, and at least `min_healthy_workers` workers are running."""
+    if document.get("version") != STATUS_VERSION:
+        return Verdict(False, [f"unsupported status document version {document.get('version')!r} "
+                               f"(this procqueue reads version {STATUS_VERSION})"])
+    verdict = Verdict(True, state=document.get("state"))
+    verdict.age_seconds = max(0.0, now - float(document.get("updated_at_unix", 0)))
+    if verdict.state == "stopped":
+        verdict.reasons.append(f"processor stopped at {document.get('updated_at')}")
+    elif verdict.age_seconds > max_age:
+        verdict.reasons.append(f"status is {verdict.age_seconds:.1f}s old (max {max_age:g}s): "
+                               f"the supervisor (pid {document.get('pid')}) is not updating it")
+    elif verdict.state == "running":
+        judge_workers(document, verdict, min_healthy_workers)
+    verdict.healthy = not verdict.reasons
+    return verdict
+
+
+def judge_workers(document: dict, verdict: Verdict, min_healthy_workers: int) -> None:
+    # The document was true at updated_at; the clock has moved on since, and a worker
+    # that has not beaten since is that much more silent now.
+    elapsed = verdict.age_seconds or 0.0
+    grace = float(document.get("config", {}).get("graceperiodms", 0)) / 1000
+    workers = document.get("workers", [])
+    verdict.workers = len(workers)
+    for worker in workers:
+        if not worker.get("pid"):
+            continue
+        problem = worker_problem(worker, elapsed, grace)
+        if problem:
+            verdict.reasons.append(f"worker {worker.get('slot')} (pid {worker.get('pid')}) is stuck: {problem}")
+        else:
+            verdict.workers_healthy += 1
+    if verdict.workers_healthy < min_healthy_workers:
+        verdict.reasons.append(f"{verdict.workers_healthy} of {verdict.workers} workers healthy "
+                               f"(at least {min_healthy_workers} required)")
+
+
+def worker_problem(worker: dict, elapsed: float, grace_seconds: float) -> Optional[str]:
+    task = worker.get("task")
+    if worker.get("state") == "busy" and task:
+        overdue = float(task.get("running_seconds", 0)) + elapsed - float(task.get("timeout_seconds", 0))
+        return stuck_reason(busy=True, silent_seconds=0.0, overdue_seconds=overdue, task_id=task.get("id"),
+                            grace_seconds=grace_seconds)
+    silent = float(worker.get("heartbeat_age_seconds") or 0) + elapsed
+    return stuck_reason(busy=False, silent_seconds=silent, overdue_seconds=0.0, task_id=None,
+                        grace_seconds=grace_seconds)
+
+
+def check_file(path: Path, *, max_age: float, min_healthy_workers: int, now: Optional[float] = None) -> Verdict:
+    try:
+        document = load_status(path)
+    except StatusError as exc:
+        return Verdict(False, [str(exc)])
+    return judge(document, now=time.time() if now is None else now, max_age=max_age,
+                 min_healthy_workers=min_healthy_workers)
+
+
+def summary_line(verdict: Verdict) -> str:
+    if not verdict.healthy:
+        return "; ".join(verdict.reasons)
+    if verdict.state == "stopping":
+        return f"healthy: stopping (draining), status {verdict.age_seconds:.1f}s old"
+    return f"healthy: {verdict.workers_healthy} of {verdict.workers} workers, status {verdict.age_seconds:.1f}s old"
+
+
+# -- procqueue-health ---------------------------------------------------------------
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors in one line and exit code 2, as every procqueue command."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_seconds(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid value {raw!r} (expected seconds > 0)")
+    return value
+
+
+def _count(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid value {raw!r} (expected an integer >= 0)")
+    return value
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    from .config import default_status_file
+
+    parser = _OneLineParser(
+        prog=prog,
+        description="Exit 0 if the procqueue processor writing the status file is healthy, 1 if not "
+                    "(with the reason on stderr), 2 on a usage error. For Kubernetes liveness probes.",
+    )
+    parser.add_argument("--status-file", type=Path, default=None, metavar="PATH",
+                        help=f"the processor's status file [env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}]")
+    parser.add_argument("--max-age", type=_positive_seconds, default=DEFAULT_MAX_AGE_SECONDS, metavar="SECONDS",
+                        help=f"unhealthy if the supervisor has not updated the file for this long "
+                             f"[default: {DEFAULT_MAX_AGE_SECONDS:g}]")
+    parser.add_argument("--min-healthy-workers", type=_count, default=DEFAULT_MIN_HEALTHY_WORKERS, metavar="N",
+                        help="unhealthy if fewer workers are running and not stuck "
+                             f"[default: {DEFAULT_MIN_HEALTHY_WORKERS}]")
+    parser.add_argument("--json", action="store_true", help="print the verdict and its reasons as JSON")
+    return parser
+
+
+def run(argv: Optional[Sequence[str]] = None, prog: str = "procqueue-health") -> int:
+    from .config import default_status_file
+
+    options = build_parser(prog).parse_args(argv)
+    path = options.status_file or default_status_file()
+    verdict = check_file(path, max_age=options.max_age, min_healthy_workers=options.min_healthy_workers)
+    if options.json:
+        print(json.dumps(dict(asdict(verdict), status_file=str(path)), indent=2))
+    elif verdict.healthy:
+        print(summary_line(verdict))
+    if not verdict.healthy:
+        print(f"{prog}: unhealthy: {summary_line(verdict)}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    return EXIT_HEALTHY
+
+
+def main() -> None:
+    """Console entry point of `procqueue-health`."""
+    sys.exit(run())

@@ -1,0 +1,108 @@
+"""What the supervisor shows the outside world, refreshed once a second.
+
+The status document (the status file, /status), the health verdict (/healthz), the
+Prometheus metrics (/metrics) and Flagsmith's `{"waiting": N}` (/monitoring) all come
+from one document per second, so they never disagree. Nothing here may stop the
+supervisor: a status file that cannot be written is logged, and the supervisor carries on
+killing and replacing workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Optional
+
+import psutil
+
+from .config import ProcessorConfig
+from .http import MonitoringServer
+from .logs import log_event
+from .metrics import MultiprocessMetrics, exposition, processor_registry
+from .status import StatusFile, StatusReport, SupervisorFacts
+
+logger = logging.getLogger("procqueue.supervisor")
+
+STATUS_INTERVAL_SECONDS = 1.0
+
+
+class Monitor:
+    def __init__(self, config: ProcessorConfig, *, processor_id: str, slots,
+                 metrics_store: Optional[MultiprocessMetrics]) -> None:
+        self.config = config
+        self.slots = slots
+        self.report = StatusReport(config, processor_id=processor_id, started_at=time.time())
+        self.file = StatusFile(config.status_file)
+        self.metrics_store = metrics_store
+        self.server: Optional[MonitoringServer] = None
+        self.latest: Optional[dict] = None  # replaced whole, read by the HTTP thread
+        self.file_failing = False
+        self.rss = RssReader()
+
+    def open(self) -> None:
+        """Before anything else starts: fail now, with a clear message, if the status file
+        cannot be written or the metrics port cannot be bound."""
+        self.file.prepare()
+        if self.config.metrics_port is not None and self.metrics_store is not None:
+            registry = processor_registry(self.metrics_store, lambda: self.latest)
+            self.server = MonitoringServer(
+                self.config.metrics_host, self.config.metrics_port, status_source=lambda: self.latest,
+                metrics_source=lambda accept: exposition(registry, accept),
+            )
+
+    def start_serving(self) -> None:
+        if self.server is not None:
+            self.server.start()
+            host, port = self.server.address
+            log_event(logger, logging.INFO, "metrics.listening", host=host, port=port,
+                      endpoints="/metrics,/healthz,/status,/monitoring")
+
+    @property
+    def url(self) -> Optional[str]:
+        return self.server.url if self.server is not None else None
+
+    def publish(self, facts: SupervisorFacts, *, monotonic_now: float) -> None:
+        self.latest = self.report.document(self.slots, facts, now=time.time(), monotonic_now=monotonic_now)
+        try:
+            self.file.write(self.latest)
+        except OSError as exc:
+            if not self.file_failing:  # once per failure streak, not once a second
+                log_event(logger, logging.ERROR, "status.write_failed", path=str(self.file.path),
+                          error=exc.strerror or str(exc))
+            self.file_failing = True
+            return
+        if self.file_failing:
+            log_event(logger, logging.INFO, "status.write_recovered", path=str(self.file.path))
+        self.file_failing = False
+
+    def forget_worker(self, pid: int) -> None:
+        """A worker was reaped: keep its counts (archived), drop its process handle."""
+        self.rss.forget(pid)
+        if self.metrics_store is not None:
+            self.metrics_store.archive_process(pid)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.metrics_store is not None:
+            self.metrics_store.remove()
+        self.file.remove_temporary()
+
+
+class RssReader:
+    """Resident memory of worker processes, for the status document and /metrics."""
+
+    def __init__(self) -> None:
+        self.processes: Dict[int, psutil.Process] = {}
+
+    def read(self, pid: int) -> Optional[int]:
+        try:
+            process = self.processes.get(pid)
+            if process is None:
+                process = self.processes[pid] = psutil.Process(pid)
+            return process.memory_info().rss
+        except psutil.Error:
+            return None
+
+    def forget(self, pid: int) -> None:
+        self.processes.pop(pid, None)

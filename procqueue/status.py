@@ -1,0 +1,231 @@
+"""The status document: what a processor tells scripts, the health probe and /status.
+
+The supervisor builds it once a second from its shared-memory slots and what it knows
+itself, and rewrites the status file with it atomically (a temporary file in the same
+directory, then a rename over the old one), so a reader sees the previous document or
+the new one, never half of one. `version` changes when a field changes meaning; every
+field is described in the README.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional
+
+from .config import ProcessorConfig
+from .errors import ConfigError
+from .health import STATUS_VERSION
+from .heartbeat import WorkerSlot, WorkerState, slot_task_name, stuck_reason
+from .records import QueueStats
+
+
+@dataclass(frozen=True)
+class SupervisorFacts:
+    """What the supervisor knows beyond the slots, handed to the report each second."""
+
+    state: str  # running, stopping, stopped
+    database_up: bool
+    queue_stats: Optional[QueueStats]
+    restarts: Mapping[str, int]  # by reason
+    restarts_by_slot: Mapping[int, int]
+    rss_by_slot: Mapping[int, int] = field(default_factory=dict)
+    tasks_lost: int = 0
+    tasks_rescued: int = 0
+    metrics_address: Optional[str] = None  # http://host:port, once listening
+
+
+class StatusReport:
+    """Builds status documents for one processor."""
+
+    def __init__(self, config: ProcessorConfig, *, processor_id: str, started_at: float) -> None:
+        self.config = config
+        self.processor_id = processor_id
+        self.started_at = started_at
+        self.hostname = socket.gethostname()
+        self.public_config = config.public_dict()
+
+    def document(self, slots, facts: SupervisorFacts, *, now: float, monotonic_now: float) -> dict:
+        workers = [
+            worker_entry(index, slot, monotonic_now, self.config.grace_period_ms / 1000,
+                         facts.restarts_by_slot.get(index, 0), facts.rss_by_slot.get(index))
+            for index, slot in enumerate(slots)
+        ]
+        return {
+            "version": STATUS_VERSION,
+            "processor_id": self.processor_id,
+            "pid": os.getpid(),
+            "hostname": self.hostname,
+            "state": facts.state,
+            "started_at": iso(self.started_at),
+            "started_at_unix": round(self.started_at, 3),
+            "updated_at": iso(now),
+            "updated_at_unix": round(now, 3),
+            "database_up": facts.database_up,
+            "metrics_url": facts.metrics_address,
+            "config": self.public_config,
+            "workers": workers,
+            "queue": queue_section(facts.queue_stats),
+            "totals": totals_section(workers, facts),
+        }
+
+
+def worker_entry(index: int, slot: WorkerSlot, now: float, grace: float, restarts: int,
+                 rss_bytes: Optional[int]) -> dict:
+    # Read each field once: the worker writes its slot while this runs, and a task shown
+    # must be the one whose id, start and deadline were read together (a worker sets the
+    # state last when a task starts and first when it ends).
+    state, pid, heartbeat = slot.state, slot.pid, slot.heartbeat
+    task_id, started, deadline = slot.task_id, slot.task_started, slot.task_deadline
+    busy = state == WorkerState.BUSY and task_id and started and deadline
+    task = None
+    if busy:
+        task = {"id": task_id, "name": slot_task_name(slot), "running_seconds": round(now - started, 3),
+                "timeout_seconds": round(deadline - started, 3)}
+    verdict = stuck_reason(slot, now, grace) if pid else None
+    return {
+        "slot": index,
+        "pid": pid or None,
+        "state": WorkerState(state).name.lower() if pid else "empty",
+        "heartbeat_age_seconds": round(now - heartbeat, 3) if pid and heartbeat else None,
+        "task": task,
+        "tasks_done": slot.tasks_done,
+        "tasks_failed": slot.tasks_failed,
+        "restarts": restarts,
+        "rss_bytes": rss_bytes,
+        "stuck": verdict[1] if verdict else None,
+    }
+
+
+def queue_section(stats: Optional[QueueStats]) -> Optional[dict]:
+    if stats is None:
+        return None
+    total = stats.total()
+    return {
+        "checked_at": iso(stats.checked_at),
+        "checked_at_unix": round(stats.checked_at, 3),
+        **depth_fields(total),
+        "by_queue": {name: depth_fields(depth) for name, depth in stats.queues.items()},
+    }
+
+
+def depth_fields(depth) -> dict:
+    age = depth.oldest_waiting_age_seconds
+    return {"waiting": depth.waiting, "scheduled": depth.scheduled, "running": depth.running,
+            "failed": depth.failed, "oldest_waiting_age_seconds": None if age is None else round(age, 3)}
+
+
+def totals_section(workers: List[dict], facts: SupervisorFacts) -> dict:
+    return {
+        "workers_running": sum(1 for w in workers if w["pid"]),
+        "tasks_done": sum(w["tasks_done"] for w in workers),
+        "tasks_failed": sum(w["tasks_failed"] for w in workers),
+        "restarts": {reason: facts.restarts.get(reason, 0) for reason in ("stuck", "crashed", "recycled")},
+        "tasks_lost": facts.tasks_lost,
+        "tasks_rescued": facts.tasks_rescued,
+    }
+
+
+def iso(unix_seconds: float) -> str:
+    return datetime.fromtimestamp(unix_seconds, timezone.utc).isoformat(timespec="milliseconds")
+
+
+class StatusFile:
+    """The file, rewritten whole: write a temporary file beside it, then rename."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+
+    def prepare(self) -> None:
+        """Create the directory and prove the file can be written, or say why not: a
+        processor that cannot tell its liveness probe it is alive would be restarted over
+        and over, so this is a start-up error, not a warning."""
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.write({"version": STATUS_VERSION, "state": "starting"})
+        except OSError as exc:
+            raise ConfigError(f"cannot write --status-file {self.path}: {exc.strerror or exc}") from None
+
+    def write(self, document: Dict) -> None:
+        """Raises OSError (disk full, directory removed); the caller decides what that means."""
+        data = json.dumps(document, indent=1, sort_keys=False).encode("utf-8")
+        fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.replace(self.temporary, self.path)
+
+    def remove_temporary(self) -> None:
+        try:
+            self.temporary.unlink()
+        except OSError:
+            pass
+
+
+# -- reading it: `procqueue status` ---------------------------------------------------
+
+
+def render_text(document: dict, now: float) -> str:
+    """The status document as a person reads it: a header, the queue, a table of workers."""
+    lines = [header_line(document, now), f"database: {document['config']['database']}"
+             + (f"   metrics: {document['metrics_url']}" if document.get("metrics_url") else ""),
+             queue_line(document.get("queue"), now), ""]
+    rows = [("SLOT", "PID", "STATE", "HEARTBEAT", "TASK", "RUNNING", "DONE", "FAILED", "RESTARTS", "RSS")]
+    rows += [worker_row(worker) for worker in document.get("workers", [])]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines += [""] + [f"STUCK worker {w['slot']}: {w['stuck']}" for w in document.get("workers", []) if w.get("stuck")]
+    totals = document.get("totals", {})
+    restarts = totals.get("restarts", {})
+    lines.append(f"restarts: stuck {restarts.get('stuck', 0)}, crashed {restarts.get('crashed', 0)}, "
+                 f"recycled {restarts.get('recycled', 0)}; tasks lost {totals.get('tasks_lost', 0)}, "
+                 f"rescued from dead processors {totals.get('tasks_rescued', 0)}")
+    return "\n".join(lines)
+
+
+def header_line(document: dict, now: float) -> str:
+    age = now - document.get("updated_at_unix", 0)
+    up = document.get("updated_at_unix", 0) - document.get("started_at_unix", 0)
+    return (f"processor {document.get('processor_id')} (pid {document.get('pid')}) on {document.get('hostname')}: "
+            f"{document.get('state')}, up {duration(up)}, status {age:.1f}s old")
+
+
+def queue_line(queue: Optional[dict], now: float) -> str:
+    if not queue:
+        return "queue: not read from the database yet"
+    oldest = queue.get("oldest_waiting_age_seconds")
+    waited = f" (oldest waited {duration(oldest)})" if oldest else ""
+    return (f"queue: {queue['waiting']} waiting{waited}, {queue['scheduled']} scheduled, "
+            f"{queue['running']} running, {queue['failed']} failed   (read {now - queue['checked_at_unix']:.0f}s ago)")
+
+
+def worker_row(worker: dict) -> tuple:
+    task = worker.get("task")
+    heartbeat = worker.get("heartbeat_age_seconds")
+    rss = worker.get("rss_bytes")
+    return (
+        str(worker["slot"]), str(worker.get("pid") or "-"), worker["state"],
+        "-" if heartbeat is None or task else f"{heartbeat:.1f}s",
+        f"#{task['id']} {task['name']}" if task else "-",
+        f"{duration(task['running_seconds'])}/{duration(task['timeout_seconds'])}" if task else "-",
+        str(worker.get("tasks_done", 0)), str(worker.get("tasks_failed", 0)), str(worker.get("restarts", 0)),
+        f"{rss / 2**20:.0f} MB" if rss else "-",
+    )
+
+
+def duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
