@@ -67,7 +67,12 @@ class Worker:
         self.pending_since = 0.0
         self.stopping = False
         self.wakeup: Optional[SelfPipe] = None  # set in the worker process: signals write to it
-        self.recurring_names = [s.task_name for s in registry.recurring_schedules()]
+        # Only schedules this processor would run: one that serves other queues must not
+        # enqueue a task per interval that nobody here will ever claim.
+        self.recurring_names = [
+            s.task_name for s in registry.recurring_schedules()
+            if not config.queues or registry.get_handler(s.task_name).queue in config.queues
+        ]
         self.next_recurring_check = 0.0
         self.next_poll = 0.0
         self.connection_failures = 0
@@ -292,7 +297,17 @@ class Worker:
         self.conn = connect(self.config.database, application_name=f"procqueue-worker-{self.index}")
         self.queries.listen(self.conn)
         if self.connection_failures:
+            self.recover_leases()
             log_event(logger, logging.INFO, "worker.reconnected", worker=self.index)
+
+    def recover_leases(self) -> None:
+        """After a lost connection, settle everything still leased to this worker. A claim
+        whose reply was lost committed all the same, and a batch cut short by a failed
+        flush has tasks that will never run here: both sit in `running` under a live
+        processor, which no rescue touches. Outcomes still pending are recorded first
+        (those runs happened); whatever else this slot holds goes back, unstarted."""
+        self.flush()
+        self._release_unstarted()
 
     def _release_unstarted(self) -> None:
         released = self.queries.release_worker_tasks(
