@@ -257,6 +257,41 @@ def test_worker_runs_only_its_queues(db, processor_config):
         procqueue.registry.unregister(["test_worker.on_mail_queue"])
 
 
+def test_tasks_whose_claim_reply_was_lost_are_put_back_when_the_worker_reconnects(db, processor_config):
+    from procqueue.queries import Queries
+
+    worker = Worker(processor_config, processor_id="p", index=0)
+    worker.recurring_names = []
+    ids = procqueue.enqueue_many([collect.call(args=(n,)) for n in range(3)])
+    try:
+        worker.ensure_connected()
+        # The worker's claim committed on the server, then the connection died before the
+        # reply came: the tasks are leased to this worker, which never saw them.
+        Queries("procqueue").claim(db, processor="p", worker=0, limit=10)
+        worker.conn.close()
+        worker.connection_failures = 1  # as the loop counts a lost connection
+        ran = worker.step()  # reconnects, puts them back, claims them again
+        while ran:
+            ran = worker.step()
+        assert sorted(calls) == [0, 1, 2]
+        tasks = [procqueue.get_task(task_id) for task_id in ids]
+        assert [(t.state, t.attempts) for t in tasks] == [(TaskState.SUCCEEDED, 1)] * 3  # no attempt charged
+    finally:
+        worker.close()
+
+
+def test_a_worker_schedules_only_recurring_tasks_of_the_queues_it_runs(processor_config):
+    from dataclasses import replace
+
+    import procqueue.maintenance  # noqa: F401 (registers the clean-up, a default-queue recurring task)
+
+    every_queue = Worker(processor_config, processor_id="p", index=0)
+    mail_only = Worker(replace(processor_config, queues=("mail",)), processor_id="p", index=0)
+    assert "procqueue.clean_up_old_tasks" in every_queue.recurring_names
+    # It would enqueue one task per interval that no processor of its kind ever claims.
+    assert mail_only.recurring_names == []
+
+
 def test_exception_messages_postgres_cannot_store_are_recorded_cleaned(worker):
     @register_task_handler(task_name="test_worker.binary_error", max_attempts=1)
     def binary_error():
