@@ -140,15 +140,29 @@ class MultiprocessMetrics:
         with self.lock:
             for kind in _ARCHIVED_TYPES:
                 dead = self.directory / f"{kind}_{pid}.db"
-                if dead.exists():
+                if not dead.exists():
+                    continue
+                if dead.stat().st_size >= 8:  # else it died creating it: nothing counted yet
                     _add_file_into(dead, self.directory / f"{kind}_archive.db")
-                    dead.unlink()
+                dead.unlink()
             mark_process_dead(pid, str(self.directory))
 
     def collect(self) -> Iterable:
         with self.lock:
-            files = glob.glob(os.path.join(self.directory, "*.db"))
-            return list(MultiProcessCollector.merge(files, accumulate=True))
+            return list(MultiProcessCollector.merge(self.readable_files(), accumulate=True))
+
+    def readable_files(self) -> List[str]:
+        """The metric files, less any a process is creating at this instant: it opens the
+        file, then sizes it, and the library cannot read it in between (a scrape would
+        fail). Files only grow, so one seen sized stays readable."""
+        files = []
+        for path in glob.glob(os.path.join(self.directory, "*.db")):
+            try:
+                if os.path.getsize(path) >= 8:
+                    files.append(path)
+            except OSError:  # a live gauge file removed meanwhile
+                continue
+        return files
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -78,8 +78,12 @@ class Monitor:
     def forget_worker(self, pid: int) -> None:
         """A worker was reaped: keep its counts (archived), drop its process handle."""
         self.rss.forget(pid)
-        if self.metrics_store is not None:
+        if self.metrics_store is None:
+            return
+        try:
             self.metrics_store.archive_process(pid)
+        except (OSError, ValueError) as exc:  # disk full, a damaged file: metrics suffer, not workers
+            log_event(logger, logging.ERROR, "metrics.archive_failed", pid=pid, error=str(exc))
 
     def close(self) -> None:
         if self.server is not None:

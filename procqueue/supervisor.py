@@ -343,6 +343,7 @@ class Supervisor:
     def on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
         del self.workers[worker.index]
         self.monitor.forget_worker(worker.pid)
+        self.next_status = 0.0  # show it at once, not up to a second later
         slot = self.slots[worker.index]
         if slot.state in (WorkerState.IDLE, WorkerState.BUSY) or slot.tasks_done > worker.done_at_spawn:
             worker.reached_loop = self.any_worker_ran = True
