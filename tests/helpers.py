@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
-from typing import Callable, List, Optional, TypeVar
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, TypeVar
 
 REPO = Path(__file__).resolve().parent.parent
 # Every process a test run starts carries this in its environment, so whatever survives
@@ -40,6 +43,9 @@ class ProcessorProcess:
         env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
         env.pop("TASK_RUN_METHOD", None)
         env[SESSION_MARKER] = SESSION_ID
+        # Its own status file: never the shared default under /tmp, which would outlive the run.
+        self.status_path = log_path.with_name(log_path.stem + ".status.json")
+        env["PROCQUEUE_STATUS_FILE"] = str(self.status_path)
         env.update(extra_env or {})
         self.log_path = log_path
         self._log = open(log_path, "wb")
@@ -60,6 +66,25 @@ class ProcessorProcess:
 
     def _died(self) -> bool:
         return self.proc.poll() is not None
+
+    def status(self) -> Optional[dict]:
+        """The status document it last wrote, or None before the first."""
+        try:
+            document = json.loads(self.status_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return document if document.get("state") != "starting" else None
+
+    def wait_for_status(self, predicate: Callable[[dict], bool], timeout: float = 15.0, message: str = "") -> dict:
+        def matching():
+            document = self.status()
+            return document if document is not None and predicate(document) else None
+
+        return wait_until(matching, timeout, message=message or "status document")
+
+    def metrics_port(self, timeout: float = 15.0) -> int:
+        document = self.wait_for_status(lambda d: bool(d.get("metrics_url")), timeout, "metrics endpoint")
+        return int(document["metrics_url"].rsplit(":", 1)[1])
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, as Kubernetes stops a pod; returns the exit code."""
@@ -110,3 +135,33 @@ def kill_session_leftovers() -> int:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return killed
+
+
+Samples = Dict[Tuple[str, FrozenSet[Tuple[str, str]]], float]
+
+
+def http_get(port: int, path: str, accept: str = "") -> Tuple[int, str, bytes]:
+    """(status, content type, body) of GET http://127.0.0.1:port/path."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers={"Accept": accept} if accept else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.headers.get("Content-Type", ""), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.headers.get("Content-Type", ""), error.read()
+
+
+def scrape(port: int) -> Samples:
+    """Every sample on /metrics, parsed by prometheus-client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, _, body = http_get(port, "/metrics")
+    assert status == 200, body
+    samples: Samples = {}
+    for family in text_string_to_metric_families(body.decode("utf-8")):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)

@@ -102,3 +102,9 @@ def c_call_holding_gil() -> None:
     libc = ctypes.PyDLL(None)
     while True:  # sleep() returns early when a signal (the stack dump) arrives
         libc.sleep(120)
+
+
+@register_task_handler(task_name="sample.fail_elsewhere", queue="elsewhere", max_attempts=1)
+def fail_elsewhere() -> None:
+    """On a queue of its own, for processors told to run only that queue."""
+    raise RuntimeError("failed elsewhere")

@@ -1,0 +1,344 @@
+"""What an operator sees of a running processor: /metrics, the status file,
+procqueue-health, /healthz, /status, /monitoring, `procqueue status|stats` and the logs.
+Real processors, real signals, real Postgres."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import psutil
+import pytest
+from psycopg2.extensions import make_dsn, parse_dsn
+
+import procqueue
+from procqueue import TaskState
+
+from helpers import REPO, http_get, sample, scrape, wait_until
+
+import sample_tasks
+
+FINISHED = "procqueue_tasks_finished_total"
+MONOTONIC_SUFFIXES = ("_total", "_count", "_bucket", "_sum")
+
+
+def finished(samples, task, result, task_type="standard"):
+    return sample(samples, FINISHED, task_identifier=task, task_type=task_type, result=result)
+
+
+class CounterWatch:
+    """Scrapes /metrics and fails the test the moment any counter is lower than before."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.seen: dict = {}
+        self.scrapes = 0
+
+    def scrape(self) -> dict:
+        samples = scrape(self.port)
+        for key, value in samples.items():
+            if key[0].startswith("procqueue_") and key[0].endswith(MONOTONIC_SUFFIXES):
+                previous = self.seen.get(key)
+                assert previous is None or value >= previous, f"{key} went back from {previous} to {value}"
+                self.seen[key] = value
+        self.scrapes += 1
+        return samples
+
+
+def run_command(*args, env=None, timeout=30):
+    return subprocess.run([sys.executable, "-m", "procqueue", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, PYTHONPATH=str(REPO), **(env or {})))
+
+
+def health(processor, *args):
+    return subprocess.run([sys.executable, "-c", "from procqueue.health import main; main()",
+                           "--status-file", str(processor.status_path), *args],
+                          capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def worker_running(processor, task_id):
+    """The pid of the worker the status document shows running `task_id`."""
+    document = processor.wait_for_status(
+        lambda d: any((w["task"] or {}).get("id") == task_id for w in d["workers"]), message=f"task {task_id} shown")
+    return next(w["pid"] for w in document["workers"] if (w["task"] or {}).get("id") == task_id)
+
+
+@pytest.mark.timeout(90)
+def test_metrics_follow_tasks_that_succeed_fail_time_out_and_die_with_their_worker(db, start_processor):
+    processor = start_processor("--numthreads", "2", "--metrics-port", "0")
+    watch = CounterWatch(processor.metrics_port())
+    first = watch.scrape()
+    # Registered tasks are exported at zero from the start, so a first failure is an increase.
+    assert (FINISHED, frozenset({"task_identifier": "sample.fail", "task_type": "standard",
+                                 "result": "failed"}.items())) in first
+    procqueue.enqueue_many([sample_tasks.noop.call() for _ in range(5)])
+    sample_tasks.fail.delay(args=("card declined",))  # two attempts: retried, then failed
+    sample_tasks.busy_loop.delay()  # interrupted by its worker at its timeout
+    sample_tasks.wedged.delay()  # only the supervisor can stop it: worker killed
+    expected = {("sample.noop", "succeeded"): 5, ("sample.fail", "retried"): 1, ("sample.fail", "failed"): 1,
+                ("sample.busy_loop", "timed_out"): 1, ("sample.wedged", "timed_out"): 1}
+
+    def all_counted():
+        samples = watch.scrape()
+        counted = all(finished(samples, *key) == n for key, n in expected.items())
+        # Restarts come from the status document, refreshed as the supervisor acts.
+        return samples if counted and sample(samples, "procqueue_worker_restarts_total", reason="stuck") == 1 else None
+
+    samples = wait_until(all_counted, timeout=30, interval=0.1, message="outcomes and restart counted")
+    duration_count = "procqueue_task_duration_seconds_count"
+    assert sample(samples, duration_count, task_identifier="sample.noop", task_type="standard", result="succeeded") == 5
+    assert sample(samples, "procqueue_task_pickup_latency_seconds_count", task_identifier="sample.noop",
+                  queue="default") == 5
+
+    task_id = sample_tasks.sleep_then_record.delay(args=(2, "lost once"))
+    os.kill(worker_running(processor, task_id), signal.SIGKILL)
+
+    def retried():
+        samples = watch.scrape()
+        done = finished(samples, "sample.sleep_then_record", "succeeded") == 1
+        return samples if done and sample(samples, "procqueue_worker_restarts_total", reason="crashed") == 1 else None
+
+    samples = wait_until(retried, timeout=30, interval=0.1, message="retry of the lost task")
+    assert finished(samples, "sample.sleep_then_record", "lost") == 1
+    document = processor.status()
+    assert document["totals"]["tasks_lost"] == 2  # the wedged task's run and this one
+    assert document["totals"]["restarts"] == {"stuck": 1, "crashed": 1, "recycled": 0}
+    assert watch.scrapes > 10
+    assert processor.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_counts_survive_hundreds_of_replaced_workers_while_being_scraped(db, start_processor, tmp_path):
+    # Every task ends its worker's life, while another thread scrapes every endpoint: the
+    # supervisor forks with its HTTP thread running, and no fork may hang.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    processor = start_processor("--numthreads", "2", "--queuepopsize", "1", "--max-tasks-per-worker", "1",
+                                "--log-level", "warning", "--metrics-port", "0", extra_env={"TMPDIR": str(scratch)})
+    watch = CounterWatch(processor.metrics_port())
+    stop = threading.Event()
+    errors = []
+
+    def scrape_everything():
+        while not stop.is_set():
+            try:
+                watch.scrape()
+                for path in ("/status", "/healthz", "/monitoring"):
+                    assert http_get(watch.port, path)[0] in (200, 503)
+            except BaseException as exc:  # reported by the test thread
+                errors.append(exc)
+                return
+
+    scraper = threading.Thread(target=scrape_everything)
+    scraper.start()
+    try:
+        procqueue.enqueue_many([sample_tasks.noop.call() for _ in range(200)])
+        wait_until(lambda: finished(scrape(watch.port), "sample.noop", "succeeded") == 200, timeout=100,
+                   interval=0.2, message="200 runs counted")
+        [metrics_dir] = list(scratch.glob("procqueue-metrics-*"))
+        # Dead workers' files are folded away: what is left is the archive, the supervisor's
+        # file and those of the workers alive now (or just exiting).
+        assert len(list(metrics_dir.glob("*.db"))) <= 3 + 2 * 2 + 2
+    finally:
+        stop.set()
+        scraper.join()
+    assert errors == []
+    samples = watch.scrape()
+    assert finished(samples, "sample.noop", "succeeded") == 200  # not one increment lost to a dead worker
+    assert sample(samples, "procqueue_worker_restarts_total", reason="recycled") >= 199
+    assert processor.stop() == 0
+    assert list(scratch.glob("procqueue-metrics-*")) == []  # removed on the way out
+
+
+@pytest.mark.timeout(60)
+def test_queue_depth_and_monitoring_match_the_database(db, start_processor):
+    # This processor runs only the 'elsewhere' queue: what is enqueued on 'default' waits.
+    processor = start_processor("--numthreads", "1", "--queue", "elsewhere", "--metrics-port", "0")
+    port = processor.metrics_port()
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    procqueue.enqueue_many([sample_tasks.noop.call() for _ in range(7)]
+                           + [sample_tasks.noop.call(delay_until=later) for _ in range(3)])
+    failed_id = sample_tasks.fail_elsewhere.delay()
+    wait_until(lambda: procqueue.get_task(failed_id).state is TaskState.FAILED, timeout=15, message="failed")
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM procqueue.tasks WHERE state = 'queued' AND run_at <= now()")
+        waiting_in_database = cur.fetchone()[0]
+    assert waiting_in_database == 7
+
+    def monitoring():
+        status, _, body = http_get(port, "/monitoring")
+        return json.loads(body) if status == 200 and json.loads(body)["waiting"] == waiting_in_database else None
+
+    assert wait_until(monitoring, timeout=15, interval=0.2, message="/monitoring caught up") == {"waiting": 7}
+    samples = scrape(port)
+    depth = "procqueue_queue_tasks"
+    assert sample(samples, depth, queue="default", state="waiting") == 7
+    assert sample(samples, depth, queue="default", state="scheduled") == 3
+    assert sample(samples, depth, queue="elsewhere", state="failed") == 1
+    assert sample(samples, "procqueue_queue_oldest_waiting_age_seconds", queue="default") > 0
+    stats = run_command("stats", env={"DATABASE_URL": procqueue.client.settings().database.url})
+    assert stats.returncode == 0, stats.stderr
+    document = json.loads(stats.stdout)
+    assert (document["waiting"], document["scheduled"], document["failed"]) == (7, 3, 1)
+    assert document["by_queue"]["default"]["waiting"] == 7
+    assert processor.status()["queue"]["by_queue"]["elsewhere"]["failed"] == 1
+    assert processor.stop() == 0
+
+
+def test_status_file_is_a_whole_document_at_every_read_during_a_run(db, start_processor):
+    processor = start_processor("--numthreads", "2")
+    processor.wait_for_status(lambda d: d["state"] == "running")
+    procqueue.enqueue_many([sample_tasks.noop.call() for _ in range(2000)])
+    reads, updates, last = 0, set(), 0.0
+    deadline = time.monotonic() + 3.5
+    while time.monotonic() < deadline:
+        document = json.loads(processor.status_path.read_text())  # raises on half a document
+        assert document["version"] == 1 and document["updated_at_unix"] >= last
+        last = document["updated_at_unix"]
+        updates.add(last)
+        reads += 1
+    assert reads > 1000 and len(updates) >= 3
+    assert processor.stop() == 0
+
+
+def test_status_shows_what_each_worker_is_doing(db, start_processor):
+    processor = start_processor("--numthreads", "2", "--metrics-port", "0")
+    task_id = sample_tasks.sleep.delay(args=(3,))
+    pid = worker_running(processor, task_id)
+    document = processor.status()
+    [busy] = [w for w in document["workers"] if w["pid"] == pid]
+    assert busy["state"] == "busy" and busy["task"]["name"] == "sample.sleep"
+    assert 0 <= busy["task"]["running_seconds"] < 3 and busy["task"]["timeout_seconds"] == 60
+    assert busy["rss_bytes"] > 1_000_000 and busy["stuck"] is None
+    assert document["config"]["numthreads"] == 2 and document["hostname"]
+    assert datetime.fromisoformat(document["updated_at"]).timestamp() == pytest.approx(document["updated_at_unix"])
+    table = run_command("status", "--status-file", str(processor.status_path))
+    assert table.returncode == 0, table.stderr
+    assert f"#{task_id} sample.sleep" in table.stdout and "SLOT" in table.stdout
+    raw = run_command("status", "--status-file", str(processor.status_path), "--json")
+    assert json.loads(raw.stdout)["processor_id"] == document["processor_id"]
+    served = json.loads(http_get(processor.metrics_port(), "/status")[2])
+    assert served["processor_id"] == document["processor_id"]
+    assert processor.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_health_follows_the_processor_through_freezes_and_shutdown(db, start_processor):
+    processor = start_processor("--numthreads", "1", "--graceperiodms", "1500", "--metrics-port", "0")
+    port = processor.metrics_port()
+    document = processor.wait_for_status(lambda d: d["workers"][0]["state"] == "idle", message="worker idle")
+    result = health(processor)
+    assert result.returncode == 0 and result.stdout.startswith("healthy: 1 of 1 workers"), result.stderr
+    status, _, body = http_get(port, "/healthz")
+    assert status == 200 and json.loads(body)["healthy"] is True
+    status, _, body = http_get(port, "/healthz?min_healthy_workers=3")
+    assert status == 503 and json.loads(body)["reasons"] == ["1 of 1 workers healthy (at least 3 required)"]
+    assert http_get(port, "/healthz?max_age=soon")[0] == 400
+
+    # The supervisor stops updating: the file goes stale.
+    os.kill(processor.pid, signal.SIGSTOP)
+    try:
+        # (Its frozen worker soon looks stuck too; staleness, judged first, wins once past --max-age.)
+        stale = wait_until(lambda: (lambda r: r if "is not updating it" in r.stderr else None)(
+            health(processor, "--max-age", "1")), timeout=10, interval=0.1, message="stale verdict")
+        assert stale.returncode == 1
+    finally:
+        os.kill(processor.pid, signal.SIGCONT)
+    wait_until(lambda: health(processor, "--max-age", "1").returncode == 0, timeout=10, message="fresh again")
+
+    # A worker freezes, and its supervisor with it before it can act: the probe sees the
+    # worker's silence grow past the grace period from the last document alone.
+    worker_pid = document["workers"][0]["pid"]
+    os.kill(worker_pid, signal.SIGSTOP)
+    os.kill(processor.pid, signal.SIGSTOP)
+    try:
+        stuck = wait_until(lambda: (lambda r: r if r.returncode == 1 else None)(health(processor, "--max-age", "60")),
+                           timeout=10, interval=0.1, message="stuck verdict")
+        assert f"worker 0 (pid {worker_pid}) is stuck: no heartbeat for" in stuck.stderr
+    finally:
+        os.kill(processor.pid, signal.SIGCONT)
+    # Running again, the supervisor kills the frozen worker and starts another.
+    replaced = processor.wait_for_status(lambda d: d["workers"][0]["pid"] not in (None, worker_pid)
+                                         and d["workers"][0]["state"] == "idle", timeout=15, message="replaced")
+    assert replaced["workers"][0]["restarts"] == 1
+    wait_until(lambda: health(processor).returncode == 0, timeout=10, message="healthy again")
+
+    assert processor.stop() == 0
+    result = health(processor)
+    assert result.returncode == 1 and "processor stopped at" in result.stderr
+
+
+def test_http_answers_unknown_paths_and_openmetrics(db, start_processor):
+    processor = start_processor("--numthreads", "1", "--metrics-port", "0")
+    port = processor.metrics_port()
+    status, _, body = http_get(port, "/nope")
+    assert status == 404 and "/monitoring" in json.loads(body)["endpoints"]
+    status, content_type, body = http_get(port, "/metrics", accept="application/openmetrics-text; version=1.0.0")
+    assert status == 200 and content_type.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+    assert processor.stop() == 0
+
+
+def test_json_logs_and_no_password_anywhere(db, start_processor):
+    url = procqueue.client.settings().database.url
+    password = parse_dsn(url).get("password")
+    if not password:  # the test server trusts us: a password it ignores still must not leak
+        password = "pw-MUST-NOT-LEAK"
+        url = make_dsn(url, password=password)
+    processor = start_processor("--numthreads", "1", "--metrics-port", "0", "--log-format", "json",
+                                extra_env={"DATABASE_URL": url})
+    port = processor.metrics_port()
+    sample_tasks.fail.delay(args=("visible error",))
+    processor.wait_for_log('"event": "task.failed"', count=2)
+    exposed = {"log": processor.log(), "status file": processor.status_path.read_text(),
+               "/metrics": http_get(port, "/metrics")[2].decode(), "/status": http_get(port, "/status")[2].decode()}
+    for where, text in exposed.items():
+        assert password not in text, f"the password is in the {where}"
+    assert processor.stop() == 0
+    lines = [json.loads(line) for line in processor.log().splitlines()]
+    started = next(line for line in lines if line.get("event") == "processor.started")
+    assert started["numthreads"] == 1 and started["level"] == "info" and "password=***" in started["database"]
+    failure = next(line for line in lines if line.get("event") == "task.failed")
+    assert failure["task"] == "sample.fail" and "visible error" in failure["error"] and failure["next"] == "retry"
+
+
+def test_a_port_in_use_is_a_one_line_start_up_error(db, start_processor):
+    first = start_processor("--numthreads", "1", "--metrics-port", "0")
+    port = first.metrics_port()
+    second = start_processor("--numthreads", "1", "--metrics-port", str(port))
+    assert second.proc.wait(timeout=30) == 2
+    assert second.log().strip().splitlines() == [
+        f"procqueue: error: cannot serve metrics on --metrics-host 0.0.0.0 --metrics-port {port}: "
+        "Address already in use"]
+    assert first.stop() == 0
+
+
+def test_enqueued_tasks_are_counted_on_the_application_side(db):
+    from prometheus_client import REGISTRY
+
+    def enqueued(name):
+        return REGISTRY.get_sample_value("procqueue_enqueued_tasks_total", {"task_identifier": name}) or 0.0
+
+    noop, record = enqueued("sample.noop"), enqueued("sample.record")
+    sample_tasks.noop.delay()
+    procqueue.enqueue_many([sample_tasks.noop.call(), sample_tasks.record_task.call(args=("k",))])
+    assert (enqueued("sample.noop"), enqueued("sample.record")) == (noop + 2, record + 1)
+
+
+def test_workers_reported_by_state_and_heartbeat(db, start_processor):
+    processor = start_processor("--numthreads", "2", "--metrics-port", "0")
+    port = processor.metrics_port()
+    processor.wait_for_status(lambda d: all(w["state"] == "idle" for w in d["workers"]), message="workers idle")
+    samples = scrape(port)
+    assert sample(samples, "procqueue_workers", state="idle") == 2
+    assert sample(samples, "procqueue_workers_configured") == 2
+    assert 0 <= sample(samples, "procqueue_worker_heartbeat_age_seconds", slot="1") < 5
+    assert sample(samples, "procqueue_database_up") == 1
+    workers = {child.pid for child in psutil.Process(processor.pid).children()}
+    assert len(workers) == 2
+    assert processor.stop() == 0

@@ -1,0 +1,58 @@
+"""The status file: replaced whole, so a reader never sees half a document."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from procqueue.errors import ConfigError
+from procqueue.status import StatusFile
+
+WRITES = 20000
+
+
+def test_a_reader_sees_a_whole_document_at_every_read_while_it_is_rewritten(tmp_path):
+    path = tmp_path / "status.json"
+    status = StatusFile(path)
+    status.prepare()
+    filler = "x" * 6000  # larger than a page: a torn write would show
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for n in range(WRITES):
+                status.write({"version": 1, "n": n, "filler": filler})
+        finally:
+            os._exit(0)
+    reads, last = 0, -1
+    try:
+        while os.waitpid(pid, os.WNOHANG) == (0, 0) or reads == 0:
+            document = json.loads(path.read_text())  # raises on a torn document
+            if "n" in document:
+                assert document["n"] >= last and document["filler"] == filler
+                last = document["n"]
+            reads += 1
+    finally:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    assert reads > 1000 and json.loads(path.read_text())["n"] == WRITES - 1
+    assert sorted(os.listdir(tmp_path)) == ["status.json"]  # no temporary file left
+
+
+def test_an_unwritable_location_is_a_start_up_error_naming_the_path(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ConfigError, match=f"cannot write --status-file {blocker}/status.json"):
+        StatusFile(blocker / "status.json").prepare()
+
+
+def test_prepare_creates_a_private_directory(tmp_path):
+    path = tmp_path / "new" / "status.json"
+    StatusFile(path).prepare()
+    assert json.loads(path.read_text())["state"] == "starting"
+    assert (path.parent.stat().st_mode & 0o777) == 0o700
+    assert time.time() - path.stat().st_mtime < 60
