@@ -38,6 +38,7 @@ from .logs import LOG_FORMATS, setup_logging
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 LOG_FORMAT = click.Choice(list(LOG_FORMATS), case_sensitive=False)
+DEMO_SCHEMA = "procqueue_demo"
 
 
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -67,6 +68,11 @@ def _run_click(command: click.Command, prog_name: str) -> None:
     """Run a click command with usage errors as one line too (click prints four)."""
     try:
         command.main(prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.BadParameter as exc:
+        # Worded as procqueue's own checks word theirs: the flag, the value, what is expected.
+        flag = exc.param.opts[0] if exc.param is not None and exc.param.opts else (exc.param_hint or "a value")
+        command_path = exc.ctx.command_path if exc.ctx is not None else prog_name
+        _fail(f"invalid value for {flag}: {exc.message.rstrip('.')} (see {command_path} --help)", exc.exit_code)
     except click.exceptions.UsageError as exc:
         hint = f" (see {exc.ctx.command_path if exc.ctx else prog_name} --help)"
         _fail(exc.format_message() + hint, exc.exit_code)
@@ -231,7 +237,8 @@ def migrate_command(database_url: Optional[str], schema: Optional[str]) -> None:
 @click.argument("task_name")
 @click.option("--args", "args_json", default="[]", metavar="JSON", help="Positional arguments, a JSON array.")
 @click.option("--kwargs", "kwargs_json", default="{}", metavar="JSON", help="Keyword arguments, a JSON object.")
-@click.option("--delay", "delay_seconds", type=float, default=None, metavar="SECONDS", help="Run no sooner than this.")
+@click.option("--delay", "delay_seconds", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Run no sooner than this many seconds from now.")
 @click.option("--priority", type=int, default=None, help="Override the task's priority (lower runs first).")
 @click.option("--import", "-i", "imports", multiple=True, metavar="MODULE", help="Module that registers the task.")
 @_database_options
@@ -329,12 +336,18 @@ def health_command(arguments: Tuple[str, ...]) -> None:
 @main.command("demo")
 @click.option("--rate", type=click.FloatRange(min=0.1), default=4.0, show_default=True, help="Example tasks enqueued per second.")
 @click.option("--numthreads", "num_workers", type=click.IntRange(min=1), default=2, show_default=True)
-@_database_options
+@click.option("--schema", default=DEMO_SCHEMA, show_default=True, metavar="NAME",
+              help="Postgres schema of the demo's queue: its own, so its tasks never mix with yours.")
+@click.option("--database-url", default=None, metavar="URL",
+              help="libpq URL of the queue database. [env: DATABASE_URL; default: the embedded PostgreSQL]")
 @_user_errors
-def demo_command(rate: float, num_workers: int, database_url: Optional[str], schema: Optional[str]) -> None:
-    """Run a processor with example tasks flowing in, until Ctrl-C."""
+def demo_command(rate: float, num_workers: int, database_url: Optional[str], schema: str) -> None:
+    """Run a processor with example tasks flowing in, until Ctrl-C.
+
+    It serves its metrics and status on a free local port (see the metrics.listening line)."""
     config = build_processor_config(database_url=database_url, schema=schema, num_workers=num_workers,
-                                    sleep_interval_ms=1000, imports=("procqueue.examples",))
+                                    sleep_interval_ms=1000, imports=("procqueue.examples",),
+                                    metrics_port=0, metrics_host="127.0.0.1")
     from .db import connect, resolve_url
     from .migrations import migrate
 

@@ -79,6 +79,8 @@ class DatabaseConfig:
 
     def __post_init__(self) -> None:
         validate_schema_name(self.schema)
+        if self.url is not None:
+            validate_database_url(self.url)
 
     @property
     def display_url(self) -> str:
@@ -179,6 +181,17 @@ def validate_schema_name(schema: str) -> None:
         raise ConfigError(
             f"invalid schema name: {schema!r} (expected lower-case letters, digits and "
             "underscores, starting with a letter or underscore, at most 50 characters)"
+        )
+
+
+def validate_database_url(url: str) -> None:
+    """A URL for another database (mysql://, sqlite://) is a mistake to name as such, not
+    one for libpq to report as an unparseable string. The URL itself is never echoed: it
+    may hold a password."""
+    scheme, separator, _ = url.partition("://")
+    if separator and scheme.lower() not in ("postgres", "postgresql"):
+        raise ConfigError(
+            f"invalid database URL: scheme {scheme!r} (expected postgresql://... or a libpq key=value string)"
         )
 
 
