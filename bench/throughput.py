@@ -41,7 +41,8 @@ def drain_raw(url: str, batch: int) -> float:
                 break
             now = datetime.now(timezone.utc)
             outcomes = [TaskOutcome(t.id, TaskState.SUCCEEDED, RunOutcome.SUCCEEDED, now, now) for t in claimed]
-            queries.complete(conn, processor="bench-raw", worker=0, outcomes=outcomes)
+            queries.complete(conn, processor="bench-raw", worker=0, outcomes=outcomes,
+                             leases={t.id: t.leased_at for t in claimed})
         return time.perf_counter() - started
     finally:
         conn.close()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import select
+import time
+from typing import Iterator, Optional
+
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
@@ -58,3 +63,62 @@ def is_connection_error(exc: BaseException) -> bool:
     """True when the connection itself is gone (server restart, network cut), as opposed
     to a statement that failed on a healthy connection."""
     return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+
+
+# -- client-side time limits -------------------------------------------------------------
+
+
+class StatementTimeout(psycopg2.OperationalError):
+    """The server did not answer within the client-side limit; the connection is closed."""
+
+
+_wait_budget: Optional[float] = None
+
+
+def _wait_with_budget(conn: Connection) -> None:
+    """psycopg2's wait callback ("green" mode): the waits libpq would block in, done with
+    select() and a deadline. statement_timeout cannot help when the server, or a pooler in
+    front of it, takes the bytes and never answers; TCP keepalives cannot either, since
+    the peer does acknowledge. Raising here closes the connection."""
+    budget = _wait_budget
+    deadline = None if budget is None else time.monotonic() + budget
+    while True:
+        state = conn.poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            raise StatementTimeout(f"the database did not answer within {budget:g}s")
+        if state == psycopg2.extensions.POLL_READ:
+            select.select([conn.fileno()], [], [], remaining)
+        elif state == psycopg2.extensions.POLL_WRITE:
+            select.select([], [conn.fileno()], [], remaining)
+        else:
+            raise psycopg2.OperationalError(f"unexpected connection poll state {state}")
+
+
+def bound_every_wait(seconds: float) -> None:
+    """From now on, no connection of this process waits longer than `seconds` for the
+    server (connecting included). For the supervisor, whose loop also reaps and kills
+    workers and must never hang on the database. Process-wide: a forked worker calls
+    `unbound_waits()` before it connects."""
+    global _wait_budget
+    _wait_budget = seconds
+    psycopg2.extensions.set_wait_callback(_wait_with_budget)
+
+
+def unbound_waits() -> None:
+    global _wait_budget
+    _wait_budget = None
+    psycopg2.extensions.set_wait_callback(None)
+
+
+@contextlib.contextmanager
+def waits_unbounded() -> Iterator[None]:
+    """No limit for the duration (applying a schema may rightly take minutes)."""
+    global _wait_budget
+    saved, _wait_budget = _wait_budget, None
+    try:
+        yield
+    finally:
+        _wait_budget = saved

@@ -181,11 +181,31 @@ def _add_file_into(source: Path, archive: Path) -> None:
 
 
 class _FilesCollector:
+    """The workers' metrics, with every cumulative sample held at no less than it was at
+    the previous scrape. They only ever rise, but float sums depend on the order they are
+    added in, and archiving a dead worker changes that order: a histogram's _sum could
+    come out 1e-18 lower, which Prometheus would read as a counter reset."""
+
+    _CUMULATIVE_TYPES = ("counter", "histogram", "summary")
+
     def __init__(self, store: MultiprocessMetrics) -> None:
         self.store = store
+        self.exported: Dict[tuple, float] = {}
+        self.lock = threading.Lock()  # two scrapes at once must not interleave their updates
 
     def collect(self) -> Iterable:
-        return self.store.collect()
+        families = self.store.collect()
+        with self.lock:
+            for family in families:
+                if family.type in self._CUMULATIVE_TYPES:
+                    family.samples = [self.never_lower(sample) for sample in family.samples]
+        return families
+
+    def never_lower(self, sample):
+        key = (sample.name, tuple(sorted(sample.labels.items())))
+        value = max(sample.value, self.exported.get(key, sample.value))
+        self.exported[key] = value
+        return sample._replace(value=value)
 
 
 class ProcessorCollector:

@@ -54,8 +54,8 @@ class Monitor:
         if self.server is not None:
             self.server.start()
             host, port = self.server.address
-            log_event(logger, logging.INFO, "metrics.listening", host=host, port=port,
-                      endpoints="/metrics,/healthz,/status,/monitoring")
+            log_event(logger, logging.INFO, "metrics.listening", url=f"{self.server.url}/metrics", host=host,
+                      port=port, endpoints="/metrics,/healthz,/status,/monitoring")
 
     @property
     def url(self) -> Optional[str]:

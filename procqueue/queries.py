@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from importlib import resources
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from psycopg2 import sql
 
@@ -73,8 +73,11 @@ class Queries:
         # UPDATE ... RETURNING does not keep the SELECT's order.
         return sorted(tasks, key=lambda task: (task.priority, task.run_at, task.id))
 
-    def complete(self, conn, *, processor: str, worker: int, outcomes: Sequence[TaskOutcome]) -> Set[int]:
-        """Record a batch of outcomes; returns the ids this worker still held (and moved)."""
+    def complete(
+        self, conn, *, processor: str, worker: int, outcomes: Sequence[TaskOutcome], leases: Mapping[int, datetime]
+    ) -> Set[int]:
+        """Record a batch of outcomes, each under the lease (`leased_at` of its claim) it ran
+        under; returns the ids this worker still held by that claim (and moved)."""
         if not outcomes:
             return set()
         params = {
@@ -89,6 +92,7 @@ class Queries:
             "started": [o.started_at for o in outcomes],
             "finished": [o.finished_at for o in outcomes],
             "refunds": [int(o.refund_attempt) for o in outcomes],
+            "leases": [leases[o.task_id] for o in outcomes],
         }
         return {row[0] for row in self._execute(conn, "complete", params)}
 
@@ -155,8 +159,10 @@ class Queries:
     def processor_heartbeat(self, conn, *, processor: str, hostname: str, pid: int) -> None:
         self._execute(conn, "processor_heartbeat", {"id": processor, "hostname": hostname, "pid": pid})
 
-    def rescue_dead_processors(self, conn, *, expiry_seconds: float, rescuer: str) -> List[ReleasedTask]:
-        params = {"expiry": expiry_seconds, "rescuer": rescuer}
+    def rescue_dead_processors(
+        self, conn, *, expiry_seconds: float, rescuer: str, max_losses: int
+    ) -> List[ReleasedTask]:
+        params = {"expiry": expiry_seconds, "rescuer": rescuer, "max_losses": max_losses}
         return [ReleasedTask(*row) for row in self._execute(conn, "rescue_dead_processors", params)]
 
     def deregister_processor(self, conn, processor: str) -> None:

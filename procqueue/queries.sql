@@ -25,18 +25,21 @@ SET state = 'running',
 FROM picked
 WHERE t.id = picked.id
 RETURNING t.id, t.task_name, t.args, t.kwargs, t.queue, t.priority, t.run_at, t.attempts,
-          t.max_attempts, t.timeout_seconds, t.recurring_slot;
+          t.max_attempts, t.timeout_seconds, t.recurring_slot, t.locked_at;
 
 -- name: complete
 -- running -> succeeded / failed / queued (retry) for a batch of finished tasks, writing
--- each one's run record in the same statement. Only tasks still leased to this worker
--- move: a task whose lease was taken away (rescued as lost) keeps its new state.
+-- each one's run record in the same statement. Only tasks still leased to this worker,
+-- by the very claim that ran them, move: the claim's locked_at is its fencing token, so
+-- a task rescued and claimed again since (even by this same worker slot) keeps its new
+-- state, and an outcome of an older claim can never land on a newer one.
 WITH outcome AS (
     SELECT *
     FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(outcomes)s::text[],
                 %(retry_in)s::float8[], %(retry_at)s::timestamptz[], %(errors)s::text[],
-                %(started)s::timestamptz[], %(finished)s::timestamptz[], %(refunds)s::int[])
-         AS o(id, state, outcome, retry_in, retry_at, error, started_at, finished_at, refund)
+                %(started)s::timestamptz[], %(finished)s::timestamptz[], %(refunds)s::int[],
+                %(leases)s::timestamptz[])
+         AS o(id, state, outcome, retry_in, retry_at, error, started_at, finished_at, refund, leased_at)
 ), moved AS (
     UPDATE {schema}.tasks AS t
     SET state = o.state,
@@ -54,6 +57,7 @@ WITH outcome AS (
       AND t.state = 'running'
       AND t.locked_by = %(processor)s
       AND t.locked_worker = %(worker)s
+      AND t.locked_at = o.leased_at
     RETURNING t.id, t.task_name, t.attempts + o.refund AS attempt
 )
 INSERT INTO {schema}.task_runs
@@ -204,18 +208,23 @@ INSERT INTO {schema}.processors (id, hostname, pid) VALUES (%(id)s, %(hostname)s
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now();
 
 -- name: rescue_dead_processors
--- running -> queued / failed for the tasks of processors silent for %(expiry)s seconds
--- (their pod was deleted, their node died), and of leases naming no processor at all.
--- Rescue goes by the owner's death, never by how long a task has run. The DELETE of a
--- dead processor's row is the claim on rescuing it: a second rescuer waits on that row,
--- then finds it gone, so two rescuers never both win; the task UPDATE re-checks that the
--- task is still running under that owner.
+-- running -> queued for the tasks of processors silent for %(expiry)s seconds (their pod
+-- was deleted, their node died), and of leases naming no processor at all. Rescue goes by
+-- the owner's death, never by how long a task has run. The DELETE of a dead processor's
+-- row is the claim on rescuing it: a second rescuer waits on that row, then finds it
+-- gone, so two rescuers never both win; the task UPDATE re-checks that the task is still
+-- running under that owner.
+-- Nobody knows which task of a dead worker's batch had started (one had, the rest were
+-- only claimed), so none is charged an attempt: a task with max_attempts=1 claimed behind
+-- a long one must still run. A task lost with its processor %(max_losses)s times is
+-- failed instead: it may be what kills them.
 WITH dead AS (
     DELETE FROM {schema}.processors
     WHERE heartbeat_at < now() - %(expiry)s * interval '1 second'
     RETURNING id
 ), orphaned AS (
-    SELECT t.id, t.locked_by
+    SELECT t.id, t.locked_by,
+           (SELECT count(*) FROM {schema}.task_runs AS r WHERE r.task_id = t.id AND r.outcome = 'lost') AS losses
     FROM {schema}.tasks AS t
     WHERE t.state = 'running'
       AND (t.locked_by IN (SELECT id FROM dead)
@@ -224,21 +233,25 @@ WITH dead AS (
     FOR UPDATE SKIP LOCKED
 ), rescued AS (
     UPDATE {schema}.tasks AS t
-    SET state = CASE WHEN t.attempts >= t.max_attempts THEN 'failed' ELSE 'queued' END,
+    SET state = CASE WHEN o.losses + 1 >= %(max_losses)s THEN 'failed' ELSE 'queued' END,
+        attempts = t.attempts - 1,
         run_at = now(),
         last_error = 'processor ' || t.locked_by || ' stopped heartbeating; task rescued by '
-                     || %(rescuer)s,
+                     || %(rescuer)s
+                     || CASE WHEN o.losses + 1 >= %(max_losses)s
+                             THEN ' (lost with its processor ' || (o.losses + 1) || ' times: failed)'
+                             ELSE '' END,
         locked_by = NULL,
         locked_worker = NULL,
         locked_at = NULL,
-        finished_at = CASE WHEN t.attempts >= t.max_attempts THEN now() END
+        finished_at = CASE WHEN o.losses + 1 >= %(max_losses)s THEN now() END
     FROM orphaned AS o
     WHERE t.id = o.id AND t.state = 'running' AND t.locked_by = o.locked_by
     RETURNING t.id, t.task_name, t.attempts, t.started_at, t.last_error, o.locked_by, t.state, t.recurring_slot
 ), recorded AS (
     INSERT INTO {schema}.task_runs
         (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
-    SELECT r.id, r.task_name, r.attempts, r.started_at, now(), 'lost', r.last_error, r.locked_by, NULL
+    SELECT r.id, r.task_name, r.attempts + 1, r.started_at, now(), 'lost', r.last_error, r.locked_by, NULL
     FROM rescued AS r
     RETURNING task_id
 )

@@ -53,6 +53,7 @@ class ClaimedTask:
     max_attempts: int
     timeout_seconds: float
     recurring_slot: Optional[datetime]
+    leased_at: datetime  # the claim's fencing token: its outcome is recorded only under this lease
 
 
 @dataclass(frozen=True)

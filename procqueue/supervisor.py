@@ -24,7 +24,7 @@ import psycopg2
 
 from . import client, registry
 from .config import ProcessorConfig
-from .db import Connection, connect, first_line
+from .db import Connection, bound_every_wait, connect, first_line, waits_unbounded
 from .errors import DatabaseError, ProcqueueError
 from .heartbeat import WorkerState, allocate_slots, slot_task_name, stuck_reason
 from .process_tree import begin_kill, finish_kill
@@ -42,8 +42,14 @@ from .worker_process import WORKER_BOOT_ERROR, WORKER_RECYCLED, run_worker_proce
 logger = logging.getLogger("procqueue.supervisor")
 
 RESPAWN_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 16, 30)
-# After this many consecutive failed starts with no worker ever having run, give up.
+# Give up when every slot has failed to start this many times in a row (with backoff in
+# between) and no worker has ever run: the task modules break forked workers.
 MAX_FAILED_STARTS = 5
+# No statement of the supervisor may keep its loop waiting longer than this: reaping,
+# killing and signals wait behind it.
+SUPERVISOR_WAIT_SECONDS = 3.0
+# A task lost with its processor this many times is failed rather than put back again.
+RESCUES_BEFORE_FAILING = 3
 LOOP_TICK_SECONDS = 0.25
 # Between SIGTERM to a stuck worker's process tree and SIGKILL.
 KILL_GRACE_SECONDS = 0.5
@@ -93,7 +99,7 @@ class Supervisor:
         self.workers: Dict[int, WorkerProcess] = {}
         self.respawn_at: Dict[int, float] = {}
         self.quick_deaths: Dict[int, int] = {}
-        self.failed_starts = 0
+        self.failed_starts: Dict[int, int] = {}  # slot -> consecutive deaths before reaching the loop
         self.any_worker_ran = False
         self.signals: Deque[int] = deque()
         self.stopping = False
@@ -114,6 +120,7 @@ class Supervisor:
         self.warned_threads = False
         self.database_retry_at = 0.0
         self.database_failures = 0
+        self.database_since: Optional[float] = None  # start of the current unbroken run of database contact
         self.next_heartbeat = 0.0
         self.next_rescue = 0.0
         self.wakeup = SelfPipe()
@@ -134,6 +141,7 @@ class Supervisor:
     def prepare(self) -> None:
         """Everything that must happen once, before the first fork."""
         multiprocessing.current_process().name = "supervisor"
+        bound_every_wait(SUPERVISOR_WAIT_SECONDS)
         self.monitor.open()
         if self.monitor.metrics_store is not None:
             initialise_series(registry.registered_names(), [s.task_name for s in registry.recurring_schedules()])
@@ -142,7 +150,9 @@ class Supervisor:
             log_event(logger, logging.WARNING, "database.embedded", where=self.config.database.display_url,
                       note="no DATABASE_URL: fine for development; processors and apps elsewhere cannot see it")
         self.conn = connect(self.config.database, application_name="procqueue-supervisor")
-        if migrate(self.conn, self.config.database.schema):
+        with waits_unbounded():  # creating an index on a large table rightly takes long
+            applied = migrate(self.conn, self.config.database.schema)
+        if applied:
             log_event(logger, logging.INFO, "schema.applied", schema=self.config.database.schema)
         for schedule in registry.recurring_schedules():
             self.queries.register_recurring(
@@ -151,9 +161,9 @@ class Supervisor:
                 args_json=schedule.args_json, kwargs_json=schedule.kwargs_json,
             )
         self.heartbeat(self.conn)
-        self.rescue(self.conn)
         self.refresh_queue_stats(self.conn)
-        self.database_up = True
+        self.database_up, self.database_since = True, self.clock()
+        self.next_rescue = self.clock() + self.config.rescue_after_seconds
         log_event(logger, logging.INFO, "processor.started", processor=self.processor_id,
                   pid=os.getpid(), tasks=len(registry.registered_names()), **self.config.public_dict())
         self.monitor.start_serving()
@@ -374,21 +384,30 @@ class Supervisor:
     def plan_respawn(self, worker: WorkerProcess, status: int) -> None:
         """Replace at once a worker that died after it got going (a task crashed it, or it
         was killed for being stuck: its task's attempts bound that); back off, per slot,
-        from one that keeps dying before it gets going; give up when workers keep failing
-        that way and none has ever run."""
-        boot_error = os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR
-        quick = boot_error or not worker.reached_loop
-        self.failed_starts = self.failed_starts + 1 if quick else 0
-        if self.failed_starts >= MAX_FAILED_STARTS and not self.any_worker_ran:
-            log_event(logger, logging.ERROR, "processor.workers_cannot_start", failures=self.failed_starts,
+        from one that keeps dying before it gets going; give up when every slot keeps
+        failing that way and no worker has ever run. A worker that could not connect says
+        so (WORKER_BOOT_ERROR): that is the database's trouble, which a restart would not
+        cure, so it is retried with backoff for as long as it lasts."""
+        cannot_connect = os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR
+        quick = cannot_connect or not worker.reached_loop
+        deaths = self.quick_deaths.get(worker.index, 0) + 1 if quick else 0
+        self.quick_deaths[worker.index] = deaths
+        if quick and not cannot_connect:
+            self.failed_starts[worker.index] = self.failed_starts.get(worker.index, 0) + 1
+        else:
+            self.failed_starts.pop(worker.index, None)
+        if self.workers_cannot_start():
+            log_event(logger, logging.ERROR, "processor.workers_cannot_start", failures=sum(self.failed_starts.values()),
                       last_cause=describe_exit(worker.index, status))
             self.exit_code = 1
             self.begin_stop("no worker could start")
             return
-        deaths = self.quick_deaths.get(worker.index, 0) + 1 if quick else 0
-        self.quick_deaths[worker.index] = deaths
         delay = RESPAWN_BACKOFF_SECONDS[min(deaths, len(RESPAWN_BACKOFF_SECONDS)) - 1] if deaths else 0.0
         self.respawn_at[worker.index] = self.clock() + delay
+
+    def workers_cannot_start(self) -> bool:
+        return not self.any_worker_ran and all(
+            self.failed_starts.get(index, 0) >= MAX_FAILED_STARTS for index in range(self.config.num_workers))
 
     def note_running_workers(self) -> None:
         """Remember which workers got as far as running their loop."""
@@ -408,12 +427,14 @@ class Supervisor:
             self.release_pending(self.conn)
             if self.clock() >= self.next_heartbeat:
                 self.heartbeat(self.conn)
-            if self.clock() >= self.next_rescue and not self.stopping:
+            if self.clock() >= self.next_rescue and not self.stopping and self.may_judge_peers():
                 self.rescue(self.conn)
             if self.clock() >= self.next_queue_stats:
                 self.refresh_queue_stats(self.conn)
             self.database_failures = 0
             self.database_up = True
+            if self.database_since is None:
+                self.database_since = self.clock()
         except (psycopg2.Error, DatabaseError) as exc:
             self.on_database_error(exc)
 
@@ -436,9 +457,18 @@ class Supervisor:
                                          pid=os.getpid())
         self.next_heartbeat = self.clock() + self.config.rescue_after_seconds / 4
 
+    def may_judge_peers(self) -> bool:
+        """A peer's stale heartbeat proves it dead only if this processor could have seen
+        it beat: after a database outage every heartbeat is stale, the living included,
+        and the first processor back must not re-run the others' tasks. So rescue waits
+        until this one has been in unbroken contact for a whole --rescue-after."""
+        return (self.database_since is not None
+                and self.clock() - self.database_since >= self.config.rescue_after_seconds)
+
     def rescue(self, conn: Connection) -> None:
         rescued = self.queries.rescue_dead_processors(
-            conn, expiry_seconds=self.config.rescue_after_seconds, rescuer=self.processor_id
+            conn, expiry_seconds=self.config.rescue_after_seconds, rescuer=self.processor_id,
+            max_losses=RESCUES_BEFORE_FAILING,
         )
         for task in rescued:
             self.tasks_rescued += 1
@@ -460,8 +490,11 @@ class Supervisor:
 
     def on_database_error(self, exc: BaseException) -> None:
         self.database_failures += 1
-        self.database_up = False
-        delay = RESPAWN_BACKOFF_SECONDS[min(self.database_failures, len(RESPAWN_BACKOFF_SECONDS)) - 1]
+        self.database_up, self.database_since = False, None
+        # Retry well within a heartbeat period, or peers would take this live processor
+        # for dead (and re-run its tasks) after an outage of some seconds.
+        delay = min(RESPAWN_BACKOFF_SECONDS[min(self.database_failures, len(RESPAWN_BACKOFF_SECONDS)) - 1],
+                    self.config.rescue_after_seconds / 4)
         log_event(logger, logging.WARNING, "supervisor.database_error", error=first_line(exc), retry_in_s=float(delay),
                   pending_releases=len(self.pending_releases))
         if self.conn is not None and not self.conn.closed:

@@ -13,7 +13,8 @@ import select
 import time
 import traceback
 from dataclasses import replace
-from typing import Callable, List, Optional, Set
+from datetime import datetime
+from typing import Callable, Dict, List, Optional, Set
 
 import psutil
 import psycopg2
@@ -64,6 +65,7 @@ class Worker:
         self.board = SlotWriter(None, os.getpid())  # bound to the slot in the worker process
         self.conn: Optional[Connection] = None
         self.pending: List[TaskOutcome] = []
+        self.leases: Dict[int, datetime] = {}  # task id -> leased_at of the claim that holds it
         self.pending_since = 0.0
         self.stopping = False
         self.wakeup: Optional[SelfPipe] = None  # set in the worker process: signals write to it
@@ -165,6 +167,7 @@ class Worker:
             queues=self.config.queues,
         )
         self.next_poll = self.clock() + self.config.sleep_interval_ms / 1000
+        self.leases.update((task.id, task.leased_at) for task in tasks)
         return tasks
 
     def run_one(self, task: ClaimedTask) -> TaskOutcome:
@@ -225,10 +228,12 @@ class Worker:
                 # Someone took the lease away (the task was rescued as lost): its new
                 # state stands, and this outcome is dropped rather than overwrite it.
                 log_event(logger, logging.WARNING, "task.lease_lost", task_id=outcome.task_id, worker=self.index)
+            del self.leases[outcome.task_id]
         self.pending = []
 
     def _complete(self, outcomes: List[TaskOutcome]) -> Set[int]:
-        return self.queries.complete(self.conn, processor=self.processor_id, worker=self.index, outcomes=outcomes)
+        return self.queries.complete(self.conn, processor=self.processor_id, worker=self.index, outcomes=outcomes,
+                                     leases=self.leases)
 
     def _complete_one_by_one(self, outcomes: List[TaskOutcome]) -> Set[int]:
         """The batch was refused for its data: record each alone, so one bad outcome cannot
@@ -310,10 +315,10 @@ class Worker:
         self._release_unstarted()
 
     def _release_unstarted(self) -> None:
-        released = self.queries.release_worker_tasks(
+        self.queries.release_worker_tasks(
             self.conn, processor=self.processor_id, worker=self.index, in_flight=None, error="worker stopping"
-        )
-        del released  # unstarted tasks go back without a run record; nothing to log per task
+        )  # unstarted tasks go back without a run record: nothing to log per task
+        self.leases.clear()  # called with nothing pending: this slot now holds nothing
 
     def _on_database_error(self, exc: BaseException) -> None:
         self.connection_failures += 1

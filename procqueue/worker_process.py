@@ -15,6 +15,7 @@ import signal
 import sys
 
 from . import client
+from .db import unbound_waits
 from .errors import DatabaseError
 from .execution import soft_timeout
 from .logs import log_event
@@ -44,6 +45,7 @@ def run_worker_process(worker: Worker) -> int:
     faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True)
     soft_timeout.install()
     client.forget_inherited_connection()  # never use the supervisor's client connection
+    unbound_waits()  # the supervisor's time limit is for its own loop; a task may take long
     try:
         worker.ensure_connected()
     except DatabaseError as exc:
