@@ -1,5 +1,7 @@
 """A TCP proxy in front of Postgres that a test can cut, as a restart or a network
-failure would: every open connection dropped, new ones refused until it is restored."""
+failure would (every open connection dropped, new ones refused until it is restored),
+or stall, as a hung server or an exhausted connection pooler would (connections stay
+open and bytes are taken, but nothing is answered until it resumes)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ class CuttableProxy:
         self.sockets: List[socket.socket] = []
         self.refusing = False
         self.closed = False
+        self.flowing = threading.Event()
+        self.flowing.set()
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
     @property
@@ -38,8 +42,16 @@ class CuttableProxy:
         with self.lock:
             self.refusing = False
 
+    def stall(self) -> None:
+        """Hold every byte in both directions until `resume()`."""
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
     def close(self) -> None:
         self.closed = True
+        self.flowing.set()
         self.cut()
         _close(self.listener)
 
@@ -65,15 +77,16 @@ class CuttableProxy:
                 upstream = self._upstream()
                 self.sockets += [client, upstream]
             for pair in ((client, upstream), (upstream, client)):
-                threading.Thread(target=_pump, args=pair, daemon=True).start()
+                threading.Thread(target=_pump, args=(*pair, self.flowing), daemon=True).start()
 
 
-def _pump(source: socket.socket, target: socket.socket) -> None:
+def _pump(source: socket.socket, target: socket.socket, flowing: threading.Event) -> None:
     try:
         while True:
             data = source.recv(65536)
             if not data:
                 break
+            flowing.wait()
             target.sendall(data)
     except OSError:
         pass

@@ -108,3 +108,24 @@ def c_call_holding_gil() -> None:
 def fail_elsewhere() -> None:
     """On a queue of its own, for processors told to run only that queue."""
     raise RuntimeError("failed elsewhere")
+
+
+@register_task_handler(task_name="sample.record_once", max_attempts=1)
+def record_once(key: str) -> None:
+    """One attempt only, as every recurring run has: losing it unrun would lose it."""
+    record(key)
+
+
+@register_task_handler(task_name="sample.wedged_once", timeout=timedelta(seconds=1), max_attempts=2)
+def wedged_once(key: str) -> None:
+    """Wedges beyond its worker's reach on the first attempt only, then succeeds."""
+    import signal
+
+    conn, _ = client.connection()
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM public.executions WHERE key = %s", (key,))
+        first_attempt = cur.fetchone()[0] == 0
+    record(key)
+    if first_attempt:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+        time.sleep(120)

@@ -139,12 +139,18 @@ def run_cli(*args, env=None):
     ([], {"TASK_PROCESSOR_NUM_THREADS": "many"}, "invalid value for TASK_PROCESSOR_NUM_THREADS: 'many'"),
     (["--import", "no_such_module_here"], {}, "cannot import task module 'no_such_module_here'"),
     (["--schema", "Bad-Name"], {}, "invalid schema name: 'Bad-Name'"),
+    (["--numthreads", "abc"], {}, "invalid value for --numthreads: 'abc' is not a valid integer"),
+    (["--metrics-port", "70000"], {}, "invalid value for --metrics-port: 70000 (expected a port number 0-65535)"),
+    ([], {"PROCQUEUE_METRICS_PORT": "ninety"}, "invalid value for PROCQUEUE_METRICS_PORT: 'ninety'"),
+    (["--log-format", "xml"], {}, "invalid value for --log-format: 'xml' is not one of 'text', 'json'"),
+    ([], {"DATABASE_URL": "mysql://app:hunter2@db/app"}, "invalid database URL: scheme 'mysql'"),
+    (["--status-file", "/proc/no/such/dir/status.json"], {}, "cannot write --status-file /proc/no/such/dir/status.json"),
 ])
 def test_bad_configuration_is_one_line_and_nonzero(args, env, expected):
     result = run_cli(*args, env=env)
     assert result.returncode == 2
     assert expected in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -286,6 +292,115 @@ def test_tasks_of_a_dead_host_are_rescued_by_a_live_processor(db, start_processo
     assert execution_count(db, "rescued") == 1
     assert "event=tasks.rescued" in second.log()
     assert second.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_tasks_only_claimed_by_a_dead_host_lose_no_attempt(db, start_processor):
+    first = start_processor("--numthreads", "1", "--queuepopsize", "5", "--rescue-after", "3")
+    first.wait_for_log("event=worker.started")
+    long_id, *once_ids = procqueue.enqueue_many(  # one statement, so one claim takes all four
+        [sample_tasks.sleep_then_record.call(args=(30, "long"))]
+        + [sample_tasks.record_once.call(args=(f"once{n}",)) for n in range(3)])
+    # All four claimed in one batch; the long one runs, the others wait their turn.
+    wait_until(lambda: all(procqueue.get_task(i).state is TaskState.RUNNING for i in [long_id, *once_ids]),
+               timeout=15, message="batch claimed")
+    # One task per claim, so the long one occupies one worker while the other runs the rest.
+    second = start_processor("--numthreads", "2", "--queuepopsize", "1", "--rescue-after", "3",
+                             "--shutdown-timeout", "1")
+    second.wait_for_log("event=worker.started", count=2)
+    os.kill(first.pid, signal.SIGSTOP)  # the host dies
+    for worker in psutil.Process(first.pid).children():
+        os.killpg(worker.pid, signal.SIGKILL)
+    os.kill(first.pid, signal.SIGKILL)
+    for n, task_id in enumerate(once_ids):  # one attempt each, yet they run: claimed is not started
+        wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=30, message=f"once{n}")
+        assert execution_count(db, f"once{n}") == 1
+        assert [r.outcome.value for r in procqueue.get_task_runs(task_id)] == ["lost", "succeeded"]
+    assert procqueue.get_task(long_id).state is TaskState.RUNNING  # on the live processor now
+    assert second.stop(timeout=60) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_database_outage_longer_than_rescue_after_reruns_nothing(db, database_url, tmp_path):
+    from helpers import ProcessorProcess
+    from proxy import CuttableProxy
+
+    proxy = CuttableProxy(database_url)
+    args = ["--import", "sample_tasks", "--numthreads", "1", "--rescue-after", "3"]
+    processors = [ProcessorProcess(proxy.url, args, tmp_path / f"processor-{n}.log") for n in range(2)]
+    try:
+        for processor in processors:
+            processor.wait_for_log("event=worker.started")
+        ids = procqueue.enqueue_many([sample_tasks.sleep.call(args=(1.5,)) for _ in range(6)])
+        wait_until(lambda: running_count(db, ids) == 2, timeout=15, message="both processors busy")
+        proxy.cut()  # every heartbeat goes stale, the living processors' included...
+        time.sleep(8)  # ...for well over --rescue-after: the outage under test
+        proxy.restore()
+        wait_until(lambda: succeeded_count(db, ids) == 6, timeout=60, interval=0.2, message="all 6 tasks")
+        with db.cursor() as cur:
+            cur.execute("SELECT count(*) FROM procqueue.task_runs WHERE task_id = ANY(%s) AND outcome = 'lost'", (ids,))
+            assert cur.fetchone()[0] == 0  # nobody took a live processor for dead
+        assert all("event=tasks.rescued" not in p.log() for p in processors)
+        assert [p.stop() for p in processors] == [0, 0]
+    finally:
+        for processor in processors:
+            processor.kill()
+        proxy.close()
+
+
+def running_count(db, ids):
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM procqueue.tasks WHERE id = ANY(%s) AND state = 'running'", (ids,))
+        return cur.fetchone()[0]
+
+
+@pytest.mark.timeout(120)
+def test_a_database_that_stops_answering_does_not_stall_the_supervisor(db, database_url, tmp_path):
+    from helpers import ProcessorProcess
+    from proxy import CuttableProxy
+    from procqueue.supervisor import SUPERVISOR_WAIT_SECONDS
+
+    proxy = CuttableProxy(database_url)
+    processor = ProcessorProcess(proxy.url, ["--import", "sample_tasks", "--numthreads", "1",
+                                             "--shutdown-timeout", "2"], tmp_path / "p.log")
+    try:
+        processor.wait_for_log("event=worker.started")
+        [worker] = psutil.Process(processor.pid).children()
+        proxy.stall()  # connections stay open, bytes are taken, nothing is answered
+        os.kill(worker.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        # Releasing the dead worker's tasks waits on the database only up to the
+        # supervisor's limit; its loop goes on noticing deaths and signals.
+        processor.wait_for_log("event=worker.died", timeout=SUPERVISOR_WAIT_SECONDS + 10)
+        assert time.monotonic() - killed < SUPERVISOR_WAIT_SECONDS + 2
+        assert f"did not answer within {SUPERVISOR_WAIT_SECONDS:g}s" in processor.log()
+        proxy.resume()  # the slot is refilled once the dead worker's leases are released
+        task_id = sample_tasks.record_task.delay(args=("after stall",))
+        wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=60,
+                   message="working again")
+        proxy.stall()
+        stopping = time.monotonic()
+        processor.proc.send_signal(signal.SIGTERM)
+        processor.proc.wait(timeout=60)
+        # The drain (2 s), the final release attempts (10 s), each wait bounded.
+        assert time.monotonic() - stopping < 2 + 10 + 2 * SUPERVISOR_WAIT_SECONDS
+    finally:
+        proxy.resume()
+        processor.kill()
+        proxy.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_task_killed_past_its_timeout_is_retried_in_a_new_worker(db, start_processor):
+    processor = start_processor("--numthreads", "1")
+    task_id = sample_tasks.wedged_once.delay(args=("wedged once",))
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=30, message="retried")
+    runs = procqueue.get_task_runs(task_id)
+    assert [r.outcome.value for r in runs] == ["timed_out", "succeeded"]
+    assert "past its timeout; worker killed" in runs[0].error
+    assert execution_count(db, "wedged once") == 2
+    assert "event=worker.stuck" in processor.log()
+    assert processor.stop() == 0
 
 
 def test_a_slow_task_on_a_live_processor_is_never_rescued(db, start_processor):

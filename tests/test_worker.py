@@ -204,6 +204,25 @@ def test_outcome_of_a_task_whose_lease_was_taken_is_dropped(db, worker):
     assert runs_of(task_id) == []
 
 
+def test_an_outcome_lands_only_on_the_claim_that_ran_it(db, worker):
+    from procqueue.queries import Queries
+
+    task_id = collect.delay(args=("x",))
+    [claimed] = worker.claim()
+    # Meanwhile the task was put back and claimed again by this same worker slot (its
+    # processor and slot match): only the claim's token tells the two leases apart.
+    with db.cursor() as cur:
+        cur.execute("UPDATE procqueue.tasks SET state = 'queued', locked_by = NULL, locked_worker = NULL, "
+                    "locked_at = NULL WHERE id = %s", (task_id,))
+    [again] = Queries("procqueue").claim(db, processor="test-processor", worker=0, limit=1)
+    assert again.leased_at != claimed.leased_at
+    worker.run_one(claimed)
+    worker.flush()
+    task = procqueue.get_task(task_id)
+    assert (task.state, task.locked_at) == (TaskState.RUNNING, again.leased_at)  # the newer claim stands
+    assert runs_of(task_id) == []
+
+
 def test_stopping_mid_batch_releases_unstarted_tasks_without_charging_them(db, processor_config):
     worker = Worker(processor_config, processor_id="p", index=0)
     worker.recurring_names = []
