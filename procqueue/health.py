@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 STATUS_VERSION = 1
 # The worker's own timeout fires at the task's deadline; only if it could not act on it
@@ -79,9 +81,27 @@ def load_status(path: Path) -> dict:
     return document
 
 
-def judge(document: dict, *, now: float, max_age: float, min_healthy_workers: int) -> Verdict:
-    """Healthy when the supervisor updated the document within `max_age` seconds, is not
-    stopped, no worker is stuck, and at least `min_healthy_workers` workers are running."""
+def supervisor_alive(document: dict) -> Optional[bool]:
+    """Whether the supervisor that wrote the document still runs, when that can be told:
+    only on the host (and in the container) it runs in; None elsewhere."""
+    pid = document.get("pid")
+    if not pid or document.get("hostname") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def judge(document: dict, *, now: float, max_age: float, min_healthy_workers: int,
+          alive: Callable[[dict], Optional[bool]] = supervisor_alive) -> Verdict:
+    """Healthy when the supervisor runs, updated the document within `max_age` seconds, no
+    worker is stuck, and at least `min_healthy_workers` workers are running. A processor
+    starting up (applying a schema may take minutes) or draining is healthy while it
+    runs: restarting it would only make things worse."""
     if document.get("version") != STATUS_VERSION:
         return Verdict(False, [f"unsupported status document version {document.get('version')!r} "
                                f"(this procqueue reads version {STATUS_VERSION})"])
@@ -89,6 +109,10 @@ def judge(document: dict, *, now: float, max_age: float, min_healthy_workers: in
     verdict.age_seconds = max(0.0, now - float(document.get("updated_at_unix", 0)))
     if verdict.state == "stopped":
         verdict.reasons.append(f"processor stopped at {document.get('updated_at')}")
+    elif alive(document) is False:
+        verdict.reasons.append(f"the supervisor (pid {document.get('pid')}) is not running")
+    elif verdict.state == "starting":
+        pass
     elif verdict.age_seconds > max_age:
         verdict.reasons.append(f"status is {verdict.age_seconds:.1f}s old (max {max_age:g}s): "
                                f"the supervisor (pid {document.get('pid')}) is not updating it")
@@ -141,8 +165,8 @@ def check_file(path: Path, *, max_age: float, min_healthy_workers: int, now: Opt
 def summary_line(verdict: Verdict) -> str:
     if not verdict.healthy:
         return "; ".join(verdict.reasons)
-    if verdict.state == "stopping":
-        return f"healthy: stopping (draining), status {verdict.age_seconds:.1f}s old"
+    if verdict.state in ("stopping", "starting"):
+        return f"healthy: {verdict.state}, status {verdict.age_seconds:.1f}s old"
     return f"healthy: {verdict.workers_healthy} of {verdict.workers} workers, status {verdict.age_seconds:.1f}s old"
 
 

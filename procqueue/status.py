@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -134,6 +135,13 @@ def iso(unix_seconds: float) -> str:
     return datetime.fromtimestamp(unix_seconds, timezone.utc).isoformat(timespec="milliseconds")
 
 
+def starting_document() -> dict:
+    """What the file says until the supervisor's first full report."""
+    now = time.time()
+    return {"version": STATUS_VERSION, "state": "starting", "pid": os.getpid(), "hostname": socket.gethostname(),
+            "updated_at": iso(now), "updated_at_unix": round(now, 3)}
+
+
 class StatusFile:
     """The file, rewritten whole: write a temporary file beside it, then rename."""
 
@@ -147,7 +155,7 @@ class StatusFile:
         and over, so this is a start-up error, not a warning."""
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self.write({"version": STATUS_VERSION, "state": "starting"})
+            self.write(starting_document())
         except OSError as exc:
             raise ConfigError(f"cannot write --status-file {self.path}: {exc.strerror or exc}") from None
 

@@ -191,3 +191,21 @@ def test_the_probe_imports_no_database_driver_nor_metrics_library(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
+def test_a_processor_starting_up_is_healthy_however_long_it_takes():
+    # Applying a schema to a large table may take minutes: a restart would start it over.
+    doc = {"version": 1, "state": "starting", "pid": 42, "updated_at_unix": NOW - 600}
+    assert verdict_of(doc).healthy
+
+
+def test_a_supervisor_gone_from_this_host_is_unhealthy_at_once():
+    import socket
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    doc = dict(document(age=0), hostname=socket.gethostname(), pid=gone.pid)
+    verdict = judge(doc, now=NOW, max_age=30, min_healthy_workers=1)
+    assert not verdict.healthy and verdict.reasons == [f"the supervisor (pid {gone.pid}) is not running"]
+    # From another host the pid means nothing: the document's age decides.
+    assert judge(dict(doc, hostname="elsewhere"), now=NOW, max_age=30, min_healthy_workers=1).healthy

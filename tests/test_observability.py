@@ -274,6 +274,16 @@ def test_health_follows_the_processor_through_freezes_and_shutdown(db, start_pro
     assert result.returncode == 1 and "processor stopped at" in result.stderr
 
 
+def test_health_fails_at_once_when_the_supervisor_is_killed(db, start_processor):
+    processor = start_processor("--numthreads", "1")
+    processor.wait_for_status(lambda d: d["state"] == "running")
+    assert health(processor).returncode == 0
+    os.kill(processor.pid, signal.SIGKILL)
+    processor.proc.wait(timeout=10)
+    result = health(processor)  # no waiting for --max-age: the pid is gone
+    assert result.returncode == 1 and f"the supervisor (pid {processor.pid}) is not running" in result.stderr
+
+
 def test_http_answers_unknown_paths_and_openmetrics(db, start_processor):
     processor = start_processor("--numthreads", "1", "--metrics-port", "0")
     port = processor.metrics_port()
