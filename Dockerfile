@@ -19,6 +19,12 @@ RUN pip install . && useradd --create-home --uid 10001 procqueue
 
 USER procqueue
 WORKDIR /app
+# Metrics, /healthz, /status and /monitoring. In a container the port is the
+# container's own, so unlike on a shared host it can be on by default.
+ENV PROCQUEUE_METRICS_PORT=9464
+EXPOSE 9464
+# The same verdict a Kubernetes livenessProbe gets from procqueue-health (no database).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=20s CMD ["procqueue-health"]
 # The supervisor runs as PID 1: it reaps orphaned processes as init would, and the exec
 # form delivers Kubernetes' SIGTERM straight to it for a graceful drain.
 ENTRYPOINT ["run-task-processor"]
