@@ -18,23 +18,20 @@ import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, Optional, Tuple
-
-import psycopg2
+from typing import Deque, Dict, Optional
 
 from . import client, registry
+from .chores import DatabaseChores, Release
 from .config import ProcessorConfig
-from .db import Connection, bound_every_wait, connect, first_line, waits_unbounded
-from .errors import DatabaseError, ProcqueueError
+from .db import bound_every_wait
+from .errors import ProcqueueError
 from .heartbeat import WorkerState, allocate_slots, slot_task_name, stuck_reason
 from .process_tree import begin_kill, finish_kill
 from .logs import log_event
-from .metrics import MultiprocessMetrics, TaskMetrics, initialise_series, result_label
-from .migrations import migrate
+from .metrics import MultiprocessMetrics, TaskMetrics, initialise_series
 from .monitor import STATUS_INTERVAL_SECONDS, Monitor
-from .queries import Queries
 from .selfpipe import SelfPipe
-from .records import QueueStats, RunOutcome
+from .records import RunOutcome
 from .status import SupervisorFacts
 from .worker import Worker
 from .worker_process import WORKER_BOOT_ERROR, WORKER_RECYCLED, run_worker_process
@@ -48,31 +45,12 @@ MAX_FAILED_STARTS = 5
 # No statement of the supervisor may keep its loop waiting longer than this: reaping,
 # killing and signals wait behind it.
 SUPERVISOR_WAIT_SECONDS = 3.0
-# A task lost with its processor this many times is failed rather than put back again.
-RESCUES_BEFORE_FAILING = 3
 LOOP_TICK_SECONDS = 0.25
 # Between SIGTERM to a stuck worker's process tree and SIGKILL.
 KILL_GRACE_SECONDS = 0.5
-# On the way out, how long to keep trying to put back what killed workers held.
-FINAL_RELEASE_SECONDS = 10.0
-# Queue depth is read from Postgres at most this often, however often /metrics is scraped,
-# and each read may take at most QUEUE_STATS_TIMEOUT_SECONDS (a vast backlog is slow to count).
-QUEUE_STATS_INTERVAL_SECONDS = 5.0
-QUEUE_STATS_TIMEOUT_SECONDS = 2.0
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 _HANDLED_SIGNALS = _STOP_SIGNALS + (signal.SIGCHLD,)
-
-
-@dataclass(frozen=True)
-class Release:
-    """What a gone worker held, to be put back before its slot is refilled."""
-
-    index: int
-    in_flight: Optional[int]
-    cause: str
-    outcome: RunOutcome
-    charge: bool
 
 
 @dataclass
@@ -94,7 +72,6 @@ class Supervisor:
         self.config = config
         self.clock = clock
         self.processor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.queries = Queries(config.database.schema)
         self.slots = allocate_slots(config.num_workers)
         self.workers: Dict[int, WorkerProcess] = {}
         self.respawn_at: Dict[int, float] = {}
@@ -105,24 +82,12 @@ class Supervisor:
         self.stopping = False
         self.stop_deadline: Optional[float] = None
         self.exit_code = 0
-        self.conn: Optional[Connection] = None
-        self.pending_releases: Dict[int, Release] = {}
         self.restarts: Dict[str, int] = {"stuck": 0, "crashed": 0, "recycled": 0}
         self.restarts_by_slot: Dict[int, int] = {}
-        self.tasks_lost = 0
-        self.tasks_rescued = 0
-        self.queue_stats: Optional[QueueStats] = None
-        self.database_up = False
         self.next_status = 0.0
-        self.next_queue_stats = 0.0
-        self.task_metrics = TaskMetrics()
+        self.chores = DatabaseChores(config, processor_id=self.processor_id, clock=clock, task_metrics=TaskMetrics())
         self.monitor = Monitor(config, processor_id=self.processor_id, slots=self.slots, metrics_store=metrics_store)
         self.warned_threads = False
-        self.database_retry_at = 0.0
-        self.database_failures = 0
-        self.database_since: Optional[float] = None  # start of the current unbroken run of database contact
-        self.next_heartbeat = 0.0
-        self.next_rescue = 0.0
         self.wakeup = SelfPipe()
 
     # -- the run -----------------------------------------------------------------------
@@ -149,21 +114,7 @@ class Supervisor:
         if self.config.database.url is None:
             log_event(logger, logging.WARNING, "database.embedded", where=self.config.database.display_url,
                       note="no DATABASE_URL: fine for development; processors and apps elsewhere cannot see it")
-        self.conn = connect(self.config.database, application_name="procqueue-supervisor")
-        with waits_unbounded():  # creating an index on a large table rightly takes long
-            applied = migrate(self.conn, self.config.database.schema)
-        if applied:
-            log_event(logger, logging.INFO, "schema.applied", schema=self.config.database.schema)
-        for schedule in registry.recurring_schedules():
-            self.queries.register_recurring(
-                self.conn, name=schedule.task_name, run_every=schedule.run_every,
-                first_run_at=schedule.first_run_at, timeout_seconds=schedule.timeout.total_seconds(),
-                args_json=schedule.args_json, kwargs_json=schedule.kwargs_json,
-            )
-        self.heartbeat(self.conn)
-        self.refresh_queue_stats(self.conn)
-        self.database_up, self.database_since = True, self.clock()
-        self.next_rescue = self.clock() + self.config.rescue_after_seconds
+        self.chores.start()
         log_event(logger, logging.INFO, "processor.started", processor=self.processor_id,
                   pid=os.getpid(), tasks=len(registry.registered_names()), **self.config.public_dict())
         self.monitor.start_serving()
@@ -173,7 +124,7 @@ class Supervisor:
         self.note_running_workers()
         self.reap_workers()
         self.murder_stuck_workers()
-        self.keep_house()
+        self.chores.run(stopping=self.stopping)
         if self.stopping:
             self.enforce_stop_deadline()
         else:
@@ -191,28 +142,10 @@ class Supervisor:
     def finish(self) -> None:
         self.kill_all_workers()
         self.reap_workers(block=True)
-        deadline = self.clock() + FINAL_RELEASE_SECONDS
-        while self.pending_releases and self.clock() < deadline:
-            self.database_retry_at = 0.0
-            self.keep_house()
-            if self.pending_releases:
-                time.sleep(0.5)
-        if self.pending_releases:
-            # Left leased to this processor: a peer rescues them once its heartbeat expires.
-            log_event(logger, logging.ERROR, "processor.release_incomplete", workers=sorted(self.pending_releases))
-        else:
-            self.deregister()
+        self.chores.finish()
         self.publish_status(state="stopped")
         self.monitor.close()
         log_event(logger, logging.INFO, "processor.stopped", processor=self.processor_id, exit_code=self.exit_code)
-
-    def deregister(self) -> None:
-        try:
-            self.ensure_connected()
-            self.queries.deregister_processor(self.conn, self.processor_id)
-            self.conn.close()
-        except (psycopg2.Error, DatabaseError) as exc:
-            log_event(logger, logging.WARNING, "processor.deregister_failed", error=first_line(exc))
 
     # -- what the outside world sees ---------------------------------------------------
 
@@ -224,13 +157,13 @@ class Supervisor:
     def facts(self, state: Optional[str] = None) -> SupervisorFacts:
         return SupervisorFacts(
             state=state or ("stopping" if self.stopping else "running"),
-            database_up=self.database_up,
-            queue_stats=self.queue_stats,
+            database_up=self.chores.up,
+            queue_stats=self.chores.queue_stats,
             restarts=dict(self.restarts),
             restarts_by_slot=dict(self.restarts_by_slot),
             rss_by_slot={w.index: self.monitor.rss.read(w.pid) for w in self.workers.values()},
-            tasks_lost=self.tasks_lost,
-            tasks_rescued=self.tasks_rescued,
+            tasks_lost=self.chores.tasks_lost,
+            tasks_rescued=self.chores.tasks_rescued,
             metrics_address=self.monitor.url,
         )
 
@@ -275,7 +208,7 @@ class Supervisor:
         for index in range(self.config.num_workers):
             # Never refill a slot whose last tenant's tasks are not released yet: the new
             # worker's leases would look the same, and the late release would take them.
-            if index in self.pending_releases:
+            if self.chores.holds_for(index):
                 continue
             if index not in self.workers and now >= self.respawn_at.get(index, 0.0):
                 self.spawn_worker(index)
@@ -365,8 +298,8 @@ class Supervisor:
         # A task killed only because the processor is shutting down did nothing wrong: it
         # goes back without losing an attempt.
         charge = not (self.stopping and worker.kill_reason is None)
-        self.pending_releases[worker.index] = Release(worker.index, in_flight, cause, worker.kill_outcome, charge)
-        self.keep_house()
+        self.chores.release(Release(worker.index, in_flight, cause, worker.kill_outcome, charge))
+        self.chores.run(stopping=self.stopping)
         slot.pid, slot.state, slot.task_id, slot.task_deadline = 0, int(WorkerState.EMPTY), 0, 0.0
         if expected:
             log_event(logger, logging.DEBUG, "worker.exited", worker=worker.index, pid=worker.pid)
@@ -415,93 +348,6 @@ class Supervisor:
             if not worker.reached_loop and self.slots[worker.index].state in (WorkerState.IDLE, WorkerState.BUSY):
                 worker.reached_loop = self.any_worker_ran = True
 
-    # -- the database: releases, heartbeat, rescue ------------------------------------------
-
-    def keep_house(self) -> None:
-        """Every database chore of the supervisor, none of which may stall the loop for
-        long: after a failure they wait out a backoff while reaping and killing go on."""
-        if self.clock() < self.database_retry_at:
-            return
-        try:
-            self.ensure_connected()
-            self.release_pending(self.conn)
-            if self.clock() >= self.next_heartbeat:
-                self.heartbeat(self.conn)
-            if self.clock() >= self.next_rescue and not self.stopping and self.may_judge_peers():
-                self.rescue(self.conn)
-            if self.clock() >= self.next_queue_stats:
-                self.refresh_queue_stats(self.conn)
-            self.database_failures = 0
-            self.database_up = True
-            if self.database_since is None:
-                self.database_since = self.clock()
-        except (psycopg2.Error, DatabaseError) as exc:
-            self.on_database_error(exc)
-
-    def release_pending(self, conn: Connection) -> None:
-        for index, release in list(self.pending_releases.items()):
-            released = self.queries.release_worker_tasks(
-                conn, processor=self.processor_id, worker=index, in_flight=release.in_flight,
-                error=release.cause, outcome=release.outcome, charge=release.charge,
-            )
-            del self.pending_releases[index]
-            for task in released:
-                self.tasks_lost += 1
-                self.task_metrics.run_finished(task.task_name, task.recurring,
-                                               result_label(release.outcome, task.retrying), None)
-                log_event(logger, logging.WARNING, "task.lost", task_id=task.task_id, task=task.task_name,
-                          worker=index, cause=release.cause)
-
-    def heartbeat(self, conn: Connection) -> None:
-        self.queries.processor_heartbeat(conn, processor=self.processor_id, hostname=socket.gethostname(),
-                                         pid=os.getpid())
-        self.next_heartbeat = self.clock() + self.config.rescue_after_seconds / 4
-
-    def may_judge_peers(self) -> bool:
-        """A peer's stale heartbeat proves it dead only if this processor could have seen
-        it beat: after a database outage every heartbeat is stale, the living included,
-        and the first processor back must not re-run the others' tasks. So rescue waits
-        until this one has been in unbroken contact for a whole --rescue-after."""
-        return (self.database_since is not None
-                and self.clock() - self.database_since >= self.config.rescue_after_seconds)
-
-    def rescue(self, conn: Connection) -> None:
-        rescued = self.queries.rescue_dead_processors(
-            conn, expiry_seconds=self.config.rescue_after_seconds, rescuer=self.processor_id,
-            max_losses=RESCUES_BEFORE_FAILING,
-        )
-        for task in rescued:
-            self.tasks_rescued += 1
-            self.task_metrics.run_finished(task.task_name, task.recurring, result_label(RunOutcome.LOST, task.retrying),
-                                           None)
-        if rescued:
-            log_event(logger, logging.WARNING, "tasks.rescued", count=len(rescued),
-                      task_ids=[task.task_id for task in rescued[:20]])
-        self.next_rescue = self.clock() + self.config.rescue_after_seconds / 4
-
-    def refresh_queue_stats(self, conn: Connection) -> None:
-        self.next_queue_stats = self.clock() + QUEUE_STATS_INTERVAL_SECONDS
-        try:
-            stats = self.queries.queue_stats(conn, timeout_seconds=QUEUE_STATS_TIMEOUT_SECONDS, now=time.time())
-            self.queue_stats = stats.including(set(registry.registered_queues()) | set(self.config.queues))
-        except psycopg2.errors.QueryCanceled:
-            log_event(logger, logging.WARNING, "queue_stats.timeout", timeout_s=QUEUE_STATS_TIMEOUT_SECONDS,
-                      note="counting the queue took too long; the figures shown are older")
-
-    def on_database_error(self, exc: BaseException) -> None:
-        self.database_failures += 1
-        self.database_up, self.database_since = False, None
-        # Retry well within a heartbeat period, or peers would take this live processor
-        # for dead (and re-run its tasks) after an outage of some seconds.
-        delay = min(RESPAWN_BACKOFF_SECONDS[min(self.database_failures, len(RESPAWN_BACKOFF_SECONDS)) - 1],
-                    self.config.rescue_after_seconds / 4)
-        log_event(logger, logging.WARNING, "supervisor.database_error", error=first_line(exc), retry_in_s=float(delay),
-                  pending_releases=len(self.pending_releases))
-        if self.conn is not None and not self.conn.closed:
-            self.conn.close()
-        self.conn = None
-        self.database_retry_at = self.clock() + delay
-
     def murder_stuck_workers(self) -> None:
         """Stop workers whose shared-memory slot shows them stuck, in two steps (stack dump
         and SIGTERM to the tree, then SIGKILL); reaping then records and replaces them."""
@@ -528,13 +374,6 @@ class Supervisor:
     def kill_all_workers(self) -> None:
         for worker in self.workers.values():
             _killpg_quietly(worker.pid, signal.SIGKILL)
-
-    def ensure_connected(self) -> None:
-        if self.conn is None or self.conn.closed:
-            # A short timeout: while the database is unreachable the loop must go on
-            # reaping and killing; the chores wait for the next try.
-            self.conn = connect(self.config.database, application_name="procqueue-supervisor", timeout=3)
-
 
 def describe_exit(index: int, status: int) -> str:
     if os.WIFSIGNALED(status):

@@ -1,0 +1,214 @@
+"""The supervisor's dealings with the database: set the processor up, prove it alive, put
+back what dead workers held, rescue the tasks of dead processors, count the queue, and
+deregister on the way out.
+
+None of it may stall the supervisor's loop, which also reaps and kills workers: every
+wait is bounded (db.bound_every_wait), and after a failure the chores wait out a short
+backoff while reaping and killing go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import psycopg2
+
+from . import registry
+from .config import ProcessorConfig
+from .db import Connection, connect, first_line, waits_unbounded
+from .errors import DatabaseError
+from .logs import log_event
+from .metrics import TaskMetrics, result_label
+from .migrations import migrate
+from .queries import Queries
+from .records import QueueStats, RunOutcome
+
+logger = logging.getLogger("procqueue.supervisor")
+
+RETRY_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8)
+# Queue depth is read from Postgres at most this often, however often /metrics is scraped,
+# and each read may take at most QUEUE_STATS_TIMEOUT_SECONDS (a vast backlog is slow to count).
+QUEUE_STATS_INTERVAL_SECONDS = 5.0
+QUEUE_STATS_TIMEOUT_SECONDS = 2.0
+# A task lost with its processor this many times is failed rather than put back again.
+RESCUES_BEFORE_FAILING = 3
+# On the way out, how long to keep trying to put back what killed workers held.
+FINAL_RELEASE_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class Release:
+    """What a gone worker held, to be put back before its slot is refilled."""
+
+    index: int
+    in_flight: Optional[int]
+    cause: str
+    outcome: RunOutcome
+    charge: bool
+
+
+class DatabaseChores:
+    def __init__(self, config: ProcessorConfig, *, processor_id: str, clock: Callable[[], float],
+                 task_metrics: TaskMetrics) -> None:
+        self.config = config
+        self.processor_id = processor_id
+        self.clock = clock
+        self.task_metrics = task_metrics
+        self.queries = Queries(config.database.schema)
+        self.conn: Optional[Connection] = None
+        self.pending_releases: Dict[int, Release] = {}
+        self.queue_stats: Optional[QueueStats] = None
+        self.tasks_lost = 0
+        self.tasks_rescued = 0
+        self.up = False
+        self.since: Optional[float] = None  # start of the current unbroken run of database contact
+        self.failures = 0
+        self.retry_at = 0.0
+        self.next_heartbeat = 0.0
+        self.next_rescue = 0.0
+        self.next_queue_stats = 0.0
+
+    # -- at start and at the end -------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect, apply the schema, register the recurring schedules, first heartbeat.
+        Failures here are the processor's failure to start: they propagate."""
+        self.conn = connect(self.config.database, application_name="procqueue-supervisor")
+        with waits_unbounded():  # creating an index on a large table rightly takes long
+            applied = migrate(self.conn, self.config.database.schema)
+        if applied:
+            log_event(logger, logging.INFO, "schema.applied", schema=self.config.database.schema)
+        for schedule in registry.recurring_schedules():
+            self.queries.register_recurring(
+                self.conn, name=schedule.task_name, run_every=schedule.run_every,
+                first_run_at=schedule.first_run_at, timeout_seconds=schedule.timeout.total_seconds(),
+                args_json=schedule.args_json, kwargs_json=schedule.kwargs_json,
+            )
+        self.heartbeat(self.conn)
+        self.refresh_queue_stats(self.conn)
+        self.up, self.since = True, self.clock()
+        self.next_rescue = self.clock() + self.config.rescue_after_seconds
+
+    def finish(self) -> None:
+        """Put back what the last workers held, then deregister; a peer rescues whatever
+        could not be put back once this processor's heartbeat expires."""
+        deadline = self.clock() + FINAL_RELEASE_SECONDS
+        while self.pending_releases and self.clock() < deadline:
+            self.retry_at = 0.0
+            self.run(stopping=True)
+            if self.pending_releases:
+                time.sleep(0.5)
+        if self.pending_releases:
+            log_event(logger, logging.ERROR, "processor.release_incomplete", workers=sorted(self.pending_releases))
+            return
+        try:
+            self.ensure_connected()
+            self.queries.deregister_processor(self.conn, self.processor_id)
+            self.conn.close()
+        except (psycopg2.Error, DatabaseError) as exc:
+            log_event(logger, logging.WARNING, "processor.deregister_failed", error=first_line(exc))
+
+    # -- every tick ----------------------------------------------------------------------
+
+    def release(self, release: Release) -> None:
+        """A worker is gone: put back what it held (now, or once the database answers)."""
+        self.pending_releases[release.index] = release
+
+    def holds_for(self, index: int) -> bool:
+        """Whether a slot's last tenant still has tasks to put back. The slot must not be
+        refilled before: the new worker's leases would look the same to the release."""
+        return index in self.pending_releases
+
+    def run(self, *, stopping: bool) -> None:
+        if self.clock() < self.retry_at:
+            return
+        try:
+            self.ensure_connected()
+            self.release_pending(self.conn)
+            if self.clock() >= self.next_heartbeat:
+                self.heartbeat(self.conn)
+            if self.clock() >= self.next_rescue and not stopping and self.may_judge_peers():
+                self.rescue(self.conn)
+            if self.clock() >= self.next_queue_stats:
+                self.refresh_queue_stats(self.conn)
+            self.failures = 0
+            self.up = True
+            if self.since is None:
+                self.since = self.clock()
+        except (psycopg2.Error, DatabaseError) as exc:
+            self.on_error(exc)
+
+    def release_pending(self, conn: Connection) -> None:
+        for index, release in list(self.pending_releases.items()):
+            released = self.queries.release_worker_tasks(
+                conn, processor=self.processor_id, worker=index, in_flight=release.in_flight,
+                error=release.cause, outcome=release.outcome, charge=release.charge,
+            )
+            del self.pending_releases[index]
+            for task in released:
+                self.tasks_lost += 1
+                self.task_metrics.run_finished(task.task_name, task.recurring,
+                                               result_label(release.outcome, task.retrying), None)
+                log_event(logger, logging.WARNING, "task.lost", task_id=task.task_id, task=task.task_name,
+                          worker=index, cause=release.cause)
+
+    def heartbeat(self, conn: Connection) -> None:
+        self.queries.processor_heartbeat(conn, processor=self.processor_id, hostname=socket.gethostname(),
+                                         pid=os.getpid())
+        self.next_heartbeat = self.clock() + self.config.rescue_after_seconds / 4
+
+    def may_judge_peers(self) -> bool:
+        """A peer's stale heartbeat proves it dead only if this processor could have seen
+        it beat: after a database outage every heartbeat is stale, the living included,
+        and the first processor back must not re-run the others' tasks. So rescue waits
+        until this one has been in unbroken contact for a whole --rescue-after."""
+        return self.since is not None and self.clock() - self.since >= self.config.rescue_after_seconds
+
+    def rescue(self, conn: Connection) -> None:
+        rescued = self.queries.rescue_dead_processors(
+            conn, expiry_seconds=self.config.rescue_after_seconds, rescuer=self.processor_id,
+            max_losses=RESCUES_BEFORE_FAILING,
+        )
+        for task in rescued:
+            self.tasks_rescued += 1
+            self.task_metrics.run_finished(task.task_name, task.recurring,
+                                           result_label(RunOutcome.LOST, task.retrying), None)
+        if rescued:
+            log_event(logger, logging.WARNING, "tasks.rescued", count=len(rescued),
+                      task_ids=[task.task_id for task in rescued[:20]])
+        self.next_rescue = self.clock() + self.config.rescue_after_seconds / 4
+
+    def refresh_queue_stats(self, conn: Connection) -> None:
+        self.next_queue_stats = self.clock() + QUEUE_STATS_INTERVAL_SECONDS
+        try:
+            stats = self.queries.queue_stats(conn, timeout_seconds=QUEUE_STATS_TIMEOUT_SECONDS, now=time.time())
+        except psycopg2.errors.QueryCanceled:
+            log_event(logger, logging.WARNING, "queue_stats.timeout", timeout_s=QUEUE_STATS_TIMEOUT_SECONDS,
+                      note="counting the queue took too long; the figures shown are older")
+            return
+        self.queue_stats = stats.including(set(registry.registered_queues()) | set(self.config.queues))
+
+    def on_error(self, exc: BaseException) -> None:
+        self.failures += 1
+        self.up, self.since = False, None
+        # Retry well within a heartbeat period, or peers would take this live processor
+        # for dead (and re-run its tasks) after an outage of some seconds.
+        delay = min(RETRY_BACKOFF_SECONDS[min(self.failures, len(RETRY_BACKOFF_SECONDS)) - 1],
+                    self.config.rescue_after_seconds / 4)
+        log_event(logger, logging.WARNING, "supervisor.database_error", error=first_line(exc), retry_in_s=float(delay),
+                  pending_releases=len(self.pending_releases))
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close()
+        self.conn = None
+        self.retry_at = self.clock() + delay
+
+    def ensure_connected(self) -> None:
+        if self.conn is None or self.conn.closed:
+            # A short timeout: while the database is unreachable the loop must go on
+            # reaping and killing; the chores wait for the next try.
+            self.conn = connect(self.config.database, application_name="procqueue-supervisor", timeout=3)
