@@ -82,6 +82,16 @@ class ProcessorProcess:
 
         return wait_until(matching, timeout, message=message or "status document")
 
+    def wait_until_started(self, task_id: int, timeout: float = 15.0) -> int:
+        """Wait until a worker shows `task_id` as the task it is running, and return that
+        worker's pid. A task's `running` state means only claimed: a worker may hold it
+        behind another task of its batch."""
+        def running_it(document: dict) -> bool:
+            return any((worker["task"] or {}).get("id") == task_id for worker in document["workers"])
+
+        document = self.wait_for_status(running_it, timeout, f"task {task_id} started")
+        return next(w["pid"] for w in document["workers"] if (w["task"] or {}).get("id") == task_id)
+
     def metrics_port(self, timeout: float = 15.0) -> int:
         document = self.wait_for_status(lambda d: bool(d.get("metrics_url")), timeout, "metrics endpoint")
         return int(document["metrics_url"].rsplit(":", 1)[1])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import List, Tuple
+from typing import List
 
 from psycopg2.extensions import make_dsn, parse_dsn
 

@@ -62,13 +62,6 @@ def health(processor, *args):
                           capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(REPO)))
 
 
-def worker_running(processor, task_id):
-    """The pid of the worker the status document shows running `task_id`."""
-    document = processor.wait_for_status(
-        lambda d: any((w["task"] or {}).get("id") == task_id for w in d["workers"]), message=f"task {task_id} shown")
-    return next(w["pid"] for w in document["workers"] if (w["task"] or {}).get("id") == task_id)
-
-
 @pytest.mark.timeout(90)
 def test_metrics_follow_tasks_that_succeed_fail_time_out_and_die_with_their_worker(db, start_processor):
     processor = start_processor("--numthreads", "2", "--metrics-port", "0")
@@ -97,7 +90,7 @@ def test_metrics_follow_tasks_that_succeed_fail_time_out_and_die_with_their_work
                   queue="default") == 5
 
     task_id = sample_tasks.sleep_then_record.delay(args=(2, "lost once"))
-    os.kill(worker_running(processor, task_id), signal.SIGKILL)
+    os.kill(processor.wait_until_started(task_id), signal.SIGKILL)
 
     def retried():
         samples = watch.scrape()
@@ -210,7 +203,7 @@ def test_status_file_is_a_whole_document_at_every_read_during_a_run(db, start_pr
 def test_status_shows_what_each_worker_is_doing(db, start_processor):
     processor = start_processor("--numthreads", "2", "--metrics-port", "0")
     task_id = sample_tasks.sleep.delay(args=(3,))
-    pid = worker_running(processor, task_id)
+    pid = processor.wait_until_started(task_id)
     document = processor.status()
     [busy] = [w for w in document["workers"] if w["pid"] == pid]
     assert busy["state"] == "busy" and busy["task"]["name"] == "sample.sleep"

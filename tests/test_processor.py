@@ -103,7 +103,7 @@ def test_failing_task_shows_its_traceback_in_run_history(db, start_processor):
 def test_worker_killed_mid_task_is_replaced_and_its_task_retried(db, start_processor):
     processor = start_processor("--numthreads", "1")
     task_id = sample_tasks.sleep_then_record.delay(args=(3, "survivor"))
-    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.RUNNING, timeout=15, message="task running")
+    processor.wait_until_started(task_id)
     [worker] = psutil.Process(processor.pid).children()
     os.kill(worker.pid, signal.SIGKILL)
     wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=30, message="retried")
@@ -118,8 +118,8 @@ def test_worker_killed_mid_task_is_replaced_and_its_task_retried(db, start_proce
 def test_sigterm_lets_the_running_task_finish_then_exits_zero(db, start_processor):
     processor = start_processor("--numthreads", "1")
     processor.wait_for_log("event=worker.started")
-    task_id = sample_tasks.sleep_then_record.delay(args=(1, "drained"))
-    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.RUNNING, timeout=15, message="task running")
+    task_id = sample_tasks.sleep_then_record.delay(args=(2, "drained"))
+    processor.wait_until_started(task_id)
     assert processor.stop() == 0
     assert procqueue.get_task(task_id).state is TaskState.SUCCEEDED
     assert execution_count(db, "drained") == 1
@@ -188,9 +188,8 @@ def test_task_the_worker_cannot_interrupt_is_killed_by_the_supervisor(db, start_
 def test_sigterm_puts_claimed_but_unstarted_tasks_back_untouched(db, start_processor):
     processor = start_processor("--numthreads", "1", "--queuepopsize", "5")
     processor.wait_for_log("event=worker.started")
-    ids = procqueue.enqueue_many([sample_tasks.sleep_then_record.call(args=(1, f"batch{n}")) for n in range(5)])
-    wait_until(lambda: procqueue.get_task(ids[0]).state is TaskState.RUNNING
-               and execution_count(db) == 0, timeout=15, message="batch claimed")
+    ids = procqueue.enqueue_many([sample_tasks.sleep_then_record.call(args=(2, f"batch{n}")) for n in range(5)])
+    processor.wait_until_started(ids[0])  # its batch claimed with it
     assert processor.stop() == 0
     tasks = [procqueue.get_task(task_id) for task_id in ids]
     finished = [t for t in tasks if t.state is TaskState.SUCCEEDED]
@@ -203,7 +202,7 @@ def test_sigterm_puts_claimed_but_unstarted_tasks_back_untouched(db, start_proce
 def test_shutdown_timeout_kills_an_overlong_task_and_requeues_it_without_charge(db, start_processor):
     processor = start_processor("--numthreads", "1", "--shutdown-timeout", "1")
     task_id = sample_tasks.sleep_then_record.delay(args=(60, "too long"))
-    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.RUNNING, timeout=15, message="running")
+    processor.wait_until_started(task_id)
     started = time.monotonic()
     assert processor.stop() == 0
     assert time.monotonic() - started < 5
@@ -216,7 +215,7 @@ def test_shutdown_timeout_kills_an_overlong_task_and_requeues_it_without_charge(
 def test_second_signal_stops_waiting_for_running_tasks(db, start_processor):
     processor = start_processor("--numthreads", "1", "--shutdown-timeout", "60")
     task_id = sample_tasks.sleep_then_record.delay(args=(60, "interrupted"))
-    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.RUNNING, timeout=15, message="running")
+    processor.wait_until_started(task_id)
     processor.proc.send_signal(signal.SIGTERM)
     processor.wait_for_log("event=processor.stopping")
     started = time.monotonic()
@@ -257,8 +256,8 @@ def test_cli_enqueue_show_and_cancel(db, database_url):
 
 def test_workers_do_not_outlive_a_killed_supervisor(db, start_processor):
     processor = start_processor("--numthreads", "2", "--queuepopsize", "1")
-    task_id = sample_tasks.sleep_then_record.delay(args=(1, "orphaned"))
-    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.RUNNING, timeout=15, message="running")
+    task_id = sample_tasks.sleep_then_record.delay(args=(2, "orphaned"))
+    processor.wait_until_started(task_id)
     workers = psutil.Process(processor.pid).children()
     assert len(workers) == 2
     os.kill(processor.pid, signal.SIGKILL)
