@@ -237,8 +237,8 @@ def migrate_command(database_url: Optional[str], schema: Optional[str]) -> None:
 @click.argument("task_name")
 @click.option("--args", "args_json", default="[]", metavar="JSON", help="Positional arguments, a JSON array.")
 @click.option("--kwargs", "kwargs_json", default="{}", metavar="JSON", help="Keyword arguments, a JSON object.")
-@click.option("--delay", "delay_seconds", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
-              help="Run no sooner than this many seconds from now.")
+@click.option("--delay", "delay_seconds", type=float, default=None, metavar="SECONDS",
+              help="Run no sooner than this many seconds from now (at most ten years).")
 @click.option("--priority", type=int, default=None, help="Override the task's priority (lower runs first).")
 @click.option("--import", "-i", "imports", multiple=True, metavar="MODULE", help="Module that registers the task.")
 @_database_options
@@ -248,6 +248,13 @@ def enqueue_command(task_name: str, args_json: str, kwargs_json: str, delay_seco
                     schema: Optional[str]) -> None:
     """Enqueue TASK_NAME (registered by an --import module); prints the task id."""
     from . import client, registry
+
+    # Checked here rather than by a click.FloatRange: nan passes every comparison a range
+    # makes, and a huge delay (1e12) overflows the datetime it is added to.
+    max_delay = timedelta(days=3650)
+    if delay_seconds is not None and not 0 <= delay_seconds <= max_delay.total_seconds():
+        raise ConfigError(f"invalid value for --delay: {delay_seconds:g} "
+                          f"(expected a number of seconds from 0 to {max_delay.total_seconds():.0f}, ten years)")
 
     config = config_module.processor_config(database_url=database_url, schema=schema, imports=imports)
     import_task_modules(config.imports)

@@ -7,7 +7,7 @@ import logging
 import threading
 import traceback
 from datetime import datetime
-from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterable, List, Mapping, Optional, Tuple
 
 import psycopg2
 
@@ -18,20 +18,13 @@ from .errors import DatabaseError, TaskError
 from .logs import log_event
 from .metrics import ENQUEUED
 from .queries import EnqueueRow, Queries
-from .arguments import TaskArgumentError, serialise_arguments
+from .arguments import serialise_arguments
 from .registry import TaskCall, validated_priority
 
 logger = logging.getLogger("procqueue.enqueue")
 
 
 def delay(call: TaskCall, connection: Any = None) -> Optional[int]:
-    method = client.settings().task_run_method
-    if method is TaskRunMethod.SYNCHRONOUSLY:
-        run_inline(call)
-        return None
-    if method is TaskRunMethod.SEPARATE_THREAD:
-        run_in_thread(call)
-        return None
     ids = enqueue_many([call], connection=connection)
     return ids[0] if ids else None
 
@@ -41,7 +34,17 @@ def enqueue_many(calls: Iterable[TaskCall], connection: Any = None) -> List[int]
 
     With `connection` (a psycopg2 connection), the insert joins the caller's transaction:
     the tasks exist only if the caller commits. Tasks skipped by `queue_size` get no id.
+
+    TASK_RUN_METHOD applies as to `.delay()`: with SYNCHRONOUSLY each call runs inline, in
+    order (an exception propagates, and the calls after it do not run); with
+    SEPARATE_THREAD each call runs in a new thread. Either way nothing is written and the
+    result is []. Every call's arguments are checked before the first one runs.
     """
+    calls = list(calls)
+    method = client.settings().task_run_method
+    if method is not TaskRunMethod.TASK_PROCESSOR:
+        _run_locally(calls, method)
+        return []
     rows = [_enqueue_row(call) for call in calls]
     if not rows:
         return []
@@ -51,14 +54,23 @@ def enqueue_many(calls: Iterable[TaskCall], connection: Any = None) -> List[int]
     return _insert_on_own_connection(queries, rows)
 
 
-def run_inline(call: TaskCall) -> Any:
-    args, kwargs = _json_round_trip(call)
-    return call.handler.func(*args, **kwargs)
-
-
 def run_in_thread(call: TaskCall) -> threading.Thread:
     args, kwargs = _json_round_trip(call)
+    return _start_thread(call, args, kwargs)
 
+
+def _run_locally(calls: List[TaskCall], method: TaskRunMethod) -> None:
+    # All or nothing, like a batch written in one statement: a bad argument in the last
+    # call stops the batch before the first call runs.
+    arguments = [_json_round_trip(call) for call in calls]
+    for call, (args, kwargs) in zip(calls, arguments):
+        if method is TaskRunMethod.SYNCHRONOUSLY:
+            call.handler.func(*args, **kwargs)
+        else:
+            _start_thread(call, args, kwargs)
+
+
+def _start_thread(call: TaskCall, args: List[Any], kwargs: Mapping[str, Any]) -> threading.Thread:
     def target() -> None:
         try:
             call.handler.func(*args, **kwargs)

@@ -85,7 +85,11 @@ def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow) -> TaskOutc
         error = f"task ran past its timeout of {task.timeout_seconds:g}s\n" + traceback.format_exc()
         return _failure(task, handler, started, now(), RunOutcome.TIMED_OUT, error,
                         f"TaskTimeoutError: ran past its timeout of {task.timeout_seconds:g}s")
-    except Exception as exc:
+    except BaseException as exc:
+        # SystemExit and KeyboardInterrupt too: a worker's stop signals only set a flag
+        # (worker_process), so these come from the task's own code (sys.exit(), a library
+        # giving up). Let through, they would end the worker mid-batch, its unrecorded
+        # outcomes with it, and the run would be recorded as `lost`, without its traceback.
         return _failure(task, handler, started, now(), RunOutcome.FAILED, traceback.format_exc(), summarise(exc))
     return TaskOutcome(task.id, TaskState.SUCCEEDED, RunOutcome.SUCCEEDED, started, now())
 
@@ -112,7 +116,8 @@ def _failure(
 def _backoff(
     task: ClaimedTask, handler: TaskHandler, started: datetime, finished: datetime, backoff: TaskBackoffError
 ) -> TaskOutcome:
-    error = clean_text(f"TaskBackoffError: {backoff}" if str(backoff) else "TaskBackoffError")
+    message = safe_str(backoff)
+    error = clean_text(f"TaskBackoffError: {message}" if message else "TaskBackoffError")
     if backoff.delay_until is not None:
         return TaskOutcome(task.id, TaskState.QUEUED, RunOutcome.BACKOFF, started, finished,
                            error=error, retry_at=backoff.delay_until, refund_attempt=True)
@@ -123,8 +128,17 @@ def _backoff(
 def summarise(exc: BaseException) -> str:
     """`Type: first line of the message`: psycopg2 errors, for one, end in HINT lines that
     would otherwise stand in for the error in a one-line log."""
-    lines = str(exc).strip().splitlines()
+    lines = safe_str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def safe_str(exc: BaseException) -> str:
+    """str(exc), or `<str() failed>` when the exception's own __str__ raises: a task's
+    broken exception class must not break the worker recording its failure."""
+    try:
+        return str(exc)
+    except Exception:
+        return "<str() failed>"
 
 
 def clean_text(text: str) -> str:

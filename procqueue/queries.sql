@@ -104,23 +104,31 @@ FROM released AS r JOIN recorded ON recorded.task_id = r.id;
 
 -- name: enqueue
 -- Insert a batch of tasks in one round trip. A row whose task already has queue_size
--- tasks waiting is skipped (Flagsmith's queue_size). The statement trigger NOTIFYs.
+-- tasks waiting is skipped (Flagsmith's queue_size). The count of waiting tasks cannot
+-- see rows this same statement inserts, so each row is also numbered within its task
+-- name in the batch (nth): the first queue_size - waiting of them are admitted, in call
+-- order. The statement trigger NOTIFYs.
+WITH batch AS (
+    SELECT n.*, row_number() OVER (PARTITION BY n.task_name ORDER BY n.position) AS nth
+    FROM unnest(%(names)s::text[], %(args)s::text[], %(kwargs)s::text[], %(queues)s::text[],
+                %(priorities)s::smallint[], %(run_ats)s::timestamptz[], %(max_attempts)s::int[],
+                %(timeouts)s::float8[], %(queue_sizes)s::int[])
+         WITH ORDINALITY
+         AS n(task_name, args, kwargs, queue, priority, run_at, max_attempts, timeout_seconds,
+              queue_size, position)
+)
 INSERT INTO {schema}.tasks
     (task_name, args, kwargs, queue, priority, run_at, max_attempts, timeout_seconds)
-SELECT n.task_name, n.args::jsonb, n.kwargs::jsonb, n.queue, n.priority,
-       coalesce(n.run_at, now()), n.max_attempts, n.timeout_seconds
-FROM unnest(%(names)s::text[], %(args)s::text[], %(kwargs)s::text[], %(queues)s::text[],
-            %(priorities)s::smallint[], %(run_ats)s::timestamptz[], %(max_attempts)s::int[],
-            %(timeouts)s::float8[], %(queue_sizes)s::int[])
-     WITH ORDINALITY
-     AS n(task_name, args, kwargs, queue, priority, run_at, max_attempts, timeout_seconds,
-          queue_size, position)
-WHERE n.queue_size IS NULL
-   OR (SELECT count(*)
-       FROM (SELECT 1 FROM {schema}.tasks AS w
-             WHERE w.task_name = n.task_name AND w.state = 'queued'
-             LIMIT n.queue_size) AS waiting) < n.queue_size
-ORDER BY n.position
+SELECT b.task_name, b.args::jsonb, b.kwargs::jsonb, b.queue, b.priority,
+       coalesce(b.run_at, now()), b.max_attempts, b.timeout_seconds
+FROM batch AS b
+WHERE b.queue_size IS NULL
+   OR b.nth <= b.queue_size
+              - (SELECT count(*)
+                 FROM (SELECT 1 FROM {schema}.tasks AS w
+                       WHERE w.task_name = b.task_name AND w.state = 'queued'
+                       LIMIT b.queue_size) AS waiting)
+ORDER BY b.position
 RETURNING id, task_name;
 
 -- name: register_recurring

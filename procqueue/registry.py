@@ -161,7 +161,7 @@ def register_task_handler(
             timeout=_validated_timeout(name, DEFAULT_TIMEOUT if timeout is None else timeout),
             max_attempts=_validated_max_attempts(name, max_attempts),
             queue=_validated_queue(name, queue),
-            retry_backoff=retry_backoff,
+            retry_backoff=_validated_retry_backoff(name, retry_backoff),
         )
         _register(handler)
         return handler
@@ -291,6 +291,14 @@ def _validated_max_attempts(name: str, max_attempts: int) -> int:
     if not isinstance(max_attempts, int) or max_attempts < 1:
         raise TaskError(f"task {name}: max_attempts must be an integer >= 1, got {max_attempts!r}")
     return max_attempts
+
+
+def _validated_retry_backoff(name: str, retry_backoff: timedelta) -> timedelta:
+    # Checked here: a number slips through to the worker, which needs a timedelta only at
+    # the task's first retry, and crashes there.
+    if not isinstance(retry_backoff, timedelta) or retry_backoff < timedelta(0):
+        raise TaskError(f"task {name}: retry_backoff must be a timedelta >= 0, got {retry_backoff!r}")
+    return retry_backoff
 
 
 def _validated_queue(name: str, queue: str) -> str:
