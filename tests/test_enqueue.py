@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from datetime import datetime, timedelta, timezone
 
@@ -11,6 +14,8 @@ import pytest
 
 import procqueue
 from procqueue import TaskPriority, TaskRunMethod, register_task_handler
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @register_task_handler(task_name="test_enqueue.greet")
@@ -77,6 +82,37 @@ def test_non_json_argument_fails_before_anything_is_written(db):
     assert count_tasks(db) == 0
 
 
+def test_nul_character_anywhere_fails_before_anything_is_written(db):
+    # jsonb cannot hold \u0000: caught here, naming where it is, not as a database error.
+    with pytest.raises(procqueue.TaskArgumentError, match=r"argument args\[0\] = 'a\\x00b'.*NUL"):
+        greet.delay(args=("a\x00b",))
+    with pytest.raises(TypeError, match=r"argument kwargs\['punctuation'\]\[1\]\['deep'\] = 'x\\x00'"):
+        greet.delay(args=("ok",), kwargs={"punctuation": ["fine", {"deep": "x\x00"}]})
+    with pytest.raises(TypeError, match=r"argument args\[1\]\[0\] has a key 'k\\x00'.*NUL"):
+        greet.delay(args=("ok", [{"k\x00": 1}]))
+    with pytest.raises(TypeError, match=r"kwargs key 'a\\x00' .*NUL"):
+        greet.delay(kwargs={"a\x00": 1})
+    with pytest.raises(TypeError, match=r"args\[0\]"):
+        procqueue.enqueue_many([greet.call(args=("fine",)), greet.call(args=("\x00",))])
+    assert count_tasks(db) == 0
+    # A backslash followed by "u0000" is just text, in a value or in a key.
+    task_id = greet.delay(args=("a\\u0000b",), kwargs={"punctuation": {"\\u0000": "\\\\u0000"}})
+    task = procqueue.get_task(task_id)
+    assert (task.args, task.kwargs) == (["a\\u0000b"], {"punctuation": {"\\u0000": "\\\\u0000"}})
+
+
+def test_a_lone_surrogate_fails_before_anything_is_written(db):
+    # What bytes decoded with errors="surrogateescape" leave behind; jsonb rejects it.
+    with pytest.raises(procqueue.TaskArgumentError, match=r"argument args\[0\]\[1\] = 'a\\udc80b'.*lone surrogate"):
+        greet.delay(args=(["fine", "a\udc80b"],))
+    with pytest.raises(TypeError, match=r"kwargs key 'k\\udc80' contains a lone surrogate"):
+        greet.delay(kwargs={"k\udc80": 1})
+    assert count_tasks(db) == 0
+    # Characters beyond the BMP travel as surrogate pairs in JSON text, and are fine.
+    task_id = greet.delay(args=("caf\u00e9 \U0001F600",))
+    assert procqueue.get_task(task_id).args == ["caf\u00e9 \U0001F600"]
+
+
 def test_out_of_range_priority_is_rejected_before_writing(db):
     with pytest.raises(procqueue.TaskError, match="priority must be an integer"):
         greet.delay(args=("x",), priority=99999)
@@ -96,6 +132,22 @@ def test_queue_size_skips_enqueue_while_that_many_are_waiting(db):
     assert count_tasks(db, "test_enqueue.limited") == 2
     # Other tasks are not limited by it.
     assert greet.delay(args=("x",)) is not None
+
+
+def test_bulk_enqueue_admits_only_what_fits_in_queue_size(db):
+    ids = procqueue.enqueue_many([limited.call() for _ in range(10)])
+    assert len(ids) == 2 and count_tasks(db, "test_enqueue.limited") == 2
+    assert procqueue.enqueue_many([limited.call() for _ in range(3)]) == []
+
+
+def test_bulk_enqueue_counts_tasks_already_waiting_and_keeps_call_order(db):
+    assert limited.delay() is not None  # one of the two places is taken
+    calls = [limited.call(), greet.call(args=("a",)), limited.call(), greet.call(args=("b",)), limited.call()]
+    ids = procqueue.enqueue_many(calls)
+    assert [procqueue.get_task(task_id).task_name for task_id in ids] == [
+        "test_enqueue.limited", "test_enqueue.greet", "test_enqueue.greet"]
+    assert [procqueue.get_task(task_id).args for task_id in ids[1:]] == [["a"], ["b"]]
+    assert count_tasks(db, "test_enqueue.limited") == 2
 
 
 def test_transactional_enqueue_exists_only_if_the_caller_commits(db, database_url):
@@ -186,6 +238,50 @@ def test_separate_thread_runs_in_another_thread(db):
         procqueue.registry.unregister(["test_enqueue.capture_thread"])
 
 
+def test_bulk_enqueue_synchronously_runs_each_call_inline_in_order(db):
+    seen = []
+
+    @register_task_handler(task_name="test_enqueue.capture_bulk_sync")
+    def capture(value):
+        if value == "boom":
+            raise ValueError("inline failure")
+        seen.append(value)
+
+    try:
+        procqueue.configure(task_run_method=TaskRunMethod.SYNCHRONOUSLY)
+        assert procqueue.enqueue_many([capture.call(args=((1, 2),)), capture.call(kwargs={"value": "b"})]) == []
+        assert seen == [[1, 2], "b"]
+        with pytest.raises(ValueError, match="inline failure"):
+            procqueue.enqueue_many([capture.call(args=("boom",)), capture.call(args=("after",))])
+        with pytest.raises(TypeError, match=r"args\[0\]"):  # every call is checked before the first runs
+            procqueue.enqueue_many([capture.call(args=("first",)), capture.call(args=(object(),))])
+        assert seen == [[1, 2], "b"]
+        assert count_tasks(db) == 0
+    finally:
+        procqueue.registry.unregister(["test_enqueue.capture_bulk_sync"])
+
+
+def test_bulk_enqueue_in_separate_threads_starts_one_thread_per_call(db):
+    seen = []
+    all_ran = threading.Barrier(3, timeout=5)  # the two calls and this test meet: they run at once
+
+    @register_task_handler(task_name="test_enqueue.capture_bulk_thread")
+    def capture(value):
+        seen.append((value, threading.current_thread()))
+        all_ran.wait()
+
+    try:
+        procqueue.configure(task_run_method=TaskRunMethod.SEPARATE_THREAD)
+        assert procqueue.enqueue_many([capture.call(args=((1,),)), capture.call(args=("b",))]) == []
+        all_ran.wait()
+        assert sorted(json.dumps(value) for value, _ in seen) == ['"b"', "[1]"]  # as JSON gives them back
+        threads = {thread for _, thread in seen}
+        assert len(threads) == 2 and threading.main_thread() not in threads
+        assert count_tasks(db) == 0
+    finally:
+        procqueue.registry.unregister(["test_enqueue.capture_bulk_thread"])
+
+
 def test_task_run_method_from_environment():
     from procqueue.config import ConfigError, task_run_method_from_env
 
@@ -213,6 +309,33 @@ def test_bad_handler_settings_are_rejected_at_registration(throwaway_tasks):
         register_task_handler(task_name="test_enqueue.bad2", timeout=timedelta(0))(lambda: None)
     with pytest.raises(procqueue.TaskError, match="queue_size must be a positive integer"):
         register_task_handler(task_name="test_enqueue.bad3", queue_size=-1)(lambda: None)
+
+
+def test_retry_backoff_must_be_a_timedelta_of_zero_or_more(throwaway_tasks):
+    # Unchecked, 5 (seconds?) was accepted and crashed the worker at the task's first retry.
+    with pytest.raises(procqueue.TaskError,
+                       match=r"^task test_enqueue.bad5: retry_backoff must be a timedelta >= 0, got 5$"):
+        register_task_handler(task_name="test_enqueue.bad5", retry_backoff=5)(lambda: None)
+    with pytest.raises(procqueue.TaskError, match="retry_backoff must be a timedelta >= 0, got datetime.timedelta"):
+        register_task_handler(task_name="test_enqueue.bad6", retry_backoff=timedelta(seconds=-1))(lambda: None)
+    handler = register_task_handler(task_name="test_enqueue.no_backoff", retry_backoff=timedelta(0))(lambda: None)
+    assert handler.retry_delay_seconds(1) == 0
+
+
+def enqueue_cli(database_url, *args):
+    env = dict(os.environ, DATABASE_URL=database_url, PYTHONPATH=f"{REPO}{os.pathsep}{os.path.join(REPO, 'tests')}")
+    return subprocess.run([sys.executable, "-m", "procqueue", "enqueue", "sample.record", "-i", "sample_tasks", *args],
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("delay, shown", [("nan", "nan"), ("inf", "inf"), ("1e12", "1e+12"), ("-1", "-1")])
+def test_cli_enqueue_rejects_a_delay_that_is_not_a_sane_number_of_seconds(db, database_url, delay, shown):
+    result = enqueue_cli(database_url, "--args", '["x"]', "--delay", delay)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"procqueue: error: invalid value for --delay: {shown} (expected "), line
+    assert "seconds" in line
+    assert count_tasks(db) == 0
 
 
 def test_get_task_reads_json_back(db):

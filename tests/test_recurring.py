@@ -72,25 +72,28 @@ def test_schedules_not_registered_by_this_processor_are_left_alone(db):
 
 
 @pytest.mark.timeout(90)
-def test_three_processors_run_a_recurring_task_exactly_once_per_interval(db, start_processor):
+def test_three_processors_run_a_recurring_task_at_most_once_per_slot(db, start_processor):
     processors = [start_processor("--numthreads", "1", "--import", "sample_recurring", "--sleepintervalms", "200")
                   for _ in range(3)]
     wait_until(lambda: succeeded_runs(db) >= 5, timeout=30, message="five one-second slots")
     for processor in processors:
         assert processor.stop() == 0
     with db.cursor() as cur:
-        cur.execute("SELECT recurring_slot, state, locked_by FROM procqueue.tasks "
+        cur.execute("SELECT recurring_slot, state FROM procqueue.tasks "
                     "WHERE task_name = 'sample.every_second' ORDER BY recurring_slot")
         slots = cur.fetchall()
-        cur.execute("SELECT DISTINCT processor FROM procqueue.task_runs WHERE task_name = 'sample.every_second'")
-        runners = cur.fetchall()
-    gaps = [(b[0] - a[0]).total_seconds() for a, b in zip(slots, slots[1:])]
-    assert all(abs(gap - 1.0) < 1e-6 for gap in gaps), gaps  # consecutive slots, one interval apart
+    run_every, anchor, next_run = schedule_row(db, "sample.every_second")
+    # Not asserted, because nothing guarantees it: that the processors share the runs
+    # (whichever checks first wins a slot, and one may win them all), or that consecutive
+    # slots are one interval apart (a check that comes late, as under load, enqueues one run
+    # for the slots it missed: collapsed, as documented). What is guaranteed: every run is
+    # on a slot boundary, no slot is enqueued twice, the schedule moves past each slot...
+    assert all((slot - anchor) % run_every == timedelta(0) for slot, _ in slots), slots
+    assert all(a[0] < b[0] for a, b in zip(slots, slots[1:])), slots  # ordered, so unique
+    assert next_run > slots[-1][0] and (next_run - anchor) % run_every == timedelta(0)
+    # ...and each slot that ran, ran exactly once (by whichever processor won it).
     succeeded = [slot for slot in slots if slot[1] == "succeeded"]
-    # Each slot that ran, ran exactly once (by whichever processor won it)...
-    assert execution_count(db, "every_second") == len(succeeded) == succeeded_runs(db)
-    # ...and the three processors shared the work rather than one doing it all.
-    assert len(runners) >= 2
+    assert execution_count(db, "every_second") == len(succeeded) == succeeded_runs(db) >= 5
 
 
 def succeeded_runs(db):

@@ -1,0 +1,116 @@
+"""execute(): whatever a task raises becomes an outcome; nothing escapes into the worker."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+
+import pytest
+
+import procqueue
+from procqueue import RunOutcome, TaskBackoffError, TaskState, register_task_handler
+from procqueue.execution import execute, summarise
+from procqueue.records import ClaimedTask
+from procqueue.worker import Worker
+
+
+class UnprintableError(Exception):
+    def __str__(self):
+        raise RuntimeError("__str__ is broken too")
+
+
+class UnprintableBackoff(TaskBackoffError):
+    def __str__(self):
+        raise RuntimeError("__str__ is broken too")
+
+
+def raise_unprintable():
+    raise UnprintableError()
+
+
+def call_sys_exit():
+    sys.exit(3)
+
+
+def raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def raise_unprintable_backoff():
+    raise UnprintableBackoff()
+
+
+TASKS = {f"test_execution.{func.__name__}": func
+         for func in (raise_unprintable, call_sys_exit, raise_keyboard_interrupt, raise_unprintable_backoff)}
+
+
+@pytest.fixture(autouse=True)
+def registered():
+    for name, func in TASKS.items():
+        register_task_handler(task_name=name)(func)
+    yield
+    procqueue.registry.unregister(TASKS)
+
+
+def claimed(func, attempts=1, max_attempts=3) -> ClaimedTask:
+    now = datetime.now(timezone.utc)
+    return ClaimedTask(id=1, task_name=f"test_execution.{func.__name__}", args=[], kwargs={}, queue="default",
+                       priority=50, run_at=now, attempts=attempts, max_attempts=max_attempts, timeout_seconds=60,
+                       recurring_slot=None, leased_at=now)
+
+
+def run(task: ClaimedTask):
+    """execute(), with anything escaping it a test failure: an escaped SystemExit or
+    KeyboardInterrupt would otherwise end the test run itself."""
+    try:
+        return execute(task)
+    except BaseException as exc:
+        pytest.fail(f"execute() let {type(exc).__name__} escape")
+
+
+def test_summary_of_an_exception_whose_str_raises_names_its_type():
+    assert summarise(UnprintableError()) == "UnprintableError: <str() failed>"
+
+
+def test_an_exception_whose_str_raises_is_a_failed_run_with_its_traceback():
+    outcome = run(claimed(raise_unprintable))
+    assert (outcome.state, outcome.outcome) == (TaskState.QUEUED, RunOutcome.FAILED)  # retried per its attempts
+    assert outcome.summary == "UnprintableError: <str() failed>"
+    assert "Traceback" in outcome.error and "in raise_unprintable" in outcome.error
+
+
+def test_a_backoff_whose_str_raises_still_backs_off():
+    outcome = run(claimed(raise_unprintable_backoff))
+    assert (outcome.state, outcome.outcome) == (TaskState.QUEUED, RunOutcome.BACKOFF)
+    assert outcome.error == "TaskBackoffError: <str() failed>"
+
+
+# SystemExit and KeyboardInterrupt raised by a task are the task's failure, not a request to
+# stop the worker: a worker's stop signals only set a flag (worker_process), so these can
+# only come from the task's own code.
+@pytest.mark.parametrize("func, summary", [(call_sys_exit, "SystemExit: 3"),
+                                           (raise_keyboard_interrupt, "KeyboardInterrupt")])
+def test_sys_exit_or_keyboard_interrupt_in_a_task_is_a_failed_run(func, summary):
+    outcome = run(claimed(func, attempts=3, max_attempts=3))
+    assert (outcome.state, outcome.outcome, outcome.summary) == (TaskState.FAILED, RunOutcome.FAILED, summary)
+    assert f"in {func.__name__}" in outcome.error
+
+
+def test_a_worker_records_sys_exit_in_a_task_and_carries_on(db, processor_config):
+    exits = procqueue.registry.get_handler("test_execution.call_sys_exit")
+    worker = Worker(processor_config, processor_id="test-processor", index=0)
+    worker.recurring_names = []
+    worker.ensure_connected()
+    try:
+        first, second = procqueue.enqueue_many([exits.call(), exits.call()])
+        try:
+            ran = worker.step()
+        except SystemExit:
+            pytest.fail("SystemExit raised by a task escaped the worker's step")
+        assert ran == 2  # the first did not end the worker
+    finally:
+        worker.close()
+    for task_id in (first, second):
+        [run] = procqueue.get_task_runs(task_id)
+        assert run.outcome is RunOutcome.FAILED and "SystemExit: 3" in run.error
+        assert procqueue.get_task(task_id).state is TaskState.QUEUED
