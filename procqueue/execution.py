@@ -19,6 +19,12 @@ class TaskTimeoutError(BaseException):
     """
 
 
+class SupervisorGoneError(BaseException):
+    """Raised inside a task whose supervisor died, before peers could rescue the task and
+    run it a second time at once (see Worker.orphaned). A BaseException for the reason
+    TaskTimeoutError is one."""
+
+
 class _SoftTimeout:
     """SIGALRM-based timeout for the task running in this (main) thread.
 
@@ -30,6 +36,7 @@ class _SoftTimeout:
     def __init__(self) -> None:
         self.armed = False
         self.installed = False
+        self.cause = TaskTimeoutError  # what the alarm raises
 
     def install(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)
@@ -38,12 +45,23 @@ class _SoftTimeout:
     def _on_alarm(self, signum, frame) -> None:
         if self.armed:
             self.armed = False
-            raise TaskTimeoutError()
+            raise self.cause()
 
     def arm(self, seconds: float) -> None:
         if self.installed:
-            self.armed = True
+            self.armed, self.cause = True, TaskTimeoutError
             signal.setitimer(signal.ITIMER_REAL, seconds)
+
+    def interrupt_within(self, seconds: float, cause: type) -> None:
+        """Have the running task (if any) interrupted with `cause` within `seconds`, unless
+        its own timeout comes first. Safe in a signal handler."""
+        if not (self.installed and self.armed):
+            return
+        remaining = signal.getitimer(signal.ITIMER_REAL)[0]
+        if 0 < remaining <= seconds:
+            return
+        self.cause = cause
+        signal.setitimer(signal.ITIMER_REAL, seconds)
 
     def disarm(self) -> None:
         if self.installed:
@@ -81,6 +99,12 @@ def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow) -> TaskOutc
             soft_timeout.disarm()
     except TaskBackoffError as backoff:
         return _backoff(task, handler, started, now(), backoff)
+    except SupervisorGoneError:
+        # It did nothing wrong: back to the queue without losing an attempt.
+        error = clean_text("the supervisor died; the task was interrupted so that no other processor "
+                           "runs it at the same time\n" + traceback.format_exc())
+        return TaskOutcome(task.id, TaskState.QUEUED, RunOutcome.LOST, started, now(), error=error,
+                           retry_in_seconds=0.0, refund_attempt=True, summary="SupervisorGoneError: supervisor died")
     except TaskTimeoutError:
         error = f"task ran past its timeout of {task.timeout_seconds:g}s\n" + traceback.format_exc()
         return _failure(task, handler, started, now(), RunOutcome.TIMED_OUT, error,

@@ -8,7 +8,9 @@ import sys
 from datetime import datetime, timezone
 from typing import Any
 
-_FORMAT = "%(asctime)s %(levelname)s %(processName)s %(message)s"
+# Milliseconds: events of a stuck worker's kill, a dead one's replacement, follow each
+# other within a second.
+_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)s %(processName)s %(message)s"
 
 
 def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:

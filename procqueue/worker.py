@@ -7,6 +7,7 @@ process exit belong to the supervisor; this module never calls `os.fork` or `os.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import select
@@ -23,7 +24,7 @@ from . import registry
 from .config import ProcessorConfig
 from .db import Connection, connect, first_line, is_connection_error
 from .errors import DatabaseError
-from .execution import execute
+from .execution import SupervisorGoneError, execute, soft_timeout
 from .heartbeat import SlotWriter, WorkerState
 from .logs import log_event
 from .metrics import TaskMetrics, result_label
@@ -81,6 +82,7 @@ class Worker:
         self.parent_pid = os.getppid()
         self.tasks_run = 0
         self.recycle_reason: Optional[str] = None
+        self.orphaned_at: Optional[float] = None
         self.metrics = TaskMetrics()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -110,6 +112,22 @@ class Worker:
         """Finish the task in hand, record it, release the rest, and leave the loop."""
         self.stopping = True
 
+    def orphaned(self) -> None:
+        """The supervisor died (the kernel told us: PR_SET_PDEATHSIG). Its heartbeat has
+        stopped, and peers rescue its tasks once the heartbeat is --rescue-after old, which
+        is as early as 3/4 of --rescue-after from now: the task in hand must be over
+        before that, or it would run twice at once. So it gets a quarter to finish, then is
+        interrupted and put back; and should it not return to the interpreter (C code),
+        faulthandler's own thread, which needs no GIL, dumps the stack and ends the process
+        at half. Called from a signal handler: sets flags and timers only."""
+        if self.orphaned_at is not None:
+            return
+        self.orphaned_at = self.clock()
+        self.stopping = True
+        window = self.config.rescue_after_seconds
+        soft_timeout.interrupt_within(window / 4, SupervisorGoneError)
+        faulthandler.dump_traceback_later(window / 2, exit=True)
+
     def shutdown(self) -> None:
         self.board.set_state(WorkerState.STOPPING)
         try:
@@ -137,7 +155,7 @@ class Worker:
         if os.getppid() != self.parent_pid:
             # The supervisor is gone: nobody would enforce timeouts or release our leases.
             log_event(logger, logging.WARNING, "worker.orphaned", worker=self.index)
-            self.request_stop()
+            self.orphaned()
             return 0
         self.schedule_recurring_if_due()
         tasks = self.claim()

@@ -31,6 +31,8 @@ WORKER_BOOT_ERROR = 3
 # A worker that left to be replaced (--max-tasks-per-worker, --max-memory-per-worker).
 WORKER_RECYCLED = 4
 _PR_SET_PDEATHSIG = 1
+# Added to each worker's OOM score (-1000..1000): its supervisor goes last.
+WORKER_OOM_SCORE_ADJ = 300
 
 
 def run_worker_process(worker: Worker) -> int:
@@ -39,6 +41,7 @@ def run_worker_process(worker: Worker) -> int:
     worker.bind_process()
     os.setpgid(0, 0)  # its own process group, so a kill takes any children it started
     _stop_when_supervisor_dies()
+    _offer_self_to_the_oom_killer()
     _install_signal_handlers(worker)
     # When the supervisor finds this worker stuck, it asks for every thread's stack first:
     # written from a C-level handler, so it works even with the GIL held by C code.
@@ -60,7 +63,10 @@ def _install_signal_handlers(worker: Worker) -> None:
     worker.wakeup = SelfPipe()
 
     def on_stop(signum, frame) -> None:
-        worker.request_stop()
+        if os.getppid() != worker.parent_pid:  # the supervisor's death signal
+            worker.orphaned()
+        else:
+            worker.request_stop()
 
     stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
     for signum in stop_signals:
@@ -70,6 +76,20 @@ def _install_signal_handlers(worker: Worker) -> None:
     # The supervisor blocked these around fork(); a signal that arrived meanwhile is
     # delivered now, to the handlers above.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals + (signal.SIGCHLD,))
+
+
+def _offer_self_to_the_oom_killer() -> None:
+    """Short of memory, the kernel kills the process it scores highest. Better a worker
+    (its task is retried, the supervisor replaces it) than the supervisor (its workers
+    must then stop, and peers wait --rescue-after to take over). Raising one's own score
+    needs no privilege."""
+    try:
+        with open("/proc/self/oom_score_adj", "r+") as handle:
+            inherited = int(handle.read().strip() or 0)
+            handle.seek(0)
+            handle.write(str(min(1000, inherited + WORKER_OOM_SCORE_ADJ)))
+    except (OSError, ValueError):
+        pass
 
 
 def _stop_when_supervisor_dies() -> None:

@@ -129,3 +129,13 @@ def wedged_once(key: str) -> None:
     if first_attempt:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
         time.sleep(120)
+
+
+@register_task_handler(task_name="sample.long", timeout=timedelta(seconds=60))
+def long(seconds: float, key: str) -> None:
+    """Records its start, then works for a while (pure Python, interruptible)."""
+    record(f"{key}:start")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    record(f"{key}:end")

@@ -268,6 +268,28 @@ def test_workers_do_not_outlive_a_killed_supervisor(db, start_processor):
 
 
 @pytest.mark.timeout(90)
+def test_a_task_outliving_its_supervisor_is_never_run_twice_at_once(db, start_processor):
+    # The supervisor alone dies (the OOM killer, kill -9 of its pid): its worker must be
+    # done with the task before a peer, seeing the heartbeat stop, rescues and reruns it.
+    first = start_processor("--numthreads", "1", "--rescue-after", "4")
+    task_id = sample_tasks.long.delay(args=(30, "span"))
+    first.wait_until_started(task_id)
+    second = start_processor("--numthreads", "1", "--rescue-after", "4", "--shutdown-timeout", "1")
+    second.wait_for_log("event=worker.started")
+    os.kill(first.pid, signal.SIGKILL)
+    wait_until(lambda: execution_count(db, "span:start") == 2, timeout=30, message="run again")
+    runs = procqueue.get_task_runs(task_id)
+    assert runs[0].outcome.value == "lost" and "the supervisor died" in runs[0].error
+    with db.cursor() as cur:
+        cur.execute("SELECT at FROM public.executions WHERE key = 'span:start' ORDER BY at")
+        _, second_start = [row[0] for row in cur.fetchall()]
+    assert runs[0].finished_at <= second_start  # the first copy was over before the second began
+    task = procqueue.get_task(task_id)
+    assert task.attempts == 1 and task.state is TaskState.RUNNING  # the interrupted run cost no attempt
+    assert second.stop() == 0
+
+
+@pytest.mark.timeout(90)
 def test_tasks_of_a_dead_host_are_rescued_by_a_live_processor(db, start_processor):
     first = start_processor("--numthreads", "1", "--rescue-after", "3")
     first.wait_for_log("event=worker.started")
