@@ -4,7 +4,9 @@ its processors (`--import bench_tasks`, with bench/ on PYTHONPATH)."""
 from __future__ import annotations
 
 import os
+import signal
 import time
+from datetime import timedelta
 
 import psycopg2
 
@@ -43,3 +45,59 @@ def record_start(sample: int) -> None:
             f"SELECT pg_notify('{STARTED_CHANNEL}', %(payload)s)",
             {"sample": sample, "started": started, "payload": str(sample)},
         )
+
+
+# -- supervision.py: tasks that say when they started, then hang or hold on ------------
+
+MARKS_TABLE = "public.bench_marks"
+MARKS_CHANNEL = "bench_marks"
+# bench.wedged's timeout: short, so the supervisor's hard kill comes soon.
+WEDGED_TIMEOUT_SECONDS = 1
+HOLD_SECONDS = 600  # far longer than any scenario: a held task ends only by being killed
+
+
+def mark(label: str) -> None:
+    """Note that the task labelled `label` started, with the pid of the worker running it
+    and this machine's monotonic clock (system-wide, so the benchmark's own readings are
+    comparable), and NOTIFY the benchmark. The clock is read first."""
+    started = time.monotonic()
+    with _own_connection().cursor() as cur:
+        cur.execute(
+            f"INSERT INTO {MARKS_TABLE} (label, pid, started) VALUES (%(label)s, %(pid)s, %(started)s); "
+            f"SELECT pg_notify('{MARKS_CHANNEL}', %(label)s)",
+            {"label": label, "pid": os.getpid(), "started": started},
+        )
+
+
+@register_task_handler(task_name="bench.mark")
+def mark_task(label: str) -> None:
+    """A probe: the worker that runs it was ready to claim work."""
+    mark(label)
+
+
+@register_task_handler(task_name="bench.wedged", timeout=timedelta(seconds=WEDGED_TIMEOUT_SECONDS), max_attempts=1)
+def wedged(label: str) -> None:
+    """Stands in for C code that never returns to the interpreter: the worker's timeout
+    signal (SIGALRM) is blocked, so only the supervisor's hard kill can end it. The stack
+    dump signal interrupts the sleep, which then resumes (PEP 475)."""
+    mark(label)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(HOLD_SECONDS)
+
+
+@register_task_handler(task_name="bench.hold", timeout=timedelta(seconds=2 * HOLD_SECONDS), max_attempts=1)
+def hold(label: str) -> None:
+    """Runs until its worker is killed. One attempt: once lost it is failed, not retried,
+    so the replacement worker's first claim is the benchmark's probe."""
+    mark(label)
+    time.sleep(HOLD_SECONDS)
+
+
+@register_task_handler(task_name="bench.hold_doomed", timeout=timedelta(seconds=2 * HOLD_SECONDS),
+                       max_attempts=3)
+def hold_doomed(label: str) -> None:
+    """The same with attempts to spare, so that a rescue puts it back `queued` (a task out
+    of attempts is rescued as `failed`). supervision.py enqueues it on a queue of the
+    processor that is to die, which only that processor serves."""
+    mark(label)
+    time.sleep(HOLD_SECONDS)

@@ -12,14 +12,18 @@ import contextlib
 import math
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Sequence
+from typing import Callable, Iterator, List, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import psutil
@@ -207,27 +211,141 @@ def require_succeeded(conn, task_name: str, count: int) -> None:
 # -- a real processor ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class LogLine:
+    """One line of a watched processor's log, and when it reached us."""
+
+    index: int  # position in the log: wait for later lines with after=index
+    at: float  # time.monotonic() when this process read it
+    text: str
+
+    def fields(self) -> dict:
+        """The line's `key=value` fields (`event` included), quotes undone."""
+        return {key: _unquote(value) for key, value in _FIELD.findall(self.text)}
+
+
+_FIELD = re.compile(r'(\w[\w.]*)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def _unquote(value: str) -> str:
+    if value.startswith('"'):
+        return re.sub(r"\\(.)", r"\1", value[1:-1])
+    return value
+
+
 class Processor:
     """`bin/run-task-processor` as a user runs it, in a session of its own: Ctrl-C on the
-    benchmark reaches only us, and `stop()` decides how it ends."""
+    benchmark reaches only us, and `stop()` decides how it ends.
 
-    def __init__(self, url: str, args: Sequence[str]) -> None:
+    With `watch_log=True` its output comes through a pipe that a thread of ours reads line
+    by line, noting when each line arrived (the log's own timestamps are whole seconds), so
+    `wait_for_line()` can wait for an event; the log is then shown at `stop()` only if the
+    processor exited other than as expected."""
+
+    def __init__(self, url: str, args: Sequence[str], *, watch_log: bool = False) -> None:
         env = dict(os.environ, DATABASE_URL=url, PROCQUEUE_SCHEMA=SCHEMA)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
         env.pop("TASK_RUN_METHOD", None)
+        # Its own status file and metrics files, never the shared defaults in /tmp.
+        self.scratch = tempfile.TemporaryDirectory(prefix="procqueue-bench-processor-")
+        env["TMPDIR"] = self.scratch.name
+        env["PROCQUEUE_STATUS_FILE"] = os.path.join(self.scratch.name, "status.json")
         self.log = tempfile.TemporaryFile()  # unlinked already: nothing to clean up
+        self.watch_log = watch_log
+        self.lines: List[LogLine] = []
+        self.log_ended = False
+        self.killed = False  # by kill(): exit by SIGKILL expected
+        self.stopped = False
+        self._arrived = threading.Condition()
         command = [sys.executable, str(REPO / "bin" / "run-task-processor"), *args]
-        self.proc = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE if watch_log else self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         self.pid = self.proc.pid
         self.exit_code = None
+        self._reader = None
+        if watch_log:
+            self._reader = threading.Thread(target=self._read_log, name=f"log-{self.pid}", daemon=True)
+            self._reader.start()
+
+    def _read_log(self) -> None:
+        """The reader thread: every line, with its arrival time, until every writer (the
+        supervisor and each worker) has closed the pipe."""
+        for raw in iter(self.proc.stdout.readline, b""):
+            at = time.monotonic()
+            self.log.write(raw)
+            with self._arrived:
+                self.lines.append(LogLine(len(self.lines), at, raw.decode(errors="replace").rstrip("\n")))
+                self._arrived.notify_all()
+        with self._arrived:
+            self.log_ended = True
+            self._arrived.notify_all()
+
+    def wait_for_line(self, match: Callable[[LogLine], bool], *, after: int = -1, timeout: float) -> LogLine:
+        """The first line after line `after` for which `match` is true, as soon as it arrives."""
+        deadline = time.monotonic() + timeout
+        seen = after + 1
+        with self._arrived:
+            while True:
+                for line in self.lines[seen:]:
+                    if match(line):
+                        return line
+                seen = len(self.lines)
+                if self.log_ended:
+                    raise RuntimeError(f"the processor's log ended (exit code {self.proc.poll()}) "
+                                       f"before the line awaited; its last lines:\n{self.tail()}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"the line awaited did not come within {timeout:g} s; "
+                                       f"the processor's last lines:\n{self.tail()}")
+                self._arrived.wait(remaining)
+
+    def wait_for_event(self, event: str, *, after: int = -1, timeout: float, **fields: object) -> LogLine:
+        """The first `event=NAME` line after line `after` whose fields include `fields`."""
+        wanted = {key: str(value) for key, value in fields.items()}
+
+        def match(line: LogLine) -> bool:
+            if f"event={event} " not in line.text + " ":
+                return False
+            found = line.fields()
+            return found.get("event") == event and all(found.get(k) == v for k, v in wanted.items())
+
+        return self.wait_for_line(match, after=after, timeout=timeout)
+
+    def last_line(self) -> int:
+        """The index of the latest line so far (-1 before any): wait for what comes after it."""
+        with self._arrived:
+            return len(self.lines) - 1
+
+    def tail(self, count: int = 15) -> str:
+        return "\n".join(line.text for line in self.lines[-count:])
+
+    def family(self) -> List[psutil.Process]:
+        """The supervisor and every process under it (its workers, anything they started)."""
+        return self._family()
+
+    def kill(self) -> None:
+        """What a node dying does: every process of the processor gone at once, none of them
+        told. Each worker is in a process group of its own, so no one signal reaches them
+        all: the whole family is stopped first (so no worker sees its supervisor die and
+        starts shutting down cleanly), then killed."""
+        self.killed = True
+        family = self._family()
+        for process in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.suspend()
+        for process in family:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
             raise RuntimeError(f"the processor exited early, with code {self.proc.returncode}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM, as Kubernetes stops a pod; then kill whatever of it is left."""
+        """SIGTERM, as Kubernetes stops a pod; then kill whatever of it is left. Once."""
+        if self.stopped:
+            return
+        self.stopped = True
         with deferred_interrupts():
             family = self._family()
             if self.proc.poll() is None:
@@ -240,12 +358,18 @@ class Processor:
                 with contextlib.suppress(psutil.NoSuchProcess):
                     process.kill()
             self.proc.wait()
+            if self._reader is not None:
+                self._reader.join(5.0)  # EOF once the last of its processes is gone
+                self.proc.stdout.close()
+            self.scratch.cleanup()
         self._report()
 
     def _report(self) -> None:
-        """At --log-level warning a healthy run logs nothing: show whatever it did log."""
+        """At --log-level warning a healthy run logs nothing: show whatever it did log. A
+        watched log is expected to have lines: it is shown only after an unexpected exit."""
         text = self.log_text().strip()
-        if self.exit_code != 0 or text:
+        expected_exit = -signal.SIGKILL if self.killed else 0
+        if self.exit_code != expected_exit or (text and not self.watch_log):
             print(f"processor exited with code {self.exit_code}; its log:\n{text[-3000:]}")
         self.log.close()
 

@@ -10,7 +10,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import psutil
 
@@ -88,11 +88,11 @@ class Usage:
             self.cpu[process.pid] = times.user + times.system
 
 
-def drain_processor(conn, url: str, usage: Usage) -> float:
+def drain_processor(conn, url: str, usage: Usage, extra_args: Sequence[str] = ()) -> float:
     """The real thing: `run-task-processor` started on a full queue, timed from launch
     (interpreter start and forks included) until no task is queued or running."""
     started = time.perf_counter()
-    processor = common.Processor(url, PROCESSOR_ARGS)
+    processor = common.Processor(url, [*PROCESSOR_ARGS, *extra_args])
     usage.supervisor = processor.pid
     try:
         while True:
@@ -126,9 +126,10 @@ def measure(conn, url: str, tasks: int, drain: Callable[[], float]) -> float:
     return seconds
 
 
-def scenarios(conn, url: str, usage: Usage) -> List[tuple]:
+def scenarios(conn, url: str, usage: Usage, metered: Usage) -> List[tuple]:
     """(label, drain) in the order they run; the first is the baseline the rest are
-    compared with."""
+    compared with. The last two differ only in serving metrics: their difference is what
+    counting every run in the multiprocess files costs."""
     return [
         ("baseline: raw claim+complete, batch 50", lambda: drain_raw(url, 50)),
         ("baseline: raw claim+complete, batch 10", lambda: drain_raw(url, 10)),
@@ -136,22 +137,25 @@ def scenarios(conn, url: str, usage: Usage) -> List[tuple]:
         ("Worker.step() in-process, queuepopsize 10", lambda: drain_worker(url, 10)),
         ("Worker.step() in-process, queuepopsize 50", lambda: drain_worker(url, 50)),
         ("run-task-processor, 2 workers, queuepopsize 50", lambda: drain_processor(conn, url, usage)),
+        ("... with --metrics-port 0 (metrics counted)",
+         lambda: drain_processor(conn, url, metered, ["--metrics-port", "0", "--metrics-host", "127.0.0.1"])),
     ]
 
 
-def print_results(results: List[tuple], tasks: int, usage: Usage) -> None:
+def print_results(results: List[tuple], tasks: int, usage: Usage, metered: Usage) -> None:
     baseline_rate = tasks / results[0][1]
     rows = [(label, tasks, f"{seconds:.2f}", f"{tasks / seconds:.0f}", f"{tasks / seconds / baseline_rate:.2f}")
             for label, seconds in results]
     print()
     common.print_table(["scenario", "tasks", "seconds", "tasks/s", "x baseline b50"], rows)
     print()
-    print_usage(usage, tasks, results[-1][1])
+    print_usage("run-task-processor", usage, tasks, results[-2][1])
+    print_usage("... with --metrics-port 0", metered, tasks, results[-1][1])
 
 
-def print_usage(usage: Usage, tasks: int, seconds: float) -> None:
+def print_usage(label: str, usage: Usage, tasks: int, seconds: float) -> None:
     total = sum(usage.cpu.values())
-    print(f"run-task-processor: {seconds:.2f} s from launch to drained, of which first claim to last "
+    print(f"{label}: {seconds:.2f} s from launch to drained, of which first claim to last "
           f"task finished {usage.working_seconds:.2f} s ({tasks / usage.working_seconds:.0f} tasks/s)")
     print(f"  CPU (user+sys), launch to drained: {total:.2f} s = {total / seconds:.2f} of "
           f"{os.cpu_count()} cores")
@@ -169,15 +173,15 @@ def main() -> None:
     print(f"procqueue throughput: {args.tasks} no-op tasks per scenario; {common.machine()}")
     with common.bench_database(args.fast_disk) as url:
         conn = common.connect(url)
-        usage = Usage()
+        usage, metered = Usage(), Usage()
         # Unrecorded: the first drain on a fresh server pays for cold caches and connections.
         measure(conn, url, min(args.tasks, 2000), lambda: drain_raw(url, 50))
         results = []
-        for label, drain in scenarios(conn, url, usage):
+        for label, drain in scenarios(conn, url, usage, metered):
             common.progress(label)
             results.append((label, measure(conn, url, args.tasks, drain)))
         conn.close()
-        print_results(results, args.tasks, usage)
+        print_results(results, args.tasks, usage, metered)
 
 
 if __name__ == "__main__":
