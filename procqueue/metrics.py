@@ -64,6 +64,7 @@ PICKUP_LATENCY = Histogram(
 )
 
 _ARCHIVED_TYPES = ("counter", "histogram", "summary")  # the types whose values add up
+DIRECTORY_PREFIX = "procqueue-metrics-"  # then the supervisor's pid
 
 
 def result_label(outcome: RunOutcome, retrying: bool) -> str:
@@ -123,7 +124,8 @@ class MultiprocessMetrics:
 
     @classmethod
     def create(cls) -> "MultiprocessMetrics":
-        return cls(Path(tempfile.mkdtemp(prefix=f"procqueue-metrics-{os.getpid()}-")))
+        remove_abandoned_directories()
+        return cls(Path(tempfile.mkdtemp(prefix=f"{DIRECTORY_PREFIX}{os.getpid()}-")))
 
     def enable(self) -> None:
         """Make every metric created from now on in this process, and in processes forked
@@ -166,6 +168,22 @@ class MultiprocessMetrics:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def remove_abandoned_directories() -> None:
+    """Remove the metrics directories of supervisors that died without cleaning up (kill
+    -9, the OOM killer): the directory names the supervisor's pid. Only this user's, and
+    only those whose supervisor is gone from this machine."""
+    for path in Path(tempfile.gettempdir()).glob(f"{DIRECTORY_PREFIX}*-*"):
+        try:
+            pid = int(path.name[len(DIRECTORY_PREFIX):].split("-", 1)[0])
+            if path.stat().st_uid != os.getuid() or pid == os.getpid():
+                continue
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (ValueError, OSError):
+            continue
 
 
 def _add_file_into(source: Path, archive: Path) -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, TypeVar
 
@@ -17,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Every process a test run starts carries this in its environment, so whatever survives
 # a test (a crashed test, a timeout) can still be found and killed at the end of the run.
 SESSION_MARKER = "PROCQUEUE_TEST_SESSION"
+PROCESSOR_MARKER = "PROCQUEUE_TEST_PROCESSOR"
 SESSION_ID = f"{os.getpid()}-{time.time_ns()}"
 TESTS = Path(__file__).resolve().parent
 T = TypeVar("T")
@@ -43,6 +45,10 @@ class ProcessorProcess:
         env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
         env.pop("TASK_RUN_METHOD", None)
         env[SESSION_MARKER] = SESSION_ID
+        # Every process of this processor carries its own marker too: a test that kills the
+        # supervisor orphans its workers, which are then nobody's children to look under.
+        self.marker = uuid.uuid4().hex
+        env[PROCESSOR_MARKER] = self.marker
         # Its own status file: never the shared default under /tmp, which would outlive the run.
         self.status_path = log_path.with_name(log_path.stem + ".status.json")
         env["PROCQUEUE_STATUS_FILE"] = str(self.status_path)
@@ -106,45 +112,49 @@ class ProcessorProcess:
             self.kill()
 
     def kill(self) -> None:
-        """Make sure nothing of this processor outlives the test (workers included)."""
-        for pgid in self._process_groups():
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        """Make sure nothing of this processor outlives the test: its supervisor, workers
+        (orphaned ones included) and whatever their tasks started, all gone before the
+        test's directory is removed."""
+        import psutil
+
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
+        survivors = processes_marked(PROCESSOR_MARKER, self.marker)
+        for process in survivors:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(survivors, timeout=10)
         self._log.close()
 
-    def _process_groups(self) -> List[int]:
-        import psutil
 
-        groups = {self.proc.pid}
+def processes_marked(variable: str, value: str) -> list:
+    """The live processes (never this one) whose environment has variable=value."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
         try:
-            for child in psutil.Process(self.proc.pid).children(recursive=True):
-                try:
-                    groups.add(os.getpgid(child.pid))
-                except ProcessLookupError:
-                    pass
-        except psutil.NoSuchProcess:
-            pass
-        return sorted(groups)
+            if proc.pid != os.getpid() and proc.environ().get(variable) == value:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
 
 
 def kill_session_leftovers() -> int:
     """Kill every process this test run started that is still alive; returns how many."""
     import psutil
 
-    killed = 0
-    for proc in psutil.process_iter():
+    leftovers = processes_marked(SESSION_MARKER, SESSION_ID)
+    for proc in leftovers:
         try:
-            if proc.pid != os.getpid() and proc.environ().get(SESSION_MARKER) == SESSION_ID:
-                proc.kill()
-                killed += 1
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return killed
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    return len(leftovers)
 
 
 Samples = Dict[Tuple[str, FrozenSet[Tuple[str, str]]], float]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import yaml
@@ -27,9 +28,9 @@ def exported_names(database_url, tmp_path_factory):
     """Every metric name a processor exports once it has run tasks of each outcome."""
     from helpers import ProcessorProcess
 
-    log = tmp_path_factory.mktemp("deploy") / "processor.log"
+    scratch = tmp_path_factory.mktemp("deploy")  # module-scoped: pytest's retention policy does not cover it
     processor = ProcessorProcess(database_url, ["--import", "sample_tasks", "--numthreads", "1",
-                                                "--metrics-port", "0"], log)
+                                                "--metrics-port", "0"], scratch / "processor.log")
     try:
         procqueue.configure(database_url=database_url, schema="procqueue")
         task_ids = [sample_tasks.noop.delay(), sample_tasks.fail.delay(args=("x",))]
@@ -40,6 +41,7 @@ def exported_names(database_url, tmp_path_factory):
         assert processor.stop() == 0
     finally:
         processor.kill()
+        shutil.rmtree(scratch, ignore_errors=True)
     return {match for match in METRIC_NAME.findall(text) if not match.endswith("_created")}
 
 

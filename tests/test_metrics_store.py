@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import uuid
 
@@ -103,3 +104,25 @@ def test_a_worker_that_died_while_creating_its_file_is_archived_without_error(tm
     store.archive_process(999999)
     assert os.listdir(tmp_path) == []
     assert list(store.collect()) == []
+
+
+def test_directories_of_dead_supervisors_are_swept_at_start(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # tempfile caches the directory it chose
+    try:
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        abandoned = tmp_path / f"procqueue-metrics-{gone.pid}-abcd1234"
+        alive = tmp_path / f"procqueue-metrics-{os.getppid()}-efgh5678"  # its supervisor still runs
+        for directory in (abandoned, alive):
+            directory.mkdir()
+            (directory / "counter_1.db").write_bytes(b"")
+        store = MultiprocessMetrics.create()
+        assert not abandoned.exists() and alive.exists()
+        assert store.directory.parent == tmp_path
+        store.remove()
+    finally:
+        tempfile.tempdir = None
