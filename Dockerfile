@@ -1,5 +1,6 @@
 # procqueue processor image. Build: docker build -t procqueue .
-# Run:  docker run -e DATABASE_URL=postgresql://... -v $PWD/app:/app procqueue --import app.tasks
+# Run:  docker run -e DATABASE_URL=postgresql://... -v $PWD/myapp:/app/myapp procqueue --import myapp.tasks
+#       (the working directory /app is on the import path: mount your package inside it)
 FROM python:3.12-slim
 
 # PROCQUEUE_EMBEDDED=0: in a container a missing DATABASE_URL is a mistake, not a cue to

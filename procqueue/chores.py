@@ -154,8 +154,10 @@ class DatabaseChores:
                 self.tasks_lost += 1
                 self.task_metrics.run_finished(task.task_name, task.recurring,
                                                result_label(release.outcome, task.retrying), None)
-                log_event(logger, logging.WARNING, "task.lost", task_id=task.task_id, task=task.task_name,
-                          worker=index, cause=release.cause)
+                # Named as its run is recorded: a hard-killed overrun is timed_out, not lost.
+                log_event(logger, logging.WARNING, f"task.{release.outcome.value}", task_id=task.task_id,
+                          task=task.task_name, worker=index, next="retry" if task.retrying else "failed",
+                          cause=release.cause)
 
     def heartbeat(self, conn: Connection) -> None:
         self.queries.processor_heartbeat(conn, processor=self.processor_id, hostname=socket.gethostname(),

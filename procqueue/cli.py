@@ -305,7 +305,7 @@ def show_command(task_id: int, database_url: Optional[str], schema: Optional[str
 @_user_errors
 def status_command(status_file: Optional[str], as_json: bool) -> None:
     """Show a running processor's workers and queue, from its status file."""
-    from .health import StatusError, load_status
+    from .health import StatusError, load_status, supervisor_alive
     from .status import render_text
 
     path = status_file or default_status_file()
@@ -313,9 +313,15 @@ def status_command(status_file: Optional[str], as_json: bool) -> None:
         document = load_status(path)
     except StatusError as exc:
         raise ConfigError(str(exc)) from None
-    if document.get("state") == "starting":
-        raise ConfigError(f"the processor writing {path} is still starting")
-    click.echo(json.dumps(document, indent=2) if as_json else render_text(document, time.time()))
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+    elif document.get("state") != "starting":
+        click.echo(render_text(document, time.time()))
+    elif supervisor_alive(document) is False:
+        raise ProcqueueError(f"the processor that wrote {path} (pid {document.get('pid')}) died while starting")
+    else:
+        click.echo(f"processor pid {document.get('pid')} on {document.get('hostname')}: starting "
+                   f"(connecting, applying the schema) since {document.get('updated_at')}")
 
 
 @main.command("stats")

@@ -66,17 +66,22 @@ def _current_settings_unlocked() -> ClientSettings:
     return _settings
 
 
-def connection() -> Tuple[Connection, Queries]:
-    """This thread's own autocommit connection, and the statements of the configured schema."""
+def connection(*, create_schema: bool = False) -> Tuple[Connection, Queries]:
+    """This thread's own autocommit connection, and the statements of the configured schema.
+
+    With `create_schema` (the enqueue path), on the embedded server, which is ours to set
+    up, the schema is created if missing, so enqueueing into a fresh one just works. Reads
+    never create anything: a misspelled schema is an error, not a new empty queue."""
     conn = getattr(_local, "conn", None)
+    database = settings().database
     if conn is None or getattr(_local, "pid", None) != os.getpid() or conn.closed:
         forget_inherited_connection()
-        database = settings().database
         conn = connect(database, application_name="procqueue-client")
-        if database.url is None:
-            migrate(conn, database.schema)  # the embedded server is ours to set up
-        _local.conn, _local.pid = conn, os.getpid()
-    return conn, Queries(settings().database.schema)
+        _local.conn, _local.pid, _local.migrated = conn, os.getpid(), None
+    if create_schema and database.url is None and _local.migrated != database.schema:
+        migrate(conn, database.schema)
+        _local.migrated = database.schema
+    return conn, Queries(database.schema)
 
 
 def close_connection() -> None:

@@ -320,10 +320,18 @@ def processor_config(
         imports=tuple(imports) + tuple(m for m in imports_from_env(env) if m not in imports),
         queues=tuple(queues),
         retention=retention_config_from_env(env),
-        metrics_port=_int_setting(metrics_port, env, ENV_METRICS_PORT, None, minimum=0),
+        metrics_port=_int_setting(metrics_port, env, ENV_METRICS_PORT, None, minimum=0, maximum=65535),
         metrics_host=metrics_host or env.get(ENV_METRICS_HOST) or DEFAULT_METRICS_HOST,
-        status_file=Path(status_file) if status_file is not None else default_status_file(env),
+        status_file=_status_file(status_file, env),
     )
+
+
+def _status_file(cli_value: Optional[Path], env: Mapping[str, str]) -> Path:
+    if cli_value is None:
+        return default_status_file(env)
+    if str(cli_value).strip() == "":  # Path("") would quietly become "."
+        raise ConfigError("invalid value for --status-file: '' (expected a file path)")
+    return Path(cli_value)
 
 
 def retention_config_from_env(env: Optional[Mapping[str, str]] = None) -> RetentionConfig:
@@ -338,7 +346,8 @@ def retention_config_from_env(env: Optional[Mapping[str, str]] = None) -> Retent
 
 
 def _int_setting(
-    cli_value: Optional[int], env: Mapping[str, str], env_name: str, default: Optional[int], minimum: int = 1
+    cli_value: Optional[int], env: Mapping[str, str], env_name: str, default: Optional[int], minimum: int = 1,
+    maximum: Optional[int] = None,
 ) -> Optional[int]:
     if cli_value is not None:
         return cli_value
@@ -349,6 +358,7 @@ def _int_setting(
         value = int(raw.strip())
     except ValueError:
         value = None
-    if value is None or value < minimum:
-        raise ConfigError(f"invalid value for {env_name}: {raw!r} (expected an integer >= {minimum})")
+    if value is None or value < minimum or (maximum is not None and value > maximum):
+        expected = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+        raise ConfigError(f"invalid value for {env_name}: {raw!r} (expected {expected})")
     return value

@@ -135,7 +135,7 @@ def _insert_on_own_connection(queries: Queries, rows: List[EnqueueRow]) -> List[
     # retry is exact; had it broken after the commit but before the reply, the task is
     # enqueued twice: at-least-once, never lost.
     for attempt in (1, 2):
-        conn, _ = client.connection()
+        conn, _ = client.connection(create_schema=True)
         try:
             ids = counted(queries.enqueue(conn, rows))
             log_event(logger, logging.DEBUG, "task.enqueued", count=len(ids), task=rows[0].task_name)

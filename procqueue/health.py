@@ -72,13 +72,28 @@ def load_status(path: Path) -> dict:
         raise StatusError(f"status file {path} does not exist (is the processor running with this --status-file?)")
     except OSError as exc:
         raise StatusError(f"cannot read status file {path}: {exc.strerror or exc}")
+    except UnicodeDecodeError:
+        raise StatusError(f"status file {path} is not text (not UTF-8)") from None
     try:
         document = json.loads(text)
     except ValueError as exc:
         raise StatusError(f"status file {path} is not valid JSON ({exc})") from None
-    if not isinstance(document, dict) or "version" not in document:
+    if not (isinstance(document, dict) and "version" in document and well_formed(document)):
         raise StatusError(f"status file {path} is not a procqueue status document")
     return document
+
+
+def well_formed(document: dict) -> bool:
+    """The fields the verdict and `procqueue status` read have the types they expect."""
+    number = (int, float)
+    checks = [
+        isinstance(document.get("updated_at_unix", 0), number) and not isinstance(document.get("updated_at_unix"), bool),
+        isinstance(document.get("state", ""), str),
+        isinstance(document.get("config", {}), dict),
+        isinstance(document.get("workers", []), list),
+        all(isinstance(worker, dict) for worker in document.get("workers", [])),
+    ]
+    return all(checks)
 
 
 def supervisor_alive(document: dict) -> Optional[bool]:

@@ -20,7 +20,7 @@ from typing import Dict, List, Mapping, Optional
 
 from .config import ProcessorConfig
 from .errors import ConfigError
-from .health import STATUS_VERSION
+from .health import DEFAULT_MAX_AGE_SECONDS, STATUS_VERSION, StatusError, load_status, supervisor_alive
 from .heartbeat import WorkerSlot, WorkerState, slot_task_name, stuck_reason
 from .records import QueueStats
 
@@ -152,15 +152,41 @@ class StatusFile:
     def prepare(self) -> None:
         """Create the directory and prove the file can be written, or say why not: a
         processor that cannot tell its liveness probe it is alive would be restarted over
-        and over, so this is a start-up error, not a warning."""
+        and over, so this is a start-up error, not a warning. So is a file another live
+        processor is writing: the two would take turns, and each one's probe would judge
+        the other."""
+        owner = self.live_owner()
+        if owner is not None:
+            raise ConfigError(f"--status-file {self.path} is being written by another processor (pid {owner}); "
+                              "give this one a file of its own")
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.write(starting_document())
         except OSError as exc:
             raise ConfigError(f"cannot write --status-file {self.path}: {exc.strerror or exc}") from None
 
+    def live_owner(self) -> Optional[int]:
+        """The pid of another processor on this host that keeps this file fresh, if any."""
+        try:
+            document = load_status(self.path)
+        except StatusError:
+            return None
+        fresh = time.time() - float(document.get("updated_at_unix") or 0) < DEFAULT_MAX_AGE_SECONDS
+        running = document.get("state") in ("starting", "running", "stopping")
+        if fresh and running and document.get("pid") != os.getpid() and supervisor_alive(document):
+            return document.get("pid")
+        return None
+
     def write(self, document: Dict) -> None:
-        """Raises OSError (disk full, directory removed); the caller decides what that means."""
+        """Raises OSError (disk full...); the caller decides what that means. A directory
+        removed meanwhile (a tmp cleaner) is made again: the file is the liveness probe's
+        only evidence, and without it a healthy pod would be restarted."""
+        try:
+            self._write(document)
+        except FileNotFoundError:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._write(document)
+
+    def _write(self, document: Dict) -> None:
         data = json.dumps(document, indent=1, sort_keys=False).encode("utf-8")
         fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -183,14 +209,14 @@ class StatusFile:
 
 def render_text(document: dict, now: float) -> str:
     """The status document as a person reads it: a header, the queue, a table of workers."""
-    lines = [header_line(document, now), f"database: {document['config']['database']}"
+    lines = [header_line(document, now), f"database: {document.get('config', {}).get('database', '?')}"
              + (f"   metrics: {document['metrics_url']}" if document.get("metrics_url") else ""),
              queue_line(document.get("queue"), now), ""]
     rows = [("SLOT", "PID", "STATE", "HEARTBEAT", "TASK", "RUNNING", "DONE", "FAILED", "RESTARTS", "RSS")]
     rows += [worker_row(worker) for worker in document.get("workers", [])]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    lines += [""] + [f"STUCK worker {w['slot']}: {w['stuck']}" for w in document.get("workers", []) if w.get("stuck")]
+    lines += [""] + [f"STUCK worker {w.get('slot')}: {w['stuck']}" for w in document.get("workers", []) if w.get("stuck")]
     totals = document.get("totals", {})
     restarts = totals.get("restarts", {})
     lines.append(f"restarts: stuck {restarts.get('stuck', 0)}, crashed {restarts.get('crashed', 0)}, "
@@ -211,8 +237,10 @@ def queue_line(queue: Optional[dict], now: float) -> str:
         return "queue: not read from the database yet"
     oldest = queue.get("oldest_waiting_age_seconds")
     waited = f" (oldest waited {duration(oldest)})" if oldest else ""
-    return (f"queue: {queue['waiting']} waiting{waited}, {queue['scheduled']} scheduled, "
-            f"{queue['running']} running, {queue['failed']} failed   (read {now - queue['checked_at_unix']:.0f}s ago)")
+    counts = {state: queue.get(state, "?") for state in ("waiting", "scheduled", "running", "failed")}
+    return (f"queue: {counts['waiting']} waiting{waited}, {counts['scheduled']} scheduled, "
+            f"{counts['running']} running, {counts['failed']} failed   "
+            f"(read {now - float(queue.get('checked_at_unix') or now):.0f}s ago)")
 
 
 def worker_row(worker: dict) -> tuple:
@@ -220,10 +248,10 @@ def worker_row(worker: dict) -> tuple:
     heartbeat = worker.get("heartbeat_age_seconds")
     rss = worker.get("rss_bytes")
     return (
-        str(worker["slot"]), str(worker.get("pid") or "-"), worker["state"],
+        str(worker.get("slot", "?")), str(worker.get("pid") or "-"), str(worker.get("state", "?")),
         "-" if heartbeat is None or task else f"{heartbeat:.1f}s",
-        f"#{task['id']} {task['name']}" if task else "-",
-        f"{duration(task['running_seconds'])}/{duration(task['timeout_seconds'])}" if task else "-",
+        f"#{task.get('id')} {task.get('name')}" if task else "-",
+        f"{duration(task.get('running_seconds', 0))}/{duration(task.get('timeout_seconds', 0))}" if task else "-",
         str(worker.get("tasks_done", 0)), str(worker.get("tasks_failed", 0)), str(worker.get("restarts", 0)),
         f"{rss / 2**20:.0f} MB" if rss else "-",
     )

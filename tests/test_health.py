@@ -93,10 +93,15 @@ def test_a_document_of_another_version_is_not_guessed_at():
     (None, "does not exist"),
     ("{\"version\": 1, \"state\": \"runn", "is not valid JSON"),
     ("[1, 2]", "is not a procqueue status document"),
+    (b"\xff\xfe", "is not text"),
+    ('{"version": 1, "updated_at_unix": "x"}', "is not a procqueue status document"),
+    ('{"version": 1, "workers": [1]}', "is not a procqueue status document"),
 ])
 def test_missing_or_corrupt_file_is_unhealthy_with_the_reason(tmp_path, content, expected):
     path = tmp_path / "status.json"
-    if content is not None:
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
         path.write_text(content)
     verdict = check_file(path, max_age=30, min_healthy_workers=1)
     assert not verdict.healthy and expected in verdict.reasons[0] and str(path) in verdict.reasons[0]

@@ -310,6 +310,45 @@ def test_json_logs_and_no_password_anywhere(db, start_processor):
     assert failure["task"] == "sample.fail" and "visible error" in failure["error"] and failure["next"] == "retry"
 
 
+def test_a_second_processor_may_not_take_a_live_processors_status_file(db, start_processor):
+    first = start_processor("--numthreads", "1")
+    first.wait_for_status(lambda d: d["state"] == "running")
+    second = start_processor("--numthreads", "1", extra_env={"PROCQUEUE_STATUS_FILE": str(first.status_path)})
+    assert second.proc.wait(timeout=30) == 2
+    assert second.log().strip().splitlines() == [
+        f"procqueue: error: --status-file {first.status_path} is being written by another processor "
+        f"(pid {first.pid}); give this one a file of its own"]
+    assert first.status()["pid"] == first.pid and health(first).returncode == 0
+    assert first.stop() == 0
+
+
+def test_status_of_a_processor_that_died_while_starting(tmp_path):
+    import socket
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    path = tmp_path / "status.json"
+    path.write_text(json.dumps({"version": 1, "state": "starting", "pid": gone.pid, "hostname": socket.gethostname(),
+                                "updated_at": "then", "updated_at_unix": time.time()}))
+    result = run_command("status", "--status-file", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"procqueue: error: the processor that wrote {path} (pid {gone.pid}) died while starting"
+
+
+@pytest.mark.timeout(120)
+def test_reading_commands_never_create_a_schema_on_the_embedded_server(tmp_path):
+    # With no DATABASE_URL, enqueueing creates the schema (the embedded server is ours to
+    # set up); a read names a misspelled schema as missing instead of creating it.
+    env = {"PROCQUEUE_EMBEDDED_DIR": str(tmp_path / "pgdata"), "DATABASE_URL": "", "PROCQUEUE_SCHEMA": "nosuch"}
+    result = run_command("stats", env=env, timeout=90)
+    assert result.returncode == 3, result.stderr
+    assert "the procqueue tables are not in this database schema" in result.stderr
+    again = run_command("stats", env=env, timeout=90)
+    assert again.returncode == 3  # still not there: the first read created nothing
+    running = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "pgdata") in " ".join(p.info["cmdline"] or [])]
+    assert running == []  # the embedded server stopped with the last command that used it
+
+
 def test_a_port_in_use_is_a_one_line_start_up_error(db, start_processor):
     first = start_processor("--numthreads", "1", "--metrics-port", "0")
     port = first.metrics_port()

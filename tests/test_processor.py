@@ -148,6 +148,8 @@ def run_cli(*args, env=None):
     (["--log-format", "xml"], {}, "invalid value for --log-format: 'xml' is not one of 'text', 'json'"),
     ([], {"DATABASE_URL": "mysql://app:hunter2@db/app"}, "invalid database URL: scheme 'mysql'"),
     (["--status-file", "/proc/no/such/dir/status.json"], {}, "cannot write --status-file /proc/no/such/dir/status.json"),
+    (["--status-file", ""], {}, "invalid value for --status-file: '' (expected a file path)"),
+    ([], {"PROCQUEUE_METRICS_PORT": "99999"}, "invalid value for PROCQUEUE_METRICS_PORT: '99999' (expected an integer"),
 ])
 def test_bad_configuration_is_one_line_and_nonzero(args, env, expected):
     result = run_cli(*args, env=env)
@@ -424,6 +426,7 @@ def test_a_task_killed_past_its_timeout_is_retried_in_a_new_worker(db, start_pro
     assert "past its timeout; worker killed" in runs[0].error
     assert execution_count(db, "wedged once") == 2
     assert "event=worker.stuck" in processor.log()
+    assert "event=task.timed_out" in processor.log() and "event=task.lost" not in processor.log()
     assert processor.stop() == 0
 
 

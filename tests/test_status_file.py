@@ -56,3 +56,30 @@ def test_prepare_creates_a_private_directory(tmp_path):
     assert json.loads(path.read_text())["state"] == "starting"
     assert (path.parent.stat().st_mode & 0o777) == 0o700
     assert time.time() - path.stat().st_mtime < 60
+
+
+def test_a_directory_removed_while_running_is_made_again(tmp_path):
+    # A tmp cleaner, or an operator, removes it: the probe's only evidence must come back.
+    path = tmp_path / "status" / "status.json"
+    status = StatusFile(path)
+    status.prepare()
+    import shutil
+
+    shutil.rmtree(path.parent)
+    status.write({"version": 1, "state": "running"})
+    assert json.loads(path.read_text())["state"] == "running"
+
+
+def test_a_file_another_live_processor_writes_is_refused(tmp_path):
+    import socket
+
+    path = tmp_path / "status.json"
+    path.write_text(json.dumps({"version": 1, "state": "running", "pid": os.getppid(),
+                                "hostname": socket.gethostname(), "updated_at_unix": time.time()}))
+    with pytest.raises(ConfigError, match=f"being written by another processor \\(pid {os.getppid()}\\)"):
+        StatusFile(path).prepare()
+    # Stale, stopped, or a pid gone: the file is free to take.
+    path.write_text(json.dumps({"version": 1, "state": "stopped", "pid": os.getppid(),
+                                "hostname": socket.gethostname(), "updated_at_unix": time.time()}))
+    StatusFile(path).prepare()
+    assert json.loads(path.read_text())["pid"] == os.getpid()
