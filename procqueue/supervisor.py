@@ -26,6 +26,7 @@ from .config import ProcessorConfig
 from .db import bound_every_wait
 from .errors import ProcqueueError
 from .heartbeat import WorkerState, allocate_slots, slot_task_name, stuck_reason
+from .lifeline import Lifeline
 from .process_tree import begin_kill, finish_kill
 from .logs import log_event
 from .metrics import MultiprocessMetrics, TaskMetrics, initialise_series
@@ -89,6 +90,7 @@ class Supervisor:
         self.monitor = Monitor(config, processor_id=self.processor_id, slots=self.slots, metrics_store=metrics_store)
         self.warned_threads = False
         self.wakeup = SelfPipe()
+        self.lifeline = Lifeline()  # workers watch it to learn of our death
 
     # -- the run -----------------------------------------------------------------------
 
@@ -145,6 +147,7 @@ class Supervisor:
         self.chores.finish()
         self.publish_status(state="stopped")
         self.monitor.close()
+        self.lifeline.close()
         log_event(logger, logging.INFO, "processor.stopped", processor=self.processor_id, exit_code=self.exit_code)
 
     # -- what the outside world sees ---------------------------------------------------
@@ -248,7 +251,7 @@ class Supervisor:
         code = 1
         try:
             self.wakeup.close()  # the supervisor's, not this worker's
-            code = run_worker_process(worker)
+            code = run_worker_process(worker, lifeline_fd=self.lifeline.hold_in_child())
         except BaseException as exc:
             log_event(logger, logging.ERROR, "worker.crashed", worker=worker.index, error=repr(exc),
                       traceback=traceback.format_exc())

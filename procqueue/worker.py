@@ -83,6 +83,7 @@ class Worker:
         self.tasks_run = 0
         self.recycle_reason: Optional[str] = None
         self.orphaned_at: Optional[float] = None
+        self.orphan_logged = False
         self.metrics = TaskMetrics()
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -128,6 +129,17 @@ class Worker:
         soft_timeout.interrupt_within(window / 4, SupervisorGoneError)
         faulthandler.dump_traceback_later(window / 2, exit=True)
 
+    def supervisor_gone(self) -> None:
+        """The lifeline thread saw the supervisor die (or the loop saw a new parent pid):
+        say so once, start the orphan clock, and wake the loop should it be waiting."""
+        if self.orphan_logged:
+            return
+        self.orphan_logged = True
+        log_event(logger, logging.WARNING, "worker.orphaned", worker=self.index)
+        self.orphaned()
+        if self.wakeup is not None:
+            self.wakeup.wake()
+
     def shutdown(self) -> None:
         self.board.set_state(WorkerState.STOPPING)
         try:
@@ -154,8 +166,7 @@ class Worker:
         self.board.beat()
         if os.getppid() != self.parent_pid:
             # The supervisor is gone: nobody would enforce timeouts or release our leases.
-            log_event(logger, logging.WARNING, "worker.orphaned", worker=self.index)
-            self.orphaned()
+            self.supervisor_gone()
             return 0
         self.schedule_recurring_if_due()
         tasks = self.claim()

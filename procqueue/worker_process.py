@@ -18,6 +18,7 @@ from . import client
 from .db import unbound_waits
 from .errors import DatabaseError
 from .execution import soft_timeout
+from .lifeline import watch
 from .logs import log_event
 from .process_tree import STACK_DUMP_SIGNAL
 from .selfpipe import SelfPipe
@@ -35,7 +36,7 @@ _PR_SET_PDEATHSIG = 1
 WORKER_OOM_SCORE_ADJ = 300
 
 
-def run_worker_process(worker: Worker) -> int:
+def run_worker_process(worker: Worker, *, lifeline_fd: int) -> int:
     """Set the process up, run the loop, return the exit code."""
     multiprocessing.current_process().name = f"worker-{worker.index}"  # the log's processName
     worker.bind_process()
@@ -47,6 +48,7 @@ def run_worker_process(worker: Worker) -> int:
     # written from a C-level handler, so it works even with the GIL held by C code.
     faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True)
     soft_timeout.install()
+    watch(lifeline_fd, worker.supervisor_gone)  # after the handlers and timers it arms
     client.forget_inherited_connection()  # never use the supervisor's client connection
     unbound_waits()  # the supervisor's time limit is for its own loop; a task may take long
     try:

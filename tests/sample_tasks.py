@@ -131,6 +131,17 @@ def wedged_once(key: str) -> None:
         time.sleep(120)
 
 
+@register_task_handler(task_name="sample.sql_sleep", timeout=timedelta(seconds=120), max_attempts=1)
+def sql_sleep(seconds: float, key: str) -> None:
+    """Waits inside libpq (pg_sleep on the server): C code that released the GIL and
+    retries its poll() on EINTR, so no Python signal handler runs until it returns."""
+    record(f"{key}:start")
+    conn, _ = client.connection()
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_sleep(%s)", (seconds,))
+    record(f"{key}:end")
+
+
 @register_task_handler(task_name="sample.long", timeout=timedelta(seconds=60))
 def long(seconds: float, key: str) -> None:
     """Records its start, then works for a while (pure Python, interruptible)."""

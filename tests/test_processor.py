@@ -294,6 +294,28 @@ def test_a_task_outliving_its_supervisor_is_never_run_twice_at_once(db, start_pr
     assert second.stop() == 0
 
 
+def test_a_worker_waiting_in_c_code_is_gone_before_peers_could_rescue_its_task(db, start_processor):
+    # pg_sleep keeps the worker inside libpq, where the kernel's death signal cannot reach
+    # Python: the lifeline pipe must, or the task would run on next to its rescued copy.
+    rescue_after = 8
+    processor = start_processor("--numthreads", "1", "--rescue-after", str(rescue_after))
+    task_id = sample_tasks.sql_sleep.delay(args=(60, "in-libpq"))
+    processor.wait_until_started(task_id)
+    wait_until(lambda: execution_count(db, "in-libpq:start") == 1, timeout=10, message="inside pg_sleep")
+    [worker] = psutil.Process(processor.pid).children()
+    try:
+        os.kill(processor.pid, signal.SIGKILL)
+        # Peers rescue from 3/4 of --rescue-after after the supervisor's last heartbeat.
+        gone, alive = psutil.wait_procs([worker], timeout=rescue_after * 3 / 4)
+        assert alive == [], "the orphaned worker outlived the point where its task is rescued"
+        log = processor.log()
+        assert "event=worker.orphaned" in log
+        assert "in sql_sleep" in log  # faulthandler's dump on the way out says where it was
+    finally:
+        db.cursor().execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE query LIKE 'SELECT pg_sleep%%' AND pid <> pg_backend_pid()")
+
+
 @pytest.mark.timeout(90)
 def test_tasks_of_a_dead_host_are_rescued_by_a_live_processor(db, start_processor):
     first = start_processor("--numthreads", "1", "--rescue-after", "3")
