@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 from typing import Callable
 
@@ -28,9 +29,9 @@ class Lifeline:
         return self.read_fd
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.write_fd)
-            os.close(self.read_fd)
+        for fd in (self.write_fd, self.read_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def watch(read_fd: int, on_supervisor_gone: Callable[[], None]) -> threading.Thread:
@@ -45,5 +46,12 @@ def watch(read_fd: int, on_supervisor_gone: Callable[[], None]) -> threading.Thr
         on_supervisor_gone()
 
     thread = threading.Thread(target=wait_for_end_of_file, name="procqueue-lifeline", daemon=True)
-    thread.start()
+    # Signals must keep going to the main thread alone: a task that blocks one there (as
+    # C libraries do) would otherwise have it delivered here instead. A thread inherits
+    # its creator's signal mask, so it is born with all of them blocked.
+    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
     return thread
