@@ -29,6 +29,11 @@ HARD_TIMEOUT_MARGIN_SECONDS = 1.0
 # 15 s on a database that stopped answering (TCP user timeout): a liveness probe must not
 # restart a pod for that, since a restart would not bring the database back.
 DEFAULT_MAX_AGE_SECONDS = 30.0
+# The supervisor refills an empty slot at once, or after a restart backoff of at most
+# 30 s for a worker that keeps dying as it starts. Empty for longer than this, with the
+# database up, the slot is being neglected. (With the database down a slot stays empty
+# until what its last worker held has been released: nothing a restart would fix.)
+VACANT_SLOT_LIMIT_SECONDS = 60.0
 DEFAULT_MIN_HEALTHY_WORKERS = 1
 
 EXIT_HEALTHY = 0
@@ -47,6 +52,7 @@ class Verdict:
     state: Optional[str] = None
     age_seconds: Optional[float] = None
     workers_healthy: int = 0
+    workers_replacing: int = 0  # empty slots the supervisor is about to refill
     workers: int = 0
 
 
@@ -146,15 +152,29 @@ def judge_workers(document: dict, verdict: Verdict, min_healthy_workers: int) ->
     verdict.workers = len(workers)
     for worker in workers:
         if not worker.get("pid"):
+            judge_vacant_slot(worker, verdict, elapsed, database_up=document.get("database_up", True) is not False)
             continue
         problem = worker_problem(worker, elapsed, grace)
         if problem:
             verdict.reasons.append(f"worker {worker.get('slot')} (pid {worker.get('pid')}) is stuck: {problem}")
         else:
             verdict.workers_healthy += 1
-    if verdict.workers_healthy < min_healthy_workers:
-        verdict.reasons.append(f"{verdict.workers_healthy} of {verdict.workers} workers healthy "
+    # A worker being replaced counts: one replacement must not fail a probe of a
+    # processor with one worker, and the supervisor is doing its job.
+    if verdict.workers_healthy + verdict.workers_replacing < min_healthy_workers:
+        replacing = f", {verdict.workers_replacing} being replaced" if verdict.workers_replacing else ""
+        verdict.reasons.append(f"{verdict.workers_healthy} of {verdict.workers} workers healthy{replacing} "
                                f"(at least {min_healthy_workers} required)")
+
+
+def judge_vacant_slot(worker: dict, verdict: Verdict, elapsed: float, *, database_up: bool) -> None:
+    vacant = worker.get("vacant_seconds")
+    vacant = None if vacant is None else float(vacant) + elapsed
+    if vacant is None or vacant <= VACANT_SLOT_LIMIT_SECONDS or not database_up:
+        verdict.workers_replacing += 1
+    else:
+        verdict.reasons.append(f"slot {worker.get('slot')} has had no worker for {vacant:.1f}s "
+                               f"(the supervisor refills a slot within {VACANT_SLOT_LIMIT_SECONDS:g}s)")
 
 
 def worker_problem(worker: dict, elapsed: float, grace_seconds: float) -> Optional[str]:
@@ -182,7 +202,9 @@ def summary_line(verdict: Verdict) -> str:
         return "; ".join(verdict.reasons)
     if verdict.state in ("stopping", "starting"):
         return f"healthy: {verdict.state}, status {verdict.age_seconds:.1f}s old"
-    return f"healthy: {verdict.workers_healthy} of {verdict.workers} workers, status {verdict.age_seconds:.1f}s old"
+    replacing = f", {verdict.workers_replacing} being replaced" if verdict.workers_replacing else ""
+    return (f"healthy: {verdict.workers_healthy} of {verdict.workers} workers{replacing}, "
+            f"status {verdict.age_seconds:.1f}s old")
 
 
 # -- procqueue-health ---------------------------------------------------------------

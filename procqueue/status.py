@@ -35,6 +35,7 @@ class SupervisorFacts:
     restarts: Mapping[str, int]  # by reason
     restarts_by_slot: Mapping[int, int]
     rss_by_slot: Mapping[int, int] = field(default_factory=dict)
+    pids_by_slot: Mapping[int, int] = field(default_factory=dict)  # forked, perhaps not yet in its slot
     tasks_lost: int = 0
     tasks_rescued: int = 0
     metrics_address: Optional[str] = None  # http://host:port, once listening
@@ -53,7 +54,8 @@ class StatusReport:
     def document(self, slots, facts: SupervisorFacts, *, now: float, monotonic_now: float) -> dict:
         workers = [
             worker_entry(index, slot, monotonic_now, self.config.grace_period_ms / 1000,
-                         facts.restarts_by_slot.get(index, 0), facts.rss_by_slot.get(index))
+                         facts.restarts_by_slot.get(index, 0), facts.rss_by_slot.get(index),
+                         facts.pids_by_slot.get(index))
             for index, slot in enumerate(slots)
         ]
         return {
@@ -76,11 +78,13 @@ class StatusReport:
 
 
 def worker_entry(index: int, slot: WorkerSlot, now: float, grace: float, restarts: int,
-                 rss_bytes: Optional[int]) -> dict:
+                 rss_bytes: Optional[int], forked_pid: Optional[int] = None) -> dict:
     # Read each field once: the worker writes its slot while this runs, and a task shown
     # must be the one whose id, start and deadline were read together (a worker sets the
     # state last when a task starts and first when it ends).
     state, pid, heartbeat = slot.state, slot.pid, slot.heartbeat
+    if not pid and forked_pid:  # forked, but not yet as far as writing its slot
+        state, pid = WorkerState.STARTING, forked_pid
     task_id, started, deadline = slot.task_id, slot.task_started, slot.task_deadline
     busy = state == WorkerState.BUSY and task_id and started and deadline
     task = None
@@ -93,6 +97,8 @@ def worker_entry(index: int, slot: WorkerSlot, now: float, grace: float, restart
         "pid": pid or None,
         "state": WorkerState(state).name.lower() if pid else "empty",
         "heartbeat_age_seconds": round(now - heartbeat, 3) if pid and heartbeat else None,
+        # The supervisor stamps a slot's heartbeat when its worker exits.
+        "vacant_seconds": None if pid or not heartbeat else round(now - heartbeat, 3),
         "task": task,
         "tasks_done": slot.tasks_done,
         "tasks_failed": slot.tasks_failed,

@@ -165,6 +165,7 @@ class Supervisor:
             restarts=dict(self.restarts),
             restarts_by_slot=dict(self.restarts_by_slot),
             rss_by_slot={w.index: self.monitor.rss.read(w.pid) for w in self.workers.values()},
+            pids_by_slot={w.index: w.pid for w in self.workers.values()},
             tasks_lost=self.chores.tasks_lost,
             tasks_rescued=self.chores.tasks_rescued,
             metrics_address=self.monitor.url,
@@ -219,6 +220,7 @@ class Supervisor:
     def spawn_worker(self, index: int) -> None:
         # The worker object is built before the fork and does nothing until after it.
         worker = Worker(self.config, processor_id=self.processor_id, index=index, slot=self.slots[index])
+        self.slots[index].heartbeat = self.clock()  # its start-up is timed from now
         self.warn_if_threads_running()
         # Signals stay blocked across the fork until the child has its own handlers: a
         # SIGTERM landing in between would otherwise run the supervisor's handler there.
@@ -304,6 +306,7 @@ class Supervisor:
         self.chores.release(Release(worker.index, in_flight, cause, worker.kill_outcome, charge))
         self.chores.run(stopping=self.stopping)
         slot.pid, slot.state, slot.task_id, slot.task_deadline = 0, int(WorkerState.EMPTY), 0, 0.0
+        slot.heartbeat = self.clock()  # vacant since: the status shows how long a slot stays empty
         if expected:
             log_event(logger, logging.DEBUG, "worker.exited", worker=worker.index, pid=worker.pid)
             return

@@ -78,10 +78,31 @@ def test_busy_worker_is_judged_by_its_task_deadline_not_its_heartbeat():
 
 
 def test_too_few_running_workers_is_unhealthy():
+    stuck = worker(1, heartbeat_age=25)
+    assert verdict_of(document(worker(0), stuck), min_healthy=1).reasons[0].startswith("worker 1 (pid 1001) is stuck")
+    verdict = verdict_of(document(worker(0), worker(1), worker(2)), min_healthy=4)
+    assert not verdict.healthy and verdict.reasons == ["3 of 3 workers healthy (at least 4 required)"]
+
+
+def test_a_slot_being_refilled_counts_as_healthy():
+    # Between a worker's exit and its replacement (restart backoff: up to 30 s), a probe
+    # of a processor with one worker must not fail: the supervisor is doing its job.
     replacing = worker(1, pid=0, state="empty", heartbeat_age=None)
-    assert verdict_of(document(worker(0), replacing), min_healthy=1).healthy
+    replacing["vacant_seconds"] = 25.0
     verdict = verdict_of(document(worker(0), replacing), min_healthy=2)
-    assert not verdict.healthy and verdict.reasons == ["1 of 2 workers healthy (at least 2 required)"]
+    assert verdict.healthy and (verdict.workers_healthy, verdict.workers_replacing) == (1, 1)
+    verdict = verdict_of(document(worker(0), replacing), min_healthy=3)
+    assert verdict.reasons == ["1 of 2 workers healthy, 1 being replaced (at least 3 required)"]
+
+
+def test_a_slot_left_empty_is_unhealthy_unless_the_database_is_down():
+    neglected = worker(1, pid=0, state="empty", heartbeat_age=None)
+    neglected["vacant_seconds"] = 59.0
+    doc = document(worker(0), neglected, age=2)  # empty for 61 s by now
+    assert verdict_of(doc).reasons == ["slot 1 has had no worker for 61.0s (the supervisor refills a slot within 60s)"]
+    # With the database down, a slot waits for its last worker's tasks to be released.
+    doc["database_up"] = False
+    assert verdict_of(doc).healthy
 
 
 def test_a_document_of_another_version_is_not_guessed_at():

@@ -19,6 +19,7 @@ from psycopg2.extensions import make_dsn, parse_dsn
 
 import procqueue
 from procqueue import TaskState
+from procqueue.health import judge
 
 from helpers import REPO, http_get, sample, scrape, wait_until
 
@@ -275,6 +276,29 @@ def test_health_fails_at_once_when_the_supervisor_is_killed(db, start_processor)
     processor.proc.wait(timeout=10)
     result = health(processor)  # no waiting for --max-age: the pid is gone
     assert result.returncode == 1 and f"the supervisor (pid {processor.pid}) is not running" in result.stderr
+
+
+def test_a_worker_being_replaced_never_fails_the_probe(db, start_processor):
+    # With one worker, every instant between its death and its replacement reaching its
+    # loop must still read as healthy: a liveness probe landing there would restart a pod
+    # whose supervisor is doing exactly its job.
+    processor = start_processor("--numthreads", "1")
+    first = processor.wait_for_status(lambda d: d["workers"][0]["state"] == "idle")["workers"][0]["pid"]
+    seen = []
+
+    def replaced() -> bool:
+        document = processor.status()
+        if document is None or document["updated_at_unix"] in {d["updated_at_unix"] for d, _ in seen}:
+            return False
+        seen.append((document, judge(document, now=time.time(), max_age=30, min_healthy_workers=1)))
+        slot = document["workers"][0]
+        return slot["pid"] not in (first, None) and slot["state"] == "idle"
+
+    os.kill(first, signal.SIGKILL)
+    wait_until(replaced, timeout=15, interval=0.002, message="worker replaced")
+    unhealthy = [(d["workers"], v.reasons) for d, v in seen if not v.healthy]
+    assert unhealthy == []
+    assert processor.stop() == 0
 
 
 def test_http_answers_unknown_paths_and_openmetrics(db, start_processor):
