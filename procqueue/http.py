@@ -1,9 +1,11 @@
 """The supervisor's HTTP endpoints: /metrics, /healthz, /status and /monitoring.
 
-Served by one daemon thread of the supervisor. The supervisor keeps forking workers while
-that thread runs, and fork() copies only the forking thread: a lock this thread held at
-that instant would stay locked for ever in the child. So the thread touches nothing a
-worker uses: it logs nothing (the logging and stderr locks), opens no database connection
+Served by daemon threads of the supervisor: one accepts, one per connection answers (at
+most MAX_CONNECTIONS at once, each within REQUEST_DEADLINE_SECONDS in all, so a client
+that trickles bytes cannot keep a probe waiting, nor the supervisor from exiting). The
+supervisor keeps forking workers while these threads run, and fork() copies only the
+forking thread: a lock one of them held at that instant would stay locked for ever in the
+child. So they touch nothing a worker uses: it logs nothing (the logging and stderr locks), opens no database connection
 (libpq and OpenSSL state), and imports nothing after it starts (the import locks); the
 only lock it takes is the metrics store's, which workers never touch. What it serves
 comes from the supervisor's latest status document, replaced whole once a second, and
@@ -12,11 +14,12 @@ from the metrics files.
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
@@ -24,9 +27,15 @@ from . import health
 from .errors import ConfigError
 
 ENDPOINTS = ("/metrics", "/healthz", "/status", "/monitoring")
-# A client that connects and sends nothing must not hold the (single) serving thread long:
-# the kubelet's next probe is waiting behind it.
-REQUEST_TIMEOUT_SECONDS = 5
+# From accept to the last byte sent, whatever the client does: reading the request and
+# writing the answer both count against it.
+REQUEST_DEADLINE_SECONDS = 5.0
+# Connections answered at once; more are closed on arrival. Prometheus and the kubelet
+# need one or two; the bound is against a flood of idle connections.
+MAX_CONNECTIONS = 16
+# Queue depth is read every few seconds; older than this, the database has not answered
+# for a while and /monitoring says so instead of repeating an old number.
+MONITORING_STALE_SECONDS = 30.0
 
 
 class MonitoringServer:
@@ -36,7 +45,7 @@ class MonitoringServer:
                  metrics_source: Callable[[str], Tuple[bytes, str]]) -> None:
         self.status_source = status_source
         self.metrics_source = metrics_source
-        server_class = _IPv6Server if ":" in host else HTTPServer
+        server_class = _IPv6Server if ":" in host else _Server
         try:
             self.server = server_class((host, port), _Handler)
         except OSError as exc:
@@ -99,7 +108,8 @@ class MonitoringServer:
             return 503, {"healthy": False, "reasons": ["no status yet"]}
         verdict = health.judge(document, now=time.time(), max_age=max_age, min_healthy_workers=min_healthy)
         body = {"healthy": verdict.healthy, "reasons": verdict.reasons, "state": verdict.state,
-                "workers_healthy": verdict.workers_healthy, "workers": verdict.workers}
+                "workers_healthy": verdict.workers_healthy, "workers_replacing": verdict.workers_replacing,
+                "workers": verdict.workers}
         return (200 if verdict.healthy else 503), body
 
     def monitoring(self) -> Tuple[int, dict]:
@@ -108,6 +118,10 @@ class MonitoringServer:
         queue = document.get("queue") if document else None
         if not queue:
             return 503, {"waiting": None, "error": "queue depth not read from the database yet"}
+        age = time.time() - queue["checked_at_unix"]
+        if age > MONITORING_STALE_SECONDS:
+            return 503, {"waiting": queue["waiting"], "error": f"queue depth last read from the database "
+                                                               f"{age:.0f}s ago (is the database reachable?)"}
         return 200, {"waiting": queue["waiting"]}
 
 
@@ -124,13 +138,64 @@ def _health_options(params: dict) -> Tuple[float, int]:
     return max_age_value, int(min_healthy)
 
 
-class _IPv6Server(HTTPServer):
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # never waited for at exit: each ends by its deadline anyway
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.connection_slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address) -> None:
+        if not self.connection_slots.acquire(blocking=False):
+            self.shutdown_request(request)  # too many at once: this one is turned away
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """Silent, as log_message: a client that hangs up mid-answer is its own business,
+        and a traceback on stderr from this thread could hold a lock across a fork."""
+
+
+class _IPv6Server(_Server):
     address_family = socket.AF_INET6
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The request socket, read with what is left of the connection's deadline as the
+    timeout of each read: a byte every few seconds no longer keeps a connection open."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        self.sock.settimeout(_remaining(self.deadline))
+        return self.sock.recv_into(buffer)
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise socket.timeout("request deadline passed")
+    return remaining
+
+
 class _Handler(BaseHTTPRequestHandler):
-    timeout = REQUEST_TIMEOUT_SECONDS
     server_version = "procqueue"
+
+    def setup(self) -> None:
+        self.deadline = time.monotonic() + REQUEST_DEADLINE_SECONDS
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self.deadline))
 
     def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
         parts = urlsplit(self.path)
@@ -144,6 +209,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
+        self.connection.settimeout(_remaining(self.deadline))  # sendall: a total, not per chunk
         self.end_headers()
         self.wfile.write(body)
 

@@ -4,9 +4,11 @@ Real processors, real signals, real Postgres."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +22,7 @@ from psycopg2.extensions import make_dsn, parse_dsn
 import procqueue
 from procqueue import TaskState
 from procqueue.health import judge
+from procqueue.http import MonitoringServer
 
 from helpers import REPO, http_get, sample, scrape, wait_until
 
@@ -299,6 +302,56 @@ def test_a_worker_being_replaced_never_fails_the_probe(db, start_processor):
     unhealthy = [(d["workers"], v.reasons) for d, v in seen if not v.healthy]
     assert unhealthy == []
     assert processor.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_trickling_client_blocks_neither_probes_nor_shutdown(db, start_processor):
+    processor = start_processor("--numthreads", "1", "--metrics-port", "0")
+    port = processor.metrics_port()
+    trickling = socket.create_connection(("127.0.0.1", port))
+    trickling.sendall(b"GET /metrics HTTP/1.0\r\n")
+    stop_trickling = threading.Event()
+
+    def trickle() -> None:  # a header byte every half second, never the blank line
+        while not stop_trickling.wait(0.5):
+            try:
+                trickling.sendall(b"X")
+            except OSError:
+                return
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    try:
+        connected = time.monotonic()
+        assert http_get(port, "/healthz")[0] == 200  # answered meanwhile
+        trickling.settimeout(20)
+        with contextlib.suppress(ConnectionResetError):
+            assert trickling.recv(1) == b""  # the server hung up on it...
+        assert time.monotonic() - connected < 10  # ...at its deadline, though it kept sending
+        again = socket.create_connection(("127.0.0.1", port))  # and one more, open at shutdown
+        again.sendall(b"GET /status HTTP/1.0\r\n")
+        assert processor.stop() == 0
+        again.close()
+    finally:
+        stop_trickling.set()
+        thread.join()
+        trickling.close()
+
+
+def test_monitoring_says_when_its_queue_depth_is_stale():
+    # The supervisor reads queue depth every few seconds; with the database away, an old
+    # number served as current would tell an autoscaler all is well.
+    document = {"queue": {"waiting": 4, "checked_at_unix": time.time() - 45}}
+    server = MonitoringServer("127.0.0.1", 0, status_source=lambda: document,
+                              metrics_source=lambda accept: (b"", "text/plain"))
+    server.start()
+    try:
+        status, _, body = http_get(server.address[1], "/monitoring")
+        assert status == 503 and "last read from the database 45s ago" in json.loads(body)["error"]
+        document["queue"]["checked_at_unix"] = time.time() - 2
+        assert http_get(server.address[1], "/monitoring")[0:3:2] == (200, b'{\n "waiting": 4\n}\n')
+    finally:
+        server.stop()
 
 
 def test_http_answers_unknown_paths_and_openmetrics(db, start_processor):
