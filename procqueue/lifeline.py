@@ -29,9 +29,12 @@ class Lifeline:
         return self.read_fd
 
     def close(self) -> None:
+        """Idempotent: a second close must not close whatever reused these numbers."""
         for fd in (self.write_fd, self.read_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.read_fd = self.write_fd = -1
 
 
 def watch(read_fd: int, on_supervisor_gone: Callable[[], None]) -> threading.Thread:

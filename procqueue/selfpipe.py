@@ -26,8 +26,11 @@ class SelfPipe:
             pass
 
     def close(self) -> None:
+        """Idempotent: a second close must not close whatever reused these numbers."""
         for fd in (self.read_fd, self.write_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.read_fd = self.write_fd = -1
