@@ -113,6 +113,10 @@ class DatabaseChores:
         except (psycopg2.Error, DatabaseError) as exc:
             log_event(logger, logging.WARNING, "processor.deregister_failed", error=first_line(exc))
 
+    def close(self) -> None:
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close()
+
     # -- every tick ----------------------------------------------------------------------
 
     def release(self, release: Release) -> None:

@@ -10,12 +10,13 @@ import functools
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import click
 import psycopg2
@@ -39,6 +40,7 @@ from .logs import LOG_FORMATS, setup_logging
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 LOG_FORMAT = click.Choice(list(LOG_FORMATS), case_sensitive=False)
 DEMO_SCHEMA = "procqueue_demo"
+DEMO_RATES = (0.1, 1000.0)  # tasks per second the demo's producer may be asked for
 
 
 def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,13 +52,19 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except ProcqueueError as exc:
             _fail(str(exc), exc.exit_code)
-        except psycopg2.errors.UndefinedTable:
-            _fail("the procqueue tables are not in this database schema: run `procqueue migrate`",
-                  DatabaseError.exit_code)
+        except psycopg2.errors.UndefinedTable as exc:
+            _fail(f"the procqueue tables are not in {_missing_schema(exc)} of this database: is the schema "
+                  "name right (--schema, PROCQUEUE_SCHEMA)? If so, run `procqueue migrate`", DatabaseError.exit_code)
         except psycopg2.Error as exc:
             _fail(f"database error: {first_line(exc)}", DatabaseError.exit_code)
 
     return wrapper
+
+
+def _missing_schema(exc: psycopg2.Error) -> str:
+    """'schema "x"' from Postgres's 'relation "x.tasks" does not exist', or 'the schema'."""
+    match = re.search(r'relation "([^".]+)\.', getattr(exc.diag, "message_primary", None) or "")
+    return f'schema "{match.group(1)}"' if match else "the schema"
 
 
 def _fail(message: str, exit_code: int) -> None:
@@ -68,18 +76,37 @@ def _run_click(command: click.Command, prog_name: str) -> None:
     """Run a click command with usage errors as one line too (click prints four)."""
     try:
         command.main(prog_name=prog_name, standalone_mode=False)
+    except click.exceptions.MissingParameter as exc:  # a BadParameter with no value to name
+        kind = "argument" if isinstance(exc.param, click.Argument) else "option"
+        name = exc.param.human_readable_name if exc.param is not None else "value"
+        _fail(f"missing {kind} {name} (see {_help_path(exc.ctx, command, prog_name)} --help)", exc.exit_code)
     except click.exceptions.BadParameter as exc:
         # Worded as procqueue's own checks word theirs: the flag, the value, what is expected.
         flag = exc.param.opts[0] if exc.param is not None and exc.param.opts else (exc.param_hint or "a value")
-        command_path = exc.ctx.command_path if exc.ctx is not None else prog_name
-        _fail(f"invalid value for {flag}: {exc.message.rstrip('.')} (see {command_path} --help)", exc.exit_code)
+        _fail(f"invalid value for {flag}: {exc.message.rstrip('.')} "
+              f"(see {_help_path(exc.ctx, command, prog_name)} --help)", exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:
+        # `procqueue` alone: the help a user asked for by typing it, not an error.
+        click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message(), err=True)
+        sys.exit(exc.exit_code)
     except click.exceptions.UsageError as exc:
-        hint = f" (see {exc.ctx.command_path if exc.ctx else prog_name} --help)"
-        _fail(exc.format_message() + hint, exc.exit_code)
+        _fail(f"{exc.format_message()} (see {_help_path(exc.ctx, command, prog_name)} --help)", exc.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as exc:
         _fail(exc.format_message(), exc.exit_code)
+
+
+def _help_path(ctx: Optional[click.Context], command: click.Command, prog_name: str) -> str:
+    """The command whose --help to point at: the subcommand's, even when click reports
+    an option error against the group (`procqueue stats --schema` with no value)."""
+    if ctx is not None and ctx.command is not command:
+        return ctx.command_path
+    if isinstance(command, click.Group):
+        named = next((arg for arg in sys.argv[1:] if arg in command.commands), None)
+        if named is not None:
+            return f"{prog_name} {named}"
+    return ctx.command_path if ctx is not None else prog_name
 
 
 def procqueue_main() -> None:
@@ -183,7 +210,8 @@ def import_task_modules(modules: Tuple[str, ...]) -> None:
             raise ConfigError(f"cannot import task module {module!r}: {type(exc).__name__}: {exc}") from None
 
 
-def run_processor(config: ProcessorConfig, log_level: str, log_format: str = "text") -> int:
+def run_processor(config: ProcessorConfig, log_level: str, log_format: str = "text",
+                  on_start: Optional[Callable[[], None]] = None, on_stop: Optional[Callable[[], None]] = None) -> int:
     from .metrics import MultiprocessMetrics
     from .supervisor import Supervisor
 
@@ -193,7 +221,7 @@ def run_processor(config: ProcessorConfig, log_level: str, log_format: str = "te
         if store is not None:
             store.enable()  # before task modules are imported: they may create metrics
         import_task_modules(config.imports)
-        return Supervisor(config, metrics_store=store).run()
+        return Supervisor(config, metrics_store=store, on_start=on_start, on_stop=on_stop).run()
     finally:
         if store is not None:
             store.remove()
@@ -270,6 +298,10 @@ def enqueue_command(task_name: str, args_json: str, kwargs_json: str, delay_seco
     click.echo("skipped: queue_size reached" if task_id is None else str(task_id))
 
 
+_NOT_CANCELLABLE = {"running": "is running", "succeeded": "has already succeeded", "failed": "has already failed",
+                    "cancelled": "was already cancelled"}
+
+
 @main.command("cancel")
 @click.argument("task_id", type=int)
 @_database_options
@@ -279,7 +311,7 @@ def cancel_command(task_id: int, database_url: Optional[str], schema: Optional[s
     conn, queries = _client(database_url, schema)
     if not queries.cancel(conn, task_id):
         task = queries.get_task(conn, task_id)
-        state = "does not exist" if task is None else f"is {task.state.value}"
+        state = "does not exist" if task is None else _NOT_CANCELLABLE.get(task.state.value, f"is {task.state.value}")
         raise TaskError(f"cannot cancel task {task_id}: it {state} (only queued tasks can be cancelled)")
     click.echo(f"cancelled {task_id}")
 
@@ -347,34 +379,51 @@ def health_command(arguments: Tuple[str, ...]) -> None:
 
 
 @main.command("demo")
-@click.option("--rate", type=click.FloatRange(min=0.1), default=4.0, show_default=True, help="Example tasks enqueued per second.")
-@click.option("--numthreads", "num_workers", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--rate", type=float, default=4.0, show_default=True,
+              help=f"Example tasks enqueued per second ({DEMO_RATES[0]:g} to {DEMO_RATES[1]:g}).")
+@click.option("--numthreads", "num_workers", type=int, default=2, show_default=True, help="Worker processes.")
 @click.option("--schema", default=DEMO_SCHEMA, show_default=True, metavar="NAME",
               help="Postgres schema of the demo's queue: its own, so its tasks never mix with yours.")
 @click.option("--database-url", default=None, metavar="URL",
               help="libpq URL of the queue database. [env: DATABASE_URL; default: the embedded PostgreSQL]")
+@click.option("--status-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help=f"Its status file. [env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}]")
 @_user_errors
-def demo_command(rate: float, num_workers: int, database_url: Optional[str], schema: str) -> None:
+def demo_command(rate: float, num_workers: int, database_url: Optional[str], schema: str,
+                 status_file: Optional[str]) -> None:
     """Run a processor with example tasks flowing in, until Ctrl-C.
 
     It serves its metrics and status on a free local port (see the metrics.listening line)."""
+    if not DEMO_RATES[0] <= rate <= DEMO_RATES[1]:  # also refuses nan, which compares false to all
+        raise ConfigError(f"invalid value for --rate: {rate:g} "
+                          f"(expected tasks per second from {DEMO_RATES[0]:g} to {DEMO_RATES[1]:g})")
     config = build_processor_config(database_url=database_url, schema=schema, num_workers=num_workers,
                                     sleep_interval_ms=1000, imports=("procqueue.examples",),
-                                    metrics_port=0, metrics_host="127.0.0.1")
-    from .db import connect, resolve_url
-    from .migrations import migrate
+                                    metrics_port=0, metrics_host="127.0.0.1", status_file=status_file)
+    from .db import resolve_url
 
     click.echo(f"procqueue demo: database {config.database.display_url}; Ctrl-C to stop", err=True)
-    conn = connect(config.database)
-    migrate(conn, config.database.schema)  # before the producer's first enqueue
-    conn.close()
-    env = dict(os.environ, DATABASE_URL=resolve_url(config.database), PROCQUEUE_SCHEMA=config.database.schema)
-    producer = subprocess.Popen([sys.executable, "-m", "procqueue.examples", "--rate", str(rate)], env=env)
+    producers: List[subprocess.Popen] = []
+
+    def start_producer() -> None:  # once the processor is up: its checks passed, its schema applied
+        env = dict(os.environ, DATABASE_URL=resolve_url(config.database), PROCQUEUE_SCHEMA=config.database.schema)
+        producers.append(subprocess.Popen([sys.executable, "-m", "procqueue.examples", "--rate", str(rate)], env=env))
+
+    def stop_producer() -> None:  # at the first signal, so the drain is not fed new tasks
+        for producer in producers:
+            producer.terminate()
+
     try:
-        code = run_processor(config, "info")
+        code = run_processor(config, "info", on_start=start_producer, on_stop=stop_producer)
     finally:
-        producer.terminate()
-        producer.wait(timeout=10)
+        for producer in producers:
+            producer.terminate()
+            try:
+                # A SIGTERM landing while it imports psycopg2 can be swallowed there.
+                producer.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                producer.kill()
+                producer.wait()
     sys.exit(code)
 
 

@@ -127,7 +127,7 @@ class ProcessorConfig:
         timeout = self.shutdown_timeout_seconds
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout < float("inf"):
             raise ConfigError(
-                f"invalid value for --shutdown-timeout: {self.shutdown_timeout_seconds!r} (expected seconds >= 0)"
+                f"invalid value for --shutdown-timeout: {_shown(timeout)} (expected seconds >= 0)"
             )
         if self.max_tasks_per_worker is not None:
             require_int_at_least("--max-tasks-per-worker", self.max_tasks_per_worker, 1)
@@ -135,7 +135,7 @@ class ProcessorConfig:
             require_int_at_least("--max-memory-per-worker", self.max_memory_per_worker_mb, 1)
         rescue = self.rescue_after_seconds
         if isinstance(rescue, bool) or not isinstance(rescue, (int, float)) or not 2 <= rescue < float("inf"):
-            raise ConfigError(f"invalid value for --rescue-after: {rescue!r} (expected seconds >= 2)")
+            raise ConfigError(f"invalid value for --rescue-after: {_shown(rescue)} (expected seconds >= 2)")
         for module in self.imports:
             validate_module_name(module)
         for queue in self.queues:
@@ -362,3 +362,10 @@ def _int_setting(
         expected = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
         raise ConfigError(f"invalid value for {env_name}: {raw!r} (expected {expected})")
     return value
+
+
+def _shown(value: object) -> str:
+    """A whole number without the ".0" float() gave it (-1, as typed); anything else as its repr."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return repr(value)

@@ -13,7 +13,7 @@ import psycopg2.extras
 
 from .config import DatabaseConfig
 from .embedded import embedded_server_url
-from .errors import DatabaseError
+from .errors import ConfigError, DatabaseError
 
 Connection = psycopg2.extensions.connection
 
@@ -45,9 +45,9 @@ def connect(
     except psycopg2.Error as exc:
         if database.display_url.startswith("<unparseable"):
             # libpq's message would quote the mangled fields, which may hold the password.
-            raise DatabaseError(
-                "cannot connect: the database URL cannot be parsed (is a '/', '?', '#' or '@' "
-                "in the password not percent-encoded?)"
+            raise ConfigError(
+                "invalid database URL: libpq cannot parse it (expected postgresql://user:password@host:port/dbname "
+                "or key=value pairs; a '/', '?', '#' or '@' in a password must be percent-encoded)"
             ) from None
         raise DatabaseError(f"cannot connect to {database.display_url}: {first_line(exc)}") from None
     conn.autocommit = autocommit

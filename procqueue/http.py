@@ -2,14 +2,15 @@
 
 Served by daemon threads of the supervisor: one accepts, one per connection answers (at
 most MAX_CONNECTIONS at once, each within REQUEST_DEADLINE_SECONDS in all, so a client
-that trickles bytes cannot keep a probe waiting, nor the supervisor from exiting). The
-supervisor keeps forking workers while these threads run, and fork() copies only the
+that trickles bytes cannot keep a probe waiting, nor the supervisor from exiting).
+
+The supervisor keeps forking workers while these threads run, and fork() copies only the
 forking thread: a lock one of them held at that instant would stay locked for ever in the
-child. So they touch nothing a worker uses: it logs nothing (the logging and stderr locks), opens no database connection
-(libpq and OpenSSL state), and imports nothing after it starts (the import locks); the
-only lock it takes is the metrics store's, which workers never touch. What it serves
-comes from the supervisor's latest status document, replaced whole once a second, and
-from the metrics files.
+child. So these threads touch nothing a worker uses: they log nothing (the logging and
+stderr locks), open no database connection (libpq and OpenSSL state) and import nothing
+once started (the import locks). The only lock they take is the metrics store's, which
+workers never touch. What they serve comes from the supervisor's latest status document,
+replaced whole once a second, and from the metrics files.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import socket
 import threading
 import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
@@ -76,6 +78,16 @@ class MonitoringServer:
             self.server.shutdown()
             self.thread.join(timeout=5)
         self.server.server_close()
+
+    def close_in_child(self) -> None:
+        """In a freshly forked worker: let go of the listening socket and the open
+        connections, which are the supervisor's. Kept, they would hold the port after the
+        supervisor is gone (an orphaned worker lives on for a while) and keep answered
+        connections from closing. close() only: shutdown() would cut them for the
+        supervisor too."""
+        self.server.socket.close()
+        for connection in list(self.server.connections):
+            connection.close()
 
     # -- the endpoints -----------------------------------------------------------------
 
@@ -139,23 +151,36 @@ def _health_options(params: dict) -> Tuple[float, int]:
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # never waited for at exit: each ends by its deadline anyway
-
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.connection_slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.connections: set = set()  # open ones, for a forked worker to close
 
     def process_request(self, request, client_address) -> None:
+        """A daemon thread per connection, named as ours: the supervisor warns about
+        threads it does not know before each fork, and these are built to be fork-safe.
+        Never waited for at exit: each ends by its deadline anyway."""
         if not self.connection_slots.acquire(blocking=False):
             self.shutdown_request(request)  # too many at once: this one is turned away
             return
-        super().process_request(request, client_address)
+        self.connections.add(request)
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name="procqueue-http-connection", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: this connection is turned away too
+            self.connection_slots.release()
+            self.shutdown_request(request)
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self.connection_slots.release()
+
+    def close_request(self, request) -> None:
+        self.connections.discard(request)
+        super().close_request(request)
 
     def handle_error(self, request, client_address) -> None:
         """Silent, as log_message: a client that hangs up mid-answer is its own business,
@@ -205,13 +230,26 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug of ours must cost one request, not the thread
             status, content_type = 500, "text/plain; charset=utf-8"
             body = f"internal error: {type(exc).__name__}: {exc}\n".encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.connection.settimeout(_remaining(self.deadline))  # sendall: a total, not per chunk
-        self.end_headers()
-        self.wfile.write(body)
+        self.answer(status, content_type, body)
+
+    def do_POST(self) -> None:  # noqa: N802 (the endpoints are read-only)
+        body = (json.dumps({"error": f"{self.command} not allowed: these endpoints answer GET"}) + "\n").encode()
+        self.answer(405, "application/json", body, extra_headers="Allow: GET\r\n")
+
+    do_PUT = do_DELETE = do_PATCH = do_POST  # noqa: N815
+
+    def answer(self, status: int, content_type: str, body: bytes, extra_headers: str = "") -> None:
+        head = (f"{self.protocol_version} {status} {HTTPStatus(status).phrase}\r\n"
+                f"Server: {self.version_string()}\r\n"
+                f"Date: {self.date_time_string()}\r\n"
+                f"Content-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                f"Cache-Control: no-store\r\n{extra_headers}"
+                "Connection: close\r\n\r\n").encode("latin-1")
+        # One sendall for the whole answer: its timeout is a total, not a limit per chunk.
+        self.connection.settimeout(_remaining(self.deadline))
+        self.connection.sendall(head + body)
+        self.close_connection = True
 
     def log_message(self, format: str, *args) -> None:  # noqa: A002
         """Silent: logging from this thread could leave a lock held across a fork."""

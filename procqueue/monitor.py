@@ -37,12 +37,14 @@ class Monitor:
         self.server: Optional[MonitoringServer] = None
         self.latest: Optional[dict] = None  # replaced whole, read by the HTTP thread
         self.file_failing = False
+        self.owns_status_file = False  # the file is ours to write: no other live processor's
         self.rss = RssReader()
 
     def open(self) -> None:
         """Before anything else starts: fail now, with a clear message, if the status file
         cannot be written or the metrics port cannot be bound."""
         self.file.prepare()
+        self.owns_status_file = True
         if self.config.metrics_port is not None and self.metrics_store is not None:
             registry = processor_registry(self.metrics_store, lambda: self.latest)
             self.server = MonitoringServer(
@@ -84,6 +86,11 @@ class Monitor:
             self.metrics_store.archive_process(pid)
         except (OSError, ValueError) as exc:  # disk full, a damaged file: metrics suffer, not workers
             log_event(logger, logging.ERROR, "metrics.archive_failed", pid=pid, error=str(exc))
+
+    def close_in_child(self) -> None:
+        """In a freshly forked worker: drop what belongs to the supervisor alone."""
+        if self.server is not None:
+            self.server.close_in_child()
 
     def close(self) -> None:
         if self.server is not None:

@@ -277,7 +277,8 @@ def _validated_queue_size(name: str, queue_size: Optional[int]) -> Optional[int]
 
 def validated_priority(name: str, priority: Union[TaskPriority, int]) -> int:
     if not isinstance(priority, int) or not -32768 <= priority <= 32767:
-        raise TaskError(f"task {name}: priority must be an integer (TaskPriority), got {priority!r}")
+        raise TaskError(f"task {name}: priority must be an integer from -32768 to 32767 (TaskPriority: "
+                        f"HIGHEST 0 to LOWER 100, lower runs first), got {priority!r}")
     return int(priority)
 
 

@@ -36,6 +36,8 @@ class SupervisorFacts:
     restarts_by_slot: Mapping[int, int]
     rss_by_slot: Mapping[int, int] = field(default_factory=dict)
     pids_by_slot: Mapping[int, int] = field(default_factory=dict)  # forked, perhaps not yet in its slot
+    vacant_since_by_slot: Mapping[int, float] = field(default_factory=dict)  # monotonic; empty slots
+    failed_starts_by_slot: Mapping[int, int] = field(default_factory=dict)  # in a row, before the loop
     tasks_lost: int = 0
     tasks_rescued: int = 0
     metrics_address: Optional[str] = None  # http://host:port, once listening
@@ -52,12 +54,8 @@ class StatusReport:
         self.public_config = config.public_dict()
 
     def document(self, slots, facts: SupervisorFacts, *, now: float, monotonic_now: float) -> dict:
-        workers = [
-            worker_entry(index, slot, monotonic_now, self.config.grace_period_ms / 1000,
-                         facts.restarts_by_slot.get(index, 0), facts.rss_by_slot.get(index),
-                         facts.pids_by_slot.get(index))
-            for index, slot in enumerate(slots)
-        ]
+        grace = self.config.grace_period_ms / 1000
+        workers = [worker_entry(index, slot, facts, now=monotonic_now, grace=grace) for index, slot in enumerate(slots)]
         return {
             "version": STATUS_VERSION,
             "processor_id": self.processor_id,
@@ -77,12 +75,12 @@ class StatusReport:
         }
 
 
-def worker_entry(index: int, slot: WorkerSlot, now: float, grace: float, restarts: int,
-                 rss_bytes: Optional[int], forked_pid: Optional[int] = None) -> dict:
+def worker_entry(index: int, slot: WorkerSlot, facts: SupervisorFacts, *, now: float, grace: float) -> dict:
     # Read each field once: the worker writes its slot while this runs, and a task shown
     # must be the one whose id, start and deadline were read together (a worker sets the
     # state last when a task starts and first when it ends).
     state, pid, heartbeat = slot.state, slot.pid, slot.heartbeat
+    forked_pid = facts.pids_by_slot.get(index)
     if not pid and forked_pid:  # forked, but not yet as far as writing its slot
         state, pid = WorkerState.STARTING, forked_pid
     task_id, started, deadline = slot.task_id, slot.task_started, slot.task_deadline
@@ -92,18 +90,21 @@ def worker_entry(index: int, slot: WorkerSlot, now: float, grace: float, restart
         task = {"id": task_id, "name": slot_task_name(slot), "running_seconds": round(now - started, 3),
                 "timeout_seconds": round(deadline - started, 3)}
     verdict = stuck_reason(slot, now, grace) if pid else None
+    vacant_since = facts.vacant_since_by_slot.get(index)
     return {
         "slot": index,
         "pid": pid or None,
         "state": WorkerState(state).name.lower() if pid else "empty",
         "heartbeat_age_seconds": round(now - heartbeat, 3) if pid and heartbeat else None,
-        # The supervisor stamps a slot's heartbeat when its worker exits.
-        "vacant_seconds": None if pid or not heartbeat else round(now - heartbeat, 3),
+        "vacant_seconds": None if pid or vacant_since is None else round(now - vacant_since, 3),
+        # A worker seen in its loop ends its slot's run of failed starts, even if the
+        # supervisor has not noticed yet (it writes this document at the end of its tick).
+        "failed_starts": 0 if state in (WorkerState.IDLE, WorkerState.BUSY) else facts.failed_starts_by_slot.get(index, 0),
         "task": task,
         "tasks_done": slot.tasks_done,
         "tasks_failed": slot.tasks_failed,
-        "restarts": restarts,
-        "rss_bytes": rss_bytes,
+        "restarts": facts.restarts_by_slot.get(index, 0),
+        "rss_bytes": facts.rss_by_slot.get(index),
         "stuck": verdict[1] if verdict else None,
     }
 
@@ -222,7 +223,11 @@ def render_text(document: dict, now: float) -> str:
     rows += [worker_row(worker) for worker in document.get("workers", [])]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
-    lines += [""] + [f"STUCK worker {w.get('slot')}: {w['stuck']}" for w in document.get("workers", []) if w.get("stuck")]
+    workers = document.get("workers", [])
+    lines += [""] + [f"STUCK worker {w.get('slot')}: {w['stuck']}" for w in workers if w.get("stuck")]
+    lines += [f"FAILING slot {w.get('slot')}: {w['failed_starts']} workers in a row died while starting"
+              if w["failed_starts"] > 1 else f"FAILING slot {w.get('slot')}: its last worker died while starting"
+              for w in workers if (w.get("failed_starts") or 0) > 0]
     totals = document.get("totals", {})
     restarts = totals.get("restarts", {})
     lines.append(f"restarts: stuck {restarts.get('stuck', 0)}, crashed {restarts.get('crashed', 0)}, "

@@ -6,6 +6,7 @@ Signal handlers only queue the signal and write a byte to a self-pipe; every dec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -18,13 +19,14 @@ import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque, Dict, Optional
+from typing import Callable, Deque, Dict, Optional
 
 from . import client, registry
 from .chores import DatabaseChores, Release
 from .config import ProcessorConfig
 from .db import bound_every_wait
 from .errors import ProcqueueError
+from .health import FAILED_STARTS_LIMIT
 from .heartbeat import WorkerState, allocate_slots, slot_task_name, stuck_reason
 from .lifeline import Lifeline
 from .process_tree import begin_kill, finish_kill
@@ -40,9 +42,6 @@ from .worker_process import WORKER_BOOT_ERROR, WORKER_RECYCLED, run_worker_proce
 logger = logging.getLogger("procqueue.supervisor")
 
 RESPAWN_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 16, 30)
-# Give up when every slot has failed to start this many times in a row (with backoff in
-# between) and no worker has ever run: the task modules break forked workers.
-MAX_FAILED_STARTS = 5
 # No statement of the supervisor may keep its loop waiting longer than this: reaping,
 # killing and signals wait behind it.
 SUPERVISOR_WAIT_SECONDS = 3.0
@@ -69,8 +68,12 @@ class WorkerProcess:
 
 class Supervisor:
     def __init__(self, config: ProcessorConfig, *, clock=time.monotonic,
-                 metrics_store: Optional[MultiprocessMetrics] = None) -> None:
+                 metrics_store: Optional[MultiprocessMetrics] = None,
+                 on_start: Optional[Callable[[], None]] = None,
+                 on_stop: Optional[Callable[[], None]] = None) -> None:
         self.config = config
+        self.on_start = on_start  # called once start-up succeeded, before the first fork
+        self.on_stop = on_stop  # called once, from the loop, when stopping begins
         self.clock = clock
         self.processor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.slots = allocate_slots(config.num_workers)
@@ -78,6 +81,7 @@ class Supervisor:
         self.respawn_at: Dict[int, float] = {}
         self.quick_deaths: Dict[int, int] = {}
         self.failed_starts: Dict[int, int] = {}  # slot -> consecutive deaths before reaching the loop
+        self.vacant_since: Dict[int, float] = {}  # slot -> when its worker exited, until refilled
         self.any_worker_ran = False
         self.signals: Deque[int] = deque()
         self.stopping = False
@@ -90,12 +94,17 @@ class Supervisor:
         self.monitor = Monitor(config, processor_id=self.processor_id, slots=self.slots, metrics_store=metrics_store)
         self.warned_threads = False
         self.wakeup = SelfPipe()
-        self.lifeline = Lifeline()  # workers watch it to learn of our death
+        self.previous_handlers: Dict[int, object] = {}  # what run() replaced, given back at the end
+        self.lifeline: Optional[Lifeline] = None  # made in prepare(); workers watch it to learn of our death
 
     # -- the run -----------------------------------------------------------------------
 
     def run(self) -> int:
-        self.prepare()
+        try:
+            self.prepare()
+        except BaseException:
+            self.abandon_start()
+            raise
         self.install_signal_handlers()
         try:
             while not (self.stopping and not self.workers):
@@ -110,16 +119,23 @@ class Supervisor:
         multiprocessing.current_process().name = "supervisor"
         bound_every_wait(SUPERVISOR_WAIT_SECONDS)
         self.monitor.open()
+        self.lifeline = Lifeline()
         if self.monitor.metrics_store is not None:
             initialise_series(registry.registered_names(), [s.task_name for s in registry.recurring_schedules()])
         client.configure(database_url=self.config.database.url, schema=self.config.database.schema)
-        if self.config.database.url is None:
+        self.chores.start()
+        if self.config.database.url is None:  # said once it is in use: not before a start-up error
             log_event(logger, logging.WARNING, "database.embedded", where=self.config.database.display_url,
                       note="no DATABASE_URL: fine for development; processors and apps elsewhere cannot see it")
-        self.chores.start()
         log_event(logger, logging.INFO, "processor.started", processor=self.processor_id,
                   pid=os.getpid(), tasks=len(registry.registered_names()), **self.config.public_dict())
+        if not self.config.imports:
+            log_event(logger, logging.WARNING, "processor.no_task_modules",
+                      note="no --import (PROCQUEUE_IMPORTS): only procqueue's own tasks are registered; "
+                           "any other task is put back as unknown, and fails after its attempts")
         self.monitor.start_serving()
+        if self.on_start is not None:
+            self.on_start()
 
     def step(self) -> None:
         self.handle_signals()
@@ -146,9 +162,28 @@ class Supervisor:
         self.reap_workers(block=True)
         self.chores.finish()
         self.publish_status(state="stopped")
-        self.monitor.close()
-        self.lifeline.close()
+        self.close()
         log_event(logger, logging.INFO, "processor.stopped", processor=self.processor_id, exit_code=self.exit_code)
+
+    def abandon_start(self) -> None:
+        """prepare() failed (no database, a port taken...): leave no status file saying a
+        processor is starting, for a probe or a script to wait on, and nothing open."""
+        if self.monitor.owns_status_file:
+            with contextlib.suppress(Exception):
+                self.publish_status(state="stopped")
+        if self.chores.up:
+            self.chores.finish()
+        self.close()
+
+    def close(self) -> None:
+        """Give back what run() took, so a program embedding the supervisor can carry on:
+        its signal handlers first, for only ours write to the wakeup pipe."""
+        self.restore_signal_handlers()
+        self.wakeup.close()
+        self.chores.close()
+        self.monitor.close()
+        if self.lifeline is not None:
+            self.lifeline.close()
 
     # -- what the outside world sees ---------------------------------------------------
 
@@ -166,16 +201,23 @@ class Supervisor:
             restarts_by_slot=dict(self.restarts_by_slot),
             rss_by_slot={w.index: self.monitor.rss.read(w.pid) for w in self.workers.values()},
             pids_by_slot={w.index: w.pid for w in self.workers.values()},
+            vacant_since_by_slot=dict(self.vacant_since),
+            failed_starts_by_slot=dict(self.failed_starts),
             tasks_lost=self.chores.tasks_lost,
             tasks_rescued=self.chores.tasks_rescued,
-            metrics_address=self.monitor.url,
+            metrics_address=None if state == "stopped" else self.monitor.url,  # not served any more
         )
 
     # -- signals -----------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
         for signum in _HANDLED_SIGNALS:
-            signal.signal(signum, self._queue_signal)
+            self.previous_handlers[signum] = signal.signal(signum, self._queue_signal)
+
+    def restore_signal_handlers(self) -> None:
+        while self.previous_handlers:
+            signum, handler = self.previous_handlers.popitem()
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
     def _queue_signal(self, signum, frame) -> None:
         self.signals.append(signum)
@@ -197,6 +239,11 @@ class Supervisor:
         self.stop_deadline = self.clock() + self.config.shutdown_timeout_seconds
         log_event(logger, logging.INFO, "processor.stopping", reason=reason,
                   workers=len(self.workers), timeout_s=self.config.shutdown_timeout_seconds)
+        if self.on_stop is not None:
+            try:
+                self.on_stop()
+            except Exception as exc:  # the embedder's bug must not stop the drain
+                log_event(logger, logging.ERROR, "processor.on_stop_failed", error=repr(exc))
         for worker in self.workers.values():
             _signal_quietly(worker.pid, signal.SIGTERM)
 
@@ -221,6 +268,7 @@ class Supervisor:
         # The worker object is built before the fork and does nothing until after it.
         worker = Worker(self.config, processor_id=self.processor_id, index=index, slot=self.slots[index])
         self.slots[index].heartbeat = self.clock()  # its start-up is timed from now
+        self.vacant_since.pop(index, None)
         self.warn_if_threads_running()
         # Signals stay blocked across the fork until the child has its own handlers: a
         # SIGTERM landing in between would otherwise run the supervisor's handler there.
@@ -253,6 +301,9 @@ class Supervisor:
         code = 1
         try:
             self.wakeup.close()  # the supervisor's, not this worker's
+            self.monitor.close_in_child()
+            if self.lifeline is None:
+                raise RuntimeError("worker forked before Supervisor.prepare()")
             code = run_worker_process(worker, lifeline_fd=self.lifeline.hold_in_child())
         except BaseException as exc:
             log_event(logger, logging.ERROR, "worker.crashed", worker=worker.index, error=repr(exc),
@@ -294,7 +345,7 @@ class Supervisor:
         self.next_status = 0.0  # show it at once, not up to a second later
         slot = self.slots[worker.index]
         if slot.state in (WorkerState.IDLE, WorkerState.BUSY) or slot.tasks_done > worker.done_at_spawn:
-            worker.reached_loop = self.any_worker_ran = True
+            self.mark_reached_loop(worker)
         in_flight = slot.task_id or None
         cause = worker.kill_reason or describe_exit(worker.index, status)
         if self.stopping and worker.kill_reason is None and not os.WIFEXITED(status):
@@ -306,7 +357,7 @@ class Supervisor:
         self.chores.release(Release(worker.index, in_flight, cause, worker.kill_outcome, charge))
         self.chores.run(stopping=self.stopping)
         slot.pid, slot.state, slot.task_id, slot.task_deadline = 0, int(WorkerState.EMPTY), 0, 0.0
-        slot.heartbeat = self.clock()  # vacant since: the status shows how long a slot stays empty
+        self.vacant_since[worker.index] = self.clock()
         if expected:
             log_event(logger, logging.DEBUG, "worker.exited", worker=worker.index, pid=worker.pid)
             return
@@ -345,14 +396,22 @@ class Supervisor:
         self.respawn_at[worker.index] = self.clock() + delay
 
     def workers_cannot_start(self) -> bool:
+        """Every slot failed to start FAILED_STARTS_LIMIT times in a row (with backoff in
+        between) and no worker has ever run: the task modules break forked workers. Once
+        one has run, the supervisor keeps trying, and the health verdict fails instead."""
         return not self.any_worker_ran and all(
-            self.failed_starts.get(index, 0) >= MAX_FAILED_STARTS for index in range(self.config.num_workers))
+            self.failed_starts.get(index, 0) >= FAILED_STARTS_LIMIT for index in range(self.config.num_workers))
 
     def note_running_workers(self) -> None:
         """Remember which workers got as far as running their loop."""
         for worker in self.workers.values():
             if not worker.reached_loop and self.slots[worker.index].state in (WorkerState.IDLE, WorkerState.BUSY):
-                worker.reached_loop = self.any_worker_ran = True
+                self.mark_reached_loop(worker)
+
+    def mark_reached_loop(self, worker: WorkerProcess) -> None:
+        """A worker got going: it is no boot failure, and its slot's run of failed starts is over."""
+        worker.reached_loop = self.any_worker_ran = True
+        self.failed_starts.pop(worker.index, None)
 
     def murder_stuck_workers(self) -> None:
         """Stop workers whose shared-memory slot shows them stuck, in two steps (stack dump
@@ -380,6 +439,7 @@ class Supervisor:
     def kill_all_workers(self) -> None:
         for worker in self.workers.values():
             _killpg_quietly(worker.pid, signal.SIGKILL)
+
 
 def describe_exit(index: int, status: int) -> str:
     if os.WIFSIGNALED(status):

@@ -120,7 +120,8 @@ class Worker:
         before that, or it would run twice at once. So it gets a quarter to finish, then is
         interrupted and put back; and should it not return to the interpreter (C code),
         faulthandler's own thread, which needs no GIL, dumps the stack and ends the process
-        at half. Called from a signal handler: sets flags and timers only."""
+        at half. Called from the death-signal handler and from the lifeline thread: sets
+        flags and timers only."""
         if self.orphaned_at is not None:
             return
         self.orphaned_at = self.clock()
@@ -131,14 +132,15 @@ class Worker:
 
     def supervisor_gone(self) -> None:
         """The lifeline thread saw the supervisor die (or the loop saw a new parent pid):
-        say so once, start the orphan clock, and wake the loop should it be waiting."""
+        start the orphan clock, wake the loop should it be waiting, and say so once. The
+        clock goes first: logging takes locks that the task's thread may be holding."""
+        self.orphaned()
+        if self.wakeup is not None:
+            self.wakeup.wake()
         if self.orphan_logged:
             return
         self.orphan_logged = True
         log_event(logger, logging.WARNING, "worker.orphaned", worker=self.index)
-        self.orphaned()
-        if self.wakeup is not None:
-            self.wakeup.wake()
 
     def shutdown(self) -> None:
         self.board.set_state(WorkerState.STOPPING)

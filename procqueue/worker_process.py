@@ -14,8 +14,10 @@ import os
 import signal
 import sys
 
+import psycopg2
+
 from . import client
-from .db import unbound_waits
+from .db import first_line, unbound_waits
 from .errors import DatabaseError
 from .execution import soft_timeout
 from .lifeline import watch
@@ -53,8 +55,8 @@ def run_worker_process(worker: Worker, *, lifeline_fd: int) -> int:
     unbound_waits()  # the supervisor's time limit is for its own loop; a task may take long
     try:
         worker.ensure_connected()
-    except DatabaseError as exc:
-        log_event(logger, logging.ERROR, "worker.boot_failed", worker=worker.index, error=str(exc))
+    except (DatabaseError, psycopg2.Error) as exc:  # connecting, or LISTEN on the new connection
+        log_event(logger, logging.ERROR, "worker.boot_failed", worker=worker.index, error=first_line(exc))
         return WORKER_BOOT_ERROR
     worker.loop()
     return WORKER_RECYCLED if worker.recycle_reason else 0

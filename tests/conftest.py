@@ -41,6 +41,26 @@ def _with_database(url: str, dbname: str) -> str:
 def no_leftover_processes():
     yield
     kill_session_leftovers()
+    # Processors killed with SIGKILL on purpose cannot remove their metrics directory; the
+    # next processor to start would (as in production), but the run must leave none.
+    from procqueue.metrics import remove_abandoned_directories
+
+    remove_abandoned_directories()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_default_status_file():
+    """Commands run by tests without a --status-file of their own write and read one in a
+    directory of the run's, never the user's default under /tmp (which would outlive it)."""
+    directory = Path(tempfile.mkdtemp(prefix="procqueue-test-status-"))
+    saved = os.environ.get("PROCQUEUE_STATUS_FILE")
+    os.environ["PROCQUEUE_STATUS_FILE"] = str(directory / "status.json")
+    yield
+    if saved is None:
+        os.environ.pop("PROCQUEUE_STATUS_FILE", None)
+    else:
+        os.environ["PROCQUEUE_STATUS_FILE"] = saved
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

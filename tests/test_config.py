@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from procqueue.config import ConfigError, processor_config, redact_dsn
+from procqueue.config import ConfigError, default_status_file, processor_config, redact_dsn
 
 
 def test_defaults_match_flagsmith():
@@ -55,3 +58,11 @@ def test_bad_values_name_the_value_and_what_is_expected(kwargs, message):
     with pytest.raises(ConfigError) as error:
         processor_config(env={}, **kwargs)
     assert message in str(error.value)
+
+
+def test_the_default_status_file_is_per_user_and_shared_by_processor_and_probe():
+    uid = os.getuid()
+    assert default_status_file({}) == Path(f"/tmp/procqueue-{uid}/status.json")
+    assert default_status_file({"TMPDIR": "/scratch"}) == Path(f"/scratch/procqueue-{uid}/status.json")
+    assert default_status_file({"PROCQUEUE_STATUS_FILE": "/run/pq.json", "TMPDIR": "/scratch"}) == Path("/run/pq.json")
+    assert processor_config(env={"TMPDIR": "/scratch"}).status_file == default_status_file({"TMPDIR": "/scratch"})

@@ -114,7 +114,7 @@ def test_a_lone_surrogate_fails_before_anything_is_written(db):
 
 
 def test_out_of_range_priority_is_rejected_before_writing(db):
-    with pytest.raises(procqueue.TaskError, match="priority must be an integer"):
+    with pytest.raises(procqueue.TaskError, match="priority must be an integer from -32768 to 32767"):
         greet.delay(args=("x",), priority=99999)
     assert count_tasks(db) == 0
 

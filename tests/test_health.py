@@ -105,6 +105,19 @@ def test_a_slot_left_empty_is_unhealthy_unless_the_database_is_down():
     assert verdict_of(doc).healthy
 
 
+def test_a_slot_whose_workers_keep_dying_while_starting_is_unhealthy():
+    # Starting and empty in turn looks like a replacement each time; the count says not.
+    crashing = worker(1, state="starting", heartbeat_age=0.1)
+    crashing["failed_starts"] = 4
+    assert verdict_of(document(worker(0), crashing)).healthy
+    crashing["failed_starts"] = 5
+    doc = document(worker(0), crashing)
+    assert verdict_of(doc).reasons == ["slot 1: its last 5 workers died while starting (see worker.died in the log)"]
+    # Workers killed while waiting for a database that does not answer: not the pod's fault.
+    doc["database_up"] = False
+    assert verdict_of(doc).healthy
+
+
 def test_a_document_of_another_version_is_not_guessed_at():
     verdict = verdict_of(document(version=2))
     assert not verdict.healthy and "unsupported status document version 2" in verdict.reasons[0]
@@ -117,6 +130,9 @@ def test_a_document_of_another_version_is_not_guessed_at():
     (b"\xff\xfe", "is not text"),
     ('{"version": 1, "updated_at_unix": "x"}', "is not a procqueue status document"),
     ('{"version": 1, "workers": [1]}', "is not a procqueue status document"),
+    ('{"version": 1, "workers": [{"slot": 0, "failed_starts": "many"}]}', "is not a procqueue status document"),
+    ('{"version": 1, "workers": [{"slot": 0, "task": {"running_seconds": "x"}}]}', "is not a procqueue status document"),
+    ('{"version": 1, "config": {"graceperiodms": "soon"}}', "is not a procqueue status document"),
 ])
 def test_missing_or_corrupt_file_is_unhealthy_with_the_reason(tmp_path, content, expected):
     path = tmp_path / "status.json"

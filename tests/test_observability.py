@@ -7,12 +7,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from datetime import datetime, timedelta, timezone
 
 import psutil
@@ -304,8 +307,29 @@ def test_a_worker_being_replaced_never_fails_the_probe(db, start_processor):
     assert processor.stop() == 0
 
 
+@pytest.mark.timeout(90)
+def test_a_slot_whose_workers_keep_dying_at_start_fails_the_probe_until_one_starts(db, start_processor, tmp_path):
+    # Once a worker has run, the supervisor never gives up on a slot; the probe must not
+    # read the endless starting/empty alternation as a worker being replaced.
+    marker = tmp_path / "break-workers"
+    processor = start_processor("--numthreads", "1", "--import", "sample_fragile_worker",
+                                extra_env={"SAMPLE_BREAK_WORKERS_FILE": str(marker)})
+    first = processor.wait_for_status(lambda d: d["workers"][0]["state"] == "idle")["workers"][0]["pid"]
+    marker.touch()
+    os.kill(first, signal.SIGKILL)
+    broken = processor.wait_for_status(lambda d: d["workers"][0]["failed_starts"] >= 5, timeout=40)
+    assert broken["state"] == "running"
+    result = health(processor)
+    assert result.returncode == 1
+    assert re.search(r"slot 0: its last \d+ workers died while starting", result.stderr), result.stderr
+    marker.unlink()
+    processor.wait_for_status(lambda d: d["workers"][0]["state"] == "idle", timeout=40)
+    assert health(processor).returncode == 0
+    assert processor.stop() == 0
+
+
 @pytest.mark.timeout(60)
-def test_a_trickling_client_blocks_neither_probes_nor_shutdown(db, start_processor):
+def test_a_trickling_client_blocks_neither_probes_nor_a_prompt_shutdown(db, start_processor):
     processor = start_processor("--numthreads", "1", "--metrics-port", "0")
     port = processor.metrics_port()
     trickling = socket.create_connection(("127.0.0.1", port))
@@ -324,14 +348,30 @@ def test_a_trickling_client_blocks_neither_probes_nor_shutdown(db, start_process
     try:
         connected = time.monotonic()
         assert http_get(port, "/healthz")[0] == 200  # answered meanwhile
+        # A worker replaced while the connection's thread runs: that thread is ours and
+        # fork-safe, so the supervisor must not warn of a task module's threads.
+        first = processor.wait_for_status(lambda d: d["workers"][0]["state"] == "idle")["workers"][0]["pid"]
+        os.kill(first, signal.SIGKILL)
+        replacement = processor.wait_for_status(
+            lambda d: d["workers"][0]["pid"] not in (first, None))["workers"][0]["pid"]
+        trickling.setblocking(False)
+        with pytest.raises(BlockingIOError):  # still open, so it was open at that fork
+            trickling.recv(1)
+        # The new worker holds neither that connection nor the listening socket: both are
+        # the supervisor's, and a worker outliving it must not keep the port.
+        assert [c for c in psutil.Process(replacement).net_connections() if c.laddr and c.laddr.port == port] == []
         trickling.settimeout(20)
         with contextlib.suppress(ConnectionResetError):
             assert trickling.recv(1) == b""  # the server hung up on it...
         assert time.monotonic() - connected < 10  # ...at its deadline, though it kept sending
         again = socket.create_connection(("127.0.0.1", port))  # and one more, open at shutdown
         again.sendall(b"GET /status HTTP/1.0\r\n")
+        asked_to_stop = time.monotonic()
         assert processor.stop() == 0
+        # Not held up by the open connection (that would take its 5 s deadline).
+        assert time.monotonic() - asked_to_stop < 4
         again.close()
+        assert "processor.threads_before_fork" not in processor.log()
     finally:
         stop_trickling.set()
         thread.join()
@@ -349,7 +389,8 @@ def test_monitoring_says_when_its_queue_depth_is_stale():
         status, _, body = http_get(server.address[1], "/monitoring")
         assert status == 503 and "last read from the database 45s ago" in json.loads(body)["error"]
         document["queue"]["checked_at_unix"] = time.time() - 2
-        assert http_get(server.address[1], "/monitoring")[0:3:2] == (200, b'{\n "waiting": 4\n}\n')
+        status, _, body = http_get(server.address[1], "/monitoring")
+        assert (status, json.loads(body)) == (200, {"waiting": 4})
     finally:
         server.stop()
 
@@ -361,7 +402,13 @@ def test_http_answers_unknown_paths_and_openmetrics(db, start_processor):
     assert status == 404 and "/monitoring" in json.loads(body)["endpoints"]
     status, content_type, body = http_get(port, "/metrics", accept="application/openmetrics-text; version=1.0.0")
     assert status == 200 and content_type.startswith("application/openmetrics-text") and body.endswith(b"# EOF\n")
+    posted = urllib.request.Request(f"http://127.0.0.1:{port}/healthz", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(posted, timeout=10)
+    assert (refused.value.code, refused.value.headers["Allow"]) == (405, "GET")
+    assert "POST not allowed" in json.loads(refused.value.read())["error"]
     assert processor.stop() == 0
+    assert processor.status()["metrics_url"] is None  # stopped: nothing serves it any more
 
 
 def test_json_logs_and_no_password_anywhere(db, start_processor):
@@ -419,11 +466,23 @@ def test_reading_commands_never_create_a_schema_on_the_embedded_server(tmp_path)
     env = {"PROCQUEUE_EMBEDDED_DIR": str(tmp_path / "pgdata"), "DATABASE_URL": "", "PROCQUEUE_SCHEMA": "nosuch"}
     result = run_command("stats", env=env, timeout=90)
     assert result.returncode == 3, result.stderr
-    assert "the procqueue tables are not in this database schema" in result.stderr
+    assert "the procqueue tables are not in schema \"nosuch\" of this database" in result.stderr
     again = run_command("stats", env=env, timeout=90)
     assert again.returncode == 3  # still not there: the first read created nothing
     running = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "pgdata") in " ".join(p.info["cmdline"] or [])]
     assert running == []  # the embedded server stopped with the last command that used it
+
+
+def test_a_processor_that_cannot_start_leaves_a_stopped_status_file(start_processor):
+    # A probe or script reading the file must not see a "starting" processor that is gone.
+    unreachable = "postgresql://procqueue:hunter2@127.0.0.1:1/nowhere?connect_timeout=2"
+    failed = start_processor("--numthreads", "1", extra_env={"DATABASE_URL": unreachable})
+    assert failed.proc.wait(timeout=60) != 0
+    document = json.loads(failed.status_path.read_text())
+    assert (document["state"], document["pid"]) == ("stopped", failed.pid)
+    assert "hunter2" not in failed.status_path.read_text() + failed.log()
+    result = run_command("health", "--status-file", str(failed.status_path))
+    assert result.returncode == 1 and "stopped" in result.stderr
 
 
 def test_a_port_in_use_is_a_one_line_start_up_error(db, start_processor):

@@ -9,7 +9,8 @@ import time
 import pytest
 
 from procqueue.errors import ConfigError
-from procqueue.status import StatusFile
+from procqueue.heartbeat import WorkerState, allocate_slots
+from procqueue.status import StatusFile, SupervisorFacts, render_text, worker_entry
 
 WRITES = 20000
 
@@ -83,3 +84,21 @@ def test_a_file_another_live_processor_writes_is_refused(tmp_path):
                                 "hostname": socket.gethostname(), "updated_at_unix": time.time()}))
     StatusFile(path).prepare()
     assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_a_slot_is_shown_starting_from_the_fork_and_empty_with_its_vacancy_since_the_exit():
+    slots = allocate_slots(3)
+    slots[0].pid, slots[0].state, slots[0].heartbeat = 501, int(WorkerState.IDLE), 99.5
+    slots[2].heartbeat = 40.0  # a stale beat of the slot's last tenant, not a vacancy
+    facts = SupervisorFacts(state="running", database_up=True, queue_stats=None, restarts={},
+                            restarts_by_slot={2: 6}, pids_by_slot={0: 501, 1: 502},
+                            vacant_since_by_slot={2: 97.0}, failed_starts_by_slot={2: 5})
+    entries = [worker_entry(index, slot, facts, now=100.0, grace=20.0) for index, slot in enumerate(slots)]
+    picked = [(e["pid"], e["state"], e["heartbeat_age_seconds"], e["vacant_seconds"], e["failed_starts"],
+               e["restarts"]) for e in entries]
+    assert picked == [(501, "idle", 0.5, None, 0, 0),
+                      (502, "starting", None, None, 0, 0),  # forked, not yet in its slot
+                      (None, "empty", None, 3.0, 5, 6)]
+    shown = render_text({"version": 1, "state": "running", "workers": entries}, now=100.0)
+    assert "FAILING slot 2: 5 workers in a row died while starting" in shown.splitlines()
+
