@@ -99,13 +99,17 @@ class SlotWriter:
 def stuck_reason(slot: WorkerSlot, now: float, grace_seconds: float) -> Optional[Tuple[RunOutcome, str]]:
     """Why the worker in `slot` counts as stuck, and what its task's run is then recorded
     as; None when it is fine. The rule is health.stuck_reason, shared with the probe."""
-    if slot.pid == 0 or slot.state == WorkerState.EMPTY:
+    # Each field is read once: the worker writes them meanwhile. Read twice, a deadline
+    # seen set and then read again as the 0.0 of a task that just ended made the worker
+    # look its whole uptime overdue, and it was killed as stuck.
+    pid, state, heartbeat, deadline = slot.pid, slot.state, slot.heartbeat, slot.task_deadline
+    if pid == 0 or state == WorkerState.EMPTY:
         return None
-    busy = slot.state == WorkerState.BUSY
+    busy = state == WorkerState.BUSY
     reason = health.stuck_reason(
         busy=busy,
-        silent_seconds=now - slot.heartbeat if slot.heartbeat else 0.0,
-        overdue_seconds=now - slot.task_deadline if busy and slot.task_deadline else 0.0,
+        silent_seconds=now - heartbeat if heartbeat else 0.0,
+        overdue_seconds=now - deadline if busy and deadline else 0.0,
         task_id=slot.task_id,
         grace_seconds=grace_seconds,
     )

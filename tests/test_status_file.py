@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -9,7 +10,7 @@ import time
 import pytest
 
 from procqueue.errors import ConfigError
-from procqueue.heartbeat import WorkerState, allocate_slots
+from procqueue.heartbeat import SlotWriter, WorkerState, allocate_slots, stuck_reason
 from procqueue.status import StatusFile, SupervisorFacts, render_text, worker_entry
 
 WRITES = 20000
@@ -102,3 +103,31 @@ def test_a_slot_is_shown_starting_from_the_fork_and_empty_with_its_vacancy_since
     shown = render_text({"version": 1, "state": "running", "workers": entries}, now=100.0)
     assert "FAILING slot 2: 5 workers in a row died while starting" in shown.splitlines()
 
+
+def test_a_worker_between_tasks_is_never_judged_stuck_while_it_writes_its_slot():
+    # A worker (forked, as for real) starts and ends tasks as fast as it can while the
+    # supervisor's rule reads the same shared slot. No task here runs past its deadline,
+    # so no verdict may say stuck, whatever instant the reads land on.
+    slots = allocate_slots(1)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            board = SlotWriter(slots[0], os.getpid())
+            n, until = 0, time.monotonic() + 1.5
+            while time.monotonic() < until:
+                n += 1
+                board.task_started(n, 60.0, "sample.noop")
+                board.task_finished(failed=False)
+        finally:
+            os._exit(0)
+    verdicts = 0
+    try:
+        while os.waitpid(pid, os.WNOHANG) == (0, 0):
+            verdict = stuck_reason(slots[0], time.monotonic(), 20.0)
+            assert verdict is None, verdict
+            verdicts += 1
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+    assert verdicts > 1000
