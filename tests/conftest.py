@@ -28,6 +28,7 @@ from procqueue.migrations import migrate  # noqa: E402
 from helpers import ProcessorProcess, kill_session_leftovers  # noqa: E402
 
 SCHEMA = "procqueue"
+LOG_TAIL_LINES = 80
 
 
 def _with_database(url: str, dbname: str) -> str:
@@ -142,9 +143,19 @@ def throwaway_tasks():
     registry.unregister(set(registry.registered_names()) - before)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keeps each phase's report on the test item, so fixtures can tell a failed test."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
 @pytest.fixture
-def start_processor(database_url, tmp_path):
-    """Start real `run-task-processor` processes; all are killed at the end of the test."""
+def start_processor(database_url, tmp_path, request):
+    """Start real `run-task-processor` processes; all are killed at the end of the test.
+    When the test failed, the end of each processor's log goes into the failure report:
+    a failure seen only on CI is otherwise a guess."""
     started = []
 
     def start(*args: str, extra_env=None) -> ProcessorProcess:
@@ -156,3 +167,10 @@ def start_processor(database_url, tmp_path):
     yield start
     for process in started:
         process.kill()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for process in started:
+            lines = process.log_path.read_text(errors="replace").splitlines()
+            request.node.add_report_section(
+                "teardown", f"log of {process.log_path.name} (last {min(len(lines), LOG_TAIL_LINES)} lines)",
+                "\n".join(lines[-LOG_TAIL_LINES:]))

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, TypeVar
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, TypeVar, Union
 
 REPO = Path(__file__).resolve().parent.parent
 # Every process a test run starts carries this in its environment, so whatever survives
@@ -24,15 +24,18 @@ TESTS = Path(__file__).resolve().parent
 T = TypeVar("T")
 
 
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, message: str = "") -> T:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02,
+               message: Union[str, Callable[[], str]] = "") -> T:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds.
+    `message` may be a callable, asked at the deadline for what was last seen."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {message or predicate}")
+            said = message() if callable(message) else message
+            raise AssertionError(f"timed out after {timeout}s waiting for {said or predicate}")
         time.sleep(interval)
 
 

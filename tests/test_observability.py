@@ -84,13 +84,17 @@ def test_metrics_follow_tasks_that_succeed_fail_time_out_and_die_with_their_work
     expected = {("sample.noop", "succeeded"): 5, ("sample.fail", "retried"): 1, ("sample.fail", "failed"): 1,
                 ("sample.busy_loop", "timed_out"): 1, ("sample.wedged", "timed_out"): 1}
 
+    seen = {}
+
     def all_counted():
         samples = watch.scrape()
-        counted = all(finished(samples, *key) == n for key, n in expected.items())
+        seen.update({key: finished(samples, *key) for key in expected})
         # Restarts come from the status document, refreshed as the supervisor acts.
-        return samples if counted and sample(samples, "procqueue_worker_restarts_total", reason="stuck") == 1 else None
+        seen["restarts stuck"] = sample(samples, "procqueue_worker_restarts_total", reason="stuck")
+        return samples if seen == {**expected, "restarts stuck": 1} else None
 
-    samples = wait_until(all_counted, timeout=30, interval=0.1, message="outcomes and restart counted")
+    samples = wait_until(all_counted, timeout=30, interval=0.1,
+                         message=lambda: f"outcomes and restart counted: expected {expected} and 1 stuck, saw {seen}")
     duration_count = "procqueue_task_duration_seconds_count"
     assert sample(samples, duration_count, task_identifier="sample.noop", task_type="standard", result="succeeded") == 5
     assert sample(samples, "procqueue_task_pickup_latency_seconds_count", task_identifier="sample.noop",
