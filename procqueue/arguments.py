@@ -6,8 +6,9 @@ task's fixed arguments) with a TypeError naming the argument, never later in a w
 
 from __future__ import annotations
 
+import inspect
 import json
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 from .errors import TaskError
 
@@ -41,6 +42,35 @@ def serialise_arguments(
     for key, value in kwargs.items():
         require_json(task_name, f"kwargs[{key!r}]", value)
     return json.dumps(list(args), allow_nan=False), json.dumps(dict(kwargs), allow_nan=False)
+
+
+def signature_of(func: Callable[..., Any]) -> Optional[inspect.Signature]:
+    """The function's signature, or None when Python cannot tell it (some builtins)."""
+    try:
+        return inspect.signature(func)
+    except (TypeError, ValueError):
+        return None
+
+
+def require_fitting(task_name: str, signature: Optional[inspect.Signature], args: Sequence[Any],
+                    kwargs: Optional[Mapping[str, Any]]) -> None:
+    """Refuse arguments the function cannot be called with, as Celery does at apply time:
+    enqueued, they would fail every attempt in a worker, far from the mistake."""
+    if signature is None:
+        return
+    try:
+        signature.bind(*args, **(kwargs or {}))
+    except TypeError as exc:
+        raise TaskArgumentError(f"task {task_name}: args {short_repr(list(args))} and kwargs "
+                                f"{short_repr(dict(kwargs or {}))} do not fit its parameters "
+                                f"{_parameters(signature)}: {exc}") from None
+
+
+def _parameters(signature: inspect.Signature) -> str:
+    """`(name, punctuation='!')`: annotations left out, which under `from __future__
+    import annotations` are strings and would print quoted."""
+    plain = [p.replace(annotation=inspect.Parameter.empty) for p in signature.parameters.values()]
+    return str(signature.replace(parameters=plain, return_annotation=inspect.Signature.empty))
 
 
 def require_json(task_name: str, label: str, value: Any) -> None:

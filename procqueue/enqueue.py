@@ -18,7 +18,6 @@ from .errors import DatabaseError, TaskError
 from .logs import log_event
 from .metrics import ENQUEUED
 from .queries import EnqueueRow, Queries
-from .arguments import serialise_arguments
 from .registry import TaskCall, validated_priority
 
 logger = logging.getLogger("procqueue.enqueue")
@@ -88,7 +87,7 @@ def _start_thread(call: TaskCall, args: List[Any], kwargs: Mapping[str, Any]) ->
 
 def _enqueue_row(call: TaskCall) -> EnqueueRow:
     handler = call.handler
-    args_json, kwargs_json = serialise_arguments(handler.task_name, call.args, call.kwargs)
+    args_json, kwargs_json = handler.serialise(call.args, call.kwargs)
     priority = handler.priority if call.priority is None else validated_priority(handler.task_name, call.priority)
     if call.delay_until is not None and (not isinstance(call.delay_until, datetime) or call.delay_until.tzinfo is None):
         raise TaskError(f"task {handler.task_name}: delay_until must be a timezone-aware datetime, got {call.delay_until!r}")
@@ -107,7 +106,7 @@ def _enqueue_row(call: TaskCall) -> EnqueueRow:
 
 def _json_round_trip(call: TaskCall):
     """The arguments exactly as a processor would receive them (tuples become lists...)."""
-    args_json, kwargs_json = serialise_arguments(call.handler.task_name, call.args, call.kwargs)
+    args_json, kwargs_json = call.handler.serialise(call.args, call.kwargs)
     return json.loads(args_json), json.loads(kwargs_json)
 
 

@@ -10,9 +10,9 @@ import functools
 import threading
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta, timezone
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .arguments import serialise_arguments
+from .arguments import require_fitting, serialise_arguments, signature_of
 from .errors import TaskError
 from .records import TaskPriority
 
@@ -72,6 +72,7 @@ class TaskHandler:
         self.max_attempts = max_attempts
         self.queue = queue
         self.retry_backoff = retry_backoff
+        self.signature = signature_of(func)  # worked out once: checked at every .delay()
         functools.update_wrapper(self, func)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -79,6 +80,13 @@ class TaskHandler:
 
     def __repr__(self) -> str:
         return f"<TaskHandler {self.task_name}>"
+
+    def serialise(self, args: Sequence[Any], kwargs: Optional[Mapping[str, Any]]) -> Tuple[str, str]:
+        """The arguments as JSON, once they are known to fit the function; else a TypeError
+        (TaskArgumentError) naming what is wrong, before anything is written."""
+        args_json, kwargs_json = serialise_arguments(self.task_name, args, kwargs)
+        require_fitting(self.task_name, self.signature, args, kwargs)
+        return args_json, kwargs_json
 
     def call(
         self,
@@ -189,7 +197,6 @@ def register_recurring_task(
         name = task_name or default_task_name(func)
         if not isinstance(run_every, timedelta) or run_every <= timedelta(0):
             raise TaskError(f"recurring task {name}: run_every must be a positive timedelta, got {run_every!r}")
-        args_json, kwargs_json = serialise_arguments(name, args, kwargs)
         handler = TaskHandler(
             func,
             task_name=name,
@@ -200,6 +207,7 @@ def register_recurring_task(
             queue=DEFAULT_QUEUE,
             retry_backoff=DEFAULT_RETRY_BACKOFF,
         )
+        args_json, kwargs_json = handler.serialise(args, kwargs)
         _register(handler)
         _recurring[name] = RecurringSchedule(
             name, run_every, _anchor(name, first_run_time), handler.timeout, args_json, kwargs_json

@@ -82,6 +82,32 @@ def test_non_json_argument_fails_before_anything_is_written(db):
     assert count_tasks(db) == 0
 
 
+def test_arguments_that_do_not_fit_the_function_fail_before_anything_is_written(db):
+    # As Celery checks at apply time: enqueued, they would fail every attempt in a worker.
+    with pytest.raises(TypeError, match=r"^task test_enqueue.greet: args \['ada', '\?', 'extra'\] and kwargs \{\} "
+                                        r"do not fit its parameters \(name, punctuation='!'\): too many positional"):
+        greet.delay(args=("ada", "?", "extra"))
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'shout'"):
+        greet.delay(args=("ada",), kwargs={"shout": True})
+    with pytest.raises(TypeError, match=r"missing a required argument: 'name'"):
+        procqueue.enqueue_many([greet.call(args=("ok",)), greet.call()])  # all or nothing
+    assert count_tasks(db) == 0
+    assert greet.delay(kwargs={"name": "ada", "punctuation": "?"})
+
+
+def test_arguments_that_do_not_fit_never_run_synchronously_either(db, throwaway_tasks):
+    ran = []
+
+    @register_task_handler(task_name="test_enqueue.capture_fit")
+    def capture(value):
+        ran.append(value)
+
+    procqueue.configure(task_run_method=TaskRunMethod.SYNCHRONOUSLY)
+    with pytest.raises(TypeError, match="do not fit its parameters"):
+        procqueue.enqueue_many([capture.call(args=("ok",)), capture.call(args=(1, 2, 3))])
+    assert ran == [] and count_tasks(db) == 0
+
+
 def test_nul_character_anywhere_fails_before_anything_is_written(db):
     # jsonb cannot hold \u0000: caught here, naming where it is, not as a database error.
     with pytest.raises(procqueue.TaskArgumentError, match=r"argument args\[0\] = 'a\\x00b'.*NUL"):
@@ -338,6 +364,15 @@ def test_cli_enqueue_rejects_a_delay_that_is_not_a_sane_number_of_seconds(db, da
     assert count_tasks(db) == 0
 
 
+def test_cli_enqueue_refuses_arguments_that_do_not_fit_in_one_line(db, database_url):
+    result = enqueue_cli(database_url, "--args", '["x", "y", "z"]')
+    assert result.returncode == 4, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line == ("procqueue: error: task sample.record: args ['x', 'y', 'z'] and kwargs {} do not fit its "
+                    "parameters (key): too many positional arguments"), line
+    assert count_tasks(db) == 0
+
+
 def test_get_task_reads_json_back(db):
     task = procqueue.get_task(greet.delay(args=({"nested": [1, "two", None]},)))
     assert json.dumps(task.args) == '[{"nested": [1, "two", null]}]'
@@ -357,3 +392,12 @@ def test_recurring_task_arguments_must_be_json(throwaway_tasks):
     with pytest.raises(TypeError, match=r"argument kwargs\['when'\]"):
         register_recurring_task(run_every=timedelta(minutes=1), task_name="test_enqueue.bad_recurring",
                                 kwargs={"when": datetime.now()})(lambda when: None)
+
+
+def test_recurring_task_arguments_must_fit_the_function(throwaway_tasks):
+    from procqueue import register_recurring_task
+
+    with pytest.raises(TypeError, match=r"do not fit its parameters \(when\): missing a required argument: 'when'"):
+        register_recurring_task(run_every=timedelta(minutes=1), task_name="test_enqueue.unfit_recurring")(
+            lambda when: None)
+    assert "test_enqueue.unfit_recurring" not in procqueue.registry.registered_names()
