@@ -139,7 +139,8 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="How often an idle worker polls when no NOTIFY arrives. "
                           f"[env: TASK_PROCESSOR_SLEEP_INTERVAL_MS; default: {DEFAULT_SLEEP_INTERVAL_MS}]"),
         click.option("--graceperiodms", "grace_period_ms", type=int, default=None, metavar="MS",
-                     help="How long a worker may go without a heartbeat before it counts as stuck. "
+                     help="How long a worker between tasks may go without a heartbeat before it is killed "
+                          "as stuck (a running task is held to its own timeout instead). "
                           f"[env: TASK_PROCESSOR_GRACE_PERIOD_MS; default: {DEFAULT_GRACE_PERIOD_MS}]"),
         click.option("--queuepopsize", "queue_pop_size", type=int, default=None, metavar="N",
                      help="Tasks a worker claims per round trip. "

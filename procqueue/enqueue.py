@@ -151,5 +151,8 @@ def _insert_on_own_connection(queries: Queries, rows: List[EnqueueRow]) -> List[
 
 
 def _schema_missing(schema: str) -> DatabaseError:
-    return DatabaseError(f"the procqueue schema {schema!r} is not in this database: run `procqueue migrate`")
+    # Worded as the CLI's reading commands word it: one mistake, one message.
+    return DatabaseError(f'the procqueue tables are not in schema "{schema}" of this database: is the schema '
+                         "name right (PROCQUEUE_SCHEMA, --schema, procqueue.configure(schema=...))? "
+                         "If so, run `procqueue migrate`")
 

