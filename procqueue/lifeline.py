@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import threading
 from typing import Callable
+
+from .threads import start_deaf
 
 
 class Lifeline:
@@ -49,12 +50,5 @@ def watch(read_fd: int, on_supervisor_gone: Callable[[], None]) -> threading.Thr
         on_supervisor_gone()
 
     thread = threading.Thread(target=wait_for_end_of_file, name="procqueue-lifeline", daemon=True)
-    # Signals must keep going to the main thread alone: a task that blocks one there (as
-    # C libraries do) would otherwise have it delivered here instead. A thread inherits
-    # its creator's signal mask, so it is born with all of them blocked.
-    unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
-    try:
-        thread.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+    start_deaf(thread)
     return thread

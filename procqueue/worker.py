@@ -7,6 +7,7 @@ process exit belong to the supervisor; this module never calls `os.fork` or `os.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import logging
 import os
@@ -25,6 +26,7 @@ from .config import ProcessorConfig
 from .db import Connection, connect, first_line, is_connection_error
 from .errors import DatabaseError
 from .execution import SupervisorGoneError, execute, soft_timeout
+from .flusher import FlushDuringTasks
 from .heartbeat import SlotWriter, WorkerState
 from .logs import log_event
 from .metrics import TaskMetrics, result_label
@@ -35,7 +37,8 @@ from .records import ClaimedTask, RunOutcome, TaskOutcome, TaskState
 logger = logging.getLogger("procqueue.worker")
 
 # Outcomes are written in batches, but never held longer than this while a batch of slow
-# tasks runs: a crash loses at most this much bookkeeping, and the run history stays fresh.
+# tasks runs (in the worker process, FlushDuringTasks records them during a long task): a
+# crash loses at most this much bookkeeping, and the run history stays fresh.
 FLUSH_AFTER_SECONDS = 0.2
 # A worker checks for due recurring schedules when the earliest is due, but at least this
 # often (another processor may have registered an earlier one) and at most this often
@@ -85,6 +88,7 @@ class Worker:
         self.orphaned_at: Optional[float] = None
         self.orphan_logged = False
         self.metrics = TaskMetrics()
+        self.flusher: Optional[FlushDuringTasks] = None  # started in the worker process
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -160,6 +164,11 @@ class Worker:
             self.conn.close()
         self.conn = None
 
+    def flush_during_tasks(self) -> None:
+        """Record finished outcomes from a thread while a later task runs (see flusher)."""
+        self.flusher = FlushDuringTasks(self, FLUSH_AFTER_SECONDS)
+        self.flusher.start()
+
     # -- one iteration -----------------------------------------------------------------
 
     def step(self) -> int:
@@ -203,7 +212,8 @@ class Worker:
 
     def run_one(self, task: ClaimedTask) -> TaskOutcome:
         self.board.task_started(task.id, task.timeout_seconds, task.task_name)
-        outcome = execute(task)
+        with self.flusher.connection_lent() if self.flusher is not None else contextlib.nullcontext():
+            outcome = execute(task)
         self.board.task_finished(failed=outcome.outcome is not RunOutcome.SUCCEEDED)
         self.board.set_state(WorkerState.IDLE)
         self.tasks_run += 1

@@ -58,6 +58,7 @@ def run_worker_process(worker: Worker, *, lifeline_fd: int) -> int:
     except (DatabaseError, psycopg2.Error) as exc:  # connecting, or LISTEN on the new connection
         log_event(logger, logging.ERROR, "worker.boot_failed", worker=worker.index, error=first_line(exc))
         return WORKER_BOOT_ERROR
+    worker.flush_during_tasks()
     worker.loop()
     return WORKER_RECYCLED if worker.recycle_reason else 0
 

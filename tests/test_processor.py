@@ -119,6 +119,23 @@ def test_worker_killed_mid_task_is_replaced_and_its_task_retried(db, start_proce
     assert processor.stop() == 0
 
 
+def test_a_batch_records_its_finished_tasks_while_a_later_one_still_runs(db, start_processor):
+    # Claimed in one batch: the quick task's outcome must not wait for the slow one, or a
+    # worker killed during the slow task would have the quick one run again.
+    quick_id, slow_id = procqueue.enqueue_many([sample_tasks.record_task.call(args=("quick",)),
+                                                sample_tasks.sleep.call(args=(60,))])
+    processor = start_processor("--numthreads", "1", "--queuepopsize", "10")
+    pid = processor.wait_until_started(slow_id)
+    wait_until(lambda: procqueue.get_task(quick_id).state is TaskState.SUCCEEDED, timeout=5,
+               message="the quick task recorded while the slow one runs")
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: [r.outcome.value for r in procqueue.get_task_runs(slow_id)] == ["lost"], timeout=15,
+               message="the slow task's run recorded as lost")
+    assert procqueue.get_task(quick_id).state is TaskState.SUCCEEDED
+    assert [r.outcome.value for r in procqueue.get_task_runs(quick_id)] == ["succeeded"]
+    assert execution_count(db, "quick") == 1
+
+
 def test_sigterm_lets_the_running_task_finish_then_exits_zero(db, start_processor):
     processor = start_processor("--numthreads", "1")
     processor.wait_for_log("event=worker.started")
