@@ -16,6 +16,7 @@ import ctypes
 import enum
 import multiprocessing
 import time
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from . import health
@@ -96,27 +97,55 @@ class SlotWriter:
                 self.slot.tasks_failed += 1
 
 
-def stuck_reason(slot: WorkerSlot, now: float, grace_seconds: float) -> Optional[Tuple[RunOutcome, str]]:
-    """Why the worker in `slot` counts as stuck, and what its task's run is then recorded
-    as; None when it is fine. The rule is health.stuck_reason, shared with the probe."""
-    # Each field is read once: the worker writes them meanwhile. Read twice, a deadline
-    # seen set and then read again as the 0.0 of a task that just ended made the worker
-    # look its whole uptime overdue, and it was killed as stuck.
-    pid, state, heartbeat, deadline = slot.pid, slot.state, slot.heartbeat, slot.task_deadline
-    if pid == 0 or state == WorkerState.EMPTY:
+@dataclass(frozen=True)
+class SlotView:
+    """One consistent reading of a slot its worker may be writing meanwhile."""
+
+    pid: int
+    state: int
+    heartbeat: float
+    task_id: int
+    task_started: float
+    task_deadline: float
+    task_name: str
+    whole: bool = True  # False: it changed under every reading (see read_slot)
+
+
+# Reads that straddle a worker's writes are retried; its writes are a handful of stores,
+# once per task, so a second reading nearly always comes out whole.
+READ_ATTEMPTS = 20
+
+
+def read_slot(slot: WorkerSlot) -> SlotView:
+    """The slot's fields as one view: the task fields all of one task (its id read before
+    and after them), and no busy state without them (a task ending between the reads).
+    Decisions must come from one view: read field by field, a deadline read as set and
+    then as the 0.0 of a task that just ended made a worker look its whole uptime overdue."""
+    for _ in range(READ_ATTEMPTS):
+        task_id = slot.task_id
+        view = SlotView(slot.pid, slot.state, slot.heartbeat, task_id, slot.task_started, slot.task_deadline,
+                        slot.task_name.decode("utf-8", "replace"))
+        whole_task = view.state != WorkerState.BUSY or (task_id and view.task_started and view.task_deadline)
+        if whole_task and slot.task_id == task_id:
+            return view
+    # A slot that changed under every reading belongs to a worker that is getting through
+    # tasks: nothing in it is judged or shown as a task.
+    return replace(view, whole=False)
+
+
+def stuck_reason(view: SlotView, now: float, grace_seconds: float) -> Optional[Tuple[RunOutcome, str]]:
+    """Why the worker seen in `view` counts as stuck, and what its task's run is then
+    recorded as; None when it is fine. The rule is health.stuck_reason, shared with the probe."""
+    if view.pid == 0 or view.state == WorkerState.EMPTY or not view.whole:
         return None
-    busy = state == WorkerState.BUSY
+    busy = view.state == WorkerState.BUSY
     reason = health.stuck_reason(
         busy=busy,
-        silent_seconds=now - heartbeat if heartbeat else 0.0,
-        overdue_seconds=now - deadline if busy and deadline else 0.0,
-        task_id=slot.task_id,
+        silent_seconds=now - view.heartbeat if view.heartbeat else 0.0,
+        overdue_seconds=now - view.task_deadline if busy and view.task_deadline else 0.0,
+        task_id=view.task_id,
         grace_seconds=grace_seconds,
     )
     if reason is None:
         return None
     return (RunOutcome.TIMED_OUT if busy else RunOutcome.LOST), f"{reason}; worker killed"
-
-
-def slot_task_name(slot: WorkerSlot) -> str:
-    return slot.task_name.decode("utf-8", "replace") or "-"

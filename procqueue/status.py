@@ -21,7 +21,7 @@ from typing import Dict, List, Mapping, Optional
 from .config import ProcessorConfig
 from .errors import ConfigError
 from .health import DEFAULT_MAX_AGE_SECONDS, STATUS_VERSION, StatusError, load_status, supervisor_alive
-from .heartbeat import WorkerSlot, WorkerState, slot_task_name, stuck_reason
+from .heartbeat import WorkerSlot, WorkerState, read_slot, stuck_reason
 from .records import QueueStats
 
 
@@ -76,20 +76,19 @@ class StatusReport:
 
 
 def worker_entry(index: int, slot: WorkerSlot, facts: SupervisorFacts, *, now: float, grace: float) -> dict:
-    # Read each field once: the worker writes its slot while this runs, and a task shown
-    # must be the one whose id, start and deadline were read together (a worker sets the
-    # state last when a task starts and first when it ends).
-    state, pid, heartbeat = slot.state, slot.pid, slot.heartbeat
+    # One view of the slot, which the worker writes while this runs: the task shown, its
+    # state and the stuck verdict all come from the same reading.
+    view = read_slot(slot)
+    state, pid, heartbeat = view.state, view.pid, view.heartbeat
     forked_pid = facts.pids_by_slot.get(index)
     if not pid and forked_pid:  # forked, but not yet as far as writing its slot
         state, pid = WorkerState.STARTING, forked_pid
-    task_id, started, deadline = slot.task_id, slot.task_started, slot.task_deadline
-    busy = state == WorkerState.BUSY and task_id and started and deadline
     task = None
-    if busy:
-        task = {"id": task_id, "name": slot_task_name(slot), "running_seconds": round(now - started, 3),
-                "timeout_seconds": round(deadline - started, 3)}
-    verdict = stuck_reason(slot, now, grace) if pid else None
+    if state == WorkerState.BUSY and view.task_id and view.whole:
+        task = {"id": view.task_id, "name": view.task_name or "-",
+                "running_seconds": round(max(now - view.task_started, 0.0), 3),
+                "timeout_seconds": round(view.task_deadline - view.task_started, 3)}
+    verdict = stuck_reason(view, now, grace) if view.pid else None
     vacant_since = facts.vacant_since_by_slot.get(index)
     return {
         "slot": index,

@@ -27,7 +27,7 @@ from .config import ProcessorConfig
 from .db import bound_every_wait
 from .errors import ProcqueueError
 from .health import FAILED_STARTS_LIMIT
-from .heartbeat import WorkerState, allocate_slots, slot_task_name, stuck_reason
+from .heartbeat import WorkerState, allocate_slots, read_slot, stuck_reason
 from .lifeline import Lifeline
 from .process_tree import begin_kill, finish_kill
 from .logs import log_event
@@ -61,6 +61,7 @@ class WorkerProcess:
     kill_reason: Optional[str] = None  # set when the supervisor killed it on purpose
     kill_outcome: RunOutcome = RunOutcome.LOST
     kill_at: float = 0.0  # when SIGTERM gives way to SIGKILL
+    kill_task_id: int = 0  # the task it was judged on (0: judged idle)
     tree: Optional[list] = None  # the processes being killed, until SIGKILL is sent
     reached_loop: bool = False  # it got as far as its loop: a later death is no boot failure
     done_at_spawn: int = 0  # the slot's tasks_done counter (kept across tenants) at fork
@@ -346,15 +347,20 @@ class Supervisor:
         slot = self.slots[worker.index]
         if slot.state in (WorkerState.IDLE, WorkerState.BUSY) or slot.tasks_done > worker.done_at_spawn:
             self.mark_reached_loop(worker)
-        in_flight = slot.task_id or None
+        in_flight = read_slot(slot).task_id or None
         cause = worker.kill_reason or describe_exit(worker.index, status)
+        outcome = worker.kill_outcome
         if self.stopping and worker.kill_reason is None and not os.WIFEXITED(status):
             cause = f"killed at shutdown: still running after --shutdown-timeout ({cause})"
         expected = self.stopping and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         # A task killed only because the processor is shutting down did nothing wrong: it
         # goes back without losing an attempt.
         charge = not (self.stopping and worker.kill_reason is None)
-        self.chores.release(Release(worker.index, in_flight, cause, worker.kill_outcome, charge))
+        if worker.kill_task_id and in_flight not in (None, worker.kill_task_id):
+            # Nor did one the worker started in the instant between the verdict and SIGKILL.
+            cause = f"worker {worker.index} killed as stuck on task {worker.kill_task_id} as this one started"
+            outcome, charge = RunOutcome.LOST, False
+        self.chores.release(Release(worker.index, in_flight, cause, outcome, charge))
         self.chores.run(stopping=self.stopping)
         slot.pid, slot.state, slot.task_id, slot.task_deadline = 0, int(WorkerState.EMPTY), 0, 0.0
         self.vacant_since[worker.index] = self.clock()
@@ -419,22 +425,34 @@ class Supervisor:
         now = self.clock()
         grace = self.config.grace_period_ms / 1000
         for worker in self.workers.values():
+            view = read_slot(self.slots[worker.index])
             if worker.kill_reason is not None:
                 if worker.tree is not None and now >= worker.kill_at:
+                    if worker.kill_task_id and view.task_id != worker.kill_task_id:
+                        self.spare(worker, view.task_id)
+                        continue
                     finish_kill(worker.pid, worker.tree)
                     worker.tree = None
                 continue
-            verdict = stuck_reason(self.slots[worker.index], now, grace)
+            verdict = stuck_reason(view, now, grace)
             if verdict is not None:
-                self.begin_murder(worker, *verdict)
+                self.begin_murder(worker, view, *verdict)
 
-    def begin_murder(self, worker: WorkerProcess, outcome: RunOutcome, reason: str) -> None:
-        slot = self.slots[worker.index]
-        worker.kill_outcome, worker.kill_reason = outcome, reason
+    def begin_murder(self, worker: WorkerProcess, view, outcome: RunOutcome, reason: str) -> None:
+        worker.kill_outcome, worker.kill_reason, worker.kill_task_id = outcome, reason, view.task_id
         log_event(logger, logging.ERROR, "worker.stuck", worker=worker.index, pid=worker.pid,
-                  task_id=slot.task_id or "-", task=slot_task_name(slot), reason=reason)
+                  task_id=view.task_id or "-", task=view.task_name or "-", reason=reason)
         worker.tree = begin_kill(worker.pid)
         worker.kill_at = self.clock() + KILL_GRACE_SECONDS
+
+    def spare(self, worker: WorkerProcess, now_running: int) -> None:
+        """The overdue task ended (the stack dump's signal can cut a C call short) before
+        SIGKILL was due: the worker has moved on and is not stuck any more. Killed now, it
+        would take a task that did nothing wrong with it."""
+        log_event(logger, logging.WARNING, "worker.recovered", worker=worker.index, pid=worker.pid,
+                  task_id=worker.kill_task_id, now_running=now_running or "-")
+        worker.kill_reason, worker.kill_outcome, worker.kill_task_id = None, RunOutcome.LOST, 0
+        worker.tree = None
 
     def kill_all_workers(self) -> None:
         for worker in self.workers.values():

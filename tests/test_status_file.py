@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -10,7 +9,8 @@ import time
 import pytest
 
 from procqueue.errors import ConfigError
-from procqueue.heartbeat import SlotWriter, WorkerState, allocate_slots, stuck_reason
+from procqueue.health import worker_problem
+from procqueue.heartbeat import SlotWriter, WorkerState, allocate_slots, read_slot, stuck_reason
 from procqueue.status import StatusFile, SupervisorFacts, render_text, worker_entry
 
 WRITES = 20000
@@ -104,10 +104,12 @@ def test_a_slot_is_shown_starting_from_the_fork_and_empty_with_its_vacancy_since
     assert "FAILING slot 2: 5 workers in a row died while starting" in shown.splitlines()
 
 
-def test_a_worker_between_tasks_is_never_judged_stuck_while_it_writes_its_slot():
+def test_a_worker_between_tasks_is_seen_whole_and_never_judged_stuck_while_it_writes_its_slot():
     # A worker (forked, as for real) starts and ends tasks as fast as it can while the
-    # supervisor's rule reads the same shared slot. No task here runs past its deadline,
-    # so no verdict may say stuck, whatever instant the reads land on.
+    # supervisor reads the same shared slot. No task runs past its deadline, so no verdict
+    # may say stuck, and the status document must never show a busy worker without its
+    # task, nor one task's id with another's name or timeout, whatever instant the reads
+    # land on.
     slots = allocate_slots(1)
     pid = os.fork()
     if pid == 0:
@@ -116,18 +118,27 @@ def test_a_worker_between_tasks_is_never_judged_stuck_while_it_writes_its_slot()
             n, until = 0, time.monotonic() + 1.5
             while time.monotonic() < until:
                 n += 1
-                board.task_started(n, 60.0, "sample.noop")
+                board.task_started(n, 60.0 + n % 7, f"task-{n}")
                 board.task_finished(failed=False)
         finally:
             os._exit(0)
-    verdicts = 0
+    facts = SupervisorFacts(state="running", database_up=True, queue_stats=None, restarts={}, restarts_by_slot={})
+    reads = busy_seen = 0
     try:
         while os.waitpid(pid, os.WNOHANG) == (0, 0):
-            verdict = stuck_reason(slots[0], time.monotonic(), 20.0)
-            assert verdict is None, verdict
-            verdicts += 1
+            now = time.monotonic()
+            assert stuck_reason(read_slot(slots[0]), now, 20.0) is None
+            entry = worker_entry(0, slots[0], facts, now=now, grace=20.0)
+            assert entry["stuck"] is None and worker_problem(entry, 0.0, 20.0) is None, entry
+            task = entry["task"]
+            if task is not None:
+                assert entry["state"] == "busy" and task["name"] == f"task-{task['id']}", entry
+                assert task["timeout_seconds"] == pytest.approx(60.0 + task["id"] % 7, abs=0.01), entry
+                busy_seen += 1
+            reads += 1
+        pid = 0  # reaped by the loop: never signal a number the system may have reused
     finally:
-        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+        if pid:
             os.kill(pid, 9)
             os.waitpid(pid, 0)
-    assert verdicts > 1000
+    assert reads > 1000 and busy_seen > 0
