@@ -150,3 +150,14 @@ def long(seconds: float, key: str) -> None:
     while time.monotonic() < deadline:
         time.sleep(0.05)
     record(f"{key}:end")
+
+
+@register_task_handler(task_name="sample.overrun_until_dumped", timeout=timedelta(seconds=1), max_attempts=1)
+def overrun_until_dumped() -> None:
+    """Overruns its timeout with the worker's alarm blocked, and returns the moment the
+    supervisor's stack-dump signal arrives: a C call cut short by a signal looks like this."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGUSR1})
+    signal.sigtimedwait({signal.SIGUSR1}, 60)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGALRM})

@@ -136,6 +136,23 @@ def test_a_batch_records_its_finished_tasks_while_a_later_one_still_runs(db, sta
     assert execution_count(db, "quick") == 1
 
 
+def test_a_worker_whose_overdue_task_ends_before_the_kill_is_spared_with_its_next_task(db, start_processor):
+    # The supervisor judges the first task stuck and signals for a stack dump, which
+    # ends that task; by the time SIGKILL is due the worker runs the next task of its
+    # batch, which did nothing wrong and must not be killed or charged.
+    overrun_id, next_id = procqueue.enqueue_many([sample_tasks.overrun_until_dumped.call(),
+                                                  sample_tasks.sleep_then_record.call(args=(2, "next"))])
+    processor = start_processor("--numthreads", "1", "--queuepopsize", "10")
+    wait_until(lambda: procqueue.get_task(next_id).state is TaskState.SUCCEEDED, timeout=30, message="next task done")
+    assert [r.outcome.value for r in procqueue.get_task_runs(next_id)] == ["succeeded"]
+    assert procqueue.get_task(overrun_id).state is TaskState.FAILED
+    assert [r.outcome.value for r in procqueue.get_task_runs(overrun_id)] == ["timed_out"]
+    log = processor.log()
+    assert "event=worker.stuck" in log and "event=worker.recovered" in log and "event=worker.died" not in log
+    assert execution_count(db, "next") == 1
+    assert processor.stop() == 0
+
+
 def test_sigterm_lets_the_running_task_finish_then_exits_zero(db, start_processor):
     processor = start_processor("--numthreads", "1")
     processor.wait_for_log("event=worker.started")
