@@ -7,6 +7,7 @@ Either way the run creates its own database and drops it at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -165,12 +166,15 @@ def start_processor(database_url, tmp_path, request):
         return process
 
     yield start
-    for process in started:
-        process.kill()
-    report = getattr(request.node, "report_call", None)
-    if report is not None and report.failed:
-        for process in started:
-            lines = process.log_path.read_text(errors="replace").splitlines()
-            request.node.add_report_section(
-                "teardown", f"log of {process.log_path.name} (last {min(len(lines), LOG_TAIL_LINES)} lines)",
-                "\n".join(lines[-LOG_TAIL_LINES:]))
+    try:
+        with contextlib.ExitStack() as kills:  # every one is killed, even if one kill fails
+            for process in started:
+                kills.callback(process.kill)
+    finally:
+        report = getattr(request.node, "report_call", None)
+        if report is not None and report.failed:
+            for process in started:
+                lines = process.log_path.read_text(errors="replace").splitlines()
+                request.node.add_report_section(
+                    "teardown", f"log of {process.log_path.name} (last {min(len(lines), LOG_TAIL_LINES)} lines)",
+                    "\n".join(lines[-LOG_TAIL_LINES:]))

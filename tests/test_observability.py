@@ -100,7 +100,7 @@ def test_metrics_follow_tasks_that_succeed_fail_time_out_and_die_with_their_work
     assert sample(samples, "procqueue_task_pickup_latency_seconds_count", task_identifier="sample.noop",
                   queue="default") == 5
 
-    task_id = sample_tasks.sleep_then_record.delay(args=(2, "lost once"))
+    task_id = sample_tasks.sleep_then_record.delay(args=(5, "lost once"))
     os.kill(processor.wait_until_started(task_id), signal.SIGKILL)
 
     def retried():

@@ -106,7 +106,7 @@ def test_failing_task_shows_its_traceback_in_run_history(db, start_processor):
 
 def test_worker_killed_mid_task_is_replaced_and_its_task_retried(db, start_processor):
     processor = start_processor("--numthreads", "1")
-    task_id = sample_tasks.sleep_then_record.delay(args=(3, "survivor"))
+    task_id = sample_tasks.sleep_then_record.delay(args=(5, "survivor"))
     processor.wait_until_started(task_id)
     [worker] = psutil.Process(processor.pid).children()
     os.kill(worker.pid, signal.SIGKILL)
@@ -156,7 +156,7 @@ def test_a_worker_whose_overdue_task_ends_before_the_kill_is_spared_with_its_nex
 def test_sigterm_lets_the_running_task_finish_then_exits_zero(db, start_processor):
     processor = start_processor("--numthreads", "1")
     processor.wait_for_log("event=worker.started")
-    task_id = sample_tasks.sleep_then_record.delay(args=(2, "drained"))
+    task_id = sample_tasks.sleep_then_record.delay(args=(4, "drained"))
     processor.wait_until_started(task_id)
     assert processor.stop() == 0
     assert procqueue.get_task(task_id).state is TaskState.SUCCEEDED
@@ -437,7 +437,7 @@ def test_cli_enqueue_show_and_cancel(db, database_url):
 
 def test_workers_do_not_outlive_a_killed_supervisor(db, start_processor):
     processor = start_processor("--numthreads", "2", "--queuepopsize", "1")
-    task_id = sample_tasks.sleep_then_record.delay(args=(2, "orphaned"))
+    task_id = sample_tasks.sleep_then_record.delay(args=(4, "orphaned"))
     processor.wait_until_started(task_id)
     workers = psutil.Process(processor.pid).children()
     assert len(workers) == 2
