@@ -214,7 +214,10 @@ class Worker:
         self.board.task_started(task.id, task.timeout_seconds, task.task_name)
         with self.flusher.connection_lent() if self.flusher is not None else contextlib.nullcontext():
             outcome = execute(task)
-        self.board.task_finished(failed=outcome.outcome is not RunOutcome.SUCCEEDED)
+            # Shown as ended before the connection is taken back, which waits for a flush
+            # under way: a flush stalled on a lock must not leave a finished task showing
+            # as running to its deadline, to be killed and charged a timeout it never had.
+            self.board.task_finished(failed=outcome.outcome is not RunOutcome.SUCCEEDED)
         self.board.set_state(WorkerState.IDLE)
         self.tasks_run += 1
         self.record_metrics(task, outcome)

@@ -161,3 +161,8 @@ def overrun_until_dumped() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM, signal.SIGUSR1})
     signal.sigtimedwait({signal.SIGUSR1}, 60)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1, signal.SIGALRM})
+
+
+@register_task_handler(task_name="sample.sleep_within_4s", timeout=timedelta(seconds=4))
+def sleep_within_4s(seconds: float) -> None:
+    time.sleep(seconds)

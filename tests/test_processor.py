@@ -153,6 +153,29 @@ def test_a_worker_whose_overdue_task_ends_before_the_kill_is_spared_with_its_nex
     assert processor.stop() == 0
 
 
+def test_a_task_that_ends_while_its_batch_flush_is_stalled_is_not_charged_a_timeout(db, database_url,
+                                                                                     start_processor):
+    # The helper thread's flush waits on a lock held elsewhere; the slow task ends within
+    # its 4 s timeout meanwhile and must show as ended, not run on to its deadline and be
+    # killed as stuck when the lock is held past it.
+    quick_id, slow_id = procqueue.enqueue_many([sample_tasks.record_task.call(args=("quick",)),
+                                                sample_tasks.sleep_within_4s.call(args=(1.5,))])
+    blocker = psycopg2.connect(database_url)
+    try:
+        with blocker.cursor() as cur:
+            cur.execute("LOCK TABLE procqueue.task_runs IN SHARE MODE")  # blocks recording runs
+        processor = start_processor("--numthreads", "1", "--queuepopsize", "10")
+        processor.wait_until_started(slow_id)
+        time.sleep(6)  # the outage itself: past the slow task's deadline and the 1 s margin
+    finally:
+        blocker.rollback()
+        blocker.close()
+    wait_until(lambda: procqueue.get_task(slow_id).state is TaskState.SUCCEEDED, timeout=15, message="recorded")
+    assert [r.outcome.value for r in procqueue.get_task_runs(slow_id)] == ["succeeded"]
+    assert "event=worker.stuck" not in processor.log()
+    assert procqueue.get_task(quick_id).state is TaskState.SUCCEEDED
+
+
 def test_sigterm_lets_the_running_task_finish_then_exits_zero(db, start_processor):
     processor = start_processor("--numthreads", "1")
     processor.wait_for_log("event=worker.started")
