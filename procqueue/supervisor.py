@@ -62,6 +62,7 @@ class WorkerProcess:
     kill_outcome: RunOutcome = RunOutcome.LOST
     kill_at: float = 0.0  # when SIGTERM gives way to SIGKILL
     kill_task_id: int = 0  # the task it was judged on (0: judged idle)
+    kill_heartbeat: float = 0.0  # its slot's heartbeat then: a later one is progress
     tree: Optional[list] = None  # the processes being killed, until SIGKILL is sent
     reached_loop: bool = False  # it got as far as its loop: a later death is no boot failure
     done_at_spawn: int = 0  # the slot's tasks_done counter (kept across tenants) at fork
@@ -356,9 +357,10 @@ class Supervisor:
         # A task killed only because the processor is shutting down did nothing wrong: it
         # goes back without losing an attempt.
         charge = not (self.stopping and worker.kill_reason is None)
-        if worker.kill_task_id and in_flight not in (None, worker.kill_task_id):
+        if worker.kill_reason is not None and in_flight not in (None, worker.kill_task_id):
             # Nor did one the worker started in the instant between the verdict and SIGKILL.
-            cause = f"worker {worker.index} killed as stuck on task {worker.kill_task_id} as this one started"
+            judged = f"on task {worker.kill_task_id}" if worker.kill_task_id else "while idle"
+            cause = f"worker {worker.index} killed as stuck {judged} as this one started"
             outcome, charge = RunOutcome.LOST, False
         self.chores.release(Release(worker.index, in_flight, cause, outcome, charge))
         self.chores.run(stopping=self.stopping)
@@ -428,7 +430,7 @@ class Supervisor:
             view = read_slot(self.slots[worker.index])
             if worker.kill_reason is not None:
                 if worker.tree is not None and now >= worker.kill_at:
-                    if worker.kill_task_id and view.task_id != worker.kill_task_id:
+                    if view.heartbeat != worker.kill_heartbeat:
                         self.spare(worker, view.task_id)
                         continue
                     finish_kill(worker.pid, worker.tree)
@@ -440,18 +442,21 @@ class Supervisor:
 
     def begin_murder(self, worker: WorkerProcess, view, outcome: RunOutcome, reason: str) -> None:
         worker.kill_outcome, worker.kill_reason, worker.kill_task_id = outcome, reason, view.task_id
+        worker.kill_heartbeat = view.heartbeat
         log_event(logger, logging.ERROR, "worker.stuck", worker=worker.index, pid=worker.pid,
                   task_id=view.task_id or "-", task=view.task_name or "-", reason=reason)
         worker.tree = begin_kill(worker.pid)
         worker.kill_at = self.clock() + KILL_GRACE_SECONDS
 
     def spare(self, worker: WorkerProcess, now_running: int) -> None:
-        """The overdue task ended (the stack dump's signal can cut a C call short) before
-        SIGKILL was due: the worker has moved on and is not stuck any more. Killed now, it
-        would take a task that did nothing wrong with it."""
+        """The worker beat again before SIGKILL was due: its overdue task ended (the stack
+        dump's signal can cut a C call short), or the statement it was silent in returned.
+        It is not stuck any more; killed now, it would take a task that did nothing wrong
+        with it. (A busy worker's heartbeat moves only when its task ends.)"""
         log_event(logger, logging.WARNING, "worker.recovered", worker=worker.index, pid=worker.pid,
                   task_id=worker.kill_task_id, now_running=now_running or "-")
         worker.kill_reason, worker.kill_outcome, worker.kill_task_id = None, RunOutcome.LOST, 0
+        worker.kill_heartbeat = 0.0
         worker.tree = None
 
     def kill_all_workers(self) -> None:
