@@ -10,7 +10,6 @@ import functools
 import importlib
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from .config import (
     ProcessorConfig,
     default_status_file,
 )
-from .db import first_line
+from .db import first_line, tables_missing
 from .errors import ConfigError, DatabaseError, ProcqueueError, TaskError
 from .logs import LOG_FORMATS, setup_logging
 
@@ -53,18 +52,11 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except ProcqueueError as exc:
             _fail(str(exc), exc.exit_code)
         except psycopg2.errors.UndefinedTable as exc:
-            _fail(f"the procqueue tables are not in {_missing_schema(exc)} of this database: is the schema "
-                  "name right (--schema, PROCQUEUE_SCHEMA)? If so, run `procqueue migrate`", DatabaseError.exit_code)
+            _fail(str(tables_missing(exc)), DatabaseError.exit_code)
         except psycopg2.Error as exc:
             _fail(f"database error: {first_line(exc)}", DatabaseError.exit_code)
 
     return wrapper
-
-
-def _missing_schema(exc: psycopg2.Error) -> str:
-    """'schema "x"' from Postgres's 'relation "x.tasks" does not exist', or 'the schema'."""
-    match = re.search(r'relation "([^".]+)\.', getattr(exc.diag, "message_primary", None) or "")
-    return f'schema "{match.group(1)}"' if match else "the schema"
 
 
 def _fail(message: str, exit_code: int) -> None:

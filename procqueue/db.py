@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import select
 import time
 from typing import Iterator, Optional
@@ -122,3 +123,13 @@ def waits_unbounded() -> Iterator[None]:
         yield
     finally:
         _wait_budget = saved
+
+
+def tables_missing(exc: psycopg2.Error) -> DatabaseError:
+    """What an UndefinedTable from a procqueue statement means, said the same way by the
+    CLI and by `.delay()`: the schema named is the one from Postgres's message
+    ('relation "x.tasks" does not exist'), which is the schema the statement used."""
+    match = re.search(r'relation "([^".]+)\.', getattr(exc.diag, "message_primary", None) or "")
+    where = f'schema "{match.group(1)}"' if match else "the schema"
+    return DatabaseError(f"the procqueue tables are not in {where} of this database: is the schema name right "
+                         "(--schema, PROCQUEUE_SCHEMA, procqueue.configure(schema=...))? If so, run `procqueue migrate`")

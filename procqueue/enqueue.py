@@ -13,7 +13,7 @@ import psycopg2
 
 from . import client
 from .config import TaskRunMethod
-from .db import first_line, is_connection_error
+from .db import first_line, is_connection_error, tables_missing
 from .errors import DatabaseError, TaskError
 from .logs import log_event
 from .metrics import ENQUEUED
@@ -116,8 +116,8 @@ def _json_round_trip(call: TaskCall):
 def _insert_on_callers_connection(queries: Queries, connection: Any, rows: List[EnqueueRow]) -> List[int]:
     try:
         inserted = queries.enqueue(connection, rows)
-    except psycopg2.errors.UndefinedTable:
-        raise _schema_missing(queries.schema) from None
+    except psycopg2.errors.UndefinedTable as exc:
+        raise tables_missing(exc) from None
     return counted(inserted)
 
 
@@ -139,8 +139,8 @@ def _insert_on_own_connection(queries: Queries, rows: List[EnqueueRow]) -> List[
             ids = counted(queries.enqueue(conn, rows))
             log_event(logger, logging.DEBUG, "task.enqueued", count=len(ids), task=rows[0].task_name)
             return ids
-        except psycopg2.errors.UndefinedTable:
-            raise _schema_missing(queries.schema) from None
+        except psycopg2.errors.UndefinedTable as exc:
+            raise tables_missing(exc) from None
         except psycopg2.Error as exc:
             if not is_connection_error(exc):
                 raise DatabaseError(f"cannot enqueue {rows[0].task_name}: {first_line(exc)}") from None
@@ -148,11 +148,3 @@ def _insert_on_own_connection(queries: Queries, rows: List[EnqueueRow]) -> List[
             if attempt == 2:
                 raise DatabaseError(f"cannot enqueue {rows[0].task_name}: {first_line(exc)}") from None
     raise AssertionError("unreachable")
-
-
-def _schema_missing(schema: str) -> DatabaseError:
-    # Worded as the CLI's reading commands word it: one mistake, one message.
-    return DatabaseError(f'the procqueue tables are not in schema "{schema}" of this database: is the schema '
-                         "name right (PROCQUEUE_SCHEMA, --schema, procqueue.configure(schema=...))? "
-                         "If so, run `procqueue migrate`")
-

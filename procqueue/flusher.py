@@ -39,13 +39,13 @@ class FlushDuringTasks:
     @contextlib.contextmanager
     def connection_lent(self) -> Iterator[None]:
         """Around the running of one task's code."""
-        with self.condition:
-            self.lent, self.failed = True, False
-            # Woken only when it has something to time: a notify per task would cost a
-            # thread switch per task on a stream of quick ones.
-            if self.waiting_for_work and self.worker.pending:
-                self.condition.notify()
         try:
+            with self.condition:
+                self.lent, self.failed = True, False
+                # Woken only when it has something to time: a notify per task would cost
+                # a thread switch per task on a stream of quick ones.
+                if self.waiting_for_work and self.worker.pending:
+                    self.condition.notify()
             yield
         finally:
             self._take_back()

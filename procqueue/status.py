@@ -88,7 +88,7 @@ def worker_entry(index: int, slot: WorkerSlot, facts: SupervisorFacts, *, now: f
         task = {"id": view.task_id, "name": view.task_name or "-",
                 "running_seconds": round(max(now - view.task_started, 0.0), 3),
                 "timeout_seconds": round(view.task_deadline - view.task_started, 3)}
-    verdict = stuck_reason(view, now, grace) if view.pid else None
+    verdict = stuck_reason(view, now, grace)
     vacant_since = facts.vacant_since_by_slot.get(index)
     return {
         "slot": index,

@@ -27,7 +27,7 @@ from .config import ProcessorConfig
 from .db import bound_every_wait
 from .errors import ProcqueueError
 from .health import FAILED_STARTS_LIMIT
-from .heartbeat import WorkerState, allocate_slots, read_slot, stuck_reason
+from .heartbeat import SlotView, WorkerState, allocate_slots, read_slot, stuck_reason
 from .lifeline import Lifeline
 from .process_tree import begin_kill, finish_kill
 from .logs import log_event
@@ -440,7 +440,7 @@ class Supervisor:
             if verdict is not None:
                 self.begin_murder(worker, view, *verdict)
 
-    def begin_murder(self, worker: WorkerProcess, view, outcome: RunOutcome, reason: str) -> None:
+    def begin_murder(self, worker: WorkerProcess, view: SlotView, outcome: RunOutcome, reason: str) -> None:
         worker.kill_outcome, worker.kill_reason, worker.kill_task_id = outcome, reason, view.task_id
         worker.kill_heartbeat = view.heartbeat
         log_event(logger, logging.ERROR, "worker.stuck", worker=worker.index, pid=worker.pid,
