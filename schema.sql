@@ -1,4 +1,4 @@
--- procqueue schema, version 3.
+-- procqueue schema, version 4.
 --
 -- The one source of truth for procqueue's tables. `procqueue migrate` applies it inside
 -- one transaction with `search_path` set to the target Postgres schema (default
@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     priority        smallint NOT NULL DEFAULT 50,
     run_at          timestamptz NOT NULL DEFAULT now(),
     state           text NOT NULL DEFAULT 'queued'
-                    CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+                    CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'missed')),
     attempts        integer NOT NULL DEFAULT 0,
     max_attempts    integer NOT NULL DEFAULT 3 CHECK (max_attempts >= 1),
     timeout_seconds double precision NOT NULL DEFAULT 60 CHECK (timeout_seconds > 0),
@@ -45,7 +45,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     last_error      text,
     -- Set for a run of a recurring task: the schedule slot it fills (see the index below).
     recurring_slot  timestamptz,
+    -- A task not started by then never starts: it ends 'missed'. A recurring run's is the
+    -- next slot, so runs never bunch up after an outage.
+    expires_at      timestamptz,
     created_at      timestamptz NOT NULL DEFAULT now(),
+    -- When the current (or last) run started, as far as the database knows: written when
+    -- its outcome is recorded, or while it runs (at once for a recurring run, after a
+    -- moment for any other). NULL for a task that is only claimed, so a rescue can tell
+    -- a task that had started from one that was merely waiting its turn in a batch.
     started_at      timestamptz,
     finished_at     timestamptz
 );
@@ -64,8 +71,8 @@ CREATE INDEX IF NOT EXISTS tasks_running_by_owner
     ON tasks (locked_by) WHERE state = 'running';
 
 -- Retention clean-up deletes finished tasks oldest first.
-CREATE INDEX IF NOT EXISTS tasks_finished_at
-    ON tasks (finished_at) WHERE state IN ('succeeded', 'failed', 'cancelled');
+CREATE INDEX IF NOT EXISTS tasks_finished
+    ON tasks (finished_at) WHERE state IN ('succeeded', 'failed', 'cancelled', 'missed');
 
 -- The last line of defence for "never twice for one slot": even if two processors
 -- raced past the schedule's row lock, only one task row per recurring slot can exist.
@@ -136,4 +143,24 @@ CREATE TRIGGER tasks_enqueued
 CREATE INDEX IF NOT EXISTS tasks_failed_by_queue
     ON tasks (queue) WHERE state = 'failed';
 
-INSERT INTO schema_version (version) VALUES (1), (2), (3) ON CONFLICT (version) DO NOTHING;
+-- Version 4: expiring tasks (a recurring run not started before the next slot is missed,
+-- never run late), the 'missed' state, and started_at written only once a run started.
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS expires_at timestamptz;
+ALTER TABLE tasks DROP CONSTRAINT IF EXISTS tasks_state_check;
+ALTER TABLE tasks ADD CONSTRAINT tasks_state_check
+    CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'missed'));
+DROP INDEX IF EXISTS tasks_finished_at;  -- replaced by tasks_finished, which counts 'missed'
+
+-- Queued tasks whose time ran out are found here (see miss_expired_tasks).
+CREATE INDEX IF NOT EXISTS tasks_expiring
+    ON tasks (expires_at) WHERE state = 'queued' AND expires_at IS NOT NULL;
+
+-- Two runs of one recurring task never run at once, across every processor: a run is
+-- marked started (started_at) before its function is called, and this index refuses a
+-- second started run while the first is running. (expires_at is set on every run the
+-- scheduler enqueues; it keeps runs enqueued before version 4 out of the index.)
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_one_recurring_run_at_a_time
+    ON tasks (task_name)
+    WHERE recurring_slot IS NOT NULL AND expires_at IS NOT NULL AND state = 'running' AND started_at IS NOT NULL;
+
+INSERT INTO schema_version (version) VALUES (1), (2), (3), (4) ON CONFLICT (version) DO NOTHING;

@@ -33,6 +33,8 @@ _EXPORTS = {
     "ProcqueueError": "errors",
     "TaskError": "errors",
     "TaskTimeoutError": "execution",
+    "current_task": "execution",
+    "ClaimedTask": "records",
     "RunOutcome": "records",
     "RunRecord": "records",
     "TaskPriority": "records",

@@ -14,19 +14,20 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Callable, Dict, Optional
 
 import psycopg2
 
 from . import registry
 from .config import ProcessorConfig
-from .db import Connection, connect, first_line, waits_unbounded
-from .errors import DatabaseError
+from .db import Connection, connect, first_line, is_connection_error, waits_unbounded
+from .errors import DatabaseError, DatabaseUnavailable
 from .logs import log_event
 from .metrics import TaskMetrics, result_label
 from .migrations import migrate
 from .queries import Queries
-from .records import QueueStats, RunOutcome
+from .records import QueueStats, ReleasedTask, RunOutcome, TaskState
 
 logger = logging.getLogger("procqueue.supervisor")
 
@@ -37,6 +38,9 @@ QUEUE_STATS_INTERVAL_SECONDS = 5.0
 QUEUE_STATS_TIMEOUT_SECONDS = 2.0
 # A task lost with its processor this many times is failed rather than put back again.
 RESCUES_BEFORE_FAILING = 3
+# How often queued tasks past their expires_at are ended as missed. Until then a claim
+# skips them all the same; this only settles their state, so it need not be often.
+EXPIRY_CHECK_SECONDS = 5.0
 # On the way out, how long to keep trying to put back what killed workers held.
 FINAL_RELEASE_SECONDS = 10.0
 
@@ -50,6 +54,11 @@ class Release:
     cause: str
     outcome: RunOutcome
     charge: bool
+    in_flight_started: Optional[datetime] = None
+
+
+def next_step(task: ReleasedTask) -> str:
+    return {TaskState.QUEUED: "retry", TaskState.MISSED: "missed"}.get(task.state, "failed")
 
 
 class DatabaseChores:
@@ -71,26 +80,34 @@ class DatabaseChores:
         self.retry_at = 0.0
         self.next_heartbeat = 0.0
         self.next_rescue = 0.0
+        self.next_expiry_check = 0.0
         self.next_queue_stats = 0.0
 
     # -- at start and at the end -------------------------------------------------------
 
     def start(self) -> None:
         """Connect, apply the schema, register the recurring schedules, first heartbeat.
-        Failures here are the processor's failure to start: they propagate."""
-        self.conn = connect(self.config.database, application_name="procqueue-supervisor")
-        with waits_unbounded():  # creating an index on a large table rightly takes long
-            applied = migrate(self.conn, self.config.database.schema)
-        if applied:
-            log_event(logger, logging.INFO, "schema.applied", schema=self.config.database.schema)
-        for schedule in registry.recurring_schedules():
-            self.queries.register_recurring(
-                self.conn, name=schedule.task_name, run_every=schedule.run_every,
-                first_run_at=schedule.first_run_at, timeout_seconds=schedule.timeout.total_seconds(),
-                args_json=schedule.args_json, kwargs_json=schedule.kwargs_json,
-            )
-        self.heartbeat(self.conn)
-        self.refresh_queue_stats(self.conn)
+        Failures here are the processor's failure to start: they propagate, the connection
+        closed; a lost connection as DatabaseUnavailable (worth trying again)."""
+        try:
+            self.conn = connect(self.config.database, application_name="procqueue-supervisor")
+            with waits_unbounded():  # creating an index on a large table rightly takes long
+                applied = migrate(self.conn, self.config.database.schema)
+            if applied:
+                log_event(logger, logging.INFO, "schema.applied", schema=self.config.database.schema)
+            for schedule in registry.recurring_schedules():
+                self.queries.register_recurring(
+                    self.conn, name=schedule.task_name, run_every=schedule.run_every,
+                    first_run_at=schedule.first_run_at, timeout_seconds=schedule.timeout.total_seconds(),
+                    args_json=schedule.args_json, kwargs_json=schedule.kwargs_json,
+                )
+            self.heartbeat(self.conn)
+            self.refresh_queue_stats(self.conn)
+        except (psycopg2.Error, DatabaseError) as exc:
+            self.close()
+            if isinstance(exc, psycopg2.Error) and is_connection_error(exc):
+                raise DatabaseUnavailable(f"lost the database while starting: {first_line(exc)}") from None
+            raise
         self.up, self.since = True, self.clock()
         self.next_rescue = self.clock() + self.config.rescue_after_seconds
 
@@ -138,6 +155,9 @@ class DatabaseChores:
                 self.heartbeat(self.conn)
             if self.clock() >= self.next_rescue and not stopping and self.may_judge_peers():
                 self.rescue(self.conn)
+            if self.clock() >= self.next_expiry_check:
+                self.next_expiry_check = self.clock() + EXPIRY_CHECK_SECONDS
+                self.miss_expired(self.conn)
             if self.clock() >= self.next_queue_stats:
                 self.refresh_queue_stats(self.conn)
             self.failures = 0
@@ -152,16 +172,20 @@ class DatabaseChores:
             released = self.queries.release_worker_tasks(
                 conn, processor=self.processor_id, worker=index, in_flight=release.in_flight,
                 error=release.cause, outcome=release.outcome, charge=release.charge,
+                in_flight_started=release.in_flight_started,
             )
             del self.pending_releases[index]
             for task in released:
                 self.tasks_lost += 1
-                self.task_metrics.run_finished(task.task_name, task.recurring,
-                                               result_label(release.outcome, task.retrying), None)
+                self.count_lost(task, release.outcome)
                 # Named as its run is recorded: a hard-killed overrun is timed_out, not lost.
                 log_event(logger, logging.WARNING, f"task.{release.outcome.value}", task_id=task.task_id,
-                          task=task.task_name, worker=index, next="retry" if task.retrying else "failed",
-                          cause=release.cause)
+                          task=task.task_name, worker=index, next=next_step(task), cause=release.cause)
+
+    def count_lost(self, task: ReleasedTask, outcome: RunOutcome) -> None:
+        self.task_metrics.run_finished(task.task_name, task.recurring, result_label(outcome, task.retrying), None)
+        if task.state is TaskState.MISSED:
+            self.task_metrics.slots_missed(task.task_name)
 
     def heartbeat(self, conn: Connection) -> None:
         self.queries.processor_heartbeat(conn, processor=self.processor_id, hostname=socket.gethostname(),
@@ -182,12 +206,23 @@ class DatabaseChores:
         )
         for task in rescued:
             self.tasks_rescued += 1
-            self.task_metrics.run_finished(task.task_name, task.recurring,
-                                           result_label(RunOutcome.LOST, task.retrying), None)
+            if task.started:
+                self.count_lost(task, RunOutcome.LOST)
         if rescued:
-            log_event(logger, logging.WARNING, "tasks.rescued", count=len(rescued),
-                      task_ids=[task.task_id for task in rescued[:20]])
+            started = [task for task in rescued if task.started]
+            log_event(logger, logging.WARNING, "tasks.rescued", count=len(rescued), started=len(started),
+                      task_ids=[task.task_id for task in rescued[:20]],
+                      missed=[task.task_id for task in started if task.state is TaskState.MISSED][:20] or "-",
+                      failed=[task.task_id for task in started if task.state is TaskState.FAILED][:20] or "-")
         self.next_rescue = self.clock() + self.config.rescue_after_seconds / 4
+
+    def miss_expired(self, conn: Connection) -> None:
+        """End the queued tasks whose time ran out (a recurring run whose next slot is due)."""
+        for task_id, task_name, recurring in self.queries.miss_expired_tasks(conn):
+            if recurring:
+                self.task_metrics.slots_missed(task_name)
+            log_event(logger, logging.WARNING, "task.missed", task_id=task_id, task=task_name,
+                      reason="not started before it expired" + (" (the next slot was due)" if recurring else ""))
 
     def refresh_queue_stats(self, conn: Connection) -> None:
         self.next_queue_stats = self.clock() + QUEUE_STATS_INTERVAL_SECONDS

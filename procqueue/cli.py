@@ -25,6 +25,7 @@ from .config import (
     DEFAULT_GRACE_PERIOD_MS,
     DEFAULT_NUM_WORKERS,
     DEFAULT_QUEUE_POP_SIZE,
+    DEFAULT_DATABASE_WAIT_SECONDS,
     DEFAULT_RESCUE_AFTER_SECONDS,
     DEFAULT_SHUTDOWN_TIMEOUT_SECONDS,
     DEFAULT_METRICS_HOST,
@@ -143,6 +144,10 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--rescue-after", "rescue_after", type=float, default=None, metavar="SECONDS",
                      help="A processor (of any host) silent this long is dead: its tasks are put back "
                           f"by a live one. [default: {DEFAULT_RESCUE_AFTER_SECONDS:g}]"),
+        click.option("--database-wait", "database_wait", type=float, default=None, metavar="SECONDS",
+                     help="At start, how long to keep retrying a database that cannot be reached (refused, "
+                          "timed out, restarting) before giving up; 0: give up at once. "
+                          f"[env: PROCQUEUE_DATABASE_WAIT; default: {DEFAULT_DATABASE_WAIT_SECONDS:g}]"),
         click.option("--max-tasks-per-worker", "max_tasks_per_worker", type=int, default=None, metavar="N",
                      help="Replace a worker after it has run N tasks. [default: never]"),
         click.option("--max-memory-per-worker", "max_memory_per_worker", type=int, default=None, metavar="MB",
@@ -179,6 +184,7 @@ def build_processor_config(**values: Any) -> ProcessorConfig:
         queue_pop_size=values.get("queue_pop_size"),
         shutdown_timeout_seconds=values.get("shutdown_timeout"),
         rescue_after_seconds=values.get("rescue_after"),
+        database_wait_seconds=values.get("database_wait"),
         max_tasks_per_worker=values.get("max_tasks_per_worker"),
         max_memory_per_worker_mb=values.get("max_memory_per_worker"),
         imports=tuple(values.get("imports") or ()),

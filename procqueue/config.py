@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Mapping, Optional, Tuple
+from typing import Callable, Mapping, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -34,6 +34,7 @@ ENV_DELETE_BATCH_SIZE = "TASK_DELETE_BATCH_SIZE"
 ENV_METRICS_PORT = "PROCQUEUE_METRICS_PORT"
 ENV_METRICS_HOST = "PROCQUEUE_METRICS_HOST"
 ENV_STATUS_FILE = "PROCQUEUE_STATUS_FILE"
+ENV_DATABASE_WAIT = "PROCQUEUE_DATABASE_WAIT"
 ENV_TMPDIR = "TMPDIR"
 
 DEFAULT_SCHEMA = "procqueue"
@@ -48,6 +49,10 @@ DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 25.0
 # enough to ride out a database fail-over, short enough that a dead node's tasks are back
 # within about half a minute.
 DEFAULT_RESCUE_AFTER_SECONDS = 20.0
+# At start, how long to keep trying a database that cannot be reached (a fail-over, a
+# maintenance window, the database's pod starting beside this one) before giving up:
+# exiting at once would only crash-loop the pod through every such window.
+DEFAULT_DATABASE_WAIT_SECONDS = 600.0
 DEFAULT_TASK_RETENTION_DAYS = 15
 DEFAULT_RUN_RETENTION_DAYS = 15
 DEFAULT_DELETE_BATCH_SIZE = 2000
@@ -112,6 +117,7 @@ class ProcessorConfig:
     queues: Tuple[str, ...] = ()  # empty: every queue
     shutdown_timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
     rescue_after_seconds: float = DEFAULT_RESCUE_AFTER_SECONDS
+    database_wait_seconds: float = DEFAULT_DATABASE_WAIT_SECONDS
     max_tasks_per_worker: Optional[int] = None  # recycle a worker after this many tasks
     max_memory_per_worker_mb: Optional[int] = None  # ... or once its RSS passes this
     retention: RetentionConfig = field(default_factory=RetentionConfig)
@@ -129,6 +135,9 @@ class ProcessorConfig:
             raise ConfigError(
                 f"invalid value for --shutdown-timeout: {_shown(timeout)} (expected seconds >= 0)"
             )
+        wait = self.database_wait_seconds
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait < float("inf"):
+            raise ConfigError(f"invalid value for --database-wait: {_shown(wait)} (expected seconds >= 0)")
         if self.max_tasks_per_worker is not None:
             require_int_at_least("--max-tasks-per-worker", self.max_tasks_per_worker, 1)
         if self.max_memory_per_worker_mb is not None:
@@ -163,6 +172,7 @@ class ProcessorConfig:
             "queues": list(self.queues) or "all",
             "shutdown_timeout": self.shutdown_timeout_seconds,
             "rescue_after": self.rescue_after_seconds,
+            "database_wait": self.database_wait_seconds,
             "max_tasks_per_worker": self.max_tasks_per_worker,
             "max_memory_per_worker_mb": self.max_memory_per_worker_mb,
             "metrics_host": self.metrics_host if self.metrics_port is not None else None,
@@ -289,6 +299,7 @@ def processor_config(
     queue_pop_size: Optional[int] = None,
     shutdown_timeout_seconds: Optional[float] = None,
     rescue_after_seconds: Optional[float] = None,
+    database_wait_seconds: Optional[float] = None,
     max_tasks_per_worker: Optional[int] = None,
     max_memory_per_worker_mb: Optional[int] = None,
     imports: Tuple[str, ...] = (),
@@ -315,6 +326,8 @@ def processor_config(
             DEFAULT_SHUTDOWN_TIMEOUT_SECONDS if shutdown_timeout_seconds is None else shutdown_timeout_seconds
         ),
         rescue_after_seconds=DEFAULT_RESCUE_AFTER_SECONDS if rescue_after_seconds is None else rescue_after_seconds,
+        database_wait_seconds=_seconds_setting(database_wait_seconds, env, ENV_DATABASE_WAIT,
+                                               DEFAULT_DATABASE_WAIT_SECONDS),
         max_tasks_per_worker=max_tasks_per_worker,
         max_memory_per_worker_mb=max_memory_per_worker_mb,
         imports=tuple(imports) + tuple(m for m in imports_from_env(env) if m not in imports),
@@ -349,17 +362,29 @@ def _int_setting(
     cli_value: Optional[int], env: Mapping[str, str], env_name: str, default: Optional[int], minimum: int = 1,
     maximum: Optional[int] = None,
 ) -> Optional[int]:
+    expected = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+    return _env_setting(cli_value, env, env_name, default, int, expected,
+                        lambda value: value >= minimum and (maximum is None or value <= maximum))
+
+
+def _seconds_setting(cli_value: Optional[float], env: Mapping[str, str], env_name: str, default: float) -> float:
+    # `0 <= value < inf` also refuses nan, which compares false to everything.
+    return _env_setting(cli_value, env, env_name, default, float, "seconds >= 0", lambda value: 0 <= value < float("inf"))
+
+
+def _env_setting(cli_value, env: Mapping[str, str], env_name: str, default, parse: Callable, expected: str,
+                 valid: Callable[[object], bool]):
+    """The command line's value, else the environment's (checked), else the default."""
     if cli_value is not None:
         return cli_value
     raw = env.get(env_name)
     if raw is None or raw.strip() == "":
         return default
     try:
-        value = int(raw.strip())
+        value = parse(raw.strip())
     except ValueError:
-        value = None
-    if value is None or value < minimum or (maximum is not None and value > maximum):
-        expected = f"an integer >= {minimum}" if maximum is None else f"an integer from {minimum} to {maximum}"
+        raise ConfigError(f"invalid value for {env_name}: {raw!r} (expected {expected})") from None
+    if not valid(value):
         raise ConfigError(f"invalid value for {env_name}: {raw!r} (expected {expected})")
     return value
 

@@ -14,7 +14,7 @@ import psycopg2.extras
 
 from .config import DatabaseConfig
 from .embedded import embedded_server_url
-from .errors import ConfigError, DatabaseError
+from .errors import ConfigError, DatabaseError, DatabaseUnavailable
 
 Connection = psycopg2.extensions.connection
 
@@ -50,9 +50,23 @@ def connect(
                 "invalid database URL: libpq cannot parse it (expected postgresql://user:password@host:port/dbname "
                 "or key=value pairs; a '/', '?', '#' or '@' in a password must be percent-encoded)"
             ) from None
-        raise DatabaseError(f"cannot connect to {database.display_url}: {first_line(exc)}") from None
+        reason = first_line(exc)
+        error = DatabaseError if is_permanent_connect_failure(reason) else DatabaseUnavailable
+        raise error(f"cannot connect to {database.display_url}: {reason}") from None
     conn.autocommit = autocommit
     return conn
+
+
+# What libpq says when connecting fails for a reason that waiting will not cure: the
+# credentials, the database or the role are wrong, or the server refuses this client.
+_PERMANENT_CONNECT_FAILURES = re.compile(
+    r"authentication failed|does not exist|no pg_hba\.conf entry|permission denied|"
+    r"not permitted to log in|invalid (sslmode|connection option|integer value|port)|"
+    r"server does not support SSL|unsupported frontend protocol|invalid URI", re.IGNORECASE)
+
+
+def is_permanent_connect_failure(message: str) -> bool:
+    return bool(_PERMANENT_CONNECT_FAILURES.search(message))
 
 
 def first_line(exc: BaseException) -> str:

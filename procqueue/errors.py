@@ -23,6 +23,12 @@ class DatabaseError(ProcqueueError):
     exit_code = 3
 
 
+class DatabaseUnavailable(DatabaseError):
+    """Postgres cannot be reached now, for a reason that may pass by itself (refused, timed
+    out, starting up, shutting down, out of connections): worth trying again, unlike a
+    wrong password or a database that does not exist."""
+
+
 class TaskError(ProcqueueError):
     """A task cannot be registered or enqueued as asked."""
 

@@ -71,6 +71,15 @@ class _SoftTimeout:
 
 soft_timeout = _SoftTimeout()
 
+_current: Optional[ClaimedTask] = None
+
+
+def current_task() -> Optional[ClaimedTask]:
+    """The task being run, when called from a task's code in a processor's worker: its id,
+    attempt, recurring slot and the rest (as Celery's current_task, RQ's get_current_job).
+    None anywhere else (a plain call, TASK_RUN_METHOD=SYNCHRONOUSLY)."""
+    return _current
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -81,9 +90,10 @@ def utcnow() -> datetime:
 UNKNOWN_TASK_BACKOFF = timedelta(seconds=60)
 
 
-def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow) -> TaskOutcome:
-    """Run `task` and say what became of it. Never raises for anything the task does."""
-    started = now()
+def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow, started: Optional[datetime] = None) -> TaskOutcome:
+    """Run `task` and say what became of it. Never raises for anything the task does.
+    `started`: when the run began, if the database already recorded it (a recurring run)."""
+    started = started or now()
     handler = get_handler(task.task_name)
     if handler is None:
         error = (
@@ -91,20 +101,19 @@ def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow) -> TaskOutc
             "(is its module passed with --import?)"
         )
         return _failure(task, None, started, now(), RunOutcome.FAILED, error)
+    global _current
     try:
         soft_timeout.arm(task.timeout_seconds)
         try:
+            _current = task
             handler.func(*task.args, **task.kwargs)
         finally:
             soft_timeout.disarm()
+            _current = None
     except TaskBackoffError as backoff:
         return _backoff(task, handler, started, now(), backoff)
     except SupervisorGoneError:
-        # It did nothing wrong: back to the queue without losing an attempt.
-        error = clean_text("the supervisor died; the task was interrupted so that no other processor "
-                           "runs it at the same time\n" + traceback.format_exc())
-        return TaskOutcome(task.id, TaskState.QUEUED, RunOutcome.LOST, started, now(), error=error,
-                           retry_in_seconds=0.0, refund_attempt=True, summary="SupervisorGoneError: supervisor died")
+        return _supervisor_gone(task, started, now())
     except TaskTimeoutError:
         error = f"task ran past its timeout of {task.timeout_seconds:g}s\n" + traceback.format_exc()
         return _failure(task, handler, started, now(), RunOutcome.TIMED_OUT, error,
@@ -116,6 +125,20 @@ def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow) -> TaskOutc
         # outcomes with it, and the run would be recorded as `lost`, without its traceback.
         return _failure(task, handler, started, now(), RunOutcome.FAILED, traceback.format_exc(), summarise(exc))
     return TaskOutcome(task.id, TaskState.SUCCEEDED, RunOutcome.SUCCEEDED, started, now())
+
+
+def _supervisor_gone(task: ClaimedTask, started: datetime, finished: datetime) -> TaskOutcome:
+    """It did nothing wrong: back to the queue without losing an attempt. A recurring run
+    is the exception: it started, so it never runs again (the next slot is its retry)."""
+    summary = "SupervisorGoneError: supervisor died"
+    if task.recurring_slot is not None:
+        error = clean_text("the supervisor died; the recurring run was interrupted and is not run again "
+                           "(the next slot is its retry)\n" + traceback.format_exc())
+        return TaskOutcome(task.id, TaskState.MISSED, RunOutcome.LOST, started, finished, error=error, summary=summary)
+    error = clean_text("the supervisor died; the task was interrupted so that no other processor "
+                       "runs it at the same time\n" + traceback.format_exc())
+    return TaskOutcome(task.id, TaskState.QUEUED, RunOutcome.LOST, started, finished, error=error,
+                       retry_in_seconds=0.0, refund_attempt=True, summary=summary)
 
 
 def _failure(

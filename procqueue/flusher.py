@@ -1,10 +1,13 @@
-"""Recording a batch's finished outcomes while a later task of the batch runs.
+"""Recording progress while the worker's main thread runs a task.
 
 A worker records outcomes in batches, after a task ends. Without help, the outcomes of
 the quick tasks before a slow (or wedged) one would wait for it to end: were the worker
-killed meanwhile, they would be lost and those tasks run again. While the main thread
-runs task code, the worker's own database connection sits idle; this thread borrows it
-for that time only, and records what has waited FLUSH_AFTER_SECONDS.
+killed meanwhile, they would be lost and those tasks run again. And the database would
+not know that the slow one had started, so were its whole processor to die, the rescue
+could not tell it from the tasks still waiting their turn. While the main thread runs
+task code, the worker's own database connection sits idle; this thread borrows it for
+that time only, records what has waited FLUSH_AFTER_SECONDS, and marks the task in hand
+started once it has run that long.
 
 The connection passes between the two threads under one lock: the main thread lends it
 just before a task starts and takes it back (waiting for a flush under way) as soon as
@@ -15,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Optional
 
 from .threads import start_deaf
 
@@ -42,9 +45,9 @@ class FlushDuringTasks:
         try:
             with self.condition:
                 self.lent, self.failed = True, False
-                # Woken only when it has something to time: a notify per task would cost
-                # a thread switch per task on a stream of quick ones.
-                if self.waiting_for_work and self.worker.pending:
+                # Woken only when it sleeps with nothing to time: a notify per task would
+                # cost a thread switch per task on a stream of quick ones.
+                if self.waiting_for_work:
                     self.condition.notify()
             yield
         finally:
@@ -67,16 +70,34 @@ class FlushDuringTasks:
     def _run(self) -> None:
         with self.condition:
             while True:
-                if not self.lent or self.failed or not self.worker.pending:
+                wait = self._seconds_until_due()
+                if wait is None:
                     self.waiting_for_work = True
                     self.condition.wait()
                     self.waiting_for_work = False
-                    continue
-                wait = self.worker.pending_since + self.flush_after_seconds - self.worker.clock()
-                if wait > 0:
+                elif wait > 0:
                     self.condition.wait(wait)
-                    continue
-                try:
-                    self.worker.flush()
-                except BaseException:  # noqa: B902 (the main thread meets the same error and handles it)
-                    self.failed = True
+                else:
+                    self._record_progress()
+
+    def _seconds_until_due(self) -> Optional[float]:
+        """How long until something is due (an outcome to record, the task in hand to mark
+        started); None when there is nothing to time, or the connection is not ours."""
+        if not self.lent or self.failed:
+            return None
+        worker = self.worker
+        due = []
+        if worker.pending:
+            due.append(worker.pending_since + self.flush_after_seconds)
+        current = worker.current
+        if current is not None and not current.marked:
+            due.append(current.began + self.flush_after_seconds)
+        return min(due) - worker.clock() if due else None
+
+    def _record_progress(self) -> None:
+        try:
+            self.worker.mark_started()
+            if self.worker.pending and self.worker.clock() - self.worker.pending_since >= self.flush_after_seconds:
+                self.worker.flush()
+        except BaseException:  # noqa: B902 (the main thread meets the same error and handles it)
+            self.failed = True

@@ -135,11 +135,13 @@ def supervisor_alive(document: dict) -> Optional[bool]:
 
 
 def judge(document: dict, *, now: float, max_age: float, min_healthy_workers: int,
-          alive: Callable[[dict], Optional[bool]] = supervisor_alive) -> Verdict:
+          alive: Callable[[dict], Optional[bool]] = supervisor_alive, ready: bool = False) -> Verdict:
     """Healthy when the supervisor runs, updated the document within `max_age` seconds, no
     worker is stuck, and at least `min_healthy_workers` workers are running. A processor
-    starting up (applying a schema may take minutes) or draining is healthy while it
-    runs: restarting it would only make things worse."""
+    starting up (applying a schema may take minutes), waiting for its database, or
+    draining is healthy while it runs: restarting it would only make things worse.
+    With `ready`, the stricter question of a readiness probe: is it running tasks now,
+    which a processor that is starting, waiting for its database or draining is not."""
     if document.get("version") != STATUS_VERSION:
         return Verdict(False, [f"unsupported status document version {document.get('version')!r} "
                                f"(this procqueue reads version {STATUS_VERSION})"])
@@ -156,8 +158,24 @@ def judge(document: dict, *, now: float, max_age: float, min_healthy_workers: in
                                f"the supervisor (pid {document.get('pid')}) is not updating it")
     elif verdict.state == "running":
         judge_workers(document, verdict, min_healthy_workers)
+    if ready and not verdict.reasons:
+        verdict.reasons.extend(not_ready_reasons(document, verdict))
     verdict.healthy = not verdict.reasons
     return verdict
+
+
+def not_ready_reasons(document: dict, verdict: Verdict) -> List[str]:
+    if verdict.state != "running":
+        return [NOT_READY_STATES.get(str(verdict.state), str(verdict.state))]
+    if document.get("database_up") is False:
+        return ["the database cannot be reached"]
+    if verdict.workers_healthy == 0:
+        return ["no worker is running"]
+    return []
+
+
+NOT_READY_STATES = {"starting": "starting", "waiting_for_database": "waiting for the database",
+                    "stopping": "stopping"}
 
 
 def judge_workers(document: dict, verdict: Verdict, min_healthy_workers: int) -> None:
@@ -211,22 +229,24 @@ def worker_problem(worker: dict, elapsed: float, grace_seconds: float) -> Option
                         grace_seconds=grace_seconds)
 
 
-def check_file(path: Path, *, max_age: float, min_healthy_workers: int, now: Optional[float] = None) -> Verdict:
+def check_file(path: Path, *, max_age: float, min_healthy_workers: int, now: Optional[float] = None,
+               ready: bool = False) -> Verdict:
     try:
         document = load_status(path)
     except StatusError as exc:
         return Verdict(False, [str(exc)])
     return judge(document, now=time.time() if now is None else now, max_age=max_age,
-                 min_healthy_workers=min_healthy_workers)
+                 min_healthy_workers=min_healthy_workers, ready=ready)
 
 
-def summary_line(verdict: Verdict) -> str:
+def summary_line(verdict: Verdict, ready: bool = False) -> str:
     if not verdict.healthy:
         return "; ".join(verdict.reasons)
-    if verdict.state in ("stopping", "starting"):
-        return f"healthy: {verdict.state}, status {verdict.age_seconds:.1f}s old"
+    word = "ready" if ready else "healthy"
+    if verdict.state in NOT_READY_STATES:
+        return f"{word}: {NOT_READY_STATES[verdict.state]}, status {verdict.age_seconds:.1f}s old"
     replacing = f", {verdict.workers_replacing} being replaced" if verdict.workers_replacing else ""
-    return (f"healthy: {verdict.workers_healthy} of {verdict.workers} workers{replacing}, "
+    return (f"{word}: {verdict.workers_healthy} of {verdict.workers} workers{replacing}, "
             f"status {verdict.age_seconds:.1f}s old")
 
 
@@ -276,6 +296,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--min-healthy-workers", type=_count, default=DEFAULT_MIN_HEALTHY_WORKERS, metavar="N",
                         help="unhealthy if fewer workers are running and not stuck "
                              f"[default: {DEFAULT_MIN_HEALTHY_WORKERS}]")
+    parser.add_argument("--ready", action="store_true",
+                        help="ask the readiness question instead: is it running tasks now (not starting, "
+                             "waiting for its database or stopping)? For readiness probes")
     parser.add_argument("--json", action="store_true", help="print the verdict and its reasons as JSON")
     return parser
 
@@ -285,13 +308,14 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "procqueue-health") ->
 
     options = build_parser(prog).parse_args(argv)
     path = options.status_file or default_status_file()
-    verdict = check_file(path, max_age=options.max_age, min_healthy_workers=options.min_healthy_workers)
+    verdict = check_file(path, max_age=options.max_age, min_healthy_workers=options.min_healthy_workers,
+                         ready=options.ready)
     if options.json:
         print(json.dumps(dict(asdict(verdict), status_file=str(path)), indent=2))
     elif verdict.healthy:
-        print(summary_line(verdict))
+        print(summary_line(verdict, ready=options.ready))
     if not verdict.healthy:
-        print(f"{prog}: unhealthy: {summary_line(verdict)}", file=sys.stderr)
+        print(f"{prog}: {'not ready' if options.ready else 'unhealthy'}: {summary_line(verdict)}", file=sys.stderr)
         return EXIT_UNHEALTHY
     return EXIT_HEALTHY
 

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 from . import health
 from .errors import ConfigError
 
-ENDPOINTS = ("/metrics", "/healthz", "/status", "/monitoring")
+ENDPOINTS = ("/metrics", "/healthz", "/readyz", "/status", "/monitoring")
 # From accept to the last byte sent, whatever the client does: reading the request and
 # writing the answer both count against it.
 REQUEST_DEADLINE_SECONDS = 5.0
@@ -102,6 +102,8 @@ class MonitoringServer:
     def json_endpoint(self, path: str, query: str) -> Tuple[int, dict]:
         if path == "/healthz":
             return self.healthz(query)
+        if path == "/readyz":
+            return self.healthz(query, ready=True)
         if path == "/status":
             document = self.status_source()
             return (200, document) if document else (503, {"error": "no status yet"})
@@ -109,8 +111,9 @@ class MonitoringServer:
             return self.monitoring()
         return 404, {"error": f"no endpoint {path}", "endpoints": list(ENDPOINTS)}
 
-    def healthz(self, query: str) -> Tuple[int, dict]:
-        """The verdict of `procqueue-health`, with its options as query parameters."""
+    def healthz(self, query: str, ready: bool = False) -> Tuple[int, dict]:
+        """The verdict of `procqueue-health` (with `ready`, of `procqueue-health --ready`),
+        with its options as query parameters."""
         try:
             max_age, min_healthy = _health_options(parse_qs(query))
         except ValueError as exc:
@@ -118,8 +121,9 @@ class MonitoringServer:
         document = self.status_source()
         if document is None:
             return 503, {"healthy": False, "reasons": ["no status yet"]}
-        verdict = health.judge(document, now=time.time(), max_age=max_age, min_healthy_workers=min_healthy)
-        body = {"healthy": verdict.healthy, "reasons": verdict.reasons, "state": verdict.state,
+        verdict = health.judge(document, now=time.time(), max_age=max_age, min_healthy_workers=min_healthy,
+                               ready=ready)
+        body = {("ready" if ready else "healthy"): verdict.healthy, "reasons": verdict.reasons, "state": verdict.state,
                 "workers_healthy": verdict.workers_healthy, "workers_replacing": verdict.workers_replacing,
                 "workers": verdict.workers}
         return (200 if verdict.healthy else 503), body

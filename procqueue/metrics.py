@@ -63,6 +63,12 @@ PICKUP_LATENCY = Histogram(
     ("task_identifier", "queue"), buckets=LATENCY_BUCKETS, registry=None,
 )
 
+SLOTS_MISSED = Counter(
+    "procqueue_recurring_slots_missed", "Slots of a recurring schedule that did not get a complete run through no "
+    "fault of the task: not started before the next slot was due (processors down or busy), or cut short by "
+    "its processor's death (a recurring slot runs at most once).", ("task_identifier",), registry=None,
+)
+
 _ARCHIVED_TYPES = ("counter", "histogram", "summary")  # the types whose values add up
 DIRECTORY_PREFIX = "procqueue-metrics-"  # then the supervisor's pid
 
@@ -96,6 +102,9 @@ class TaskMetrics:
         if duration is not None:
             children[1].observe(max(duration, 0.0))
 
+    def slots_missed(self, task_name: str, count: int = 1) -> None:
+        SLOTS_MISSED.labels(task_name).inc(count)
+
     def run_started(self, task_name: str, queue: str, latency: float) -> None:
         child = self._pickup.get((task_name, queue))
         if child is None:
@@ -111,6 +120,8 @@ def initialise_series(task_names: Iterable[str], recurring_names: Iterable[str])
     for name in task_names:
         for result in RESULTS:
             FINISHED.labels(name, task_type(name in recurring), result)
+    for name in recurring:
+        SLOTS_MISSED.labels(name)
 
 
 class MultiprocessMetrics:

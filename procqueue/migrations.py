@@ -6,11 +6,11 @@ import zlib
 
 import psycopg2
 
-from .db import first_line
-from .errors import DatabaseError
+from .db import first_line, is_connection_error
+from .errors import DatabaseError, DatabaseUnavailable
 from .queries import Queries, schema_sql
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _lock_key(schema: str) -> int:
@@ -37,8 +37,10 @@ def migrate(conn, schema: str) -> bool:
         conn.commit()
         return True
     except psycopg2.Error as exc:
-        conn.rollback()
-        raise DatabaseError(f"cannot apply the procqueue schema to {schema!r}: {first_line(exc)}") from None
+        if not conn.closed:
+            conn.rollback()
+        error = DatabaseUnavailable if is_connection_error(exc) else DatabaseError
+        raise error(f"cannot apply the procqueue schema to {schema!r}: {first_line(exc)}") from None
     finally:
         conn.autocommit = previous_autocommit
 

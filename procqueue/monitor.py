@@ -16,7 +16,7 @@ from typing import Dict, Optional
 import psutil
 
 from .config import ProcessorConfig
-from .http import MonitoringServer
+from .http import ENDPOINTS, MonitoringServer
 from .logs import log_event
 from .metrics import MultiprocessMetrics, exposition, processor_registry
 from .status import StatusFile, StatusReport, SupervisorFacts
@@ -57,7 +57,7 @@ class Monitor:
             self.server.start()
             host, port = self.server.address
             log_event(logger, logging.INFO, "metrics.listening", url=f"{self.server.url}/metrics", host=host,
-                      port=port, endpoints="/metrics,/healthz,/status,/monitoring")
+                      port=port, endpoints=",".join(ENDPOINTS))
 
     @property
     def url(self) -> Optional[str]:

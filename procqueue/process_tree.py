@@ -1,16 +1,25 @@
-"""Stopping a worker and everything it started, in two steps.
+"""Stopping processes and everything they started: a stuck worker (from the supervisor),
+and what a task left behind when it ended abnormally (from the worker).
 
 A stuck task may have started processes of its own (a subprocess, a pool) and those may
 have left the worker's process group, so the tree is taken from psutil as well as from
-the group. First step: SIGUSR1 to the worker (its faulthandler writes every thread's
-Python stack to the log, showing where it hung) and SIGTERM to the processes it started,
-so they may clean up. The worker itself gets no SIGTERM: it would only ask a stuck loop
-to stop gracefully. Second step, a moment later (time for the dump to be written):
-SIGKILL to whatever is still alive.
+the group; and each worker is the subreaper of its descendants (`adopt_orphans`), so a
+grandchild whose parent exited (a daemon's double fork) stays in its tree instead of
+going to init. Killing a stuck worker is two steps. First: SIGUSR1 to the worker (its
+faulthandler writes every thread's Python stack to the log, showing where it hung) and
+SIGTERM to the processes it started, so they may clean up. The worker itself gets no
+SIGTERM: it would only ask a stuck loop to stop gracefully. Second, a moment later (time
+for the dump to be written): SIGKILL to whatever is still alive.
+
+A worker has no processes of its own: every descendant of a worker belongs to a task it
+ran. When a task ends abnormally (its timeout, its supervisor's death), the worker stops
+them the same two-step way (`stop_descendants`), and between tasks it reaps the ones
+that exited (`reap_exited_children`), so none is left a zombie.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 from typing import List
@@ -19,6 +28,9 @@ import psutil
 
 # Also registered by the worker process for faulthandler.
 STACK_DUMP_SIGNAL = signal.SIGUSR1
+# Between SIGTERM to processes being stopped and SIGKILL.
+KILL_GRACE_SECONDS = 0.5
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def begin_kill(pid: int) -> List[psutil.Process]:
@@ -31,16 +43,27 @@ def begin_kill(pid: int) -> List[psutil.Process]:
 
 
 def finish_kill(pid: int, tree: List[psutil.Process]) -> None:
-    """SIGKILL whatever of the tree (and of the worker's process group) is still alive."""
+    """SIGKILL whatever of the tree (and of the worker's process group) is still alive. The
+    tree is read again before anything dies: once the worker is dead its children belong
+    to init, and are no longer found under it."""
+    everything = tree + [proc for proc in process_tree(pid) if proc not in tree]
+    for proc in everything[::-1]:  # descendants first, so the worker cannot start more
+        _kill(proc)
+    kill_group(pid)
+
+
+def kill_now(pid: int) -> None:
+    """SIGKILL a worker and everything it started, at once (a drain that ran out of time)."""
+    finish_kill(pid, [])
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL the process group `pgid`: a worker's, whose members are its tasks' processes
+    (the worker may be dead already: a group lives on while it has members)."""
     try:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    for proc in tree + process_tree(pid):
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
 
 
 def process_tree(pid: int) -> List[psutil.Process]:
@@ -51,9 +74,68 @@ def process_tree(pid: int) -> List[psutil.Process]:
         return []
 
 
+# -- inside a worker ---------------------------------------------------------------------
+
+
+def adopt_orphans() -> None:
+    """Make this process the subreaper of its descendants (Linux): a process whose parent
+    exits is then reparented here rather than to init, and stays in this process's tree,
+    where stop_descendants finds it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_descendants(grace_seconds: float = KILL_GRACE_SECONDS) -> int:
+    """SIGTERM every process this one started (and theirs), SIGKILL what is left after
+    `grace_seconds`, reap them; returns how many there were."""
+    try:
+        descendants = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return 0
+    for proc in descendants:
+        _terminate(proc)
+    _, alive = psutil.wait_procs(descendants, timeout=grace_seconds) if descendants else ([], [])
+    # Anything forked meanwhile, by a process that ignored SIGTERM, goes too.
+    stragglers = alive + _descendants_not_in(descendants)
+    for proc in stragglers:
+        _kill(proc)
+    psutil.wait_procs(stragglers, timeout=grace_seconds)
+    reap_exited_children()
+    return len(descendants)
+
+
+def reap_exited_children() -> int:
+    """Collect every child that has exited (without waiting for live ones); returns how many."""
+    reaped = 0
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped += 1
+
+
+def _descendants_not_in(known: List[psutil.Process]) -> List[psutil.Process]:
+    try:
+        return [proc for proc in psutil.Process().children(recursive=True) if proc not in known]
+    except psutil.Error:
+        return []
+
+
 def _terminate(proc: psutil.Process) -> None:
     try:
         proc.terminate()
+    except psutil.Error:
+        pass
+
+
+def _kill(proc: psutil.Process) -> None:
+    try:
+        proc.kill()
     except psutil.Error:
         pass
 

@@ -16,7 +16,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 from psycopg2 import sql
 
 from .records import (
-    ClaimedTask, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord, TaskOutcome, TaskRecord, TaskState,
+    ClaimedTask, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord, ScheduledRun, TaskOutcome, TaskRecord,
+    TaskState,
 )
 
 _BLOCK_START = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -96,14 +97,31 @@ class Queries:
         }
         return {row[0] for row in self._execute(conn, "complete", params)}
 
+    def start_run(
+        self, conn, *, processor: str, worker: int, task: ClaimedTask, started_at: Optional[datetime] = None
+    ) -> Optional[datetime]:
+        """Record that `task`'s run has started (at `started_at`, or the database's now);
+        returns that time, or None when refused (its slot passed, or the lease is gone).
+        A recurring run while another run of its task is under way: UniqueViolation."""
+        params = {"processor": processor, "worker": worker, "id": task.id, "leased_at": task.leased_at,
+                  "started_at": started_at}
+        rows = self._execute(conn, "start_run", params)
+        return rows[0][0] if rows else None
+
+    def put_back(self, conn, *, processor: str, worker: int, task: ClaimedTask, delay_seconds: float = 0.0) -> bool:
+        """Return a claimed task, unstarted and untouched, to the queue."""
+        params = {"processor": processor, "worker": worker, "id": task.id, "leased_at": task.leased_at,
+                  "delay": delay_seconds}
+        return bool(self._execute(conn, "put_back", params))
+
     def release_worker_tasks(
         self, conn, *, processor: str, worker: int, in_flight: Optional[int], error: str,
-        outcome: RunOutcome = RunOutcome.LOST, charge: bool = True,
+        outcome: RunOutcome = RunOutcome.LOST, charge: bool = True, in_flight_started: Optional[datetime] = None,
     ) -> List[ReleasedTask]:
         """Put back what a worker held; returns the in-flight task, if its run was recorded."""
         params = {"processor": processor, "worker": worker, "in_flight": in_flight, "error": error,
-                  "outcome": outcome.value, "charge": charge}
-        return [ReleasedTask(*row) for row in self._execute(conn, "release_worker_tasks", params)]
+                  "outcome": outcome.value, "charge": charge, "in_flight_started": in_flight_started}
+        return [_released(row) for row in self._execute(conn, "release_worker_tasks", params)]
 
     # -- the application's statements -------------------------------------------------
 
@@ -135,8 +153,12 @@ class Queries:
                   "args": args_json, "kwargs": kwargs_json}
         self._execute(conn, "register_recurring", params)
 
-    def schedule_recurring(self, conn, names: Iterable[str]) -> List[int]:
-        return [row[0] for row in self._execute(conn, "schedule_recurring", {"names": list(names)})]
+    def schedule_recurring(self, conn, names: Iterable[str]) -> List[ScheduledRun]:
+        return [ScheduledRun(*row) for row in self._execute(conn, "schedule_recurring", {"names": list(names)})]
+
+    def miss_expired_tasks(self, conn) -> List[Tuple[int, str, bool]]:
+        """End as missed the queued tasks whose time ran out; (id, name, recurring) of each."""
+        return [tuple(row) for row in self._execute(conn, "miss_expired_tasks")]
 
     def seconds_until_next_recurring(self, conn, names: Iterable[str]) -> Optional[float]:
         return self._execute(conn, "seconds_until_next_recurring", {"names": list(names)})[0][0]
@@ -163,7 +185,7 @@ class Queries:
         self, conn, *, expiry_seconds: float, rescuer: str, max_losses: int
     ) -> List[ReleasedTask]:
         params = {"expiry": expiry_seconds, "rescuer": rescuer, "max_losses": max_losses}
-        return [ReleasedTask(*row) for row in self._execute(conn, "rescue_dead_processors", params)]
+        return [_released(row) for row in self._execute(conn, "rescue_dead_processors", params)]
 
     def deregister_processor(self, conn, processor: str) -> None:
         self._execute(conn, "deregister_processor", {"id": processor})
@@ -212,6 +234,11 @@ class Queries:
         if not self._execute(conn, "schema_exists", {"table": f"{self.schema}.schema_version"})[0][0]:
             return 0
         return self._execute(conn, "schema_version")[0][0]
+
+
+def _released(row: tuple) -> ReleasedTask:
+    task_id, task_name, recurring, state, *started = row
+    return ReleasedTask(task_id, task_name, recurring, TaskState(state), *started)
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,16 @@
 
 -- name: claim
 -- queued -> running for up to %(limit)s tasks, in claim order. SKIP LOCKED lets any number
--- of workers on any number of hosts claim at once without waiting on each other.
+-- of workers on any number of hosts claim at once without waiting on each other. A
+-- claimed task has not started: started_at stays NULL until its run does (start_run,
+-- complete), so a rescue puts back untouched what a dead worker only held. A task past
+-- its expires_at is never claimed (miss_expired_tasks ends it).
 WITH picked AS (
     SELECT id
     FROM {schema}.tasks
     WHERE state = 'queued'
       AND run_at <= now()
+      AND (expires_at IS NULL OR expires_at > now())
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
     ORDER BY priority, run_at, id
     LIMIT %(limit)s
@@ -21,14 +25,52 @@ SET state = 'running',
     locked_by = %(processor)s,
     locked_worker = %(worker)s,
     locked_at = now(),
-    started_at = now()
+    started_at = NULL
 FROM picked
 WHERE t.id = picked.id
 RETURNING t.id, t.task_name, t.args, t.kwargs, t.queue, t.priority, t.run_at, t.attempts,
           t.max_attempts, t.timeout_seconds, t.recurring_slot, t.locked_at;
 
+-- name: start_run
+-- Tell the database a claimed task's run has started (still under the claim that holds
+-- it), so that should its whole processor die, the rescue knows this task had started.
+-- A recurring run is started this way before its function is called (%(started_at)s
+-- NULL: the database's now()), and never starts again; it is refused (no row) once its
+-- slot has passed (expires_at), and the unique index tasks_one_recurring_run_at_a_time
+-- refuses it (unique violation) while another run of the same task is under way. Any
+-- other task is marked by the worker's flush thread once it has run a moment.
+UPDATE {schema}.tasks
+SET started_at = coalesce(%(started_at)s::timestamptz, now())
+WHERE id = %(id)s
+  AND state = 'running'
+  AND locked_by = %(processor)s
+  AND locked_worker = %(worker)s
+  AND locked_at = %(leased_at)s
+  AND started_at IS NULL
+  AND (expires_at IS NULL OR expires_at > now())
+RETURNING started_at;
+
+-- name: put_back
+-- running -> queued for one claimed task this worker will not start now: untouched (its
+-- attempt refunded, no run record), due again in %(delay)s seconds.
+UPDATE {schema}.tasks
+SET state = 'queued',
+    attempts = attempts - 1,
+    run_at = now() + %(delay)s * interval '1 second',
+    started_at = NULL,
+    locked_by = NULL,
+    locked_worker = NULL,
+    locked_at = NULL
+WHERE id = %(id)s
+  AND state = 'running'
+  AND locked_by = %(processor)s
+  AND locked_worker = %(worker)s
+  AND locked_at = %(leased_at)s
+RETURNING id;
+
 -- name: complete
--- running -> succeeded / failed / queued (retry) for a batch of finished tasks, writing
+-- running -> succeeded / failed / queued (retry) / missed (a recurring run cut short by
+-- its supervisor's death) for a batch of finished tasks, writing
 -- each one's run record in the same statement. Only tasks still leased to this worker,
 -- by the very claim that ran them, move: the claim's locked_at is its fencing token, so
 -- a task rescued and claimed again since (even by this same worker slot) keeps its new
@@ -48,10 +90,11 @@ WITH outcome AS (
                       THEN coalesce(o.retry_at, now() + o.retry_in * interval '1 second')
                       ELSE t.run_at END,
         last_error = o.error,
+        started_at = o.started_at,
         locked_by = NULL,
         locked_worker = NULL,
         locked_at = NULL,
-        finished_at = CASE WHEN o.state IN ('succeeded', 'failed') THEN o.finished_at END
+        finished_at = CASE WHEN o.state IN ('succeeded', 'failed', 'missed') THEN o.finished_at END
     FROM outcome AS o
     WHERE t.id = o.id
       AND t.state = 'running'
@@ -69,37 +112,51 @@ JOIN outcome AS o ON o.id = m.id
 RETURNING task_id;
 
 -- name: release_worker_tasks
--- running -> queued / failed for every task a dead or stopped worker still held. The task
--- it was running (%(in_flight)s) gets a run with the cause (outcome 'lost', or
--- 'timed_out' when it was killed for overrunning) and, when %(charge)s, is charged the
--- attempt (not when the processor killed it only to shut down). Tasks it had claimed but
--- not started go back untouched, attempt refunded. Returns the task whose run it recorded.
-WITH released AS (
-    UPDATE {schema}.tasks AS t
-    SET state = CASE WHEN t.id = %(in_flight)s AND %(charge)s AND t.attempts >= t.max_attempts
-                     THEN 'failed' ELSE 'queued' END,
-        attempts = CASE WHEN t.id = %(in_flight)s AND %(charge)s THEN t.attempts ELSE t.attempts - 1 END,
-        run_at = now(),
-        last_error = CASE WHEN t.id = %(in_flight)s THEN %(error)s ELSE t.last_error END,
-        locked_by = NULL,
-        locked_worker = NULL,
-        locked_at = NULL,
-        finished_at = CASE WHEN t.id = %(in_flight)s AND %(charge)s AND t.attempts >= t.max_attempts
-                           THEN now() END
+-- running -> queued / failed / missed for every task a dead or stopped worker still held.
+-- The task it was running (%(in_flight)s, started at %(in_flight_started)s) gets a run
+-- with the cause (outcome 'lost', or 'timed_out' when it was killed for overrunning) and,
+-- when %(charge)s, is charged the attempt (not when the processor killed it only to shut
+-- down). A recurring run is never run again: charged, it fails; else it is missed.
+-- Tasks it had claimed but not started go back untouched: attempt refunded, no run
+-- record. Returns the task whose run it recorded.
+WITH held AS (
+    SELECT t.id,
+           coalesce(t.id = %(in_flight)s, false) AS in_flight,
+           coalesce(t.id = %(in_flight)s AND %(charge)s AND t.attempts >= t.max_attempts, false) AS used_up,
+           coalesce(t.id = %(in_flight)s AND t.recurring_slot IS NOT NULL, false) AS recurring_run
+    FROM {schema}.tasks AS t
     WHERE t.state = 'running'
       AND t.locked_by = %(processor)s
       AND t.locked_worker = %(worker)s
-    RETURNING t.id, t.task_name, t.attempts, t.started_at, t.state, t.recurring_slot
+    FOR UPDATE
+), released AS (
+    UPDATE {schema}.tasks AS t
+    SET state = CASE WHEN h.used_up THEN 'failed'
+                     WHEN h.recurring_run AND %(charge)s THEN 'failed'
+                     WHEN h.recurring_run THEN 'missed'
+                     ELSE 'queued' END,
+        attempts = CASE WHEN h.in_flight AND (%(charge)s OR h.recurring_run) THEN t.attempts
+                        ELSE t.attempts - 1 END,
+        run_at = now(),
+        last_error = CASE WHEN h.in_flight THEN %(error)s ELSE t.last_error END,
+        started_at = CASE WHEN h.in_flight THEN coalesce(t.started_at, %(in_flight_started)s) END,
+        locked_by = NULL,
+        locked_worker = NULL,
+        locked_at = NULL,
+        finished_at = CASE WHEN h.used_up OR h.recurring_run THEN now() END
+    FROM held AS h
+    WHERE t.id = h.id
+    RETURNING t.id, t.task_name, t.attempts, t.started_at, t.state, t.recurring_slot, h.in_flight
 ), recorded AS (
     INSERT INTO {schema}.task_runs
         (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
-    SELECT r.id, r.task_name, r.attempts + CASE WHEN %(charge)s THEN 0 ELSE 1 END, r.started_at, now(),
-           %(outcome)s, %(error)s, %(processor)s, %(worker)s
+    SELECT r.id, r.task_name, r.attempts + CASE WHEN %(charge)s OR r.recurring_slot IS NOT NULL THEN 0 ELSE 1 END,
+           r.started_at, now(), %(outcome)s, %(error)s, %(processor)s, %(worker)s
     FROM released AS r
-    WHERE r.id = %(in_flight)s
+    WHERE r.in_flight
     RETURNING task_id
 )
-SELECT r.id, r.task_name, r.recurring_slot IS NOT NULL, r.state = 'queued'
+SELECT r.id, r.task_name, r.recurring_slot IS NOT NULL, r.state
 FROM released AS r JOIN recorded ON recorded.task_id = r.id;
 
 -- name: enqueue
@@ -157,27 +214,35 @@ SET next_run_at = CASE
     registered_at = now();
 
 -- name: schedule_recurring
--- Enqueue one task for each due recurring schedule and advance it past now, skipping any
--- slots missed while no processor ran. The row lock (SKIP LOCKED) makes one processor win
--- each slot; the unique index on (task_name, recurring_slot) backs that up.
+-- Enqueue the run of each due recurring schedule's current slot (the latest slot at or
+-- before now) and advance the schedule to the slot after it. Slots that passed while no
+-- processor ran are skipped, not run late (counted in the result); the run expires when
+-- the next slot is due, so runs never bunch up after an outage. The row lock (SKIP
+-- LOCKED) makes one processor win each slot; the unique index on (task_name,
+-- recurring_slot) backs that up.
 WITH due AS (
-    SELECT task_name, next_run_at AS slot, run_every
+    SELECT task_name, run_every,
+           floor(extract(epoch FROM now() - next_run_at) / extract(epoch FROM run_every))::bigint AS skipped
     FROM {schema}.recurring_tasks
     WHERE next_run_at <= now() AND task_name = ANY(%(names)s::text[])
     FOR UPDATE SKIP LOCKED
 ), advanced AS (
     UPDATE {schema}.recurring_tasks AS r
-    SET next_run_at = due.slot + due.run_every
-            * (floor(extract(epoch FROM now() - due.slot) / extract(epoch FROM due.run_every)) + 1),
+    SET next_run_at = r.next_run_at + r.run_every * (due.skipped + 1),
         last_enqueued_at = now()
     FROM due
     WHERE r.task_name = due.task_name
-    RETURNING r.task_name, r.args, r.kwargs, due.slot, r.timeout_seconds
+    RETURNING r.task_name, r.args, r.kwargs, r.next_run_at - r.run_every AS slot, r.next_run_at AS next_slot,
+              r.timeout_seconds, due.skipped
+), inserted AS (
+    INSERT INTO {schema}.tasks
+        (task_name, args, kwargs, max_attempts, timeout_seconds, recurring_slot, expires_at)
+    SELECT task_name, args, kwargs, 1, timeout_seconds, slot, next_slot FROM advanced
+    ON CONFLICT (task_name, recurring_slot) WHERE recurring_slot IS NOT NULL DO NOTHING
+    RETURNING id, task_name
 )
-INSERT INTO {schema}.tasks (task_name, args, kwargs, max_attempts, timeout_seconds, recurring_slot)
-SELECT task_name, args, kwargs, 1, timeout_seconds, slot FROM advanced
-ON CONFLICT (task_name, recurring_slot) WHERE recurring_slot IS NOT NULL DO NOTHING
-RETURNING id, task_name, recurring_slot;
+SELECT i.id, a.task_name, a.slot, a.skipped
+FROM advanced AS a LEFT JOIN inserted AS i ON i.task_name = a.task_name;
 
 -- name: seconds_until_next_recurring
 -- How long until the earliest schedule this processor runs is due (by the database's
@@ -189,7 +254,7 @@ FROM {schema}.recurring_tasks WHERE task_name = ANY(%(names)s::text[]);
 -- Retention: one batch of tasks finished before the cut-off, oldest first.
 DELETE FROM {schema}.tasks
 WHERE id IN (SELECT id FROM {schema}.tasks
-             WHERE state IN ('succeeded', 'failed', 'cancelled')
+             WHERE state IN ('succeeded', 'failed', 'cancelled', 'missed')
                AND finished_at < now() - %(days)s * interval '1 day'
              ORDER BY finished_at
              LIMIT %(batch)s);
@@ -216,23 +281,27 @@ INSERT INTO {schema}.processors (id, hostname, pid) VALUES (%(id)s, %(hostname)s
 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now();
 
 -- name: rescue_dead_processors
--- running -> queued for the tasks of processors silent for %(expiry)s seconds (their pod
--- was deleted, their node died), and of leases naming no processor at all. Rescue goes by
--- the owner's death, never by how long a task has run. The DELETE of a dead processor's
--- row is the claim on rescuing it: a second rescuer waits on that row, then finds it
--- gone, so two rescuers never both win; the task UPDATE re-checks that the task is still
--- running under that owner.
--- Nobody knows which task of a dead worker's batch had started (one had, the rest were
--- only claimed), so none is charged an attempt: a task with max_attempts=1 claimed behind
--- a long one must still run. A task lost with its processor %(max_losses)s times is
--- failed instead: it may be what kills them.
+-- Put back the tasks of processors silent for %(expiry)s seconds (their pod was deleted,
+-- their node died), and of leases naming no processor at all. Rescue goes by the owner's
+-- death, never by how long a task has run. The DELETE of a dead processor's row is the
+-- claim on rescuing it: a second rescuer waits on that row, then finds it gone, so two
+-- rescuers never both win; the task UPDATE re-checks that the task is still running
+-- under that owner.
+-- A task only claimed (started_at NULL: it was waiting its turn in a batch) goes back
+-- untouched: attempt refunded, no run record, however often that happens. A task that
+-- had started gets a 'lost' run and goes back without losing an attempt (its host died,
+-- not it), unless it was lost with its processor %(max_losses)s times: then it fails, as
+-- it may be what kills them. A recurring run that had started never runs again: missed.
 WITH dead AS (
     DELETE FROM {schema}.processors
     WHERE heartbeat_at < now() - %(expiry)s * interval '1 second'
     RETURNING id
 ), orphaned AS (
     SELECT t.id, t.locked_by,
-           (SELECT count(*) FROM {schema}.task_runs AS r WHERE r.task_id = t.id AND r.outcome = 'lost') AS losses
+           t.started_at IS NOT NULL AS started,
+           t.started_at IS NOT NULL AND t.recurring_slot IS NOT NULL AS recurring_run,
+           (SELECT count(*) FROM {schema}.task_runs AS r WHERE r.task_id = t.id AND r.outcome = 'lost')
+               + CASE WHEN t.started_at IS NOT NULL THEN 1 ELSE 0 END AS losses
     FROM {schema}.tasks AS t
     WHERE t.state = 'running'
       AND (t.locked_by IN (SELECT id FROM dead)
@@ -241,30 +310,54 @@ WITH dead AS (
     FOR UPDATE SKIP LOCKED
 ), rescued AS (
     UPDATE {schema}.tasks AS t
-    SET state = CASE WHEN o.losses + 1 >= %(max_losses)s THEN 'failed' ELSE 'queued' END,
-        attempts = t.attempts - 1,
+    SET state = CASE WHEN o.recurring_run THEN 'missed'
+                     WHEN o.started AND o.losses >= %(max_losses)s THEN 'failed'
+                     ELSE 'queued' END,
+        attempts = CASE WHEN o.recurring_run THEN t.attempts ELSE t.attempts - 1 END,
         run_at = now(),
-        last_error = 'processor ' || t.locked_by || ' stopped heartbeating; task rescued by '
-                     || %(rescuer)s
-                     || CASE WHEN o.losses + 1 >= %(max_losses)s
-                             THEN ' (lost with its processor ' || (o.losses + 1) || ' times: failed)'
-                             ELSE '' END,
+        last_error = CASE WHEN NOT o.started THEN t.last_error
+                          ELSE 'processor ' || t.locked_by || ' stopped heartbeating; task rescued by '
+                               || %(rescuer)s
+                               || CASE WHEN o.recurring_run
+                                       THEN ' (a recurring run is not run again: the next slot is its retry)'
+                                       WHEN o.losses >= %(max_losses)s
+                                       THEN ' (lost with its processor ' || o.losses || ' times: failed)'
+                                       ELSE '' END
+                     END,
+        started_at = CASE WHEN o.started THEN t.started_at END,
         locked_by = NULL,
         locked_worker = NULL,
         locked_at = NULL,
-        finished_at = CASE WHEN o.losses + 1 >= %(max_losses)s THEN now() END
+        finished_at = CASE WHEN o.recurring_run OR (o.started AND o.losses >= %(max_losses)s) THEN now() END
     FROM orphaned AS o
     WHERE t.id = o.id AND t.state = 'running' AND t.locked_by = o.locked_by
-    RETURNING t.id, t.task_name, t.attempts, t.started_at, t.last_error, o.locked_by, t.state, t.recurring_slot
+    RETURNING t.id, t.task_name, t.attempts, t.started_at, t.last_error, o.locked_by, t.state,
+              t.recurring_slot, o.started, o.recurring_run
 ), recorded AS (
     INSERT INTO {schema}.task_runs
         (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
-    SELECT r.id, r.task_name, r.attempts + 1, r.started_at, now(), 'lost', r.last_error, r.locked_by, NULL
+    SELECT r.id, r.task_name, r.attempts + CASE WHEN r.recurring_run THEN 0 ELSE 1 END, r.started_at, now(),
+           'lost', r.last_error, r.locked_by, NULL
     FROM rescued AS r
+    WHERE r.started
     RETURNING task_id
 )
-SELECT r.id, r.task_name, r.recurring_slot IS NOT NULL, r.state = 'queued'
-FROM rescued AS r JOIN recorded ON recorded.task_id = r.id;
+SELECT r.id, r.task_name, r.recurring_slot IS NOT NULL, r.state, r.started
+FROM rescued AS r;
+
+-- name: miss_expired_tasks
+-- queued -> missed for tasks whose expires_at has passed before they could start (a
+-- recurring run whose next slot is due: the next slot runs instead, on time). No run
+-- record: nothing ran.
+UPDATE {schema}.tasks
+SET state = 'missed',
+    finished_at = now(),
+    last_error = 'not started before ' || to_char(expires_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')
+                 || CASE WHEN recurring_slot IS NOT NULL
+                         THEN ', when the next slot of its recurring schedule was due; that slot runs instead'
+                         ELSE ', when it expired' END
+WHERE state = 'queued' AND expires_at <= now()
+RETURNING id, task_name, recurring_slot IS NOT NULL;
 
 -- name: deregister_processor
 DELETE FROM {schema}.processors WHERE id = %(id)s;
@@ -272,7 +365,7 @@ DELETE FROM {schema}.processors WHERE id = %(id)s;
 -- name: get_task
 SELECT id, task_name, args, kwargs, queue, priority, run_at, state, attempts, max_attempts,
        timeout_seconds, locked_by, locked_worker, locked_at, last_error, recurring_slot,
-       created_at, started_at, finished_at
+       created_at, started_at, finished_at, expires_at
 FROM {schema}.tasks WHERE id = %(id)s;
 
 -- name: get_runs

@@ -16,6 +16,10 @@ class TaskState(str, enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # A recurring run that did not complete through no fault of its own: it could not
+    # start before the next slot was due, or its processor died under it (a recurring
+    # slot runs at most once). The next slot is its retry.
+    MISSED = "missed"
 
 
 class RunOutcome(str, enum.Enum):
@@ -56,12 +60,22 @@ class ClaimedTask:
     leased_at: datetime  # the claim's fencing token: its outcome is recorded only under this lease
 
 
+@dataclass
+class RunningTask:
+    """The task a worker's main thread is running now, as its flush thread sees it."""
+
+    task: ClaimedTask
+    began: float  # the worker's clock when the run began
+    started_at: datetime  # the same moment, by the wall clock, as the database records it
+    marked: bool = False  # the database has been told it started (start_run)
+
+
 @dataclass(frozen=True)
 class TaskOutcome:
     """What became of one claimed task; `complete` writes a batch of these at once."""
 
     task_id: int
-    state: TaskState  # where the task goes next: succeeded, failed or queued (retry)
+    state: TaskState  # where the task goes next: succeeded, failed, queued (retry) or missed
     outcome: RunOutcome
     started_at: datetime
     finished_at: datetime
@@ -93,8 +107,9 @@ class TaskRecord:
     last_error: Optional[str]
     recurring_slot: Optional[datetime]
     created_at: datetime
-    started_at: Optional[datetime]
+    started_at: Optional[datetime]  # of the current or last run, once the database knows it started
     finished_at: Optional[datetime]
+    expires_at: Optional[datetime] = None  # not started by then, it never starts (a recurring run's next slot)
 
 
 @dataclass(frozen=True)
@@ -120,7 +135,22 @@ class ReleasedTask:
     task_id: int
     task_name: str
     recurring: bool
-    retrying: bool  # back in the queue (else failed for good: its attempts are used up)
+    state: TaskState  # where it went: queued (to run again), failed or missed
+    started: bool = True  # it had started (else it was only claimed, and went back untouched)
+
+    @property
+    def retrying(self) -> bool:
+        return self.state is TaskState.QUEUED
+
+
+@dataclass(frozen=True)
+class ScheduledRun:
+    """What one check of a due recurring schedule did."""
+
+    task_id: Optional[int]  # the run enqueued for the current slot (None: another processor had)
+    task_name: str
+    slot: datetime
+    skipped_slots: int  # earlier slots that passed while no processor ran: skipped, not run late
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from .records import QueueStats
 class SupervisorFacts:
     """What the supervisor knows beyond the slots, handed to the report each second."""
 
-    state: str  # running, stopping, stopped
+    state: str  # waiting_for_database, running, stopping, stopped
     database_up: bool
     queue_stats: Optional[QueueStats]
     restarts: Mapping[str, int]  # by reason
@@ -177,7 +177,7 @@ class StatusFile:
         except StatusError:
             return None
         fresh = time.time() - float(document.get("updated_at_unix") or 0) < DEFAULT_MAX_AGE_SECONDS
-        running = document.get("state") in ("starting", "running", "stopping")
+        running = document.get("state") in ("starting", "waiting_for_database", "running", "stopping")
         if fresh and running and document.get("pid") != os.getpid() and supervisor_alive(document):
             return document.get("pid")
         return None

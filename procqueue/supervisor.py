@@ -19,17 +19,18 @@ import traceback
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Callable, Deque, Dict, Optional
 
 from . import client, registry
 from .chores import DatabaseChores, Release
 from .config import ProcessorConfig
 from .db import bound_every_wait
-from .errors import ProcqueueError
+from .errors import DatabaseUnavailable, ProcqueueError
 from .health import FAILED_STARTS_LIMIT
 from .heartbeat import SlotView, WorkerState, allocate_slots, read_slot, stuck_reason
 from .lifeline import Lifeline
-from .process_tree import begin_kill, finish_kill
+from .process_tree import KILL_GRACE_SECONDS, begin_kill, finish_kill, kill_group, kill_now
 from .logs import log_event
 from .metrics import MultiprocessMetrics, TaskMetrics, initialise_series
 from .monitor import STATUS_INTERVAL_SECONDS, Monitor
@@ -42,12 +43,12 @@ from .worker_process import WORKER_BOOT_ERROR, WORKER_RECYCLED, run_worker_proce
 logger = logging.getLogger("procqueue.supervisor")
 
 RESPAWN_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 16, 30)
+# Between tries of a database that cannot be reached at start (each failure logged once).
+DATABASE_RETRY_SECONDS = (1, 2, 4, 8, 15)
 # No statement of the supervisor may keep its loop waiting longer than this: reaping,
 # killing and signals wait behind it.
 SUPERVISOR_WAIT_SECONDS = 3.0
 LOOP_TICK_SECONDS = 0.25
-# Between SIGTERM to a stuck worker's process tree and SIGKILL.
-KILL_GRACE_SECONDS = 0.5
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 _HANDLED_SIGNALS = _STOP_SIGNALS + (signal.SIGCHLD,)
@@ -104,10 +105,17 @@ class Supervisor:
     def run(self) -> int:
         try:
             self.prepare()
+            self.install_signal_handlers()  # a stop signal also ends the wait for the database
+            reached = self.wait_for_database()
         except BaseException:
             self.abandon_start()
             raise
-        self.install_signal_handlers()
+        if not reached:
+            self.abandon_start()
+            log_event(logger, logging.INFO, "processor.stopped", processor=self.processor_id, exit_code=0,
+                      note="stopped while waiting for the database")
+            return 0
+        self.announce_start()
         try:
             while not (self.stopping and not self.workers):
                 self.step()
@@ -117,7 +125,7 @@ class Supervisor:
         return self.exit_code
 
     def prepare(self) -> None:
-        """Everything that must happen once, before the first fork."""
+        """Everything that must happen once, before the database is reached and the first fork."""
         multiprocessing.current_process().name = "supervisor"
         bound_every_wait(SUPERVISOR_WAIT_SECONDS)
         self.monitor.open()
@@ -125,7 +133,51 @@ class Supervisor:
         if self.monitor.metrics_store is not None:
             initialise_series(registry.registered_names(), [s.task_name for s in registry.recurring_schedules()])
         client.configure(database_url=self.config.database.url, schema=self.config.database.schema)
-        self.chores.start()
+        self.monitor.start_serving()  # /healthz and /readyz answer while the database is awaited
+
+    def wait_for_database(self) -> bool:
+        """Connect, apply the schema and register the schedules, retrying a database that
+        cannot be reached (refused, timed out, restarting) with capped backoff for up to
+        --database-wait seconds: a fail-over or a maintenance window must not crash-loop
+        the pod. The status file says so meanwhile (alive, not ready). A failure retrying
+        cannot cure (a wrong password, no such database) is raised at once. Returns False
+        when a stop signal came first."""
+        give_up_at = self.clock() + self.config.database_wait_seconds
+        failures = 0
+        while True:
+            try:
+                self.chores.start()
+                return True
+            except DatabaseUnavailable as exc:
+                remaining = give_up_at - self.clock()
+                if remaining <= 0:
+                    raise self.gave_up_waiting(exc) from None
+                failures += 1
+                delay = min(DATABASE_RETRY_SECONDS[min(failures, len(DATABASE_RETRY_SECONDS)) - 1], remaining)
+                log_event(logger, logging.WARNING, "database.waiting", error=str(exc), retry_in_s=round(delay, 1),
+                          gives_up_in_s=round(remaining, 1))
+                if not self.wait_a_while(delay):
+                    return False
+
+    def gave_up_waiting(self, exc: DatabaseUnavailable) -> DatabaseUnavailable:
+        wait = self.config.database_wait_seconds
+        return DatabaseUnavailable(f"{exc} (gave up after --database-wait {wait:g}s)" if wait else str(exc))
+
+    def wait_a_while(self, seconds: float) -> bool:
+        """Sleep, publishing the status and obeying signals; False once asked to stop."""
+        until = self.clock() + seconds
+        while True:
+            self.handle_signals()
+            if self.stopping:
+                return False
+            if self.clock() >= self.next_status:
+                self.publish_status(state="waiting_for_database")
+            remaining = until - self.clock()
+            if remaining <= 0:
+                return True
+            self.sleep(min(remaining, LOOP_TICK_SECONDS))
+
+    def announce_start(self) -> None:
         if self.config.database.url is None:  # said once it is in use: not before a start-up error
             log_event(logger, logging.WARNING, "database.embedded", where=self.config.database.display_url,
                       note="no DATABASE_URL: fine for development; processors and apps elsewhere cannot see it")
@@ -135,7 +187,6 @@ class Supervisor:
             log_event(logger, logging.WARNING, "processor.no_task_modules",
                       note="no --import (PROCQUEUE_IMPORTS): only procqueue's own tasks are registered; "
                            "any other task is put back as unknown, and fails after its attempts")
-        self.monitor.start_serving()
         if self.on_start is not None:
             self.on_start()
 
@@ -152,9 +203,9 @@ class Supervisor:
         if self.clock() >= self.next_status:
             self.publish_status()
 
-    def sleep(self) -> None:
+    def sleep(self, seconds: float = LOOP_TICK_SECONDS) -> None:
         try:
-            select.select([self.wakeup.read_fd], [], [], LOOP_TICK_SECONDS)
+            select.select([self.wakeup.read_fd], [], [], seconds)
         except InterruptedError:
             pass
         self.wakeup.drain()
@@ -318,14 +369,31 @@ class Supervisor:
         """Collect exited workers. Waits on our own workers' pids only, so a process the
         embedding program started itself is never reaped from under it."""
         for worker in list(self.workers.values()):
+            if not self.has_exited(worker, block):
+                continue
             try:
-                pid, status = os.waitpid(worker.pid, 0 if block else os.WNOHANG)
+                pid, status = os.waitpid(worker.pid, 0)
             except ChildProcessError:
                 pid, status = worker.pid, 0
             if pid == worker.pid:
                 self.on_worker_exit(worker, status)
         if os.getpid() == 1:
             self.reap_orphans()
+
+    def has_exited(self, worker: WorkerProcess, block: bool) -> bool:
+        """Whether the worker has exited, seen without reaping it; if it did not leave by
+        itself, the processes its task started (its process group) are killed first. Its
+        pid, and so its group's id, cannot be reused before it is reaped, so the kill
+        cannot reach a stranger."""
+        try:
+            info = os.waitid(os.P_PID, worker.pid, os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG))
+        except ChildProcessError:
+            return True
+        if info is None:
+            return False
+        if info.si_code != os.CLD_EXITED or info.si_status not in (0, WORKER_RECYCLED):
+            kill_group(worker.pid)
+        return True
 
     def reap_orphans(self) -> None:
         """As PID 1 in a container we inherit every orphaned process (a task's grandchild
@@ -348,7 +416,8 @@ class Supervisor:
         slot = self.slots[worker.index]
         if slot.state in (WorkerState.IDLE, WorkerState.BUSY) or slot.tasks_done > worker.done_at_spawn:
             self.mark_reached_loop(worker)
-        in_flight = read_slot(slot).task_id or None
+        view = read_slot(slot)
+        in_flight = view.task_id or None
         cause = worker.kill_reason or describe_exit(worker.index, status)
         outcome = worker.kill_outcome
         if self.stopping and worker.kill_reason is None and not os.WIFEXITED(status):
@@ -362,7 +431,8 @@ class Supervisor:
             judged = f"on task {worker.kill_task_id}" if worker.kill_task_id else "while idle"
             cause = f"worker {worker.index} killed as stuck {judged} as this one started"
             outcome, charge = RunOutcome.LOST, False
-        self.chores.release(Release(worker.index, in_flight, cause, outcome, charge))
+        started = wall_time_of(view.task_started, self.clock()) if in_flight else None
+        self.chores.release(Release(worker.index, in_flight, cause, outcome, charge, started))
         self.chores.run(stopping=self.stopping)
         slot.pid, slot.state, slot.task_id, slot.task_deadline = 0, int(WorkerState.EMPTY), 0, 0.0
         self.vacant_since[worker.index] = self.clock()
@@ -461,7 +531,12 @@ class Supervisor:
 
     def kill_all_workers(self) -> None:
         for worker in self.workers.values():
-            _killpg_quietly(worker.pid, signal.SIGKILL)
+            kill_now(worker.pid)
+
+
+def wall_time_of(monotonic_time: float, monotonic_now: float) -> datetime:
+    """A moment of the monotonic clock (a slot's task start), on the wall clock."""
+    return datetime.now(timezone.utc) - timedelta(seconds=max(0.0, monotonic_now - monotonic_time))
 
 
 def describe_exit(index: int, status: int) -> str:
@@ -476,13 +551,6 @@ def _signal_quietly(pid: int, signum: int) -> None:
         os.kill(pid, signum)
     except ProcessLookupError:
         pass
-
-
-def _killpg_quietly(pid: int, signum: int) -> None:
-    try:
-        os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        _signal_quietly(pid, signum)
 
 
 __all__ = ["Supervisor", "ProcqueueError", "WORKER_BOOT_ERROR"]

@@ -20,26 +20,33 @@ from typing import Callable, Dict, List, Optional, Set
 
 import psutil
 import psycopg2
+import psycopg2.errors
 
 from . import registry
 from .config import ProcessorConfig
 from .db import Connection, connect, first_line, is_connection_error
 from .errors import DatabaseError
-from .execution import SupervisorGoneError, execute, soft_timeout
+from .execution import SupervisorGoneError, execute, soft_timeout, utcnow
 from .flusher import FlushDuringTasks
 from .heartbeat import SlotWriter, WorkerState
 from .logs import log_event
 from .metrics import TaskMetrics, result_label
+from .process_tree import reap_exited_children, stop_descendants
 from .queries import Queries
 from .selfpipe import SelfPipe
-from .records import ClaimedTask, RunOutcome, TaskOutcome, TaskState
+from .records import ClaimedTask, RunOutcome, RunningTask, TaskOutcome, TaskState
 
 logger = logging.getLogger("procqueue.worker")
 
 # Outcomes are written in batches, but never held longer than this while a batch of slow
 # tasks runs (in the worker process, FlushDuringTasks records them during a long task): a
-# crash loses at most this much bookkeeping, and the run history stays fresh.
+# crash loses at most this much bookkeeping, and the run history stays fresh. A task that
+# has run this long is also marked started in the database (so a rescue after its whole
+# processor died knows it had started), and its outcome is recorded the moment it ends.
 FLUSH_AFTER_SECONDS = 0.2
+# A recurring run due while the previous slot's run is still under way waits this long
+# before trying again (until its own slot ends: then it is missed).
+RECURRING_BUSY_RETRY_SECONDS = 1.0
 # A worker checks for due recurring schedules when the earliest is due, but at least this
 # often (another processor may have registered an earlier one) and at most this often
 # (a due schedule another processor holds the lock on is retried soon).
@@ -48,6 +55,8 @@ RECURRING_CHECK_MIN_SECONDS = 0.5
 # An idle worker beats at least this often, however long --sleepintervalms is.
 IDLE_BEAT_SECONDS = 1.0
 RECONNECT_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8)
+# How long before faulthandler ends an orphaned worker its task's processes are killed.
+ORPHAN_CLEANUP_LEAD_SECONDS = 0.25
 
 
 class Worker:
@@ -71,6 +80,7 @@ class Worker:
         self.pending: List[TaskOutcome] = []
         self.leases: Dict[int, datetime] = {}  # task id -> leased_at of the claim that holds it
         self.pending_since = 0.0
+        self.current: Optional[RunningTask] = None  # the task in hand, for the flush thread
         self.stopping = False
         self.wakeup: Optional[SelfPipe] = None  # set in the worker process: signals write to it
         # Only schedules this processor would run: one that serves other queues must not
@@ -123,9 +133,10 @@ class Worker:
         is as early as 3/4 of --rescue-after from now: the task in hand must be over
         before that, or it would run twice at once. So it gets a quarter to finish, then is
         interrupted and put back; and should it not return to the interpreter (C code),
-        faulthandler's own thread, which needs no GIL, dumps the stack and ends the process
-        at half. Called from the death-signal handler and from the lifeline thread: sets
-        flags and timers only."""
+        faulthandler's own thread, which needs no GIL, dumps the stack and ends the
+        process at half (just before, the lifeline thread kills what the task started:
+        see lifeline_cut). Called from the death-signal
+        handler and from the lifeline thread: sets flags and timers only."""
         if self.orphaned_at is not None:
             return
         self.orphaned_at = self.clock()
@@ -133,6 +144,16 @@ class Worker:
         window = self.config.rescue_after_seconds
         soft_timeout.interrupt_within(window / 4, SupervisorGoneError)
         faulthandler.dump_traceback_later(window / 2, exit=True)
+
+    def lifeline_cut(self) -> None:
+        """The lifeline thread's last duty: the supervisor is gone; should this worker
+        still be here just before faulthandler ends it, kill what its task started, which
+        would otherwise outlive it. (That needs the GIL, which C code waiting on I/O has
+        released; C code holding it keeps them alive, as it keeps the worker.)"""
+        self.supervisor_gone()
+        exit_at = self.orphaned_at + self.config.rescue_after_seconds / 2 - ORPHAN_CLEANUP_LEAD_SECONDS
+        time.sleep(max(0.0, exit_at - self.clock()))
+        stop_descendants(grace_seconds=0.0)
 
     def supervisor_gone(self) -> None:
         """The lifeline thread saw the supervisor die (or the loop saw a new parent pid):
@@ -189,8 +210,8 @@ class Worker:
         for task in tasks:
             if self.stopping:
                 break
-            self.run_one(task)
-            ran += 1
+            if self.run_one(task) is not None:
+                ran += 1
         self.flush()
         if self.stopping:
             self._release_unstarted()
@@ -210,15 +231,26 @@ class Worker:
         self.leases.update((task.id, task.leased_at) for task in tasks)
         return tasks
 
-    def run_one(self, task: ClaimedTask) -> TaskOutcome:
+    def run_one(self, task: ClaimedTask) -> Optional[TaskOutcome]:
+        """Run one claimed task and queue its outcome; None when it was not run after all
+        (a recurring run whose slot passed, or whose previous run is still under way)."""
+        started_at = None
+        if task.recurring_slot is not None:
+            started_at = self.begin_recurring_run(task)
+            if started_at is None:
+                return None
         self.board.task_started(task.id, task.timeout_seconds, task.task_name)
+        self.current = RunningTask(task, self.clock(), started_at or utcnow(), marked=started_at is not None)
         with self.flusher.connection_lent() if self.flusher is not None else contextlib.nullcontext():
-            outcome = execute(task)
+            outcome = execute(task, started=started_at)
             # Shown as ended before the connection is taken back, which waits for a flush
             # under way: a flush stalled on a lock must not leave a finished task showing
             # as running to its deadline, to be killed and charged a timeout it never had.
             self.board.task_finished(failed=outcome.outcome is not RunOutcome.SUCCEEDED)
+        ran_long = self.clock() - self.current.began >= FLUSH_AFTER_SECONDS or self.current.marked
+        self.current = None
         self.board.set_state(WorkerState.IDLE)
+        self.after_task(outcome)
         self.tasks_run += 1
         self.record_metrics(task, outcome)
         self.check_recycling()
@@ -226,11 +258,58 @@ class Worker:
             self.pending_since = self.clock()
         self.pending.append(outcome)
         self._log_outcome(task, outcome)
-        # A recurring run is recorded at once: were this worker to die before the batch's
-        # flush, the slot would otherwise run a second time.
-        if task.recurring_slot is not None or self.clock() - self.pending_since >= FLUSH_AFTER_SECONDS:
+        # Recorded at once: a recurring run (were this worker to die before the batch's
+        # flush, the slot would count as lost), and a task that ran long or was marked
+        # started (one more round trip is nothing next to its run, and its outcome is not
+        # left to the flush window).
+        if ran_long or task.recurring_slot is not None or self.clock() - self.pending_since >= FLUSH_AFTER_SECONDS:
             self.flush()
         return outcome
+
+    def begin_recurring_run(self, task: ClaimedTask) -> Optional[datetime]:
+        """Mark a recurring run started in the database before its function is called: from
+        then on it never starts again, whatever dies (a recurring slot runs at most once).
+        Returns the start as the database recorded it, or None, having put the task back,
+        when it may not start: its slot has passed (it is then missed), or another run of
+        the same task is under way (it tries again shortly, while its slot lasts)."""
+        try:
+            started_at = self.queries.start_run(self.conn, processor=self.processor_id, worker=self.index, task=task)
+        except psycopg2.errors.UniqueViolation:
+            self._put_back(task, RECURRING_BUSY_RETRY_SECONDS)
+            log_event(logger, logging.DEBUG, "recurring.waiting", task_id=task.id, task=task.task_name,
+                      worker=self.index, reason="the previous slot's run is still under way")
+            return None
+        if started_at is None:
+            self._put_back(task, 0.0)
+            log_event(logger, logging.INFO, "recurring.not_started", task_id=task.id, task=task.task_name,
+                      worker=self.index, reason="its slot passed before it could start")
+        return started_at
+
+    def _put_back(self, task: ClaimedTask, delay_seconds: float) -> None:
+        self.queries.put_back(self.conn, processor=self.processor_id, worker=self.index, task=task,
+                              delay_seconds=delay_seconds)
+        self.leases.pop(task.id, None)
+
+    def mark_started(self) -> None:
+        """From the flush thread, with the connection lent: tell the database the task in
+        hand has started, once it has run FLUSH_AFTER_SECONDS (a quick task never costs
+        the write; its outcome, recorded soon after, says the same)."""
+        current = self.current
+        if current is None or current.marked or self.clock() - current.began < FLUSH_AFTER_SECONDS:
+            return
+        self.queries.start_run(self.conn, processor=self.processor_id, worker=self.index, task=current.task,
+                               started_at=current.started_at)
+        current.marked = True
+
+    def after_task(self, outcome: TaskOutcome) -> None:
+        """A task interrupted (its timeout, its supervisor's death) had no chance to stop
+        the processes it started: they are stopped with it. Any that exited are reaped."""
+        if outcome.outcome in (RunOutcome.TIMED_OUT, RunOutcome.LOST):
+            stopped = stop_descendants()
+            if stopped:
+                log_event(logger, logging.WARNING, "task.processes_stopped", task_id=outcome.task_id,
+                          worker=self.index, count=stopped)
+        reap_exited_children()
 
     def record_metrics(self, task: ClaimedTask, outcome: TaskOutcome) -> None:
         recurring = task.recurring_slot is not None
@@ -238,6 +317,8 @@ class Worker:
         duration = (outcome.finished_at - outcome.started_at).total_seconds()
         self.metrics.run_started(task.task_name, task.queue, (outcome.started_at - task.run_at).total_seconds())
         self.metrics.run_finished(task.task_name, recurring, result_label(outcome.outcome, retrying), duration)
+        if outcome.state is TaskState.MISSED:
+            self.metrics.slots_missed(task.task_name)
 
     def check_recycling(self) -> None:
         """Past --max-tasks-per-worker or --max-memory-per-worker, finish up and leave: the
@@ -297,8 +378,15 @@ class Worker:
     def schedule_recurring_if_due(self) -> None:
         if not self.recurring_names or self.clock() < self.next_recurring_check:
             return
-        for task_id in self.queries.schedule_recurring(self.conn, self.recurring_names):
-            log_event(logger, logging.DEBUG, "recurring.enqueued", task_id=task_id, worker=self.index)
+        for run in self.queries.schedule_recurring(self.conn, self.recurring_names):
+            if run.task_id is not None:
+                log_event(logger, logging.DEBUG, "recurring.enqueued", task_id=run.task_id, task=run.task_name,
+                          slot=run.slot.isoformat(), worker=self.index)
+            if run.skipped_slots:
+                self.metrics.slots_missed(run.task_name, run.skipped_slots)
+                log_event(logger, logging.WARNING, "recurring.slots_skipped", task=run.task_name,
+                          count=run.skipped_slots, worker=self.index,
+                          note="no processor ran them in time; they are skipped, not run late")
         due_in = self.queries.seconds_until_next_recurring(self.conn, self.recurring_names)
         due_in = RECURRING_CHECK_MAX_SECONDS if due_in is None else due_in
         self.next_recurring_check = self.clock() + min(max(due_in, RECURRING_CHECK_MIN_SECONDS),
@@ -318,6 +406,7 @@ class Worker:
             if self._wait_readable(min(remaining, IDLE_BEAT_SECONDS)):
                 return
             self.board.beat()
+            reap_exited_children()  # what a finished task left running may have exited since
 
     # -- helpers -----------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from .errors import DatabaseError
 from .execution import soft_timeout
 from .lifeline import watch
 from .logs import log_event
-from .process_tree import STACK_DUMP_SIGNAL
+from .process_tree import STACK_DUMP_SIGNAL, adopt_orphans
 from .selfpipe import SelfPipe
 from .worker import Worker
 
@@ -43,6 +43,7 @@ def run_worker_process(worker: Worker, *, lifeline_fd: int) -> int:
     multiprocessing.current_process().name = f"worker-{worker.index}"  # the log's processName
     worker.bind_process()
     os.setpgid(0, 0)  # its own process group, so a kill takes any children it started
+    adopt_orphans()  # and what their children leave behind stays in its tree
     _stop_when_supervisor_dies()
     _offer_self_to_the_oom_killer()
     _install_signal_handlers(worker)
@@ -50,7 +51,7 @@ def run_worker_process(worker: Worker, *, lifeline_fd: int) -> int:
     # written from a C-level handler, so it works even with the GIL held by C code.
     faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True)
     soft_timeout.install()
-    watch(lifeline_fd, worker.supervisor_gone)  # after the handlers and timers it arms
+    watch(lifeline_fd, worker.lifeline_cut)  # after the handlers and timers it arms
     client.forget_inherited_connection()  # never use the supervisor's client connection
     unbound_waits()  # the supervisor's time limit is for its own loop; a task may take long
     try:

@@ -10,14 +10,15 @@ import os
 import time
 from datetime import timedelta
 
-from procqueue import register_task_handler
-from procqueue import client
+from procqueue import client, current_task, register_task_handler
 
 
 def record(key: str) -> None:
     conn, _ = client.connection()
+    task = current_task()
     with conn.cursor() as cur:
-        cur.execute("INSERT INTO public.executions (key, pid) VALUES (%s, %s)", (key, os.getpid()))
+        cur.execute("INSERT INTO public.executions (task_id, key, pid) VALUES (%s, %s, %s)",
+                    (task.id if task else None, key, os.getpid()))
 
 
 @register_task_handler(task_name="sample.record")
@@ -51,19 +52,83 @@ def wedged() -> None:
     time.sleep(120)
 
 
-@register_task_handler(task_name="sample.spawn_hanging_child", timeout=timedelta(seconds=1), max_attempts=1)
-def spawn_hanging_child(pid_file: str) -> None:
-    """Starts a child in its own session (out of the worker's process group), which hangs
-    as the task does: the whole tree must go when the worker is killed."""
-    import signal
+# A daemon, as `daemon(3)` makes one: fork, the parent exits, the child leaves the
+# session and writes its pid. Its parent gone, it belongs to the nearest subreaper.
+_DAEMON = """
+import os, sys, time
+if os.fork():
+    os._exit(0)
+os.setsid()
+with open(sys.argv[1] + ".tmp", "w") as handle:
+    handle.write(str(os.getpid()))
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(300)
+"""
+
+
+def start_processes(pid_dir: str) -> None:
+    """Start a child in its own session (out of the worker's process group) and a daemon
+    (double fork: no longer anyone's child), and write their pids to `pid_dir`."""
     import subprocess
     import sys
+    from pathlib import Path
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
-    with open(pid_file, "w") as handle:
-        handle.write(str(child.pid))
+    Path(pid_dir, "child.pid").write_text(str(child.pid))
+    daemon_pid_file = Path(pid_dir, "daemon.pid")
+    subprocess.run([sys.executable, "-c", _DAEMON, str(daemon_pid_file)], check=True)
+    while not daemon_pid_file.exists():
+        time.sleep(0.01)
+
+
+@register_task_handler(task_name="sample.spawn_hanging_child", timeout=timedelta(seconds=1), max_attempts=1)
+def spawn_hanging_child(pid_dir: str) -> None:
+    """Starts processes (see start_processes) which hang as the task does, in a way the
+    worker's timeout cannot interrupt: the whole tree must go when the worker is killed."""
+    import signal
+
+    start_processes(pid_dir)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     time.sleep(120)
+
+
+@register_task_handler(task_name="sample.spawn_and_overrun", timeout=timedelta(seconds=1), max_attempts=1)
+def spawn_and_overrun(pid_dir: str) -> None:
+    """Starts processes, then overruns its timeout in pure Python, which the worker's own
+    timeout interrupts: the processes must end with it, and the worker carry on."""
+    start_processes(pid_dir)
+    while True:
+        time.sleep(0.05)
+
+
+@register_task_handler(task_name="sample.spawn_and_wait", timeout=timedelta(seconds=60))
+def spawn_and_wait(pid_dir: str, seconds: float) -> None:
+    """Starts processes, then works for a while (pure Python, interruptible)."""
+    start_processes(pid_dir)
+    record("spawned")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+@register_task_handler(task_name="sample.spawn_then_sql_sleep", timeout=timedelta(seconds=120), max_attempts=1)
+def spawn_then_sql_sleep(pid_dir: str, seconds: float) -> None:
+    """Starts processes, then waits inside libpq, where no Python signal handler runs."""
+    start_processes(pid_dir)
+    conn, _ = client.connection()
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_sleep(%s)", (seconds,))
+
+
+@register_task_handler(task_name="sample.fork_and_return")
+def fork_and_return(count: int) -> None:
+    """Forks children that exit at once and are never waited for (as a careless library
+    would): left alone, each would stay a zombie under the worker."""
+    import os
+
+    for _ in range(count):
+        if os.fork() == 0:
+            os._exit(0)
 
 
 @register_task_handler(task_name="sample.busy_loop", timeout=timedelta(seconds=1), max_attempts=1)

@@ -480,7 +480,7 @@ def test_reading_commands_never_create_a_schema_on_the_embedded_server(tmp_path)
 def test_a_processor_that_cannot_start_leaves_a_stopped_status_file(start_processor):
     # A probe or script reading the file must not see a "starting" processor that is gone.
     unreachable = "postgresql://procqueue:hunter2@127.0.0.1:1/nowhere?connect_timeout=2"
-    failed = start_processor("--numthreads", "1", extra_env={"DATABASE_URL": unreachable})
+    failed = start_processor("--numthreads", "1", "--database-wait", "1", extra_env={"DATABASE_URL": unreachable})
     assert failed.proc.wait(timeout=60) != 0
     document = json.loads(failed.status_path.read_text())
     assert (document["state"], document["pid"]) == ("stopped", failed.pid)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from datetime import datetime, time as time_of_day, timedelta, timezone
 
 import pytest
 
+import procqueue
+from procqueue import RunOutcome, TaskState
 from procqueue.queries import Queries
 
 from helpers import wait_until
@@ -50,20 +54,24 @@ def test_changing_run_every_reschedules(db):
     assert now - timedelta(seconds=1) <= next_run <= now + timedelta(minutes=1)  # next minute slot, not in an hour
 
 
-def test_one_task_per_slot_and_missed_slots_collapse(db):
-    queries.register_recurring(db, name="r.c", run_every=timedelta(minutes=1),
-                               first_run_at=datetime.now(timezone.utc) - timedelta(minutes=10, seconds=30),
+def test_one_task_per_slot_and_slots_missed_while_no_processor_ran_are_skipped(db):
+    anchor = datetime.now(timezone.utc) - timedelta(minutes=10, seconds=30)
+    queries.register_recurring(db, name="r.c", run_every=timedelta(minutes=1), first_run_at=anchor,
                                timeout_seconds=60)
     with db.cursor() as cur:  # as if no processor ran for ten minutes
         cur.execute("UPDATE procqueue.recurring_tasks SET next_run_at = first_run_at WHERE task_name = 'r.c'")
-    first = queries.schedule_recurring(db, ["r.c"])
+    [first] = queries.schedule_recurring(db, ["r.c"])
     again = queries.schedule_recurring(db, ["r.c"])
-    assert len(first) == 1 and again == []
+    assert first.task_id is not None and again == []
+    # The run is the current slot's (the ten before it are skipped, not run late), and it
+    # expires when the next slot is due.
+    assert (first.slot, first.skipped_slots) == (anchor + timedelta(minutes=10), 10)
     next_run = schedule_row(db, "r.c")[2]
-    assert datetime.now(timezone.utc) < next_run <= datetime.now(timezone.utc) + timedelta(minutes=1)
+    assert next_run == anchor + timedelta(minutes=11)
     with db.cursor() as cur:
-        cur.execute("SELECT max_attempts, timeout_seconds FROM procqueue.tasks WHERE task_name = 'r.c'")
-        assert cur.fetchall() == [(1, 60.0)]
+        cur.execute("SELECT max_attempts, timeout_seconds, recurring_slot, expires_at FROM procqueue.tasks "
+                    "WHERE task_name = 'r.c'")
+        assert cur.fetchall() == [(1, 60.0, first.slot, next_run)]
 
 
 def test_schedules_not_registered_by_this_processor_are_left_alone(db):
@@ -107,3 +115,83 @@ def execution_count(db, key):
     with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM public.executions WHERE key = %s", (key,))
         return cur.fetchone()[0]
+
+
+def executions_by_task(db, prefix):
+    """{task id: [start, end or None]} of the runs that recorded `prefix`:start/end."""
+    with db.cursor() as cur:
+        cur.execute("SELECT task_id, key, at, pid FROM public.executions WHERE key LIKE %s ORDER BY at",
+                    (prefix + ":%",))
+        runs = {}
+        for task_id, key, at, pid in cur.fetchall():
+            run = runs.setdefault(task_id, {"starts": 0, "start": None, "end": None, "pid": pid})
+            if key.endswith(":start"):
+                run["starts"] += 1
+                run["start"] = at
+            else:
+                run["end"] = at
+        return runs
+
+
+def assert_never_overlapping(runs, ended_at):
+    """Runs of one recurring task, sorted by start: each began after the last one ended
+    (its own end record, or for a run cut short, when its end was recorded)."""
+    ordered = sorted(runs.items(), key=lambda item: item[1]["start"])
+    for (earlier_id, earlier), (later_id, later) in zip(ordered, ordered[1:]):
+        end = earlier["end"] or ended_at(earlier_id)
+        assert end is not None and end <= later["start"], (earlier_id, earlier, later_id, later)
+
+
+def recorded_end(db, task_id):
+    with db.cursor() as cur:
+        cur.execute("SELECT max(finished_at) FROM procqueue.task_runs WHERE task_id = %s", (task_id,))
+        return cur.fetchone()[0]
+
+
+def slots_of(db, name):
+    with db.cursor() as cur:
+        cur.execute("SELECT t.id, t.state, t.recurring_slot, t.expires_at, t.last_error, r.started_at "
+                    "FROM procqueue.tasks AS t LEFT JOIN procqueue.task_runs AS r ON r.task_id = t.id "
+                    "WHERE t.task_name = %s ORDER BY t.recurring_slot", (name,))
+        return cur.fetchall()
+
+
+@pytest.mark.timeout(120)
+def test_runs_of_a_recurring_task_longer_than_its_interval_never_overlap(db, start_processor):
+    # Every 2 s, each run takes 5 s: two processors with idle workers to spare.
+    processors = [start_processor("--numthreads", "2", "--import", "sample_recurring_slow", "--sleepintervalms", "200")
+                  for _ in range(2)]
+    wait_until(lambda: execution_count(db, "slow_recurring:end") >= 3, timeout=60, message="three runs")
+    for processor in processors:
+        assert processor.stop() == 0
+    runs = executions_by_task(db, "slow_recurring")
+    assert all(run["starts"] == 1 for run in runs.values()), runs  # no slot started twice
+    assert_never_overlapping(runs, lambda task_id: recorded_end(db, task_id))
+    slots = slots_of(db, "sample.slow_recurring")
+    # A slot whose run could not start before the next slot was due is missed, not run late.
+    missed = [slot for slot in slots if slot[1] == "missed"]
+    assert missed and all("the next slot of its recurring schedule was due" in slot[4] for slot in missed)
+    for task_id, state, slot, expires_at, _, started_at in slots:
+        assert state in ("succeeded", "missed", "queued"), (task_id, state)
+        assert started_at is None or slot <= started_at < expires_at  # started within its own slot
+
+
+@pytest.mark.timeout(120)
+def test_a_recurring_run_cut_short_by_its_supervisors_death_is_missed_and_never_run_again(db, start_processor):
+    first = start_processor("--numthreads", "1", "--import", "sample_recurring_slow", "--rescue-after", "4")
+    started = wait_until(lambda: executions_by_task(db, "slow_recurring"), timeout=30, message="a run started")
+    [(task_id, run)] = started.items()
+    second = start_processor("--numthreads", "1", "--import", "sample_recurring_slow", "--rescue-after", "4")
+    second.wait_for_log("event=worker.started")
+    os.kill(first.pid, signal.SIGKILL)  # the supervisor alone dies; its worker is orphaned
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.MISSED, timeout=15, message="run missed")
+    [lost] = procqueue.get_task_runs(task_id)
+    assert lost.outcome is RunOutcome.LOST and "is not run again" in lost.error
+    # The next slots run on the live processor, each after the last ended.
+    wait_until(lambda: any(r["end"] and r["pid"] != run["pid"] for r in executions_by_task(db, "slow_recurring").values()),
+               timeout=30, message="a later slot run by the live processor")
+    assert second.stop() == 0
+    runs = executions_by_task(db, "slow_recurring")
+    assert runs[task_id]["starts"] == 1 and runs[task_id]["end"] is None  # cut short, never run again
+    assert [r.outcome for r in procqueue.get_task_runs(task_id)] == [RunOutcome.LOST]
+    assert_never_overlapping(runs, lambda tid: recorded_end(db, tid))

@@ -97,3 +97,27 @@ def test_version_1_database_is_upgraded_in_place(fresh_schema):
         assert cur.fetchone()[0] is not None
         cur.execute(sql.SQL("SELECT task_name FROM {}.tasks").format(table))
         assert cur.fetchall() == [("kept",)]  # data survives the upgrade
+
+
+def test_version_3_database_with_tasks_in_flight_is_upgraded_in_place(fresh_schema):
+    conn, name = fresh_schema
+    table = sql.Identifier(name)
+    with conn.cursor() as cur:  # as version 3 left it, two recurring runs claimed at once included
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(table))
+        cur.execute(sql.SQL("SET search_path TO {}").format(table))
+        cur.execute((REPO / "tests" / "schema_v3.sql").read_text())
+        cur.execute("RESET search_path")
+        cur.execute(sql.SQL("INSERT INTO {}.tasks (task_name, state, recurring_slot, started_at, finished_at) VALUES "
+                            "('done', 'succeeded', NULL, now(), now()), "
+                            "('r', 'running', now() - interval '1 minute', now(), NULL), "
+                            "('r', 'running', now(), now(), NULL)").format(table))
+    assert installed_version(conn, name) == 3
+    assert migrate(conn, name) is True
+    assert installed_version(conn, name) == SCHEMA_VERSION
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT task_name, state, expires_at FROM {}.tasks ORDER BY id").format(table))
+        assert cur.fetchall() == [("done", "succeeded", None), ("r", "running", None), ("r", "running", None)]
+        cur.execute(sql.SQL("UPDATE {}.tasks SET state = 'missed' WHERE task_name = 'done'").format(table))
+        cur.execute("SELECT to_regclass(%s), to_regclass(%s)", (f"{name}.tasks_finished_at", f"{name}.tasks_finished"))
+        assert cur.fetchone() == (None, f"{name}.tasks_finished")  # the retention index counts 'missed' now
+

@@ -1,0 +1,95 @@
+"""Starting while the database cannot be reached: wait for it (alive, not ready), within
+--database-wait; give up at once on what waiting cannot cure; stop on a signal."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import procqueue
+from procqueue import TaskState
+
+import sample_tasks
+from helpers import REPO, ProcessorProcess, http_get, wait_until
+from proxy import CuttableProxy
+
+UNREACHABLE = "postgresql://app:s3cret@127.0.0.1:1/nowhere"
+
+
+def health(processor, *args):
+    return subprocess.run([sys.executable, "-c", "from procqueue.health import main; main()",
+                           "--status-file", str(processor.status_path), *args], capture_output=True, text=True, timeout=30)
+
+
+def run_processor(*args, timeout=60):
+    return subprocess.run([sys.executable, str(REPO / "bin" / "run-task-processor"), "--numthreads", "1", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(90)
+def test_a_processor_waits_for_a_database_that_cannot_be_reached_then_runs(db, database_url, tmp_path):
+    proxy = CuttableProxy(database_url)
+    proxy.cut()  # the database is down (a fail-over, a maintenance window)
+    processor = ProcessorProcess(proxy.url, ["--import", "sample_tasks", "--numthreads", "1", "--metrics-port", "0",
+                                             "--metrics-host", "127.0.0.1"], tmp_path / "processor.log")
+    try:
+        document = processor.wait_for_status(lambda d: d["state"] == "waiting_for_database", message="waiting")
+        assert document["database_up"] is False
+        processor.wait_for_log("event=database.waiting", count=2)  # once per try, with backoff
+        alive, ready = health(processor), health(processor, "--ready")
+        assert alive.returncode == 0 and "healthy: waiting for the database" in alive.stdout
+        assert ready.returncode == 1 and "not ready: waiting for the database" in ready.stderr
+        port = processor.metrics_port()
+        assert http_get(port, "/healthz")[0] == 200 and http_get(port, "/readyz")[0] == 503
+        proxy.restore()
+        processor.wait_for_log("event=worker.started", timeout=30)
+        task_id = sample_tasks.record_task.delay(args=("after the wait",))
+        wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=15, message="ran")
+        wait_until(lambda: health(processor, "--ready").returncode == 0, timeout=10, message="ready")
+        assert http_get(port, "/readyz")[0] == 200
+        assert "Traceback" not in processor.log()
+        assert processor.stop() == 0
+    finally:
+        processor.kill()
+        proxy.close()
+
+
+def test_the_wait_for_the_database_gives_up_after_database_wait():
+    began = time.monotonic()
+    result = run_processor("--database-url", UNREACHABLE, "--database-wait", "2")
+    assert result.returncode == 3
+    assert 2 <= time.monotonic() - began < 15
+    errors = [line for line in result.stderr.splitlines() if line.startswith("procqueue: error:")]
+    assert errors == ["procqueue: error: cannot connect to host=127.0.0.1 port=1 dbname=nowhere user=app "
+                      "password=***: " + errors[0].split("password=***: ", 1)[1]]
+    assert errors[0].endswith("(gave up after --database-wait 2s)")
+    assert "event=database.waiting" in result.stderr
+    assert "s3cret" not in result.stderr + result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_database_that_does_not_exist_is_not_waited_for(database_url):
+    from conftest import _with_database
+
+    began = time.monotonic()
+    result = run_processor("--database-url", _with_database(database_url, "no_such_database_here"))
+    assert result.returncode == 3  # at once, although --database-wait is ten minutes
+    assert time.monotonic() - began < 20
+    assert 'database "no_such_database_here" does not exist' in result.stderr
+    assert "event=database.waiting" not in result.stderr
+
+
+def test_a_stop_signal_ends_the_wait_for_the_database(tmp_path):
+    processor = ProcessorProcess(UNREACHABLE, ["--numthreads", "1"], tmp_path / "processor.log")
+    try:
+        processor.wait_for_log("event=database.waiting")
+        stopped = time.monotonic()
+        assert processor.stop(timeout=15) == 0
+        assert time.monotonic() - stopped < 3
+        assert json.loads(processor.status_path.read_text())["state"] == "stopped"
+    finally:
+        processor.kill()

@@ -1,0 +1,128 @@
+"""What a task starts ends with it: a task that ends abnormally (its timeout, a hard kill,
+its supervisor's death, the shutdown timeout) takes its processes with it, a child in a
+session of its own and a daemon that is nobody's child included; and processes a task
+leaves to exit are reaped, not left as zombies."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+
+import procqueue
+from procqueue import TaskState
+
+import sample_tasks
+from helpers import wait_until
+
+
+def started_processes(pid_dir: Path) -> list:
+    """The child and the daemon a sample task started, once both pid files are written."""
+    files = [pid_dir / "child.pid", pid_dir / "daemon.pid"]
+    wait_until(lambda: all(f.exists() for f in files), timeout=15, message="the task's processes started")
+    return [int(f.read_text()) for f in files]
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def assert_all_gone(pids: list, timeout: float = 5.0) -> None:
+    wait_until(lambda: all(gone(pid) for pid in pids), timeout=timeout,
+               message=lambda: f"processes still alive: {[pid for pid in pids if not gone(pid)]}")
+
+
+@pytest.fixture
+def pid_dir(tmp_path):
+    """Where the task writes its processes' pids; any left alive are killed after the test."""
+    yield tmp_path
+    for pid_file in tmp_path.glob("*.pid"):
+        try:
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def test_a_task_interrupted_at_its_timeout_takes_its_processes_with_it(db, start_processor, pid_dir):
+    processor = start_processor("--numthreads", "1")
+    task_id = sample_tasks.spawn_and_overrun.delay(args=(str(pid_dir),))
+    processes = started_processes(pid_dir)
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.FAILED, timeout=15, message="timed out")
+    assert procqueue.get_task_runs(task_id)[0].outcome.value == "timed_out"
+    assert_all_gone(processes)
+    assert "event=task.processes_stopped" in processor.log()
+    # The worker itself carried on: it handled the timeout, nobody killed it.
+    assert "event=worker.stuck" not in processor.log() and processor.log().count("event=worker.started") == 1
+    assert processor.stop() == 0
+
+
+def test_a_hung_task_is_killed_with_the_processes_it_started(db, start_processor, pid_dir):
+    processor = start_processor("--numthreads", "1")
+    task_id = sample_tasks.spawn_hanging_child.delay(args=(str(pid_dir),))
+    processes = started_processes(pid_dir)
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.FAILED, timeout=20, message="killed")
+    assert_all_gone(processes)
+    assert procqueue.get_task_runs(task_id)[0].outcome.value == "timed_out"
+    assert processor.stop() == 0
+
+
+def test_the_shutdown_timeout_kills_a_task_with_its_processes(db, start_processor, pid_dir):
+    processor = start_processor("--numthreads", "1", "--shutdown-timeout", "1")
+    task_id = sample_tasks.spawn_and_wait.delay(args=(str(pid_dir), 60))
+    processes = started_processes(pid_dir)
+    processor.proc.send_signal(signal.SIGTERM)  # not stop(): its clean-up would kill them for us
+    assert processor.proc.wait(timeout=30) == 0
+    assert_all_gone(processes)
+    task = procqueue.get_task(task_id)
+    assert task.state is TaskState.QUEUED and task.attempts == 0  # put back uncharged, as documented
+
+
+@pytest.mark.timeout(60)
+def test_an_orphaned_worker_stops_its_task_with_its_processes(db, start_processor, pid_dir):
+    processor = start_processor("--numthreads", "1", "--rescue-after", "4")
+    task_id = sample_tasks.spawn_and_wait.delay(args=(str(pid_dir), 60))
+    processes = started_processes(pid_dir)
+    [worker] = psutil.Process(processor.pid).children()
+    os.kill(processor.pid, signal.SIGKILL)
+    assert_all_gone([worker.pid], timeout=10)  # interrupted at 1/4 of --rescue-after, then it leaves
+    assert_all_gone(processes)
+    assert [r.outcome.value for r in procqueue.get_task_runs(task_id)] == ["lost"]
+    assert procqueue.get_task(task_id).state is TaskState.QUEUED
+
+
+@pytest.mark.timeout(60)
+def test_an_orphaned_worker_stuck_in_c_code_kills_its_tasks_processes_before_it_goes(db, start_processor, pid_dir):
+    processor = start_processor("--numthreads", "1", "--rescue-after", "4")
+    sample_tasks.spawn_then_sql_sleep.delay(args=(str(pid_dir), 60))
+    processes = started_processes(pid_dir)
+    [worker] = psutil.Process(processor.pid).children()
+    try:
+        os.kill(processor.pid, signal.SIGKILL)
+        # The interrupt cannot reach pg_sleep; at half of --rescue-after the worker goes,
+        # its task's processes killed just before.
+        # (An exited worker is init's to reap now: a zombie counts as gone.)
+        assert_all_gone([worker.pid], timeout=4 * 3 / 4)
+        assert_all_gone(processes, timeout=1)
+    finally:
+        db.cursor().execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                            "WHERE query LIKE 'SELECT pg_sleep%%' AND pid <> pg_backend_pid()")
+
+
+def test_processes_a_task_leaves_to_exit_are_reaped(db, start_processor):
+    processor = start_processor("--numthreads", "1")
+    task_id = sample_tasks.fork_and_return.delay(args=(30,))
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=15, message="done")
+    [worker] = psutil.Process(processor.pid).children()
+
+    def zombies():
+        return [child for child in worker.children() if child.status() == psutil.STATUS_ZOMBIE]
+
+    # Reaped between tasks, and by an idle worker at each heartbeat (within a second).
+    wait_until(lambda: not zombies(), timeout=5, message=lambda: f"{len(zombies())} zombies under the worker")
+    assert processor.stop() == 0
