@@ -11,7 +11,10 @@ started once it has run that long.
 
 The connection passes between the two threads under one lock: the main thread lends it
 just before a task starts and takes it back (waiting for a flush under way) as soon as
-the task ends, so the two never use it at once.
+the task ends, so the two never use it at once. Should the connection break during the
+loan (the database restarted, the backend was terminated), this thread opens a new one,
+without holding the lock, and carries on with it: outcomes wait no longer for a broken
+connection than the database takes to answer again.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ import contextlib
 import threading
 from typing import TYPE_CHECKING, Iterator, Optional
 
+from .db import is_connection_error
 from .threads import start_deaf
+
+# After a statement failed for its connection, a new one is opened this much later; after
+# a failed attempt to open one, the next comes this much later.
+RETRY_DELAY_SECONDS = 0.05
+RECONNECT_DELAY_SECONDS = 0.5
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -33,6 +42,7 @@ class FlushDuringTasks:
         self.condition = threading.Condition(threading.Lock())
         self.lent = False  # the main thread is in task code: the connection is ours
         self.failed = False  # a flush failed during this loan: leave it to the main thread
+        self.retry_at = 0.0  # after a failed reconnect, when to try again
         self.waiting_for_work = True  # blocked with no deadline: needs a notify to look again
         self.thread = threading.Thread(target=self._run, name="procqueue-flush", daemon=True)
 
@@ -44,7 +54,7 @@ class FlushDuringTasks:
         """Around the running of one task's code."""
         try:
             with self.condition:
-                self.lent, self.failed = True, False
+                self.lent, self.failed, self.retry_at = True, False, 0.0
                 # Woken only when it sleeps with nothing to time: a notify per task would
                 # cost a thread switch per task on a stream of quick ones.
                 if self.waiting_for_work:
@@ -86,6 +96,8 @@ class FlushDuringTasks:
         if not self.lent or self.failed:
             return None
         worker = self.worker
+        if worker.clock() < self.retry_at:
+            return self.retry_at - worker.clock()  # nothing can be done before then
         due = []
         if worker.pending:
             due.append(worker.pending_since + self.flush_after_seconds)
@@ -96,8 +108,41 @@ class FlushDuringTasks:
 
     def _record_progress(self) -> None:
         try:
+            if self.worker.conn is None or self.worker.conn.closed:
+                self._reconnect()
             self.worker.mark_started()
             if self.worker.pending and self.worker.clock() - self.worker.pending_since >= self.flush_after_seconds:
                 self.worker.flush()
-        except BaseException:  # noqa: B902 (the main thread meets the same error and handles it)
-            self.failed = True
+        except ConnectionLost:
+            self.retry_at = self.worker.clock() + RECONNECT_DELAY_SECONDS
+        except BaseException as exc:  # noqa: B902 (the main thread meets the same error and handles it)
+            if is_connection_error(exc) and self.lent:
+                # Closed, not dropped: should the main thread get it back like this, its next
+                # statement fails and it recovers as from any lost connection.
+                self.worker.conn.close()
+                self.retry_at = self.worker.clock() + RETRY_DELAY_SECONDS
+            else:
+                self.failed = True
+
+    def _reconnect(self) -> None:
+        """Open a new connection with the lock released (connecting may take seconds, and
+        the main thread must get the connection back the moment its task ends); use it if
+        the loan lasted, else leave the main thread to recover in its own way."""
+        self.condition.release()
+        try:
+            conn = self.worker.open_connection()
+        except BaseException as exc:  # noqa: B902 (any failure: try again shortly)
+            conn = None
+            failure = exc
+        finally:
+            self.condition.acquire()
+        if conn is None:
+            raise ConnectionLost(failure)
+        if not self.lent:
+            conn.close()
+            raise ConnectionLost("the loan ended while connecting")
+        self.worker.replace_connection(conn)
+
+
+class ConnectionLost(Exception):
+    """The flush thread could not get a working connection this time round."""

@@ -432,11 +432,29 @@ class Worker:
     def ensure_connected(self) -> None:
         if self.conn is not None and not self.conn.closed:
             return
-        self.conn = connect(self.config.database, application_name=f"procqueue-worker-{self.index}")
-        self.queries.listen(self.conn)
+        self.conn = self.open_connection()
         if self.connection_failures:
             self.recover_leases()
             log_event(logger, logging.INFO, "worker.reconnected", worker=self.index)
+
+    def open_connection(self) -> Connection:
+        """A new connection, listening for enqueued work."""
+        conn = connect(self.config.database, application_name=f"procqueue-worker-{self.index}")
+        try:
+            self.queries.listen(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def replace_connection(self, conn: Connection) -> None:
+        """From the flush thread, during a loan: a new connection for one that broke. What
+        this worker holds is unchanged (its leases, its outcomes still to record), so
+        nothing is recovered: the loan's outcomes are recorded on the new one."""
+        if self.conn is not None and not self.conn.closed:
+            self.conn.close()
+        self.conn = conn
+        log_event(logger, logging.INFO, "worker.reconnected", worker=self.index, by="flush thread")
 
     def recover_leases(self) -> None:
         """After a lost connection, settle everything still leased to this worker. A claim

@@ -231,3 +231,18 @@ def overrun_until_dumped() -> None:
 @register_task_handler(task_name="sample.sleep_within_4s", timeout=timedelta(seconds=4))
 def sleep_within_4s(seconds: float) -> None:
     time.sleep(seconds)
+
+
+@register_task_handler(task_name="sample.cut_worker_connection_then_wedge", timeout=timedelta(seconds=1), max_attempts=1)
+def cut_worker_connection_then_wedge() -> None:
+    """Terminates its worker's own database connection (as a restart or an operator's
+    pg_terminate_backend would), then wedges beyond the worker's reach: the batch's
+    finished outcomes must be recorded on a new connection before the supervisor kills it."""
+    import signal
+
+    conn, _ = client.connection()
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name LIKE 'procqueue-worker-%%' AND pid <> pg_backend_pid()")
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
+    time.sleep(120)

@@ -136,6 +136,18 @@ def test_a_batch_records_its_finished_tasks_while_a_later_one_still_runs(db, sta
     assert execution_count(db, "quick") == 1
 
 
+def test_a_batch_records_its_finished_tasks_on_a_new_connection_when_its_own_breaks_mid_task(db, start_processor):
+    processor = start_processor("--numthreads", "1", "--queuepopsize", "10")
+    ids = procqueue.enqueue_many([sample_tasks.record_task.call(args=(f"before the cut {n}",)) for n in range(3)]
+                                 + [sample_tasks.cut_worker_connection_then_wedge.call()])
+    wait_until(lambda: procqueue.get_task(ids[-1]).state is TaskState.FAILED, timeout=20, message="wedged one killed")
+    for n, task_id in enumerate(ids[:3]):  # recorded before the kill: not run again
+        wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=10, message=f"task {n}")
+        assert execution_count(db, f"before the cut {n}") == 1
+    assert 'event=worker.reconnected worker=0 by="flush thread"' in processor.log()
+    assert processor.stop() == 0
+
+
 def test_a_worker_whose_overdue_task_ends_before_the_kill_is_spared_with_its_next_task(db, start_processor):
     # The supervisor judges the first task stuck and signals for a stack dump, which
     # ends that task; by the time SIGKILL is due the worker runs the next task of its
