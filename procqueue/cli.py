@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -211,16 +212,22 @@ def import_task_modules(modules: Tuple[str, ...]) -> None:
 
 def run_processor(config: ProcessorConfig, log_level: str, log_format: str = "text",
                   on_start: Optional[Callable[[], None]] = None, on_stop: Optional[Callable[[], None]] = None) -> int:
+    from .logs import log_event
     from .metrics import MultiprocessMetrics
-    from .supervisor import Supervisor
+    from .supervisor import StoppedWhileStarting, Supervisor, stop_signals_end_the_start
 
     setup_logging(log_level, log_format)
     store = MultiprocessMetrics.create() if config.metrics_port is not None else None
     try:
-        if store is not None:
-            store.enable()  # before task modules are imported: they may create metrics
-        import_task_modules(config.imports)
-        return Supervisor(config, metrics_store=store, on_start=on_start, on_stop=on_stop).run()
+        with stop_signals_end_the_start():
+            if store is not None:
+                store.enable()  # before task modules are imported: they may create metrics
+            import_task_modules(config.imports)
+            return Supervisor(config, metrics_store=store, on_start=on_start, on_stop=on_stop).run()
+    except StoppedWhileStarting as stop:
+        log_event(logging.getLogger("procqueue.supervisor"), logging.INFO, "processor.stopped", exit_code=0,
+                  reason=str(stop), note="stopped while starting")
+        return 0
     finally:
         if store is not None:
             store.remove()

@@ -20,7 +20,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Deque, Dict, Optional
+from typing import Callable, Deque, Dict, Iterator, Optional
 
 from . import client, registry
 from .chores import DatabaseChores, Release
@@ -52,6 +52,29 @@ LOOP_TICK_SECONDS = 0.25
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 _HANDLED_SIGNALS = _STOP_SIGNALS + (signal.SIGCHLD,)
+
+
+class StoppedWhileStarting(BaseException):
+    """A stop signal came before the supervisor's loop could take it (while task modules
+    were imported): there is nothing to drain, and the processor stops as asked, exit 0."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_signals_end_the_start() -> Iterator[None]:
+    """Until Supervisor.run() installs its own handlers, a stop signal (Kubernetes deleting
+    a pod that is still starting) raises StoppedWhileStarting, not the default death."""
+    def stop(signum, frame) -> None:
+        raise StoppedWhileStarting(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @dataclass

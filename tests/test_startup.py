@@ -93,3 +93,18 @@ def test_a_stop_signal_ends_the_wait_for_the_database(tmp_path):
         assert json.loads(processor.status_path.read_text())["state"] == "stopped"
     finally:
         processor.kill()
+
+
+def test_a_stop_signal_while_task_modules_import_stops_the_processor_cleanly(tmp_path, database_url):
+    mark = tmp_path / "importing"
+    processor = ProcessorProcess(database_url, ["--numthreads", "1", "--import", "sample_slow_import"],
+                                 tmp_path / "processor.log", extra_env={"SAMPLE_SLOW_IMPORT_MARK": str(mark)})
+    try:
+        wait_until(mark.exists, timeout=15, message="the slow import under way")  # a pod deleted as it starts
+        stopped = time.monotonic()
+        assert processor.stop(timeout=15) == 0
+        assert time.monotonic() - stopped < 3
+        assert "event=processor.stopped" in processor.log() and "stopped while starting" in processor.log()
+        assert "Traceback" not in processor.log()
+    finally:
+        processor.kill()
