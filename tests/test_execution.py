@@ -36,12 +36,28 @@ def raise_keyboard_interrupt():
     raise KeyboardInterrupt
 
 
+def interrupted_as_orphan():
+    from procqueue.execution import SupervisorGoneError
+
+    raise SupervisorGoneError()  # as the orphaned worker's interrupt lands in a task
+
+
+def report_current_task():
+    from procqueue.execution import current_task
+
+    seen.append(current_task())
+
+
+seen: list = []
+
+
 def raise_unprintable_backoff():
     raise UnprintableBackoff()
 
 
 TASKS = {f"test_execution.{func.__name__}": func
-         for func in (raise_unprintable, call_sys_exit, raise_keyboard_interrupt, raise_unprintable_backoff)}
+         for func in (raise_unprintable, call_sys_exit, raise_keyboard_interrupt, raise_unprintable_backoff,
+                      interrupted_as_orphan, report_current_task)}
 
 
 @pytest.fixture(autouse=True)
@@ -52,11 +68,11 @@ def registered():
     procqueue.registry.unregister(TASKS)
 
 
-def claimed(func, attempts=1, max_attempts=3) -> ClaimedTask:
+def claimed(func, attempts=1, max_attempts=3, recurring_slot=None) -> ClaimedTask:
     now = datetime.now(timezone.utc)
     return ClaimedTask(id=1, task_name=f"test_execution.{func.__name__}", args=[], kwargs={}, queue="default",
                        priority=50, run_at=now, attempts=attempts, max_attempts=max_attempts, timeout_seconds=60,
-                       recurring_slot=None, leased_at=now)
+                       recurring_slot=recurring_slot, leased_at=now)
 
 
 def run(task: ClaimedTask):
@@ -114,3 +130,23 @@ def test_a_worker_records_sys_exit_in_a_task_and_carries_on(db, processor_config
         [run] = procqueue.get_task_runs(task_id)
         assert run.outcome is RunOutcome.FAILED and "SystemExit: 3" in run.error
         assert procqueue.get_task(task_id).state is TaskState.QUEUED
+
+
+def test_a_task_cut_short_by_its_supervisors_death_goes_back_uncharged():
+    outcome = run(claimed(interrupted_as_orphan))
+    assert (outcome.state, outcome.outcome, outcome.refund_attempt) == (TaskState.QUEUED, RunOutcome.LOST, True)
+
+
+def test_a_recurring_run_cut_short_by_its_supervisors_death_is_missed_not_run_again():
+    outcome = run(claimed(interrupted_as_orphan, max_attempts=1, recurring_slot=datetime.now(timezone.utc)))
+    assert (outcome.state, outcome.outcome, outcome.refund_attempt) == (TaskState.MISSED, RunOutcome.LOST, False)
+    assert "is not run again (the next slot is its retry)" in outcome.error
+
+
+def test_a_task_sees_itself_as_the_current_task_and_nothing_does_outside_one():
+    from procqueue.execution import current_task
+
+    task = claimed(report_current_task, attempts=2)
+    seen.clear()
+    run(task)
+    assert seen == [task] and current_task() is None
