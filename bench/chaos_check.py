@@ -1,0 +1,328 @@
+"""The chaos suite's verdict: the invariants procqueue promises, checked after the attack
+against what the tasks wrote themselves (`chaos_executions`), the queue's own tables, and
+the attack log.
+
+Each check returns violations (a broken promise) and figures for the report. A re-run of
+work that had completed is a violation unless a kill explains it: the process that ran
+it was killed within FLUSH_WINDOW_LIMIT seconds of the work ending (its outcome was
+still waiting to be written: at-least-once, as documented).
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+FINAL_STATES = ("succeeded", "failed", "cancelled", "missed")
+# A completed execution run again is explained by a kill of its process at most this long
+# after it ended: outcomes wait up to 0.2 s to be written in a batch, plus the write itself.
+FLUSH_WINDOW_LIMIT = timedelta(seconds=1.0)
+# A recurring run's own `start` row is written just after the database let it start; a
+# start row this much past the slot's end still counts as started in time.
+START_ROW_SLACK = timedelta(seconds=0.5)
+KILLS = ("worker", "node", "supervisor")  # attacks whose pids died at once (the supervisor's alone)
+
+
+@dataclass(frozen=True)
+class Attack:
+    kind: str  # worker, supervisor, node, sigterm, backend, restart_fast, restart_immediate; exit (by itself)
+    at: datetime  # when it struck (UTC)
+    pids: Tuple[int, ...] = ()  # the processes it killed at once
+    node: str = ""  # the processor it hit, by its processor id
+    seconds: Optional[float] = None  # node: rescued after; restart: back after; sigterm: drained in
+    recovered: Optional[float] = None  # restart: until every processor ran tasks again
+    ok: bool = True  # sigterm: the processor exited 0
+
+
+@dataclass(frozen=True)
+class Execution:
+    task_id: int
+    attempt: int
+    pid: int
+    start: datetime
+    end: Optional[datetime]  # its `end` or `fail` row: the task's code got to the end
+    completed: bool  # it wrote `end`: its work was done
+
+
+@dataclass(frozen=True)
+class Task:
+    id: int
+    name: str
+    state: str
+    attempts: int
+    max_attempts: int
+    last_error: Optional[str]
+    run_at: datetime
+    recurring_slot: Optional[datetime]
+    expires_at: Optional[datetime]
+
+
+@dataclass
+class Findings:
+    violations: List[str] = field(default_factory=list)
+    figures: Dict[str, object] = field(default_factory=dict)
+
+    def violate(self, what: str, examples: Sequence[object] = ()) -> None:
+        shown = ", ".join(str(example) for example in list(examples)[:8])
+        self.violations.append(f"{what}" + (f" (e.g. {shown})" if shown else ""))
+
+
+def load_tasks(conn) -> Dict[int, Task]:
+    """The chaos tasks (procqueue's own clean-up task keeps no execution log)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT id, task_name, state, attempts, max_attempts, last_error, run_at, recurring_slot, "
+                    "expires_at FROM procqueue.tasks WHERE task_name LIKE 'chaos.%%'")
+        return {row[0]: Task(*row) for row in cur.fetchall()}
+
+
+def load_executions(conn) -> Dict[int, List[Execution]]:
+    """Every execution of every task, in start order. Rows are paired by (task, pid,
+    attempt): one process runs one attempt of one task at most once (a re-run is another
+    attempt or another process), so a second `start` of an open key is the same row
+    written twice (its first commit's reply was lost to an attack, and it was retried)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT task_id, attempt, event, pid, at FROM public.chaos_executions ORDER BY at")
+        rows = cur.fetchall()
+    open_runs: Dict[Tuple[int, int, int], dict] = {}
+    executions: Dict[int, List[Execution]] = defaultdict(list)
+    for task_id, attempt, event, pid, at in rows:
+        key = (task_id, pid, attempt)
+        if event == "start":
+            open_runs.setdefault(key, {"task_id": task_id, "attempt": attempt, "pid": pid, "start": at})
+        elif key in open_runs:
+            executions[task_id].append(_closed(open_runs.pop(key), at, event == "end"))
+    for run in open_runs.values():
+        executions[run["task_id"]].append(_closed(run, None, False))
+    for runs in executions.values():
+        runs.sort(key=lambda execution: execution.start)
+    return executions
+
+
+def _closed(run: dict, end: Optional[datetime], completed: bool) -> Execution:
+    return Execution(run["task_id"], run["attempt"], run["pid"], run["start"], end, completed)
+
+
+def load_run_ends(conn) -> Dict[int, List[datetime]]:
+    """When each task's runs were recorded as over, in order."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT task_id, finished_at FROM procqueue.task_runs ORDER BY finished_at")
+        ends: Dict[int, List[datetime]] = defaultdict(list)
+        for task_id, finished_at in cur.fetchall():
+            ends[task_id].append(finished_at)
+        return ends
+
+
+def load_stuck_kills(conn) -> Dict[Tuple[int, int], datetime]:
+    """(task, attempt) of each run its supervisor ended by killing the worker, and when."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT task_id, attempt, finished_at FROM procqueue.task_runs "
+                    "WHERE outcome = 'timed_out' AND error LIKE '%%worker killed%%'")
+        return {(task_id, attempt): finished_at for task_id, attempt, finished_at in cur.fetchall()}
+
+
+class Checker:
+    def __init__(self, conn, attacks: Sequence[Attack], *, recurring_cutoff: datetime) -> None:
+        self.tasks = load_tasks(conn)
+        self.executions = load_executions(conn)
+        self.run_ends = load_run_ends(conn)
+        self.stuck_ends = load_stuck_kills(conn)
+        self.attacks = list(attacks)
+        self.kill_times: Dict[int, datetime] = {}
+        for attack in self.attacks:
+            if attack.kind in KILLS:
+                for pid in attack.pids:
+                    self.kill_times.setdefault(pid, attack.at)
+        self.stuck_kills = self.find_stuck_kills()
+        self.recurring_cutoff = recurring_cutoff
+        self.findings = Findings()
+
+    def check(self, orphans: Sequence[str]) -> Findings:
+        self.check_states()
+        self.check_ran_as_recorded()
+        self.check_overlaps()
+        self.check_reruns()
+        self.check_recurring()
+        self.check_processes(orphans)
+        return self.findings
+
+    def find_stuck_kills(self) -> Dict[int, datetime]:
+        """Workers their supervisor killed as stuck, by pid, and when: the process of an
+        execution whose run was recorded `timed_out ... worker killed`."""
+        killed: Dict[int, datetime] = {}
+        for task_id, runs in self.executions.items():
+            for execution in runs:
+                end = self.stuck_ends.get((task_id, execution.attempt))
+                if end is not None and not execution.completed and end >= execution.start:
+                    killed.setdefault(execution.pid, end)
+        return killed
+
+    # -- states ---------------------------------------------------------------------------
+
+    def check_states(self) -> None:
+        states = Counter(task.state for task in self.tasks.values())
+        self.findings.figures["states"] = dict(sorted(states.items()))
+        self.findings.figures["tasks"] = len(self.tasks)
+        running = [task.id for task in self.tasks.values() if task.state == "running"]
+        if running:
+            self.findings.violate(f"{len(running)} tasks left running after every processor stopped", running)
+        stuck = [task.id for task in self.tasks.values()
+                 if task.state == "queued" and task.recurring_slot is None and task.run_at <= self.recurring_cutoff]
+        if stuck:
+            self.findings.violate(f"{len(stuck)} tasks due before the drain still queued after it", stuck)
+        unexplained = [task.id for task in self.tasks.values() if task.state == "failed" and not task.last_error]
+        if unexplained:
+            self.findings.violate(f"{len(unexplained)} tasks failed without a recorded error", unexplained)
+        over = [task.id for task in self.tasks.values() if task.attempts > task.max_attempts]
+        if over:
+            self.findings.violate(f"{len(over)} tasks with more attempts than max_attempts", over)
+
+    def check_ran_as_recorded(self) -> None:
+        """Succeeded: its work was done at least once. Failed: it did start, at least once."""
+        unrun = [t.id for t in self.tasks.values() if t.state == "succeeded"
+                 and not any(e.completed for e in self.executions.get(t.id, []))]
+        if unrun:
+            self.findings.violate(f"{len(unrun)} tasks succeeded without their work being done", unrun)
+        failed_unrun = [t.id for t in self.tasks.values() if t.state == "failed" and not self.executions.get(t.id)]
+        self.findings.figures["failed_unrun"] = len(failed_unrun)
+        if failed_unrun:
+            self.findings.violate(f"{len(failed_unrun)} tasks failed that never started", failed_unrun)
+        causes = Counter(_failure_cause(t.last_error) for t in self.tasks.values() if t.state == "failed")
+        self.findings.figures["failed_by_cause"] = dict(causes.most_common())
+
+    # -- executions -----------------------------------------------------------------------
+
+    def ended_at(self, execution: Execution) -> Optional[datetime]:
+        """When an execution was over for certain: its own end row; else its process's
+        death at our hands; else its run being recorded over (whoever recorded it had
+        seen it stop: the worker after the interrupt, the supervisor after reaping, a
+        rescuer long after the node died)."""
+        if execution.end is not None:
+            return execution.end
+        candidates = [self.kill_times[execution.pid]] if execution.pid in self.kill_times else []
+        candidates += [at for at in self.run_ends.get(execution.task_id, []) if at >= execution.start][:1]
+        candidates = [at for at in candidates if at >= execution.start]
+        return min(candidates) if candidates else None
+
+    def check_overlaps(self) -> None:
+        overlapping, unverifiable = [], []
+        for task_id, runs in self.executions.items():
+            recurring = self.tasks.get(task_id) is not None and self.tasks[task_id].recurring_slot is not None
+            if not recurring:
+                self._find_overlaps(runs, overlapping, unverifiable)
+        recurring_runs = sorted((e for task_id, runs in self.executions.items() for e in runs
+                                 if task_id in self.tasks and self.tasks[task_id].recurring_slot is not None),
+                                key=lambda execution: execution.start)
+        self._find_overlaps(recurring_runs, overlapping, unverifiable)
+        self.findings.figures["overlaps_unverifiable"] = len(unverifiable)
+        if overlapping:
+            self.findings.violate(f"{len(overlapping)} executions ran beside another of the same task", overlapping)
+
+    def _find_overlaps(self, runs: List[Execution], overlapping: list, unverifiable: list) -> None:
+        busy_until: Optional[datetime] = None
+        holder: Optional[Execution] = None
+        for execution in runs:
+            if holder is not None and (busy_until is None or execution.start < busy_until):
+                (unverifiable if busy_until is None else overlapping).append(
+                    f"task {execution.task_id} pid {execution.pid} beside task {holder.task_id} pid {holder.pid}")
+            end = self.ended_at(execution)
+            if busy_until is None or end is None or end > busy_until:
+                busy_until, holder = end, execution
+
+    def database_away(self, start: datetime, end: datetime) -> bool:
+        """Whether a restart of PostgreSQL fell between the two moments (outcomes cannot be
+        written while it is away, nor until its clients have reconnected)."""
+        return any(attack.kind.startswith("restart") and start - FLUSH_WINDOW_LIMIT <= attack.at <= end
+                   for attack in self.attacks)
+
+    def check_reruns(self) -> None:
+        """Work done and then done again: a duplicate, to be explained by a kill of its
+        process while its outcome waited to be written. Work cut short and done again is
+        what at-least-once promises: a retry (the attempt counted: it failed, timed out,
+        or its worker died under it) or a re-run (uncharged: its node or supervisor died,
+        or a drain ran out of time). Those are counted, not judged."""
+        retries, reruns, in_window, in_outage, gaps, unexplained = 0, 0, 0, 0, [], []
+        for task_id, runs in self.executions.items():
+            if task_id in self.tasks and self.tasks[task_id].recurring_slot is not None:
+                continue  # checked by check_recurring: a recurring slot never starts twice
+            for earlier, later in zip(runs, runs[1:]):
+                if not earlier.completed:
+                    if later.attempt > earlier.attempt:
+                        retries += 1
+                    else:
+                        reruns += 1
+                    continue
+                killed_at = self.kill_times.get(earlier.pid) or self.stuck_kills.get(earlier.pid)
+                gap = (killed_at - earlier.end) if killed_at is not None else None
+                if gap is not None and timedelta(0) <= gap <= FLUSH_WINDOW_LIMIT:
+                    in_window += 1
+                    gaps.append(gap.total_seconds())
+                elif gap is not None and gap >= timedelta(0) and self.database_away(earlier.end, killed_at):
+                    in_outage += 1
+                else:
+                    unexplained.append(f"task {task_id} (done by pid {earlier.pid} at {earlier.end:%H:%M:%S.%f})")
+        self.findings.figures["retries"] = retries
+        self.findings.figures["reruns_uncharged"] = reruns
+        self.findings.figures["reruns_in_flush_window"] = in_window
+        self.findings.figures["reruns_in_outage"] = in_outage
+        self.findings.figures["flush_window_max_s"] = max(gaps) if gaps else None
+        if unexplained:
+            self.findings.violate(f"{len(unexplained)} completed tasks ran again with no kill to explain it",
+                                  unexplained)
+
+    # -- recurring ------------------------------------------------------------------------
+
+    def check_recurring(self) -> None:
+        slots = [task for task in self.tasks.values() if task.recurring_slot is not None]
+        self.findings.figures["recurring_slots"] = dict(sorted(Counter(task.state for task in slots).items()))
+        twice = [task.id for task in slots if len(self.executions.get(task.id, [])) > 1]
+        if twice:
+            self.findings.violate(f"{len(twice)} recurring slots started more than once", twice)
+        late, margins = [], []
+        for task in slots:
+            for execution in self.executions.get(task.id, []):
+                margin = execution.start - task.expires_at
+                margins.append(margin.total_seconds())
+                if margin > START_ROW_SLACK:
+                    late.append(f"task {task.id} started {margin.total_seconds():.3f}s after the next slot was due")
+        self.findings.figures["recurring_latest_start_s"] = max(margins) if margins else None
+        if late:
+            self.findings.violate(f"{len(late)} recurring runs started once the next slot was due", late)
+        missed_unexplained = [task.id for task in slots if task.state == "missed" and not task.last_error]
+        if missed_unexplained:
+            self.findings.violate(f"{len(missed_unexplained)} missed slots without a recorded reason",
+                                  missed_unexplained)
+
+    # -- processes ------------------------------------------------------------------------
+
+    def check_processes(self, orphans: Sequence[str]) -> None:
+        self.findings.figures["orphans"] = len(orphans)
+        if orphans:
+            self.findings.violate(f"{len(orphans)} processes outlived the run", orphans)
+        bad_exits = [attack for attack in self.attacks if attack.kind == "sigterm" and not attack.ok]
+        if bad_exits:
+            self.findings.violate(f"{len(bad_exits)} processors did not drain and exit 0 on SIGTERM",
+                                  [attack.node for attack in bad_exits])
+        crashed = [attack.node for attack in self.attacks if attack.kind == "exit"]
+        if crashed:
+            self.findings.violate(f"{len(crashed)} processors exited though nobody stopped them", crashed)
+
+
+def _failure_cause(error: Optional[str]) -> str:
+    """The kind of a failure, from its recorded error, for the report."""
+    text = error or ""
+    for marker, cause in (("flaky:", "raised (flaky)"), ("TaskTimeoutError", "timed out"),
+                          ("past its timeout; worker killed", "timed out (killed)"),
+                          ("killed by signal 9", "worker killed"), ("lost with its processor", "lost 3 times")):
+        if marker in text:
+            return cause
+    return text.strip().splitlines()[-1][:60] if text.strip() else "?"
+
+
+def summarise(values: Iterable[Optional[float]]) -> str:
+    figures = sorted(v for v in values if v is not None)
+    if not figures:
+        return "-"
+    median = figures[len(figures) // 2]
+    return f"median {median:.2f}s, max {figures[-1]:.2f}s (n={len(figures)})"
