@@ -48,6 +48,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     -- A task not started by then never starts: it ends 'missed'. A recurring run's is the
     -- next slot, so runs never bunch up after an outage.
     expires_at      timestamptz,
+    -- How often a rescue put it back from a dead processor.
+    rescues         integer NOT NULL DEFAULT 0,
     created_at      timestamptz NOT NULL DEFAULT now(),
     -- When the current (or last) run started, as far as the database knows: written when
     -- its outcome is recorded, or while it runs (at once for a recurring run, after a
@@ -144,8 +146,10 @@ CREATE INDEX IF NOT EXISTS tasks_failed_by_queue
     ON tasks (queue) WHERE state = 'failed';
 
 -- Version 4: expiring tasks (a recurring run not started before the next slot is missed,
--- never run late), the 'missed' state, and started_at written only once a run started.
+-- never run late), the 'missed' state, started_at written only once a run started, and
+-- a count of rescues.
 ALTER TABLE tasks ADD COLUMN IF NOT EXISTS expires_at timestamptz;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS rescues integer NOT NULL DEFAULT 0;
 ALTER TABLE tasks DROP CONSTRAINT IF EXISTS tasks_state_check;
 ALTER TABLE tasks ADD CONSTRAINT tasks_state_check
     CHECK (state IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'missed'));

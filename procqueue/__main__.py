@@ -1,5 +1,5 @@
 """`python -m procqueue ...`: the same as the `procqueue` command."""
 
-from .cli import procqueue_main
+from .starting import procqueue_main
 
 procqueue_main()

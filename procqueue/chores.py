@@ -177,9 +177,9 @@ class DatabaseChores:
             del self.pending_releases[index]
             for task in released:
                 self.tasks_lost += 1
-                self.count_lost(task, release.outcome)
+                self.count_lost(task, task.outcome)
                 # Named as its run is recorded: a hard-killed overrun is timed_out, not lost.
-                log_event(logger, logging.WARNING, f"task.{release.outcome.value}", task_id=task.task_id,
+                log_event(logger, logging.WARNING, f"task.{task.outcome.value}", task_id=task.task_id,
                           task=task.task_name, worker=index, next=next_step(task), cause=release.cause)
 
     def count_lost(self, task: ReleasedTask, outcome: RunOutcome) -> None:
@@ -218,11 +218,11 @@ class DatabaseChores:
 
     def miss_expired(self, conn: Connection) -> None:
         """End the queued tasks whose time ran out (a recurring run whose next slot is due)."""
-        for task_id, task_name, recurring in self.queries.miss_expired_tasks(conn):
-            if recurring:
-                self.task_metrics.slots_missed(task_name)
-            log_event(logger, logging.WARNING, "task.missed", task_id=task_id, task=task_name,
-                      reason="not started before it expired" + (" (the next slot was due)" if recurring else ""))
+        for task in self.queries.miss_expired_tasks(conn):
+            if task.recurring:
+                self.task_metrics.slots_missed(task.task_name)
+            log_event(logger, logging.WARNING, "task.missed", task_id=task.task_id, task=task.task_name,
+                      reason="not started before it expired" + (" (the next slot was due)" if task.recurring else ""))
 
     def refresh_queue_stats(self, conn: Connection) -> None:
         self.next_queue_stats = self.clock() + QUEUE_STATS_INTERVAL_SECONDS

@@ -214,16 +214,20 @@ def run_processor(config: ProcessorConfig, log_level: str, log_format: str = "te
                   on_start: Optional[Callable[[], None]] = None, on_stop: Optional[Callable[[], None]] = None) -> int:
     from .logs import log_event
     from .metrics import MultiprocessMetrics
-    from .supervisor import StoppedWhileStarting, Supervisor, stop_signals_end_the_start
+    from .starting import StoppedWhileStarting, arm
+    from .supervisor import Supervisor
 
+    starting = arm()  # the entry points armed it already; a program calling this may not have
     setup_logging(log_level, log_format)
     store = MultiprocessMetrics.create() if config.metrics_port is not None else None
     try:
-        with stop_signals_end_the_start():
-            if store is not None:
-                store.enable()  # before task modules are imported: they may create metrics
-            import_task_modules(config.imports)
-            return Supervisor(config, metrics_store=store, on_start=on_start, on_stop=on_stop).run()
+        if store is not None:
+            store.enable()  # before task modules are imported: they may create metrics
+        import_task_modules(config.imports)
+        supervisor = Supervisor(config, metrics_store=store, on_start=on_start, on_stop=on_stop)
+        supervisor.install_signal_handlers()  # from here on a signal is a flag its loop acts on
+        starting.over()
+        return supervisor.run()
     except StoppedWhileStarting as stop:
         log_event(logging.getLogger("procqueue.supervisor"), logging.INFO, "processor.stopped", exit_code=0,
                   reason=str(stop), note="stopped while starting")

@@ -76,8 +76,16 @@ def first_line(exc: BaseException) -> str:
 
 def is_connection_error(exc: BaseException) -> bool:
     """True when the connection itself is gone (server restart, network cut), as opposed
-    to a statement that failed on a healthy connection."""
-    return isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError))
+    to a statement that failed on a healthy connection. psycopg2 says so as an
+    OperationalError or InterfaceError, but a connection that breaks as a reply arrives
+    surfaces as a bare DatabaseError ("server closed the connection unexpectedly"): the
+    connection, closed by then, tells."""
+    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        return True
+    cursor = getattr(exc, "cursor", None)
+    if cursor is not None and cursor.connection.closed:
+        return True
+    return isinstance(exc, psycopg2.DatabaseError) and "server closed the connection" in str(exc)
 
 
 # -- client-side time limits -------------------------------------------------------------

@@ -165,6 +165,10 @@ def _backoff(
 ) -> TaskOutcome:
     message = safe_str(backoff)
     error = clean_text(f"TaskBackoffError: {message}" if message else "TaskBackoffError")
+    if task.recurring_slot is not None:
+        # A recurring run that started never starts again: the next slot is its retry.
+        return TaskOutcome(task.id, TaskState.MISSED, RunOutcome.BACKOFF, started, finished,
+                           error=error + " (a recurring run is not run again: the next slot is its retry)")
     if backoff.delay_until is not None:
         return TaskOutcome(task.id, TaskState.QUEUED, RunOutcome.BACKOFF, started, finished,
                            error=error, retry_at=backoff.delay_until, refund_attempt=True)

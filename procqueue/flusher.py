@@ -43,6 +43,7 @@ class FlushDuringTasks:
         self.lent = False  # the main thread is in task code: the connection is ours
         self.failed = False  # a flush failed during this loan: leave it to the main thread
         self.retry_at = 0.0  # after a failed reconnect, when to try again
+        self.loan = 0  # counts loans: a reconnect that outlived its loan must not touch the next
         self.waiting_for_work = True  # blocked with no deadline: needs a notify to look again
         self.thread = threading.Thread(target=self._run, name="procqueue-flush", daemon=True)
 
@@ -55,6 +56,7 @@ class FlushDuringTasks:
         try:
             with self.condition:
                 self.lent, self.failed, self.retry_at = True, False, 0.0
+                self.loan += 1
                 # Woken only when it sleeps with nothing to time: a notify per task would
                 # cost a thread switch per task on a stream of quick ones.
                 if self.waiting_for_work:
@@ -127,7 +129,9 @@ class FlushDuringTasks:
     def _reconnect(self) -> None:
         """Open a new connection with the lock released (connecting may take seconds, and
         the main thread must get the connection back the moment its task ends); use it if
-        the loan lasted, else leave the main thread to recover in its own way."""
+        the loan lasted, else leave the main thread to recover in its own way (by then it
+        may have reconnected and lent its new connection for another task)."""
+        loan = self.loan
         self.condition.release()
         try:
             conn = self.worker.open_connection()
@@ -138,7 +142,7 @@ class FlushDuringTasks:
             self.condition.acquire()
         if conn is None:
             raise ConnectionLost(failure)
-        if not self.lent:
+        if not self.lent or self.loan != loan:
             conn.close()
             raise ConnectionLost("the loan ended while connecting")
         self.worker.replace_connection(conn)

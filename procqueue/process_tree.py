@@ -11,10 +11,12 @@ SIGTERM to the processes it started, so they may clean up. The worker itself get
 SIGTERM: it would only ask a stuck loop to stop gracefully. Second, a moment later (time
 for the dump to be written): SIGKILL to whatever is still alive.
 
-A worker has no processes of its own: every descendant of a worker belongs to a task it
-ran. When a task ends abnormally (its timeout, its supervisor's death), the worker stops
-them the same two-step way (`stop_descendants`), and between tasks it reaps the ones
-that exited (`reap_exited_children`), so none is left a zombie.
+A worker has no processes of its own: its descendants belong to the tasks it ran, and a
+task's are those started since the task began. When a task ends abnormally (its
+timeout, its supervisor's death), the worker stops those the same two-step way
+(`stop_descendants`), leaving alone what earlier tasks left running on purpose; and
+between tasks it reaps the children that exited (`reap_exited_children`), so none is
+left a zombie.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-from typing import List
+import time
+from typing import List, Optional
 
 import psutil
 
@@ -31,6 +34,7 @@ STACK_DUMP_SIGNAL = signal.SIGUSR1
 # Between SIGTERM to processes being stopped and SIGKILL.
 KILL_GRACE_SECONDS = 0.5
 _PR_SET_CHILD_SUBREAPER = 36
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")  # the unit of a process's start time in /proc
 
 
 def begin_kill(pid: int) -> List[psutil.Process]:
@@ -87,23 +91,46 @@ def adopt_orphans() -> None:
         pass
 
 
-def stop_descendants(grace_seconds: float = KILL_GRACE_SECONDS) -> int:
-    """SIGTERM every process this one started (and theirs), SIGKILL what is left after
-    `grace_seconds`, reap them; returns how many there were."""
-    try:
-        descendants = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return 0
+def boot_clock() -> float:
+    """Now, in seconds since boot: the clock process start times are kept on (/proc)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def stop_descendants(started_since: float, grace_seconds: float = KILL_GRACE_SECONDS) -> int:
+    """SIGTERM every process this one (or one of its descendants) started since
+    `started_since` (boot_clock), SIGKILL what is left after `grace_seconds`, reap them;
+    returns how many there were."""
+    descendants = _descendants_started_since(started_since)
     for proc in descendants:
         _terminate(proc)
     _, alive = psutil.wait_procs(descendants, timeout=grace_seconds) if descendants else ([], [])
     # Anything forked meanwhile, by a process that ignored SIGTERM, goes too.
-    stragglers = alive + _descendants_not_in(descendants)
+    stragglers = alive + [proc for proc in _descendants_started_since(started_since) if proc not in descendants]
     for proc in stragglers:
         _kill(proc)
     psutil.wait_procs(stragglers, timeout=grace_seconds)
     reap_exited_children()
     return len(descendants)
+
+
+def _descendants_started_since(since: float) -> List[psutil.Process]:
+    slack = 1 / _CLOCK_TICKS  # start times are whole ticks, rounded down
+    try:
+        descendants = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return []
+    return [proc for proc in descendants if (_started(proc.pid) or 0.0) >= since - slack]
+
+
+def _started(pid: int) -> Optional[float]:
+    """When process `pid` started, on boot_clock; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            data = stat.read()
+    except OSError:
+        return None
+    # Field 22 (starttime), counted after the command name, which may hold spaces and ')'.
+    return int(data[data.rindex(b")") + 2:].split()[19]) / _CLOCK_TICKS
 
 
 def reap_exited_children() -> int:
@@ -117,13 +144,6 @@ def reap_exited_children() -> int:
         if pid == 0:
             return reaped
         reaped += 1
-
-
-def _descendants_not_in(known: List[psutil.Process]) -> List[psutil.Process]:
-    try:
-        return [proc for proc in psutil.Process().children(recursive=True) if proc not in known]
-    except psutil.Error:
-        return []
 
 
 def _terminate(proc: psutil.Process) -> None:

@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 from psycopg2 import sql
 
 from .records import (
-    ClaimedTask, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord, ScheduledRun, TaskOutcome, TaskRecord,
+    ClaimedTask, ExpiredTask, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord, ScheduledRun, TaskOutcome, TaskRecord,
     TaskState,
 )
 
@@ -156,9 +156,9 @@ class Queries:
     def schedule_recurring(self, conn, names: Iterable[str]) -> List[ScheduledRun]:
         return [ScheduledRun(*row) for row in self._execute(conn, "schedule_recurring", {"names": list(names)})]
 
-    def miss_expired_tasks(self, conn) -> List[Tuple[int, str, bool]]:
-        """End as missed the queued tasks whose time ran out; (id, name, recurring) of each."""
-        return [tuple(row) for row in self._execute(conn, "miss_expired_tasks")]
+    def miss_expired_tasks(self, conn) -> List[ExpiredTask]:
+        """End as missed the queued tasks whose time ran out."""
+        return [ExpiredTask(*row) for row in self._execute(conn, "miss_expired_tasks")]
 
     def seconds_until_next_recurring(self, conn, names: Iterable[str]) -> Optional[float]:
         return self._execute(conn, "seconds_until_next_recurring", {"names": list(names)})[0][0]
@@ -237,8 +237,9 @@ class Queries:
 
 
 def _released(row: tuple) -> ReleasedTask:
-    task_id, task_name, recurring, state, *started = row
-    return ReleasedTask(task_id, task_name, recurring, TaskState(state), *started)
+    task_id, task_name, recurring, state, started, *outcome = row
+    return ReleasedTask(task_id, task_name, recurring, TaskState(state), started,
+                        RunOutcome(outcome[0]) if outcome else RunOutcome.LOST)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ SET state = 'running',
 FROM picked
 WHERE t.id = picked.id
 RETURNING t.id, t.task_name, t.args, t.kwargs, t.queue, t.priority, t.run_at, t.attempts,
-          t.max_attempts, t.timeout_seconds, t.recurring_slot, t.locked_at;
+          t.max_attempts, t.timeout_seconds, t.recurring_slot, t.locked_at, t.rescues;
 
 -- name: start_run
 -- Tell the database a claimed task's run has started (still under the claim that holds
@@ -116,14 +116,17 @@ RETURNING task_id;
 -- The task it was running (%(in_flight)s, started at %(in_flight_started)s) gets a run
 -- with the cause (outcome 'lost', or 'timed_out' when it was killed for overrunning) and,
 -- when %(charge)s, is charged the attempt (not when the processor killed it only to shut
--- down). A recurring run is never run again: charged, it fails; else it is missed.
--- Tasks it had claimed but not started go back untouched: attempt refunded, no run
--- record. Returns the task whose run it recorded.
+-- down). A recurring run that had started (the one in flight, or one that had ended
+-- but whose outcome was not yet written: its start is in the database) is never run
+-- again: in flight and charged, it fails; else it is missed. Tasks it had claimed but
+-- not started go back untouched: attempt refunded, no run record. Returns the tasks
+-- whose run it recorded.
 WITH held AS (
     SELECT t.id,
            coalesce(t.id = %(in_flight)s, false) AS in_flight,
-           coalesce(t.id = %(in_flight)s AND %(charge)s AND t.attempts >= t.max_attempts, false) AS used_up,
-           coalesce(t.id = %(in_flight)s AND t.recurring_slot IS NOT NULL, false) AS recurring_run
+           coalesce(t.id = %(in_flight)s AND %(charge)s, false) AS charged,
+           t.recurring_slot IS NOT NULL AND (coalesce(t.id = %(in_flight)s, false) OR t.started_at IS NOT NULL)
+               AS recurring_run
     FROM {schema}.tasks AS t
     WHERE t.state = 'running'
       AND t.locked_by = %(processor)s
@@ -131,32 +134,35 @@ WITH held AS (
     FOR UPDATE
 ), released AS (
     UPDATE {schema}.tasks AS t
-    SET state = CASE WHEN h.used_up THEN 'failed'
-                     WHEN h.recurring_run AND %(charge)s THEN 'failed'
+    SET state = CASE WHEN h.charged AND (h.recurring_run OR t.attempts >= t.max_attempts) THEN 'failed'
                      WHEN h.recurring_run THEN 'missed'
                      ELSE 'queued' END,
-        attempts = CASE WHEN h.in_flight AND (%(charge)s OR h.recurring_run) THEN t.attempts
-                        ELSE t.attempts - 1 END,
+        attempts = CASE WHEN h.charged OR h.recurring_run THEN t.attempts ELSE t.attempts - 1 END,
         run_at = now(),
-        last_error = CASE WHEN h.in_flight THEN %(error)s ELSE t.last_error END,
-        started_at = CASE WHEN h.in_flight THEN coalesce(t.started_at, %(in_flight_started)s) END,
+        last_error = CASE WHEN h.in_flight THEN %(error)s
+                          WHEN h.recurring_run THEN %(error)s || ' (after the run ended, before its outcome was recorded)'
+                          ELSE t.last_error END,
+        started_at = CASE WHEN h.in_flight OR h.recurring_run THEN coalesce(t.started_at, %(in_flight_started)s) END,
         locked_by = NULL,
         locked_worker = NULL,
         locked_at = NULL,
-        finished_at = CASE WHEN h.used_up OR h.recurring_run THEN now() END
+        finished_at = CASE WHEN h.recurring_run OR (h.charged AND t.attempts >= t.max_attempts) THEN now() END
     FROM held AS h
     WHERE t.id = h.id
-    RETURNING t.id, t.task_name, t.attempts, t.started_at, t.state, t.recurring_slot, h.in_flight
+    RETURNING t.id, t.task_name, t.attempts, t.started_at, t.state, t.recurring_slot, t.last_error, h.in_flight,
+              h.in_flight OR h.recurring_run AS recorded, h.charged OR h.recurring_run AS counted
 ), recorded AS (
     INSERT INTO {schema}.task_runs
         (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
-    SELECT r.id, r.task_name, r.attempts + CASE WHEN %(charge)s OR r.recurring_slot IS NOT NULL THEN 0 ELSE 1 END,
-           r.started_at, now(), %(outcome)s, %(error)s, %(processor)s, %(worker)s
+    SELECT r.id, r.task_name, r.attempts + CASE WHEN r.counted THEN 0 ELSE 1 END,
+           r.started_at, now(), CASE WHEN r.in_flight THEN %(outcome)s ELSE 'lost' END, r.last_error,
+           %(processor)s, %(worker)s
     FROM released AS r
-    WHERE r.in_flight
+    WHERE r.recorded
     RETURNING task_id
 )
-SELECT r.id, r.task_name, r.recurring_slot IS NOT NULL, r.state
+SELECT r.id, r.task_name, r.recurring_slot IS NOT NULL, r.state, true,
+       CASE WHEN r.in_flight THEN %(outcome)s ELSE 'lost' END
 FROM released AS r JOIN recorded ON recorded.task_id = r.id;
 
 -- name: enqueue
@@ -288,7 +294,9 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = now();
 -- rescuers never both win; the task UPDATE re-checks that the task is still running
 -- under that owner.
 -- A task only claimed (started_at NULL: it was waiting its turn in a batch) goes back
--- untouched: attempt refunded, no run record, however often that happens. A task that
+-- untouched: attempt refunded, no run record, however often that happens; only counted
+-- in `rescues`, so that its next run is marked started before it begins (a task that
+-- takes its node down within moments of starting would otherwise never be seen to). A task that
 -- had started gets a 'lost' run and goes back without losing an attempt (its host died,
 -- not it), unless it was lost with its processor %(max_losses)s times: then it fails, as
 -- it may be what kills them. A recurring run that had started never runs again: missed.
@@ -314,6 +322,7 @@ WITH dead AS (
                      WHEN o.started AND o.losses >= %(max_losses)s THEN 'failed'
                      ELSE 'queued' END,
         attempts = CASE WHEN o.recurring_run THEN t.attempts ELSE t.attempts - 1 END,
+        rescues = t.rescues + 1,
         run_at = now(),
         last_error = CASE WHEN NOT o.started THEN t.last_error
                           ELSE 'processor ' || t.locked_by || ' stopped heartbeating; task rescued by '

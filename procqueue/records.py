@@ -58,6 +58,7 @@ class ClaimedTask:
     timeout_seconds: float
     recurring_slot: Optional[datetime]
     leased_at: datetime  # the claim's fencing token: its outcome is recorded only under this lease
+    rescues: int = 0  # how often it was put back from a dead processor (claimed or running)
 
 
 @dataclass
@@ -67,6 +68,7 @@ class RunningTask:
     task: ClaimedTask
     began: float  # the worker's clock when the run began
     started_at: datetime  # the same moment, by the wall clock, as the database records it
+    began_boot: float  # the same moment, on the clock process start times are kept on
     marked: bool = False  # the database has been told it started (start_run)
 
 
@@ -137,10 +139,20 @@ class ReleasedTask:
     recurring: bool
     state: TaskState  # where it went: queued (to run again), failed or missed
     started: bool = True  # it had started (else it was only claimed, and went back untouched)
+    outcome: RunOutcome = RunOutcome.LOST  # how its run was recorded (timed_out: a killed overrun)
 
     @property
     def retrying(self) -> bool:
         return self.state is TaskState.QUEUED
+
+
+@dataclass(frozen=True)
+class ExpiredTask:
+    """A queued task whose expires_at passed before it could start: ended missed."""
+
+    task_id: int
+    task_name: str
+    recurring: bool
 
 
 @dataclass(frozen=True)

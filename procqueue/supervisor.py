@@ -20,7 +20,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Deque, Dict, Iterator, Optional
+from typing import Callable, Deque, Dict, Optional
 
 from . import client, registry
 from .chores import DatabaseChores, Release
@@ -52,29 +52,6 @@ LOOP_TICK_SECONDS = 0.25
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
 _HANDLED_SIGNALS = _STOP_SIGNALS + (signal.SIGCHLD,)
-
-
-class StoppedWhileStarting(BaseException):
-    """A stop signal came before the supervisor's loop could take it (while task modules
-    were imported): there is nothing to drain, and the processor stops as asked, exit 0."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def stop_signals_end_the_start() -> Iterator[None]:
-    """Until Supervisor.run() installs its own handlers, a stop signal (Kubernetes deleting
-    a pod that is still starting) raises StoppedWhileStarting, not the default death."""
-    def stop(signum, frame) -> None:
-        raise StoppedWhileStarting(signum)
-
-    previous = {signum: signal.signal(signum, stop) for signum in _STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 @dataclass
@@ -126,9 +103,9 @@ class Supervisor:
     # -- the run -----------------------------------------------------------------------
 
     def run(self) -> int:
+        self.install_signal_handlers()  # from here on a signal is a flag the loop acts on
         try:
             self.prepare()
-            self.install_signal_handlers()  # a stop signal also ends the wait for the database
             reached = self.wait_for_database()
         except BaseException:
             self.abandon_start()
@@ -287,6 +264,10 @@ class Supervisor:
     # -- signals -----------------------------------------------------------------------
 
     def install_signal_handlers(self) -> None:
+        """Idempotent: the CLI installs them before run() does, so that no signal falls
+        between the handlers it used while starting and these."""
+        if self.previous_handlers:
+            return
         for signum in _HANDLED_SIGNALS:
             self.previous_handlers[signum] = signal.signal(signum, self._queue_signal)
 
@@ -392,14 +373,8 @@ class Supervisor:
         """Collect exited workers. Waits on our own workers' pids only, so a process the
         embedding program started itself is never reaped from under it."""
         for worker in list(self.workers.values()):
-            if not self.has_exited(worker, block):
-                continue
-            try:
-                pid, status = os.waitpid(worker.pid, 0)
-            except ChildProcessError:
-                pid, status = worker.pid, 0
-            if pid == worker.pid:
-                self.on_worker_exit(worker, status)
+            if self.has_exited(worker, block):
+                self.reap(worker)
         if os.getpid() == 1:
             self.reap_orphans()
 
@@ -418,19 +393,31 @@ class Supervisor:
             kill_group(worker.pid)
         return True
 
+    def reap(self, worker: WorkerProcess) -> None:
+        try:
+            _, status = os.waitpid(worker.pid, 0)
+        except ChildProcessError:
+            status = 0
+        self.on_worker_exit(worker, status)
+
     def reap_orphans(self) -> None:
         """As PID 1 in a container we inherit every orphaned process (a task's grandchild
-        whose parent died): reap them so they do not pile up as zombies."""
+        whose parent died): reap them so they do not pile up as zombies. Each exited child
+        is seen before it is reaped, so a worker among them still has its process group
+        killed first (has_exited)."""
         while True:
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
             except ChildProcessError:
                 return
-            if pid == 0:
+            if info is None:
                 return
-            worker = next((w for w in self.workers.values() if w.pid == pid), None)
-            if worker is not None:
-                self.on_worker_exit(worker, status)
+            worker = next((w for w in self.workers.values() if w.pid == info.si_pid), None)
+            if worker is not None and self.has_exited(worker, block=False):
+                self.reap(worker)
+                continue
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(info.si_pid, 0)
 
     def on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
         del self.workers[worker.index]

@@ -31,7 +31,7 @@ from .flusher import FlushDuringTasks
 from .heartbeat import SlotWriter, WorkerState
 from .logs import log_event
 from .metrics import TaskMetrics, result_label
-from .process_tree import reap_exited_children, stop_descendants
+from .process_tree import boot_clock, reap_exited_children, stop_descendants
 from .queries import Queries
 from .selfpipe import SelfPipe
 from .records import ClaimedTask, RunOutcome, RunningTask, TaskOutcome, TaskState
@@ -135,8 +135,8 @@ class Worker:
         interrupted and put back; and should it not return to the interpreter (C code),
         faulthandler's own thread, which needs no GIL, dumps the stack and ends the
         process at half (just before, the lifeline thread kills what the task started:
-        see lifeline_cut). Called from the death-signal
-        handler and from the lifeline thread: sets flags and timers only."""
+        see lifeline_cut). Called from the death-signal handler and from the lifeline
+        thread: sets flags and timers only."""
         if self.orphaned_at is not None:
             return
         self.orphaned_at = self.clock()
@@ -153,7 +153,9 @@ class Worker:
         self.supervisor_gone()
         exit_at = self.orphaned_at + self.config.rescue_after_seconds / 2 - ORPHAN_CLEANUP_LEAD_SECONDS
         time.sleep(max(0.0, exit_at - self.clock()))
-        stop_descendants(grace_seconds=0.0)
+        running = self.current
+        if running is not None:
+            stop_descendants(running.began_boot, grace_seconds=0.0)
 
     def supervisor_gone(self) -> None:
         """The lifeline thread saw the supervisor die (or the loop saw a new parent pid):
@@ -234,23 +236,20 @@ class Worker:
     def run_one(self, task: ClaimedTask) -> Optional[TaskOutcome]:
         """Run one claimed task and queue its outcome; None when it was not run after all
         (a recurring run whose slot passed, or whose previous run is still under way)."""
-        started_at = None
-        if task.recurring_slot is not None:
-            started_at = self.begin_recurring_run(task)
-            if started_at is None:
-                return None
+        started_at = self.begin(task)
+        if started_at is False:
+            return None
         self.board.task_started(task.id, task.timeout_seconds, task.task_name)
-        self.current = RunningTask(task, self.clock(), started_at or utcnow(), marked=started_at is not None)
+        running = self.current = RunningTask(task, self.clock(), started_at or utcnow(), boot_clock(),
+                                             marked=started_at is not None)
         with self.flusher.connection_lent() if self.flusher is not None else contextlib.nullcontext():
             outcome = execute(task, started=started_at)
             # Shown as ended before the connection is taken back, which waits for a flush
             # under way: a flush stalled on a lock must not leave a finished task showing
             # as running to its deadline, to be killed and charged a timeout it never had.
             self.board.task_finished(failed=outcome.outcome is not RunOutcome.SUCCEEDED)
-        ran_long = self.clock() - self.current.began >= FLUSH_AFTER_SECONDS or self.current.marked
         self.current = None
         self.board.set_state(WorkerState.IDLE)
-        self.after_task(outcome)
         self.tasks_run += 1
         self.record_metrics(task, outcome)
         self.check_recycling()
@@ -262,9 +261,29 @@ class Worker:
         # flush, the slot would count as lost), and a task that ran long or was marked
         # started (one more round trip is nothing next to its run, and its outcome is not
         # left to the flush window).
+        ran_long = self.clock() - running.began >= FLUSH_AFTER_SECONDS or running.marked
         if ran_long or task.recurring_slot is not None or self.clock() - self.pending_since >= FLUSH_AFTER_SECONDS:
             self.flush()
+        self.after_task(outcome, running)
         return outcome
+
+    def begin(self, task: ClaimedTask):
+        """Before a task's function is called: the database is told it started when that
+        cannot wait for the flush thread. A recurring run, which never starts twice; and a
+        task a rescue put back before (its node died while it was claimed), which may be
+        what kills nodes: told at once, a run that takes its node down within the flush
+        thread's 0.2 s still counts towards failing it. Returns that start, None when the
+        database need not know yet, or False when the task may not run now (put back)."""
+        if task.recurring_slot is not None:
+            return self.begin_recurring_run(task) or False
+        if not task.rescues:
+            return None
+        started_at = self.queries.start_run(self.conn, processor=self.processor_id, worker=self.index, task=task)
+        if started_at is None:  # taken back meanwhile (this worker was thought dead): not ours to run
+            self.leases.pop(task.id, None)
+            log_event(logger, logging.WARNING, "task.lease_lost", task_id=task.id, worker=self.index)
+            return False
+        return started_at
 
     def begin_recurring_run(self, task: ClaimedTask) -> Optional[datetime]:
         """Mark a recurring run started in the database before its function is called: from
@@ -280,15 +299,18 @@ class Worker:
                       worker=self.index, reason="the previous slot's run is still under way")
             return None
         if started_at is None:
-            self._put_back(task, 0.0)
-            log_event(logger, logging.INFO, "recurring.not_started", task_id=task.id, task=task.task_name,
-                      worker=self.index, reason="its slot passed before it could start")
+            if self._put_back(task, 0.0):
+                log_event(logger, logging.INFO, "recurring.not_started", task_id=task.id, task=task.task_name,
+                          worker=self.index, reason="its slot passed before it could start")
+            else:
+                log_event(logger, logging.WARNING, "task.lease_lost", task_id=task.id, worker=self.index)
         return started_at
 
-    def _put_back(self, task: ClaimedTask, delay_seconds: float) -> None:
-        self.queries.put_back(self.conn, processor=self.processor_id, worker=self.index, task=task,
-                              delay_seconds=delay_seconds)
+    def _put_back(self, task: ClaimedTask, delay_seconds: float) -> bool:
+        """False when the task was no longer ours to put back."""
         self.leases.pop(task.id, None)
+        return self.queries.put_back(self.conn, processor=self.processor_id, worker=self.index, task=task,
+                                     delay_seconds=delay_seconds)
 
     def mark_started(self) -> None:
         """From the flush thread, with the connection lent: tell the database the task in
@@ -301,11 +323,12 @@ class Worker:
                                started_at=current.started_at)
         current.marked = True
 
-    def after_task(self, outcome: TaskOutcome) -> None:
+    def after_task(self, outcome: TaskOutcome, running: RunningTask) -> None:
         """A task interrupted (its timeout, its supervisor's death) had no chance to stop
-        the processes it started: they are stopped with it. Any that exited are reaped."""
+        the processes it started: they are stopped with it, once its outcome is safe (what
+        earlier tasks left running is not its). Any child that exited is reaped."""
         if outcome.outcome in (RunOutcome.TIMED_OUT, RunOutcome.LOST):
-            stopped = stop_descendants()
+            stopped = stop_descendants(running.began_boot)
             if stopped:
                 log_event(logger, logging.WARNING, "task.processes_stopped", task_id=outcome.task_id,
                           worker=self.index, count=stopped)
@@ -501,6 +524,6 @@ class Worker:
         if outcome.outcome is RunOutcome.SUCCEEDED:
             log_event(logger, logging.INFO, "task.succeeded", **fields)
             return
-        next_step = "retry" if outcome.state is TaskState.QUEUED else "failed"
+        next_step = {TaskState.QUEUED: "retry", TaskState.MISSED: "missed"}.get(outcome.state, "failed")
         log_event(logger, logging.WARNING, f"task.{outcome.outcome.value}", **fields, next=next_step,
                   error=outcome.summary or outcome.error or "")

@@ -48,6 +48,8 @@ def wedged() -> None:
     timeout signal cannot reach it, only the supervisor can."""
     import signal
 
+    if os.environ.get("SAMPLE_WEDGED_MARK"):  # tell a test the moment it began
+        open(os.environ["SAMPLE_WEDGED_MARK"], "w").close()
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     time.sleep(120)
 
@@ -118,6 +120,19 @@ def spawn_then_sql_sleep(pid_dir: str, seconds: float) -> None:
     conn, _ = client.connection()
     with conn.cursor() as cur:
         cur.execute("SELECT pg_sleep(%s)", (seconds,))
+
+
+@register_task_handler(task_name="sample.child_in_group_then_wait", timeout=timedelta(seconds=60))
+def child_in_group_then_wait(pid_dir: str) -> None:
+    """Starts a plain child (it stays in the worker's process group), then waits to be
+    killed with its worker."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    Path(pid_dir, "child.pid").write_text(str(child.pid))
+    time.sleep(60)
 
 
 @register_task_handler(task_name="sample.fork_and_return")
@@ -242,6 +257,9 @@ def cut_worker_connection_then_wedge() -> None:
 
     conn, _ = client.connection()
     with conn.cursor() as cur:
+        # What the test is about: outcomes of the batch still waiting to be written.
+        cur.execute("SELECT count(*) FROM procqueue.tasks WHERE state = 'running' AND task_name = 'sample.record'")
+        record(f"unwritten before the cut: {cur.fetchone()[0]}")
         cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE application_name LIKE 'procqueue-worker-%%' AND pid <> pg_backend_pid()")
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})

@@ -72,7 +72,7 @@ def test_kubernetes_probe_runs_the_health_command():
     [deployment] = yaml.safe_load_all((DEPLOY / "kubernetes" / "processor.yaml").read_text())
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     assert container["livenessProbe"]["exec"]["command"] == ["procqueue-health"]
-    assert container["readinessProbe"]["httpGet"]["path"] in ENDPOINTS
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz" and "/readyz" in ENDPOINTS
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["PROCQUEUE_METRICS_PORT"] == str(container["ports"][0]["containerPort"])
 

@@ -42,6 +42,10 @@ def interrupted_as_orphan():
     raise SupervisorGoneError()  # as the orphaned worker's interrupt lands in a task
 
 
+def ask_for_backoff():
+    raise TaskBackoffError()
+
+
 def report_current_task():
     from procqueue.execution import current_task
 
@@ -57,7 +61,7 @@ def raise_unprintable_backoff():
 
 TASKS = {f"test_execution.{func.__name__}": func
          for func in (raise_unprintable, call_sys_exit, raise_keyboard_interrupt, raise_unprintable_backoff,
-                      interrupted_as_orphan, report_current_task)}
+                      interrupted_as_orphan, report_current_task, ask_for_backoff)}
 
 
 @pytest.fixture(autouse=True)
@@ -150,3 +154,10 @@ def test_a_task_sees_itself_as_the_current_task_and_nothing_does_outside_one():
     seen.clear()
     run(task)
     assert seen == [task] and current_task() is None
+
+
+def test_a_recurring_run_asking_for_a_backoff_is_missed_not_run_again_in_its_slot():
+    outcome = run(claimed(ask_for_backoff, max_attempts=1, recurring_slot=datetime.now(timezone.utc)))
+    assert (outcome.state, outcome.outcome) == (TaskState.MISSED, RunOutcome.BACKOFF)
+    assert "the next slot is its retry" in outcome.error
+    assert (run(claimed(ask_for_backoff)).state, run(claimed(ask_for_backoff)).refund_attempt) == (TaskState.QUEUED, True)

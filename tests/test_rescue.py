@@ -9,14 +9,24 @@ from datetime import timedelta
 
 import pytest
 
-from procqueue import TaskState
+from procqueue import TaskState, client, current_task, register_task_handler
 from procqueue.chores import RESCUES_BEFORE_FAILING
 from procqueue.queries import Queries
-from procqueue.records import ReleasedTask, RunOutcome
+from procqueue.records import ExpiredTask, ReleasedTask, RunOutcome
 
 import sample_tasks
 
 queries = Queries("procqueue")
+started_when_run = {}
+
+
+@register_task_handler(task_name="test_rescue.report_started")
+def report_started() -> None:
+    """Notes whether the database knew this run had started when its function began."""
+    conn, _ = client.connection()
+    with conn.cursor() as cur:
+        cur.execute("SELECT started_at IS NOT NULL FROM procqueue.tasks WHERE id = %s", (current_task().id,))
+        started_when_run[current_task().id] = cur.fetchone()[0]
 
 
 def claim_as(db, processor, limit=10):
@@ -48,6 +58,7 @@ def test_a_task_only_claimed_by_dying_hosts_goes_back_untouched_however_often(db
         [claimed] = claim_as(db, f"host-{death}")
         assert claimed.id == task_id and claimed.attempts == 1
         assert rescue(db) == [ReleasedTask(task_id, "sample.record_once", False, TaskState.QUEUED, started=False)]
+        assert queries.get_task(db, task_id).attempts == 0
     task = queries.get_task(db, task_id)
     assert (task.state, task.attempts, task.last_error, task.started_at) == (TaskState.QUEUED, 0, None, None)
     assert runs(db, task_id) == []  # nothing ran, so nothing is recorded
@@ -105,7 +116,7 @@ def test_a_recurring_run_past_its_slot_never_starts_and_ends_missed(db):
     assert queries.start_run(db, processor="host", worker=0, task=claimed) is None
     assert queries.put_back(db, processor="host", worker=0, task=claimed)
     assert claim_as(db, "another") == []  # past its slot: never claimed
-    assert queries.miss_expired_tasks(db) == [(task_id, "r.every_minute", True)]
+    assert queries.miss_expired_tasks(db) == [ExpiredTask(task_id, "r.every_minute", True)]
     task = queries.get_task(db, task_id)
     assert task.state is TaskState.MISSED and "the next slot of its recurring schedule was due" in task.last_error
     assert (task.attempts, runs(db, task_id)) == (0, [])  # it never ran
@@ -144,3 +155,46 @@ def test_a_dead_workers_unstarted_tasks_go_back_untouched_and_its_task_in_hand_i
     assert (released.task_id, released.state) == (in_hand, TaskState.QUEUED)
     assert runs(db, in_hand) == [("lost", 1)] and queries.get_task(db, in_hand).attempts == 1
     assert runs(db, waiting) == [] and queries.get_task(db, waiting).attempts == 0
+
+
+def test_a_dead_workers_recurring_run_that_ended_unrecorded_is_missed_not_run_again(db):
+    # It ran and ended; the worker died before writing its outcome, between tasks (the
+    # slot shows nothing in flight). Its start is in the database: it must not run again.
+    task_id = recurring_run(db)
+    [claimed] = claim_as(db, "host")
+    queries.start_run(db, processor="host", worker=0, task=claimed)
+    [released] = queries.release_worker_tasks(db, processor="host", worker=0, in_flight=None,
+                                              error="worker 0 killed by signal 9")
+    assert (released.task_id, released.state, released.outcome) == (task_id, TaskState.MISSED, RunOutcome.LOST)
+    assert runs(db, task_id) == [("lost", 1)]
+    assert "before its outcome was recorded" in queries.get_task(db, task_id).last_error
+    assert claim_as(db, "another") == []
+
+
+def test_a_task_put_back_by_a_rescue_says_so_to_its_next_claim(db):
+    # So the worker tells the database at once that it started: a task that takes its
+    # node down within moments would otherwise never count as having started.
+    task_id = sample_tasks.record_task.delay(args=("claimed when its host died",))
+    assert claim_as(db, "host")[0].rescues == 0
+    rescue(db)
+    [again] = claim_as(db, "another")
+    assert (again.id, again.rescues) == (task_id, 1)
+
+
+def test_a_rescued_task_is_marked_started_before_its_function_runs(db, processor_config):
+    from procqueue.worker import Worker
+
+    rescued = report_started.delay()
+    claim_as(db, "host")
+    rescue(db)
+    fresh = report_started.delay()
+    worker = Worker(processor_config, processor_id="alive", index=0)
+    worker.recurring_names = []
+    worker.ensure_connected()
+    try:
+        assert worker.step() == 2
+    finally:
+        worker.close()
+    # The quick fresh one is left to its outcome (no write of its own); the one a rescue
+    # put back is told at once, so a node it takes down counts it as started.
+    assert started_when_run == {rescued: True, fresh: False}

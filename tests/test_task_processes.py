@@ -5,6 +5,7 @@ leaves to exit are reaped, not left as zombies."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -112,6 +113,19 @@ def test_an_orphaned_worker_stuck_in_c_code_kills_its_tasks_processes_before_it_
     finally:
         db.cursor().execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                             "WHERE query LIKE 'SELECT pg_sleep%%' AND pid <> pg_backend_pid()")
+
+
+def test_a_worker_killed_from_outside_takes_its_tasks_processes_with_it(db, start_processor, pid_dir):
+    processor = start_processor("--numthreads", "1", "--shutdown-timeout", "1")
+    task_id = sample_tasks.child_in_group_then_wait.delay(args=(str(pid_dir),))
+    wait_until(lambda: (pid_dir / "child.pid").exists(), timeout=15, message="the task's child started")
+    child = int((pid_dir / "child.pid").read_text())
+    [worker] = psutil.Process(processor.pid).children()
+    os.kill(worker.pid, signal.SIGKILL)  # the OOM killer, an operator: nobody asks the worker
+    assert_all_gone([child])  # its process group, killed as the supervisor reaps it
+    wait_until(lambda: procqueue.get_task_runs(task_id), timeout=10, message="its run recorded")
+    assert procqueue.get_task_runs(task_id)[0].outcome.value == "lost"
+    assert processor.stop() == 0
 
 
 def test_processes_a_task_leaves_to_exit_are_reaped(db, start_processor):

@@ -344,3 +344,15 @@ def test_failure_log_line_names_the_error_not_its_hint(worker, caplog):
         assert "HINT" not in line
     finally:
         procqueue.registry.unregister(["test_worker.bad_sql"])
+
+
+def test_a_connection_that_broke_as_its_reply_arrived_is_a_lost_connection_not_a_failed_statement():
+    import psycopg2
+    import psycopg2.errors
+
+    from procqueue.db import is_connection_error
+
+    # What psycopg2 raises when the server goes away mid-reply: a bare DatabaseError.
+    assert is_connection_error(psycopg2.DatabaseError("server closed the connection unexpectedly\n\t..."))
+    assert is_connection_error(psycopg2.OperationalError("could not connect"))
+    assert not is_connection_error(psycopg2.errors.UniqueViolation("duplicate key value"))
