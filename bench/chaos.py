@@ -187,6 +187,46 @@ class Tally:
     by_kind: Dict[str, int] = field(default_factory=dict)
 
 
+class DeathWatch:
+    """When each worker process died, as seen every WATCH_SECONDS: an execution cut short
+    is over for certain once its process is gone (a zombie counts as gone)."""
+
+    WATCH_SECONDS = 0.1
+
+    def __init__(self, run: "Run") -> None:
+        self.run = run
+        self.tracked: set = set()
+        self.deaths: Dict[int, datetime] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.watch, name="death-watch", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def watch(self) -> None:
+        while not self.stop.wait(self.WATCH_SECONDS):
+            self.look()
+        self.look()
+
+    def look(self) -> None:
+        supervisors = {node.pid for node in self.run.nodes if node.proc.poll() is None}
+        alive = set()
+        for proc in psutil.process_iter(["ppid", "status"]):
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            alive.add(proc.pid)
+            if proc.info["ppid"] in supervisors:
+                self.tracked.add(proc.pid)  # a worker
+        now = utcnow()
+        for pid in self.tracked - alive:
+            self.deaths.setdefault(pid, now)
+
+    def finish(self) -> Dict[int, datetime]:
+        self.stop.set()
+        self.thread.join(10)
+        return dict(self.deaths)
+
+
 class Run:
     def __init__(self, options: argparse.Namespace, directory: Path) -> None:
         self.options = options
@@ -201,6 +241,7 @@ class Run:
         self.tally = Tally()
         self.stop_producing = threading.Event()
         self.background: List[threading.Thread] = []
+        self.deaths = DeathWatch(self)
 
     # -- processors ---------------------------------------------------------------------
 
@@ -339,6 +380,7 @@ class Run:
         """The supervisor alone (the OOM killer's pick, kill -9 of its pid): its workers,
         orphaned, must finish or hand back their tasks and leave."""
         node = self.victim()
+        self.deaths.tracked.update(worker.pid for worker in node.workers())  # orphans from now on
         node.proc.kill()
         at = utcnow()
         node.gone = True
@@ -490,6 +532,18 @@ class Run:
                 proc.kill()
         return found
 
+    def keep_evidence(self, deaths: Dict[int, datetime]) -> None:
+        """For the post-mortem: the queue's tables, the execution log, the attacks and the
+        deaths the harness saw, as CSV and text beside the processors' logs."""
+        with contextlib.closing(self.db.connect()) as conn, conn.cursor() as cur:
+            for table in ("procqueue.tasks", "procqueue.task_runs", "public.chaos_executions"):
+                with open(self.directory / f"{table.split('.')[1]}.csv", "w") as out:
+                    cur.copy_expert(f"COPY {table} TO STDOUT WITH CSV HEADER", out)
+        with open(self.directory / "attacks.txt", "w") as out:
+            out.writelines(f"{attack}\n" for attack in self.attacks)
+        with open(self.directory / "deaths.txt", "w") as out:
+            out.writelines(f"{pid} {at.isoformat()}\n" for pid, at in sorted(deaths.items()))
+
     def kill_everything(self) -> None:
         for proc in processes_marked(RUN_MARKER, self.marker):
             with contextlib.suppress(psutil.Error):
@@ -524,7 +578,8 @@ def report(run: Run, findings: Findings, seconds: float, drained: bool) -> str:
         f"postgres away (restart)        {summarise(a.seconds for a in run.attacks if a.kind.startswith('restart'))}",
         f"all processors back after it   {summarise(a.recovered for a in run.attacks if a.kind.startswith('restart'))}",
         f"SIGTERM to exit 0              {summarise(a.seconds for a in run.attacks if a.kind == 'sigterm' and a.ok)}",
-        f"orphan processes    {figures.get('orphans')}; overlaps unverifiable {figures.get('overlaps_unverifiable')}",
+        f"orphan processes    {figures.get('orphans')}; executions whose end is unknown "
+        f"{figures.get('overlaps_unverifiable')}",
     ]
     if findings.violations:
         lines += [f"VIOLATIONS ({len(findings.violations)}):"] + [f"  - {v}" for v in findings.violations]
@@ -581,6 +636,7 @@ def chaos(options: argparse.Namespace) -> int:
         run.db.prepare()
         for _ in range(options.processors):
             run.start_node()
+        run.deaths.start()
         producer = threading.Thread(target=run.produce, name="producer", daemon=True)
         began = time.monotonic()
         producer.start()
@@ -591,16 +647,21 @@ def chaos(options: argparse.Namespace) -> int:
         recurring_cutoff = utcnow()
         unclean_stops = run.stop_nodes()
         orphans = run.orphans()
+        deaths = run.deaths.finish()
         for thread in run.background:
             thread.join(timeout=5)
         with contextlib.closing(run.db.connect()) as conn:
-            findings = Checker(conn, run.attacks, recurring_cutoff=recurring_cutoff).check(orphans)
+            checker = Checker(conn, run.attacks, deaths=deaths, recurring_cutoff=recurring_cutoff,
+                              enqueued=run.tally.enqueued)
+            findings = checker.check(orphans)
         if not drained:
             findings.violate("the queue did not drain within --drain-timeout")
         if unclean_stops:
             findings.violate("processors stopped at the end did not drain and exit 0", unclean_stops)
         print(report(run, findings, time.monotonic() - began, drained))
         violated = bool(findings.violations)
+        if violated or options.keep:
+            run.keep_evidence(deaths)
         return 1 if violated else 0
     finally:
         with deferred_interrupts():

@@ -19,10 +19,9 @@ FINAL_STATES = ("succeeded", "failed", "cancelled", "missed")
 # A completed execution run again is explained by a kill of its process at most this long
 # after it ended: outcomes wait up to 0.2 s to be written in a batch, plus the write itself.
 FLUSH_WINDOW_LIMIT = timedelta(seconds=1.0)
-# A recurring run's own `start` row is written just after the database let it start; a
-# start row this much past the slot's end still counts as started in time.
-START_ROW_SLACK = timedelta(seconds=0.5)
-KILLS = ("worker", "node", "supervisor")  # attacks whose pids died at once (the supervisor's alone)
+KILLS = ("worker", "node", "supervisor")
+# A restart whose recovery was not measured is allowed this long for its clients to return.
+RECOVERY_ALLOWANCE_S = 5.0  # attacks whose pids died at once (the supervisor's alone)
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,7 @@ class Execution:
     attempt: int
     pid: int
     start: datetime
-    end: Optional[datetime]  # its `end` or `fail` row: the task's code got to the end
+    end: Optional[datetime]  # its `end`, `fail` or `interrupted` row: the task's code was over
     completed: bool  # it wrote `end`: its work was done
 
 
@@ -91,7 +90,7 @@ def load_executions(conn) -> Dict[int, List[Execution]]:
         key = (task_id, pid, attempt)
         if event == "start":
             open_runs.setdefault(key, {"task_id": task_id, "attempt": attempt, "pid": pid, "start": at})
-        elif key in open_runs:
+        elif key in open_runs:  # end, fail or interrupted: the task's code is over
             executions[task_id].append(_closed(open_runs.pop(key), at, event == "end"))
     for run in open_runs.values():
         executions[run["task_id"]].append(_closed(run, None, False))
@@ -104,14 +103,28 @@ def _closed(run: dict, end: Optional[datetime], completed: bool) -> Execution:
     return Execution(run["task_id"], run["attempt"], run["pid"], run["start"], end, completed)
 
 
-def load_run_ends(conn) -> Dict[int, List[datetime]]:
-    """When each task's runs were recorded as over, in order."""
+def load_run_ends(conn) -> Dict[Tuple[int, int], List[datetime]]:
+    """When each (task, attempt)'s runs were recorded over by the worker that ran them or
+    the supervisor that reaped it: either saw the run stop. (A rescuer's record, worker
+    NULL, is left out: it is written without seeing anything stop.)"""
     with conn.cursor() as cur:
-        cur.execute("SELECT task_id, finished_at FROM procqueue.task_runs ORDER BY finished_at")
-        ends: Dict[int, List[datetime]] = defaultdict(list)
-        for task_id, finished_at in cur.fetchall():
-            ends[task_id].append(finished_at)
+        cur.execute("SELECT task_id, attempt, finished_at FROM procqueue.task_runs WHERE worker IS NOT NULL "
+                    "ORDER BY finished_at")
+        ends: Dict[Tuple[int, int], List[datetime]] = defaultdict(list)
+        for task_id, attempt, finished_at in cur.fetchall():
+            ends[(task_id, attempt)].append(finished_at)
         return ends
+
+
+def load_run_starts(conn) -> Dict[int, List[datetime]]:
+    """When the database recorded each task's runs as started (for a recurring run, the
+    moment it was allowed to start)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT task_id, started_at FROM procqueue.task_runs WHERE started_at IS NOT NULL")
+        starts: Dict[int, List[datetime]] = defaultdict(list)
+        for task_id, started_at in cur.fetchall():
+            starts[task_id].append(started_at)
+        return starts
 
 
 def load_stuck_kills(conn) -> Dict[Tuple[int, int], datetime]:
@@ -123,17 +136,24 @@ def load_stuck_kills(conn) -> Dict[Tuple[int, int], datetime]:
 
 
 class Checker:
-    def __init__(self, conn, attacks: Sequence[Attack], *, recurring_cutoff: datetime) -> None:
+    def __init__(self, conn, attacks: Sequence[Attack], *, deaths: Dict[int, datetime], recurring_cutoff: datetime,
+                 enqueued: int) -> None:
         self.tasks = load_tasks(conn)
         self.executions = load_executions(conn)
+        self.run_starts = load_run_starts(conn)
         self.run_ends = load_run_ends(conn)
         self.stuck_ends = load_stuck_kills(conn)
         self.attacks = list(attacks)
+        self.enqueued = enqueued
         self.kill_times: Dict[int, datetime] = {}
         for attack in self.attacks:
             if attack.kind in KILLS:
                 for pid in attack.pids:
                     self.kill_times.setdefault(pid, attack.at)
+        # When each process died: killed by the attacker, or seen gone by the harness.
+        self.deaths = dict(deaths)
+        for pid, at in self.kill_times.items():
+            self.deaths[pid] = min(at, self.deaths.get(pid, at))
         self.stuck_kills = self.find_stuck_kills()
         self.recurring_cutoff = recurring_cutoff
         self.findings = Findings()
@@ -174,6 +194,12 @@ class Checker:
         unexplained = [task.id for task in self.tasks.values() if task.state == "failed" and not task.last_error]
         if unexplained:
             self.findings.violate(f"{len(unexplained)} tasks failed without a recorded error", unexplained)
+        missed = [task.id for task in self.tasks.values() if task.state == "missed" and task.recurring_slot is None]
+        if missed:
+            self.findings.violate(f"{len(missed)} tasks that are not recurring runs ended missed", missed)
+        present = sum(1 for task in self.tasks.values() if task.recurring_slot is None)
+        if present < self.enqueued:
+            self.findings.violate(f"{self.enqueued - present} enqueued tasks are not in the queue at all")
         over = [task.id for task in self.tasks.values() if task.attempts > task.max_attempts]
         if over:
             self.findings.violate(f"{len(over)} tasks with more attempts than max_attempts", over)
@@ -194,30 +220,33 @@ class Checker:
     # -- executions -----------------------------------------------------------------------
 
     def ended_at(self, execution: Execution) -> Optional[datetime]:
-        """When an execution was over for certain: its own end row; else its process's
-        death at our hands; else its run being recorded over (whoever recorded it had
-        seen it stop: the worker after the interrupt, the supervisor after reaping, a
-        rescuer long after the node died)."""
+        """When an execution was over for certain: its own last row (end, fail, or
+        interrupted on its way out); else the earliest of its process's death (killed by
+        the attacker, or seen gone by the harness, up to 0.1 s late) and its run's
+        record by the worker or the supervisor that reaped it."""
         if execution.end is not None:
             return execution.end
-        candidates = [self.kill_times[execution.pid]] if execution.pid in self.kill_times else []
-        candidates += [at for at in self.run_ends.get(execution.task_id, []) if at >= execution.start][:1]
-        candidates = [at for at in candidates if at >= execution.start]
-        return min(candidates) if candidates else None
+        bounds = [self.deaths.get(execution.pid)]
+        bounds += self.run_ends.get((execution.task_id, execution.attempt), [])
+        bounds = [at for at in bounds if at is not None and at >= execution.start]
+        return min(bounds) if bounds else None
 
     def check_overlaps(self) -> None:
         overlapping, unverifiable = [], []
+        recurring: Dict[str, List[Execution]] = defaultdict(list)
         for task_id, runs in self.executions.items():
-            recurring = self.tasks.get(task_id) is not None and self.tasks[task_id].recurring_slot is not None
-            if not recurring:
+            task = self.tasks.get(task_id)
+            if task is not None and task.recurring_slot is not None:
+                recurring[task.name] += runs
+            else:
                 self._find_overlaps(runs, overlapping, unverifiable)
-        recurring_runs = sorted((e for task_id, runs in self.executions.items() for e in runs
-                                 if task_id in self.tasks and self.tasks[task_id].recurring_slot is not None),
-                                key=lambda execution: execution.start)
-        self._find_overlaps(recurring_runs, overlapping, unverifiable)
+        for runs in recurring.values():  # one timeline per recurring task
+            self._find_overlaps(sorted(runs, key=lambda execution: execution.start), overlapping, unverifiable)
         self.findings.figures["overlaps_unverifiable"] = len(unverifiable)
         if overlapping:
             self.findings.violate(f"{len(overlapping)} executions ran beside another of the same task", overlapping)
+        if unverifiable:
+            self.findings.violate(f"{len(unverifiable)} executions followed one whose end is unknown", unverifiable)
 
     def _find_overlaps(self, runs: List[Execution], overlapping: list, unverifiable: list) -> None:
         busy_until: Optional[datetime] = None
@@ -225,16 +254,23 @@ class Checker:
         for execution in runs:
             if holder is not None and (busy_until is None or execution.start < busy_until):
                 (unverifiable if busy_until is None else overlapping).append(
-                    f"task {execution.task_id} pid {execution.pid} beside task {holder.task_id} pid {holder.pid}")
+                    f"task {execution.task_id} pid {execution.pid} from {execution.start:%H:%M:%S.%f} beside task "
+                    f"{holder.task_id} pid {holder.pid} from {holder.start:%H:%M:%S.%f} until "
+                    f"{busy_until:%H:%M:%S.%f}" if busy_until else "?")
             end = self.ended_at(execution)
             if busy_until is None or end is None or end > busy_until:
                 busy_until, holder = end, execution
 
     def database_away(self, start: datetime, end: datetime) -> bool:
-        """Whether a restart of PostgreSQL fell between the two moments (outcomes cannot be
-        written while it is away, nor until its clients have reconnected)."""
-        return any(attack.kind.startswith("restart") and start - FLUSH_WINDOW_LIMIT <= attack.at <= end
-                   for attack in self.attacks)
+        """Whether the flush window, stretched by a restart of PostgreSQL that fell in it
+        (outcomes cannot be written while it is away, nor until their worker reconnects),
+        covers the two moments."""
+        for attack in self.attacks:
+            if attack.kind.startswith("restart") and start - FLUSH_WINDOW_LIMIT <= attack.at <= end:
+                away = timedelta(seconds=(attack.seconds or 0) + (attack.recovered or RECOVERY_ALLOWANCE_S))
+                if end - start <= FLUSH_WINDOW_LIMIT + away:
+                    return True
+        return False
 
     def check_reruns(self) -> None:
         """Work done and then done again: a duplicate, to be explained by a kill of its
@@ -281,11 +317,11 @@ class Checker:
             self.findings.violate(f"{len(twice)} recurring slots started more than once", twice)
         late, margins = [], []
         for task in slots:
-            for execution in self.executions.get(task.id, []):
-                margin = execution.start - task.expires_at
-                margins.append(margin.total_seconds())
-                if margin > START_ROW_SLACK:
-                    late.append(f"task {task.id} started {margin.total_seconds():.3f}s after the next slot was due")
+            for started in self.run_starts.get(task.id, []):  # when the database let it start
+                margin = (started - task.expires_at).total_seconds()
+                margins.append(margin)
+                if margin >= 0:
+                    late.append(f"task {task.id} started {margin:.3f}s after the next slot was due")
         self.findings.figures["recurring_latest_start_s"] = max(margins) if margins else None
         if late:
             self.findings.violate(f"{len(late)} recurring runs started once the next slot was due", late)

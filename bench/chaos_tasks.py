@@ -5,8 +5,11 @@ begins, and an `end` row when it has done its work (or `fail` before it raises o
 purpose), with its task id and attempt from `procqueue.current_task()` and its pid. The
 checker reads the log against the queue: what ran, how often, when, and in which process.
 
-A log write that meets a Postgres restart is retried for a while, so the attack on the
-database shows up as a late row rather than a task failed for what it did not do.
+A task interrupted from outside (its timeout, its supervisor's death: both raise a
+BaseException into it) writes `interrupted` on its way out; one killed outright writes
+nothing, and the harness knows when its process died. A log write that meets a Postgres
+restart is retried for a while, so the attack on the database shows up as a late row
+rather than a task failed for what it did not do.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ CREATE_LOG_TABLE = f"""
 CREATE TABLE IF NOT EXISTS {LOG_TABLE} (
     task_id bigint NOT NULL,
     attempt integer NOT NULL,
-    event text NOT NULL,  -- start, end, fail
+    event text NOT NULL,  -- start, end, fail, interrupted
     pid integer NOT NULL,
     at timestamptz NOT NULL DEFAULT clock_timestamp()
 )"""
@@ -56,6 +59,23 @@ def log(event: str) -> None:
             time.sleep(0.2)
 
 
+def logged(func):
+    """Writes `interrupted` when the task is interrupted from outside."""
+    import functools
+
+    @functools.wraps(func)
+    def run(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except Exception:
+            raise  # the task's own failure: it wrote `fail` itself
+        except BaseException:
+            log("interrupted")
+            raise
+
+    return run
+
+
 def work_for(seconds: float) -> None:
     """Pure Python with short sleeps: an interrupt (timeout, supervisor gone) reaches it."""
     deadline = time.monotonic() + seconds
@@ -64,6 +84,7 @@ def work_for(seconds: float) -> None:
 
 
 @register_task_handler(task_name="chaos.quick", max_attempts=5, retry_backoff=timedelta(seconds=1))
+@logged
 def quick() -> None:
     log("start")
     log("end")
@@ -71,6 +92,7 @@ def quick() -> None:
 
 @register_task_handler(task_name="chaos.work", timeout=timedelta(seconds=20), max_attempts=5,
                        retry_backoff=timedelta(seconds=1))
+@logged
 def work(seconds: float) -> None:
     log("start")
     work_for(seconds)
@@ -78,6 +100,7 @@ def work(seconds: float) -> None:
 
 
 @register_task_handler(task_name="chaos.flaky", max_attempts=4, retry_backoff=timedelta(seconds=1))
+@logged
 def flaky(fail_first: int) -> None:
     """Raises on its first `fail_first` attempts: 4 or more, and it fails for good."""
     log("start")
@@ -89,6 +112,7 @@ def flaky(fail_first: int) -> None:
 
 @register_task_handler(task_name="chaos.overrun", timeout=timedelta(seconds=1), max_attempts=2,
                        retry_backoff=timedelta(seconds=1))
+@logged
 def overrun() -> None:
     """Runs past its timeout in Python: its worker's own timeout interrupts it."""
     log("start")
@@ -97,6 +121,7 @@ def overrun() -> None:
 
 @register_task_handler(task_name="chaos.wedge", timeout=timedelta(seconds=1), max_attempts=2,
                        retry_backoff=timedelta(seconds=1))
+@logged
 def wedge() -> None:
     """Runs past its timeout beyond its worker's reach (the alarm blocked, as C code may):
     the supervisor kills the worker."""
@@ -107,6 +132,7 @@ def wedge() -> None:
 
 @register_task_handler(task_name="chaos.spawn", timeout=timedelta(seconds=20), max_attempts=5,
                        retry_backoff=timedelta(seconds=1))
+@logged
 def spawn(seconds: float) -> None:
     """Starts a process and works beside it, stopping it only if it gets to the end (no
     try/finally, on purpose): cut short, the task leaves it to the processor to stop."""
@@ -119,6 +145,7 @@ def spawn(seconds: float) -> None:
 
 
 @register_recurring_task(run_every=RECURRING_EVERY, task_name="chaos.recurring", timeout=timedelta(seconds=30))
+@logged
 def recurring() -> None:
     """Every 5 s, across all processors; a run takes 0.5 to 7 s, so some outlast the next
     slot (which must then wait, or be missed: never run beside it)."""
