@@ -196,7 +196,7 @@ class DeathWatch:
     def __init__(self, run: "Run") -> None:
         self.run = run
         self.tracked: set = set()
-        self.deaths: Dict[int, datetime] = {}
+        self.deaths: Dict[int, List[datetime]] = {}  # a pid may be reused: every death of it
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.watch, name="death-watch", daemon=True)
 
@@ -219,9 +219,10 @@ class DeathWatch:
                 self.tracked.add(proc.pid)  # a worker
         now = utcnow()
         for pid in self.tracked - alive:
-            self.deaths.setdefault(pid, now)
+            self.deaths.setdefault(pid, []).append(now)
+            self.tracked.discard(pid)
 
-    def finish(self) -> Dict[int, datetime]:
+    def finish(self) -> Dict[int, List[datetime]]:
         self.stop.set()
         self.thread.join(10)
         return dict(self.deaths)
@@ -239,6 +240,8 @@ class Run:
         self.attacks: List[Attack] = []
         self.attacks_lock = threading.Lock()
         self.tally = Tally()
+        self.tag_count = 0
+        self.acknowledged: set = set()  # tags of calls whose enqueue was acknowledged
         self.stop_producing = threading.Event()
         self.background: List[threading.Thread] = []
         self.deaths = DeathWatch(self)
@@ -286,11 +289,13 @@ class Run:
         return int(expected) + (1 if self.random.random() < expected - int(expected) else 0)
 
     def one_call(self):
+        """One task of the mix, tagged: the checker finds each acknowledged call in the queue."""
         import chaos_tasks
         from procqueue import TaskPriority
 
         pick = self.random.random()
         priority = self.random.choice(list(TaskPriority))
+        delay_until = None
         if pick < 0.45:
             handler, args = chaos_tasks.quick, ()
         elif pick < 0.65:
@@ -306,19 +311,23 @@ class Run:
         elif pick < 0.88:
             handler, args = chaos_tasks.spawn, (self.random.uniform(0.2, 2),)
         else:
-            delay = utcnow() + timedelta(seconds=self.random.uniform(1, 15))
-            self.tally.by_kind["delayed"] = self.tally.by_kind.get("delayed", 0) + 1
-            return chaos_tasks.quick.call(delay_until=delay, priority=priority)
-        self.tally.by_kind[handler.task_name] = self.tally.by_kind.get(handler.task_name, 0) + 1
-        return handler.call(args=args, priority=priority)
+            handler, args = chaos_tasks.quick, ()
+            delay_until = utcnow() + timedelta(seconds=self.random.uniform(1, 15))
+        kind = "delayed" if delay_until else handler.task_name
+        self.tally.by_kind[kind] = self.tally.by_kind.get(kind, 0) + 1
+        self.tag_count += 1
+        return handler.call(args=args, kwargs={"tag": f"t{self.tag_count}"}, priority=priority,
+                            delay_until=delay_until)
 
     def enqueue(self, procqueue, calls) -> None:
         """One statement per batch. A batch whose commit was lost to a restart may have
-        landed: sent again, it lands twice, which the checker sees as two tasks."""
+        landed: sent again, it lands twice, which the checker sees as two tasks. Only a
+        batch whose commit was acknowledged must be found."""
         while calls:
             try:
                 procqueue.enqueue_many(calls)
                 self.tally.enqueued += len(calls)
+                self.acknowledged.update(call.kwargs["tag"] for call in calls)
                 return
             except (procqueue.DatabaseError, psycopg2.Error):
                 procqueue.client.close_connection()
@@ -424,7 +433,8 @@ class Run:
         at = utcnow()
         node.gone = True
         self.start_node()
-        return Attack("sigterm", at, (), node.processor_id() or node.name), lambda index: self.time_drain(index, node, at)
+        attack = Attack("sigterm", at, (), node.processor_id() or node.name)
+        return attack, lambda index: self.time_drain(index, node, at)
 
     def time_drain(self, index: int, node: Node, at: datetime) -> None:
         try:
@@ -532,7 +542,7 @@ class Run:
                 proc.kill()
         return found
 
-    def keep_evidence(self, deaths: Dict[int, datetime]) -> None:
+    def keep_evidence(self, deaths: Dict[int, List[datetime]]) -> None:
         """For the post-mortem: the queue's tables, the execution log, the attacks and the
         deaths the harness saw, as CSV and text beside the processors' logs."""
         with contextlib.closing(self.db.connect()) as conn, conn.cursor() as cur:
@@ -542,7 +552,7 @@ class Run:
         with open(self.directory / "attacks.txt", "w") as out:
             out.writelines(f"{attack}\n" for attack in self.attacks)
         with open(self.directory / "deaths.txt", "w") as out:
-            out.writelines(f"{pid} {at.isoformat()}\n" for pid, at in sorted(deaths.items()))
+            out.writelines(f"{pid} {' '.join(at.isoformat() for at in ats)}\n" for pid, ats in sorted(deaths.items()))
 
     def kill_everything(self) -> None:
         for proc in processes_marked(RUN_MARKER, self.marker):
@@ -652,7 +662,7 @@ def chaos(options: argparse.Namespace) -> int:
             thread.join(timeout=5)
         with contextlib.closing(run.db.connect()) as conn:
             checker = Checker(conn, run.attacks, deaths=deaths, recurring_cutoff=recurring_cutoff,
-                              enqueued=run.tally.enqueued)
+                              acknowledged=run.acknowledged)
             findings = checker.check(orphans)
         if not drained:
             findings.violate("the queue did not drain within --drain-timeout")

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 FINAL_STATES = ("succeeded", "failed", "cancelled", "missed")
 # A completed execution run again is explained by a kill of its process at most this long
@@ -21,7 +21,9 @@ FINAL_STATES = ("succeeded", "failed", "cancelled", "missed")
 FLUSH_WINDOW_LIMIT = timedelta(seconds=1.0)
 KILLS = ("worker", "node", "supervisor")
 # A restart whose recovery was not measured is allowed this long for its clients to return.
-RECOVERY_ALLOWANCE_S = 5.0  # attacks whose pids died at once (the supervisor's alone)
+RECOVERY_ALLOWANCE_S = 5.0
+# After it, a worker reconnecting with backoff may take this much longer to write.
+RECONNECT_ALLOWANCE = timedelta(seconds=3.5)  # attacks whose pids died at once (the supervisor's alone)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class Task:
     run_at: datetime
     recurring_slot: Optional[datetime]
     expires_at: Optional[datetime]
+    tag: Optional[str]  # the producer's name for the call
 
 
 @dataclass
@@ -72,7 +75,7 @@ def load_tasks(conn) -> Dict[int, Task]:
     """The chaos tasks (procqueue's own clean-up task keeps no execution log)."""
     with conn.cursor() as cur:
         cur.execute("SELECT id, task_name, state, attempts, max_attempts, last_error, run_at, recurring_slot, "
-                    "expires_at FROM procqueue.tasks WHERE task_name LIKE 'chaos.%%'")
+                    "expires_at, kwargs->>'tag' FROM procqueue.tasks WHERE task_name LIKE 'chaos.%%'")
         return {row[0]: Task(*row) for row in cur.fetchall()}
 
 
@@ -127,6 +130,11 @@ def load_run_starts(conn) -> Dict[int, List[datetime]]:
         return starts
 
 
+def first_after(moments: Iterable[datetime], start: datetime) -> Optional[datetime]:
+    later = [at for at in moments if at >= start]
+    return min(later) if later else None
+
+
 def load_stuck_kills(conn) -> Dict[Tuple[int, int], datetime]:
     """(task, attempt) of each run its supervisor ended by killing the worker, and when."""
     with conn.cursor() as cur:
@@ -136,24 +144,25 @@ def load_stuck_kills(conn) -> Dict[Tuple[int, int], datetime]:
 
 
 class Checker:
-    def __init__(self, conn, attacks: Sequence[Attack], *, deaths: Dict[int, datetime], recurring_cutoff: datetime,
-                 enqueued: int) -> None:
+    def __init__(self, conn, attacks: Sequence[Attack], *, deaths: Dict[int, List[datetime]],
+                 recurring_cutoff: datetime, acknowledged: Set[str]) -> None:
         self.tasks = load_tasks(conn)
         self.executions = load_executions(conn)
         self.run_starts = load_run_starts(conn)
         self.run_ends = load_run_ends(conn)
         self.stuck_ends = load_stuck_kills(conn)
         self.attacks = list(attacks)
-        self.enqueued = enqueued
-        self.kill_times: Dict[int, datetime] = {}
+        self.acknowledged = acknowledged
+        # Every kill the attacker made, and every death the harness saw, by pid: a pid may
+        # be reused, so each is a list, and an execution takes the first after its start.
+        self.kills: Dict[int, List[datetime]] = defaultdict(list)
         for attack in self.attacks:
             if attack.kind in KILLS:
                 for pid in attack.pids:
-                    self.kill_times.setdefault(pid, attack.at)
-        # When each process died: killed by the attacker, or seen gone by the harness.
-        self.deaths = dict(deaths)
-        for pid, at in self.kill_times.items():
-            self.deaths[pid] = min(at, self.deaths.get(pid, at))
+                    self.kills[pid].append(attack.at)
+        self.deaths: Dict[int, List[datetime]] = defaultdict(list)
+        for pid, ats in list(deaths.items()) + list(self.kills.items()):
+            self.deaths[pid] += ats
         self.stuck_kills = self.find_stuck_kills()
         self.recurring_cutoff = recurring_cutoff
         self.findings = Findings()
@@ -167,15 +176,15 @@ class Checker:
         self.check_processes(orphans)
         return self.findings
 
-    def find_stuck_kills(self) -> Dict[int, datetime]:
+    def find_stuck_kills(self) -> Dict[int, List[datetime]]:
         """Workers their supervisor killed as stuck, by pid, and when: the process of an
         execution whose run was recorded `timed_out ... worker killed`."""
-        killed: Dict[int, datetime] = {}
+        killed: Dict[int, List[datetime]] = defaultdict(list)
         for task_id, runs in self.executions.items():
             for execution in runs:
                 end = self.stuck_ends.get((task_id, execution.attempt))
                 if end is not None and not execution.completed and end >= execution.start:
-                    killed.setdefault(execution.pid, end)
+                    killed[execution.pid].append(end)
         return killed
 
     # -- states ---------------------------------------------------------------------------
@@ -197,9 +206,9 @@ class Checker:
         missed = [task.id for task in self.tasks.values() if task.state == "missed" and task.recurring_slot is None]
         if missed:
             self.findings.violate(f"{len(missed)} tasks that are not recurring runs ended missed", missed)
-        present = sum(1 for task in self.tasks.values() if task.recurring_slot is None)
-        if present < self.enqueued:
-            self.findings.violate(f"{self.enqueued - present} enqueued tasks are not in the queue at all")
+        missing = self.acknowledged - {task.tag for task in self.tasks.values()}
+        if missing:
+            self.findings.violate(f"{len(missing)} enqueued tasks are not in the queue at all", sorted(missing))
         over = [task.id for task in self.tasks.values() if task.attempts > task.max_attempts]
         if over:
             self.findings.violate(f"{len(over)} tasks with more attempts than max_attempts", over)
@@ -226,10 +235,8 @@ class Checker:
         record by the worker or the supervisor that reaped it."""
         if execution.end is not None:
             return execution.end
-        bounds = [self.deaths.get(execution.pid)]
-        bounds += self.run_ends.get((execution.task_id, execution.attempt), [])
-        bounds = [at for at in bounds if at is not None and at >= execution.start]
-        return min(bounds) if bounds else None
+        return first_after(self.deaths[execution.pid] + self.run_ends.get((execution.task_id, execution.attempt), []),
+                           execution.start)
 
     def check_overlaps(self) -> None:
         overlapping, unverifiable = [], []
@@ -253,23 +260,26 @@ class Checker:
         holder: Optional[Execution] = None
         for execution in runs:
             if holder is not None and (busy_until is None or execution.start < busy_until):
+                until = f"{busy_until:%H:%M:%S.%f}" if busy_until else "?"
                 (unverifiable if busy_until is None else overlapping).append(
                     f"task {execution.task_id} pid {execution.pid} from {execution.start:%H:%M:%S.%f} beside task "
-                    f"{holder.task_id} pid {holder.pid} from {holder.start:%H:%M:%S.%f} until "
-                    f"{busy_until:%H:%M:%S.%f}" if busy_until else "?")
+                    f"{holder.task_id} pid {holder.pid} from {holder.start:%H:%M:%S.%f} until {until}")
             end = self.ended_at(execution)
             if busy_until is None or end is None or end > busy_until:
                 busy_until, holder = end, execution
 
-    def database_away(self, start: datetime, end: datetime) -> bool:
-        """Whether the flush window, stretched by a restart of PostgreSQL that fell in it
-        (outcomes cannot be written while it is away, nor until their worker reconnects),
-        covers the two moments."""
+    def database_away(self, end: datetime, killed: datetime) -> bool:
+        """Whether a restart of PostgreSQL kept the outcome from being written: its outage
+        (away, then until the processors were back) overlapped the flush window after the
+        work ended, and the kill came soon after it was over (a worker reconnects with
+        backoff: 0.5 s, then 1 s, 2 s...)."""
         for attack in self.attacks:
-            if attack.kind.startswith("restart") and start - FLUSH_WINDOW_LIMIT <= attack.at <= end:
-                away = timedelta(seconds=(attack.seconds or 0) + (attack.recovered or RECOVERY_ALLOWANCE_S))
-                if end - start <= FLUSH_WINDOW_LIMIT + away:
-                    return True
+            if not attack.kind.startswith("restart"):
+                continue
+            over = attack.at + timedelta(seconds=(attack.seconds or 0) + (attack.recovered or RECOVERY_ALLOWANCE_S))
+            if attack.at <= killed and over >= end - FLUSH_WINDOW_LIMIT \
+                    and killed - max(end, over) <= FLUSH_WINDOW_LIMIT + RECONNECT_ALLOWANCE:
+                return True
         return False
 
     def check_reruns(self) -> None:
@@ -289,12 +299,12 @@ class Checker:
                     else:
                         reruns += 1
                     continue
-                killed_at = self.kill_times.get(earlier.pid) or self.stuck_kills.get(earlier.pid)
+                killed_at = first_after(self.kills[earlier.pid] + self.stuck_kills[earlier.pid], earlier.end)
                 gap = (killed_at - earlier.end) if killed_at is not None else None
-                if gap is not None and timedelta(0) <= gap <= FLUSH_WINDOW_LIMIT:
+                if gap is not None and gap <= FLUSH_WINDOW_LIMIT:
                     in_window += 1
                     gaps.append(gap.total_seconds())
-                elif gap is not None and gap >= timedelta(0) and self.database_away(earlier.end, killed_at):
+                elif gap is not None and self.database_away(earlier.end, killed_at):
                     in_outage += 1
                 else:
                     unexplained.append(f"task {task_id} (done by pid {earlier.pid} at {earlier.end:%H:%M:%S.%f})")
@@ -323,6 +333,9 @@ class Checker:
                 if margin >= 0:
                     late.append(f"task {task.id} started {margin:.3f}s after the next slot was due")
         self.findings.figures["recurring_latest_start_s"] = max(margins) if margins else None
+        unrecorded = [task.id for task in slots if self.executions.get(task.id) and not self.run_starts.get(task.id)]
+        if unrecorded:  # a recurring run must be recorded started before its function runs
+            self.findings.violate(f"{len(unrecorded)} recurring runs ran with no start recorded", unrecorded)
         if late:
             self.findings.violate(f"{len(late)} recurring runs started once the next slot was due", late)
         missed_unexplained = [task.id for task in slots if task.state == "missed" and not task.last_error]

@@ -1,6 +1,7 @@
 """The tasks the chaos suite's processors run (`--import chaos_tasks`).
 
-Each writes its own execution log to `public.chaos_executions`: a `start` row as it
+Each takes a `tag` (the producer's name for the call, so the checker finds every call
+it enqueued) and writes its own execution log to `public.chaos_executions`: a `start` row as it
 begins, and an `end` row when it has done its work (or `fail` before it raises on
 purpose), with its task id and attempt from `procqueue.current_task()` and its pid. The
 checker reads the log against the queue: what ran, how often, when, and in which process.
@@ -85,7 +86,7 @@ def work_for(seconds: float) -> None:
 
 @register_task_handler(task_name="chaos.quick", max_attempts=5, retry_backoff=timedelta(seconds=1))
 @logged
-def quick() -> None:
+def quick(tag: str = "") -> None:
     log("start")
     log("end")
 
@@ -93,7 +94,7 @@ def quick() -> None:
 @register_task_handler(task_name="chaos.work", timeout=timedelta(seconds=20), max_attempts=5,
                        retry_backoff=timedelta(seconds=1))
 @logged
-def work(seconds: float) -> None:
+def work(seconds: float, tag: str = "") -> None:
     log("start")
     work_for(seconds)
     log("end")
@@ -101,7 +102,7 @@ def work(seconds: float) -> None:
 
 @register_task_handler(task_name="chaos.flaky", max_attempts=4, retry_backoff=timedelta(seconds=1))
 @logged
-def flaky(fail_first: int) -> None:
+def flaky(fail_first: int, tag: str = "") -> None:
     """Raises on its first `fail_first` attempts: 4 or more, and it fails for good."""
     log("start")
     if current_task().attempts <= fail_first:
@@ -113,7 +114,7 @@ def flaky(fail_first: int) -> None:
 @register_task_handler(task_name="chaos.overrun", timeout=timedelta(seconds=1), max_attempts=2,
                        retry_backoff=timedelta(seconds=1))
 @logged
-def overrun() -> None:
+def overrun(tag: str = "") -> None:
     """Runs past its timeout in Python: its worker's own timeout interrupts it."""
     log("start")
     work_for(30)
@@ -122,7 +123,7 @@ def overrun() -> None:
 @register_task_handler(task_name="chaos.wedge", timeout=timedelta(seconds=1), max_attempts=2,
                        retry_backoff=timedelta(seconds=1))
 @logged
-def wedge() -> None:
+def wedge(tag: str = "") -> None:
     """Runs past its timeout beyond its worker's reach (the alarm blocked, as C code may):
     the supervisor kills the worker."""
     log("start")
@@ -133,7 +134,7 @@ def wedge() -> None:
 @register_task_handler(task_name="chaos.spawn", timeout=timedelta(seconds=20), max_attempts=5,
                        retry_backoff=timedelta(seconds=1))
 @logged
-def spawn(seconds: float) -> None:
+def spawn(seconds: float, tag: str = "") -> None:
     """Starts a process and works beside it, stopping it only if it gets to the end (no
     try/finally, on purpose): cut short, the task leaves it to the processor to stop."""
     log("start")

@@ -103,13 +103,14 @@ def _help_path(ctx: Optional[click.Context], command: click.Command, prog_name: 
     return ctx.command_path if ctx is not None else prog_name
 
 
-def procqueue_main() -> None:
-    """Console entry point of `procqueue`."""
+def procqueue_cli() -> None:
+    """The `procqueue` command line (its entry point, procqueue.starting.procqueue_main,
+    arms stop signals first for the commands that run a processor)."""
     _run_click(main, "procqueue")
 
 
-def run_task_processor_main() -> None:
-    """Console entry point of `run-task-processor`."""
+def run_task_processor_cli() -> None:
+    """The `run-task-processor` command line (see procqueue.starting)."""
     _run_click(run_task_processor, "run-task-processor")
 
 
@@ -218,9 +219,10 @@ def run_processor(config: ProcessorConfig, log_level: str, log_format: str = "te
     from .supervisor import Supervisor
 
     starting = arm()  # the entry points armed it already; a program calling this may not have
-    setup_logging(log_level, log_format)
-    store = MultiprocessMetrics.create() if config.metrics_port is not None else None
+    store = None
     try:
+        setup_logging(log_level, log_format)
+        store = MultiprocessMetrics.create() if config.metrics_port is not None else None
         if store is not None:
             store.enable()  # before task modules are imported: they may create metrics
         import_task_modules(config.imports)
@@ -233,6 +235,7 @@ def run_processor(config: ProcessorConfig, log_level: str, log_format: str = "te
                   reason=str(stop), note="stopped while starting")
         return 0
     finally:
+        starting.restore()
         if store is not None:
             store.remove()
 

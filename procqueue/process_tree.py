@@ -97,9 +97,10 @@ def boot_clock() -> float:
 
 
 def stop_descendants(started_since: float, grace_seconds: float = KILL_GRACE_SECONDS) -> int:
-    """SIGTERM every process this one (or one of its descendants) started since
-    `started_since` (boot_clock), SIGKILL what is left after `grace_seconds`, reap them;
-    returns how many there were."""
+    """SIGTERM the processes a task started: this process's children started since
+    `started_since` (boot_clock), and everything under them; SIGKILL what is left after
+    `grace_seconds`, reap them; returns how many there were. (An older child, left by an
+    earlier task, is not the task's, nor are the processes it starts meanwhile.)"""
     descendants = _descendants_started_since(started_since)
     for proc in descendants:
         _terminate(proc)
@@ -115,11 +116,20 @@ def stop_descendants(started_since: float, grace_seconds: float = KILL_GRACE_SEC
 
 def _descendants_started_since(since: float) -> List[psutil.Process]:
     slack = 1 / _CLOCK_TICKS  # start times are whole ticks, rounded down
+    found: List[psutil.Process] = []
     try:
-        descendants = psutil.Process().children(recursive=True)
+        children = psutil.Process().children()
     except psutil.Error:
         return []
-    return [proc for proc in descendants if (_started(proc.pid) or 0.0) >= since - slack]
+    for child in children:
+        if (_started(child.pid) or 0.0) < since - slack:
+            continue
+        found.append(child)
+        try:
+            found += child.children(recursive=True)
+        except psutil.Error:
+            pass
+    return found
 
 
 def _started(pid: int) -> Optional[float]:

@@ -16,8 +16,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 from psycopg2 import sql
 
 from .records import (
-    ClaimedTask, ExpiredTask, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord, ScheduledRun, TaskOutcome, TaskRecord,
-    TaskState,
+    ClaimedTask, ExpiredTask, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord, ScheduledRun, TaskOutcome,
+    TaskRecord, TaskState,
 )
 
 _BLOCK_START = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)

@@ -140,7 +140,8 @@ WITH held AS (
         attempts = CASE WHEN h.charged OR h.recurring_run THEN t.attempts ELSE t.attempts - 1 END,
         run_at = now(),
         last_error = CASE WHEN h.in_flight THEN %(error)s
-                          WHEN h.recurring_run THEN %(error)s || ' (after the run ended, before its outcome was recorded)'
+                          WHEN h.recurring_run
+                          THEN %(error)s || ' (after the run ended, before its outcome was recorded)'
                           ELSE t.last_error END,
         started_at = CASE WHEN h.in_flight OR h.recurring_run THEN coalesce(t.started_at, %(in_flight_started)s) END,
         locked_by = NULL,

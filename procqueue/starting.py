@@ -1,24 +1,26 @@
-"""Stop signals while a command starts.
+"""Stop signals while a processor starts.
 
 Before a processor's supervisor takes signals over, a stop signal (Kubernetes deleting a
 pod that is still importing a large application, a rolling deploy rolled back at once)
-must end it cleanly: nothing runs yet, so there is nothing to drain. `arm()` is the
-first thing the entry points do, before their heavy imports; from then on a stop signal
-raises StoppedWhileStarting. A processor (`run-task-processor`, `procqueue run` or
-`demo`) then stops with exit 0; any other command exits 128 + the signal's number, as
-the signal itself would have. A supervisor disarms it
-(`over()`) once its own handlers, which only set flags its loop acts on, are in.
+must end it cleanly: nothing runs yet, so there is nothing to drain, and it exits 0.
+The processor's entry points arm this first thing, before their heavy imports: from then
+on a stop signal raises StoppedWhileStarting. The supervisor disarms it once its own
+handlers, which only set flags its loop acts on, are in; `run_processor` gives the
+handlers that were there before back when it is done. Other commands are not armed: a
+signal ends them as it always did.
 
 Standard library only: it runs before anything else is imported.
 """
 
 from __future__ import annotations
 
+import importlib
 import signal
 import sys
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+PROCESSOR_COMMANDS = ("run", "demo")  # the `procqueue` commands that run a processor
 
 
 class StoppedWhileStarting(BaseException):
@@ -30,49 +32,66 @@ class StoppedWhileStarting(BaseException):
 
 
 class StartingSignals:
+    """The handlers of a starting processor, and what they replaced."""
+
     def __init__(self) -> None:
-        self.armed = True
+        self.armed = False
+        self.previous: Dict[int, object] = {}
 
     def handle(self, signum, frame) -> None:
-        # Once over, a signal that still reaches this handler (a supervisor gives it back
-        # when it is done) changes nothing: the command is on its way out.
+        # Disarmed first: a second signal while the first one's exception unwinds (or once
+        # a supervisor gave this handler back, the command on its way out) changes nothing.
         if self.armed:
+            self.armed = False
             raise StoppedWhileStarting(signum)
+
+    def arm(self) -> None:
+        self.armed = True
+        for signum in STOP_SIGNALS:
+            current = signal.getsignal(signum)
+            # A signal ignored on purpose (nohup, a background job) stays ignored.
+            if current is signal.SIG_IGN or current == self.handle:
+                continue
+            self.previous[signum] = current
+            signal.signal(signum, self.handle)
 
     def over(self) -> None:
         self.armed = False
 
+    def restore(self) -> None:
+        """Give back the handlers it replaced."""
+        self.armed = False
+        while self.previous:
+            signum, handler = self.previous.popitem()
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
-_starting: Optional[StartingSignals] = None
+
+_starting = StartingSignals()
 
 
 def arm() -> StartingSignals:
-    """Install the handlers (once per process); returns them, to be disarmed."""
-    global _starting
-    if _starting is None:
-        _starting = StartingSignals()
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, _starting.handle)
+    """Arm (again, if need be) the process's starting handlers; returns them."""
+    _starting.arm()
     return _starting
 
 
-PROCESSOR_COMMANDS = ("run", "demo")  # of `procqueue`
-
-
 def run_task_processor_main() -> None:
-    """Console entry point of `run-task-processor`."""
-    guarded(lambda: __import__("procqueue.cli", fromlist=["cli"]).run_task_processor_main(), processor=True)
+    """The `run-task-processor` command: armed, then the CLI."""
+    guarded(lambda: importlib.import_module("procqueue.cli").run_task_processor_cli(), processor=True)
 
 
 def procqueue_main() -> None:
-    """Console entry point of `procqueue`."""
+    """The `procqueue` command: armed only for the commands that run a processor."""
     processor = len(sys.argv) > 1 and sys.argv[1] in PROCESSOR_COMMANDS
-    guarded(lambda: __import__("procqueue.cli", fromlist=["cli"]).procqueue_main(), processor=processor)
+    guarded(lambda: importlib.import_module("procqueue.cli").procqueue_cli(), processor=processor)
 
 
 def guarded(main: Callable[[], None], *, processor: bool) -> None:
+    if not processor:
+        main()
+        return
     arm()
     try:
         main()
-    except StoppedWhileStarting as stop:
-        sys.exit(0 if processor else 128 + stop.signum)
+    except StoppedWhileStarting:
+        sys.exit(0)

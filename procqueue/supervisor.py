@@ -35,6 +35,7 @@ from .logs import log_event
 from .metrics import MultiprocessMetrics, TaskMetrics, initialise_series
 from .monitor import STATUS_INTERVAL_SECONDS, Monitor
 from .selfpipe import SelfPipe
+from .starting import STOP_SIGNALS
 from .records import RunOutcome
 from .status import SupervisorFacts
 from .worker import Worker
@@ -50,7 +51,7 @@ DATABASE_RETRY_SECONDS = (1, 2, 4, 8, 15)
 SUPERVISOR_WAIT_SECONDS = 3.0
 LOOP_TICK_SECONDS = 0.25
 
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
+_STOP_SIGNALS = STOP_SIGNALS
 _HANDLED_SIGNALS = _STOP_SIGNALS + (signal.SIGCHLD,)
 
 
@@ -145,6 +146,9 @@ class Supervisor:
         give_up_at = self.clock() + self.config.database_wait_seconds
         failures = 0
         while True:
+            self.handle_signals()  # one that came during prepare() too
+            if self.stopping:
+                return False
             try:
                 self.chores.start()
                 return True

@@ -14,7 +14,7 @@ import os
 import select
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Callable, Dict, List, Optional, Set
 
@@ -59,6 +59,15 @@ RECONNECT_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8)
 ORPHAN_CLEANUP_LEAD_SECONDS = 0.25
 
 
+@dataclass(frozen=True)
+class Start:
+    """Whether a claimed task may run now, and when the database recorded its start (if
+    it had to know before the task's function is called)."""
+
+    allowed: bool
+    recorded_at: Optional[datetime]
+
+
 class Worker:
     def __init__(
         self,
@@ -81,6 +90,7 @@ class Worker:
         self.leases: Dict[int, datetime] = {}  # task id -> leased_at of the claim that holds it
         self.pending_since = 0.0
         self.current: Optional[RunningTask] = None  # the task in hand, for the flush thread
+        self.in_hand: Optional[RunningTask] = None  # ... until its processes are seen to (after_task)
         self.stopping = False
         self.wakeup: Optional[SelfPipe] = None  # set in the worker process: signals write to it
         # Only schedules this processor would run: one that serves other queues must not
@@ -153,7 +163,7 @@ class Worker:
         self.supervisor_gone()
         exit_at = self.orphaned_at + self.config.rescue_after_seconds / 2 - ORPHAN_CLEANUP_LEAD_SECONDS
         time.sleep(max(0.0, exit_at - self.clock()))
-        running = self.current
+        running = self.in_hand
         if running is not None:
             stop_descendants(running.began_boot, grace_seconds=0.0)
 
@@ -236,14 +246,14 @@ class Worker:
     def run_one(self, task: ClaimedTask) -> Optional[TaskOutcome]:
         """Run one claimed task and queue its outcome; None when it was not run after all
         (a recurring run whose slot passed, or whose previous run is still under way)."""
-        started_at = self.begin(task)
-        if started_at is False:
+        start = self.begin(task)
+        if not start.allowed:
             return None
         self.board.task_started(task.id, task.timeout_seconds, task.task_name)
-        running = self.current = RunningTask(task, self.clock(), started_at or utcnow(), boot_clock(),
-                                             marked=started_at is not None)
+        running = self.current = self.in_hand = RunningTask(
+            task, self.clock(), start.recorded_at or utcnow(), boot_clock(), marked=start.recorded_at is not None)
         with self.flusher.connection_lent() if self.flusher is not None else contextlib.nullcontext():
-            outcome = execute(task, started=started_at)
+            outcome = execute(task, started=start.recorded_at)
             # Shown as ended before the connection is taken back, which waits for a flush
             # under way: a flush stalled on a lock must not leave a finished task showing
             # as running to its deadline, to be killed and charged a timeout it never had.
@@ -257,33 +267,34 @@ class Worker:
             self.pending_since = self.clock()
         self.pending.append(outcome)
         self._log_outcome(task, outcome)
-        # Recorded at once: a recurring run (were this worker to die before the batch's
-        # flush, the slot would count as lost), and a task that ran long or was marked
-        # started (one more round trip is nothing next to its run, and its outcome is not
-        # left to the flush window).
-        ran_long = self.clock() - running.began >= FLUSH_AFTER_SECONDS or running.marked
-        if ran_long or task.recurring_slot is not None or self.clock() - self.pending_since >= FLUSH_AFTER_SECONDS:
-            self.flush()
-        self.after_task(outcome, running)
+        try:
+            # Recorded at once: a recurring run (were this worker to die before the batch's
+            # flush, the slot would count as lost), and a task that ran long or was marked
+            # started (one more round trip is nothing next to its run, and its outcome is
+            # not left to the flush window).
+            ran_long = self.clock() - running.began >= FLUSH_AFTER_SECONDS or running.marked
+            if ran_long or task.recurring_slot is not None or self.clock() - self.pending_since >= FLUSH_AFTER_SECONDS:
+                self.flush()
+        finally:  # its processes stopped even when the database did not take the outcome
+            self.after_task(outcome, running)
         return outcome
 
-    def begin(self, task: ClaimedTask):
+    def begin(self, task: ClaimedTask) -> "Start":
         """Before a task's function is called: the database is told it started when that
         cannot wait for the flush thread. A recurring run, which never starts twice; and a
         task a rescue put back before (its node died while it was claimed), which may be
         what kills nodes: told at once, a run that takes its node down within the flush
-        thread's 0.2 s still counts towards failing it. Returns that start, None when the
-        database need not know yet, or False when the task may not run now (put back)."""
+        thread's 0.2 s still counts towards failing it."""
         if task.recurring_slot is not None:
-            return self.begin_recurring_run(task) or False
+            recorded_at = self.begin_recurring_run(task)
+            return Start(recorded_at is not None, recorded_at)
         if not task.rescues:
-            return None
-        started_at = self.queries.start_run(self.conn, processor=self.processor_id, worker=self.index, task=task)
-        if started_at is None:  # taken back meanwhile (this worker was thought dead): not ours to run
+            return Start(True, None)
+        recorded_at = self.queries.start_run(self.conn, processor=self.processor_id, worker=self.index, task=task)
+        if recorded_at is None:  # taken back meanwhile (this worker was thought dead): not ours to run
             self.leases.pop(task.id, None)
             log_event(logger, logging.WARNING, "task.lease_lost", task_id=task.id, worker=self.index)
-            return False
-        return started_at
+        return Start(recorded_at is not None, recorded_at)
 
     def begin_recurring_run(self, task: ClaimedTask) -> Optional[datetime]:
         """Mark a recurring run started in the database before its function is called: from
@@ -332,6 +343,7 @@ class Worker:
             if stopped:
                 log_event(logger, logging.WARNING, "task.processes_stopped", task_id=outcome.task_id,
                           worker=self.index, count=stopped)
+        self.in_hand = None
         reap_exited_children()
 
     def record_metrics(self, task: ClaimedTask, outcome: TaskOutcome) -> None:

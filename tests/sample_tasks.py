@@ -248,7 +248,8 @@ def sleep_within_4s(seconds: float) -> None:
     time.sleep(seconds)
 
 
-@register_task_handler(task_name="sample.cut_worker_connection_then_wedge", timeout=timedelta(seconds=1), max_attempts=1)
+@register_task_handler(task_name="sample.cut_worker_connection_then_wedge", timeout=timedelta(seconds=1),
+                       max_attempts=1)
 def cut_worker_connection_then_wedge() -> None:
     """Terminates its worker's own database connection (as a restart or an operator's
     pg_terminate_backend would), then wedges beyond the worker's reach: the batch's

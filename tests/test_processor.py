@@ -223,7 +223,8 @@ def run_cli(*args, env=None):
     ([], {"PROCQUEUE_METRICS_PORT": "99999"}, "invalid value for PROCQUEUE_METRICS_PORT: '99999' (expected an integer"),
     (["--database-wait", "-1"], {}, "invalid value for --database-wait: -1 (expected seconds >= 0)"),
     (["--database-wait", "nan"], {}, "invalid value for --database-wait: nan (expected seconds >= 0)"),
-    ([], {"PROCQUEUE_DATABASE_WAIT": "soon"}, "invalid value for PROCQUEUE_DATABASE_WAIT: 'soon' (expected seconds >= 0)"),
+    ([], {"PROCQUEUE_DATABASE_WAIT": "soon"},
+     "invalid value for PROCQUEUE_DATABASE_WAIT: 'soon' (expected seconds >= 0)"),
 ])
 def test_bad_configuration_is_one_line_and_nonzero(args, env, expected):
     result = run_cli(*args, env=env)

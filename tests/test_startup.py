@@ -108,3 +108,27 @@ def test_a_stop_signal_while_task_modules_import_stops_the_processor_cleanly(tmp
         assert "Traceback" not in processor.log()
     finally:
         processor.kill()
+
+
+def test_starting_handlers_raise_once_leave_ignored_signals_alone_and_give_back_what_they_replaced():
+    import os
+    import signal as signals
+
+    from procqueue.starting import StartingSignals, StoppedWhileStarting
+
+    saved = {signum: signals.getsignal(signum) for signum in (signals.SIGTERM, signals.SIGHUP)}
+    signals.signal(signals.SIGHUP, signals.SIG_IGN)  # as under nohup
+    starting = StartingSignals()
+    try:
+        starting.arm()
+        assert signals.getsignal(signals.SIGHUP) is signals.SIG_IGN  # still ignored
+        with pytest.raises(StoppedWhileStarting):
+            os.kill(os.getpid(), signals.SIGTERM)
+            time.sleep(1)  # the handler runs as soon as the interpreter looks: well before this ends
+        os.kill(os.getpid(), signals.SIGTERM)  # a second one, as the first unwinds: nothing more
+        starting.restore()
+        assert signals.getsignal(signals.SIGTERM) == saved[signals.SIGTERM]
+    finally:
+        starting.restore()
+        for signum, handler in saved.items():
+            signals.signal(signum, handler)
