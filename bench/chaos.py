@@ -3,7 +3,7 @@ attacker killing what an operator's worst day kills, at random; then a drain, an
 of every promise procqueue makes (see chaos_check.py) against the tasks' own execution log.
 
     python bench/chaos.py                        # a short run: about a minute and a half
-    python bench/chaos.py --duration 900 --rate 25 --attacks-per-minute 20   # the long one
+    python bench/chaos.py --duration 1000 --rate 25 --attacks-per-minute 26  # the long one
 
 Attacks: `kill -9` of a worker, of a supervisor alone, of a whole node (supervisor,
 workers and what their tasks started, at once), SIGTERM (a rolling deploy: it must drain
