@@ -30,6 +30,11 @@ from .threads import start_deaf
 # a failed attempt to open one, the next comes this much later.
 RETRY_DELAY_SECONDS = 0.05
 RECONNECT_DELAY_SECONDS = 0.5
+# While tasks flow (a loan began within BUSY_SECONDS), this thread looks between loans
+# this often instead of waiting to be notified by the next one; a task that starts just
+# after a look is timed from the next, well within FLUSH_AFTER_SECONDS.
+BETWEEN_TASKS_POLL_SECONDS = 0.05
+BUSY_SECONDS = 1.0
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -44,6 +49,7 @@ class FlushDuringTasks:
         self.failed = False  # a flush failed during this loan: leave it to the main thread
         self.retry_at = 0.0  # after a failed reconnect, when to try again
         self.loan = 0  # counts loans: a reconnect that outlived its loan must not touch the next
+        self.lent_at = float("-inf")  # when the last loan began
         self.waiting_for_work = True  # blocked with no deadline: needs a notify to look again
         self.thread = threading.Thread(target=self._run, name="procqueue-flush", daemon=True)
 
@@ -57,6 +63,7 @@ class FlushDuringTasks:
             with self.condition:
                 self.lent, self.failed, self.retry_at = True, False, 0.0
                 self.loan += 1
+                self.lent_at = self.worker.clock()
                 # Woken only when it sleeps with nothing to time: a notify per task would
                 # cost a thread switch per task on a stream of quick ones.
                 if self.waiting_for_work:
@@ -95,9 +102,14 @@ class FlushDuringTasks:
     def _seconds_until_due(self) -> Optional[float]:
         """How long until something is due (an outcome to record, the task in hand to mark
         started); None when there is nothing to time, or the connection is not ours."""
-        if not self.lent or self.failed:
-            return None
         worker = self.worker
+        if self.failed:
+            return None
+        if not self.lent:
+            # Between two tasks of a busy worker: look again shortly. Sleeping until the
+            # next loan's notify would cost a thread switch per task on a stream of quick
+            # ones (woken by it, this thread mostly finds that task over already).
+            return BETWEEN_TASKS_POLL_SECONDS if worker.clock() - self.lent_at < BUSY_SECONDS else None
         if worker.clock() < self.retry_at:
             return self.retry_at - worker.clock()  # nothing can be done before then
         due = []
