@@ -575,14 +575,15 @@ def report(run: Run, findings: Findings, seconds: float, drained: bool) -> str:
         f"tasks enqueued      {run.tally.enqueued} (+ recurring slots), enqueue retries {run.tally.enqueue_retries}; "
         f"by kind {dict(sorted(run.tally.by_kind.items()))}",
         f"attacks             " + ", ".join(f"{kind} {count}" for kind, count in counts.items()),
-        f"final states        {figures.get('states')}  (drained: {'yes' if drained else 'NO'})",
-        f"recurring slots     {figures.get('recurring_slots')}; latest start vs next slot "
-        f"{_seconds(figures.get('recurring_latest_start_s'))}",
-        f"failed, by cause    {figures.get('failed_by_cause')}",
+        f"final states        {figures.get('states')}  (drained: {'yes' if drained else 'NO'}: no task due "
+        f"before the drain ended was left queued)",
+        f"recurring slots     {figures.get('recurring_slots')}; the latest start "
+        f"{_early(figures.get('recurring_latest_start_s'))}",
+        f"failed, by cause    {figures.get('failed_by_cause')} (the mix fails on purpose: flaky, overrun, wedge)",
         f"runs again           retries {figures.get('retries')} (failed, timed out, worker killed), "
         f"uncharged re-runs {figures.get('reruns_uncharged')} (node, supervisor, drain), "
         f"completed work re-run {figures.get('reruns_in_flush_window')} in the flush window "
-        f"(longest {_seconds(figures.get('flush_window_max_s'))} before the kill), "
+        f"({_longest(figures.get('flush_window_max_s'))}), "
         f"{figures.get('reruns_in_outage')} held back by a restart of PostgreSQL",
         f"rescue after a node death      {summarise(a.seconds for a in run.attacks if a.kind == 'node')}",
         f"postgres away (restart)        {summarise(a.seconds for a in run.attacks if a.kind.startswith('restart'))}",
@@ -598,8 +599,15 @@ def report(run: Run, findings: Findings, seconds: float, drained: bool) -> str:
     return "\n".join(lines)
 
 
-def _seconds(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:+.3f}s" if value < 0 else f"{value:.3f}s"
+def _early(margin: Optional[float]) -> str:
+    """A recurring run's start against its expiry (the next slot): negative is in time."""
+    if margin is None:
+        return "-"
+    return f"{-margin:.3f}s before the next slot was due" if margin < 0 else f"{margin:.3f}s AFTER the next slot"
+
+
+def _longest(gap: Optional[float]) -> str:
+    return "none" if gap is None else f"the longest ended {gap:.3f}s before its process was killed"
 
 
 # -- main ------------------------------------------------------------------------------

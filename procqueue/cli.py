@@ -228,7 +228,11 @@ def run_processor(config: ProcessorConfig, log_level: str, log_format: str = "te
         import_task_modules(config.imports)
         supervisor = Supervisor(config, metrics_store=store, on_start=on_start, on_stop=on_stop)
         supervisor.install_signal_handlers()  # from here on a signal is a flag its loop acts on
-        starting.over()
+        try:
+            starting.over()
+        except StoppedWhileStarting:
+            supervisor.close()
+            raise
         return supervisor.run()
     except StoppedWhileStarting as stop:
         log_event(logging.getLogger("procqueue.supervisor"), logging.INFO, "processor.stopped", exit_code=0,

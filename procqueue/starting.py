@@ -36,6 +36,7 @@ class StartingSignals:
 
     def __init__(self) -> None:
         self.armed = False
+        self.received: Optional[int] = None  # the stop signal that came, if one did
         self.previous: Dict[int, object] = {}
 
     def handle(self, signum, frame) -> None:
@@ -43,9 +44,14 @@ class StartingSignals:
         # a supervisor gave this handler back, the command on its way out) changes nothing.
         if self.armed:
             self.armed = False
+            self.received = signum
             raise StoppedWhileStarting(signum)
 
     def arm(self) -> None:
+        """Idempotent; a signal already received stays received (arm is called again
+        along the way: the script, the entry point, run_processor)."""
+        if self.received is not None:
+            return
         self.armed = True
         for signum in STOP_SIGNALS:
             current = signal.getsignal(signum)
@@ -56,11 +62,15 @@ class StartingSignals:
             signal.signal(signum, self.handle)
 
     def over(self) -> None:
+        """The supervisor's handlers are in. A signal whose exception never arrived (C code
+        can swallow one raised while it runs: psycopg2's import does) stops it now."""
         self.armed = False
+        if self.received is not None:
+            raise StoppedWhileStarting(self.received)
 
     def restore(self) -> None:
         """Give back the handlers it replaced."""
-        self.armed = False
+        self.armed, self.received = False, None
         while self.previous:
             signum, handler = self.previous.popitem()
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

@@ -158,7 +158,7 @@ class Supervisor:
                     raise self.gave_up_waiting(exc) from None
                 failures += 1
                 delay = min(DATABASE_RETRY_SECONDS[min(failures, len(DATABASE_RETRY_SECONDS)) - 1], remaining)
-                log_event(logger, logging.WARNING, "database.waiting", error=str(exc), retry_in_s=round(delay, 1),
+                log_event(logger, logging.WARNING, "database.waiting", error=str(exc), retry_in_s=float(delay),
                           gives_up_in_s=round(remaining, 1))
                 if not self.wait_a_while(delay):
                     return False

@@ -45,8 +45,9 @@ logger = logging.getLogger("procqueue.worker")
 # processor died knows it had started), and its outcome is recorded the moment it ends.
 FLUSH_AFTER_SECONDS = 0.2
 # A recurring run due while the previous slot's run is still under way waits this long
-# before trying again (until its own slot ends: then it is missed).
-RECURRING_BUSY_RETRY_SECONDS = 1.0
+# before trying again (until its own slot ends: then it is missed): short, so that it
+# starts soon after the previous run ends, also when little of its slot is left.
+RECURRING_BUSY_RETRY_SECONDS = 0.25
 # A worker checks for due recurring schedules when the earliest is due, but at least this
 # often (another processor may have registered an earlier one) and at most this often
 # (a due schedule another processor holds the lock on is retried soon).

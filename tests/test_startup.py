@@ -132,3 +132,48 @@ def test_starting_handlers_raise_once_leave_ignored_signals_alone_and_give_back_
         starting.restore()
         for signum, handler in saved.items():
             signals.signal(signum, handler)
+
+
+def test_a_stop_signal_whose_exception_c_code_swallowed_still_stops_the_start():
+    # psycopg2's import, run as the signal lands, swallows the exception the handler
+    # raises: a processor went on to run for good, deaf to the SIGTERM it was sent.
+    import signal as signals
+
+    from procqueue.starting import StartingSignals, StoppedWhileStarting
+
+    starting = StartingSignals()
+    try:
+        starting.arm()
+        try:
+            starting.handle(signals.SIGTERM, None)  # as the handler runs inside C code...
+        except StoppedWhileStarting:
+            pass  # ...which drops what it raised
+        with pytest.raises(StoppedWhileStarting):
+            starting.over()  # the supervisor's handlers are in: it stops now
+    finally:
+        starting.restore()
+
+
+@pytest.mark.timeout(120)
+def test_a_stop_signal_at_any_moment_of_the_start_ends_the_processor(tmp_path):
+    # Before Python runs procqueue's first line the signal's default applies (-15); from
+    # then on it is exit 0, however deep in an import (C code included) it lands.
+    import os
+    import signal as signals
+
+    outcomes = {}
+    for delay_ms in range(20, 320, 20):
+        process = subprocess.Popen([sys.executable, str(REPO / "bin" / "run-task-processor"), "--numthreads", "1",
+                                    "--database-url", UNREACHABLE, "--database-wait", "30"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   env=dict(os.environ, PROCQUEUE_STATUS_FILE=str(tmp_path / f"{delay_ms}.json")))
+        time.sleep(delay_ms / 1000)  # the moment under test, not synchronisation
+        process.send_signal(signals.SIGTERM)
+        try:
+            outcomes[delay_ms] = process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            outcomes[delay_ms] = "still running"
+    assert all(code in (0, -signals.SIGTERM) for code in outcomes.values()), outcomes
+    assert outcomes[300] == 0, outcomes
