@@ -57,7 +57,7 @@ def test_a_task_interrupted_at_its_timeout_takes_its_processes_with_it(db, start
     wait_until(lambda: procqueue.get_task(task_id).state is TaskState.FAILED, timeout=15, message="timed out")
     assert procqueue.get_task_runs(task_id)[0].outcome.value == "timed_out"
     assert_all_gone(processes)
-    assert "event=task.processes_stopped" in processor.log()
+    processor.wait_for_log("event=task.processes_stopped", timeout=5)  # logged once they are reaped
     # The worker itself carried on: it handled the timeout, nobody killed it.
     assert "event=worker.stuck" not in processor.log() and processor.log().count("event=worker.started") == 1
     assert processor.stop() == 0
