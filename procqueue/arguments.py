@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import inspect
 import json
-from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
+import math
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
+from .config import ENV_MAX_ARGUMENTS_BYTES
 from .errors import TaskError
 
 
 # jsonb (and text) reject these, so they are refused at .delay(), not by the database.
 NUL_PROBLEM = "the NUL character (\\x00), which Postgres cannot store"
 SURROGATE_PROBLEM = "a lone surrogate (not valid Unicode, as from bytes decoded with surrogateescape), which Postgres cannot store"
+# Deeper than any data a task needs, shallow enough that encoding and decoding it stays
+# far from Python's recursion limit (about 1,000), in the application and in the worker.
+MAX_ARGUMENT_DEPTH = 100
 
 
 class TaskArgumentError(TaskError, TypeError):
@@ -23,9 +28,10 @@ class TaskArgumentError(TaskError, TypeError):
 
 
 def serialise_arguments(
-    task_name: str, args: Sequence[Any], kwargs: Optional[Mapping[str, Any]]
+    task_name: str, args: Sequence[Any], kwargs: Optional[Mapping[str, Any]], max_bytes: Optional[int] = None
 ) -> Tuple[str, str]:
-    """The arguments as JSON text, or TaskArgumentError naming the one that is not JSON."""
+    """The arguments as JSON text, or TaskArgumentError naming the one that is not JSON.
+    `max_bytes`: the most the two JSON texts may take together (None: no limit)."""
     if isinstance(args, (str, bytes)) or not isinstance(args, (list, tuple)):
         raise TaskArgumentError(f"task {task_name}: args must be a list or tuple, got {type(args).__name__}")
     kwargs = {} if kwargs is None else kwargs
@@ -41,7 +47,14 @@ def serialise_arguments(
         require_json(task_name, f"args[{position}]", value)
     for key, value in kwargs.items():
         require_json(task_name, f"kwargs[{key!r}]", value)
-    return json.dumps(list(args), allow_nan=False), json.dumps(dict(kwargs), allow_nan=False)
+    args_json, kwargs_json = json.dumps(list(args), allow_nan=False), json.dumps(dict(kwargs), allow_nan=False)
+    # ASCII (json.dumps escapes the rest), so characters are bytes.
+    size = len(args_json) + len(kwargs_json)
+    if max_bytes and size > max_bytes:
+        raise TaskArgumentError(
+            f"task {task_name}: arguments take {size} bytes as JSON, over the limit of {max_bytes} "
+            f"({ENV_MAX_ARGUMENTS_BYTES}); pass a reference to large data (a key, a URL) instead")
+    return args_json, kwargs_json
 
 
 def signature_of(func: Callable[..., Any]) -> Optional[inspect.Signature]:
@@ -74,42 +87,73 @@ def _parameters(signature: inspect.Signature) -> str:
 
 
 def require_json(task_name: str, label: str, value: Any) -> None:
+    """Refuse, naming it, anything in `value` that would not come back from JSON as it
+    went in (a dictionary key that is not a string would come back as one), that JSON
+    cannot hold (NaN, objects), that Postgres cannot store, or that is nested so deep
+    that decoding it would exhaust the stack."""
     try:
-        text = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise TaskArgumentError(
-            f"task {task_name}: argument {label} = {short_repr(value)} cannot be stored as JSON ({exc})"
-        ) from None
-    # Valid JSON, but jsonb rejects \u0000 and lone surrogates. Both show in the text as a
-    # \u escape, so this cheap test misses none; it also matches an escaped backslash
-    # followed by "u0000", or a valid pair such as an emoji's, so the walk decides.
-    if "\\u0000" in text or "\\ud" in text:
-        _require_storable(task_name, label, value)
+        _require_plain(value, 0)
+    except _Refused as refused:
+        where = label + "".join(reversed(refused.path))
+        raise TaskArgumentError(f"task {task_name}: argument {where} {refused.problem}") from None
 
 
-def _require_storable(task_name: str, label: str, value: Any) -> None:
-    """Raise naming the string (or dictionary key) in `value`, at any depth, that Postgres
-    cannot store."""
-    if isinstance(value, str):
+class _Refused(Exception):
+    """Raised where the walk found a problem; each level adds its step to `path` on the
+    way out, so a label is only built for a value that is refused."""
+
+    def __init__(self, problem: str, *, located: bool = True) -> None:
+        self.problem = problem
+        self.located = located  # False: named by the argument alone (a path 100 deep says nothing)
+        self.path: List[str] = []
+
+
+def _require_plain(value: Any, depth: int) -> None:
+    kind = type(value)
+    if kind is str:
         problem = string_problem(value)
         if problem:
-            raise TaskArgumentError(f"task {task_name}: argument {label} = {short_repr(value)} contains {problem}")
-    if isinstance(value, dict):
-        for key, item in value.items():
-            problem = string_problem(key) if isinstance(key, str) else None
-            if problem:
-                raise TaskArgumentError(
-                    f"task {task_name}: argument {label} has a key {short_repr(key)} that contains {problem}"
-                )
-            _require_storable(task_name, f"{label}[{key!r}]", item)
-    if isinstance(value, (list, tuple)):
-        for position, item in enumerate(value):
-            _require_storable(task_name, f"{label}[{position}]", item)
+            raise _Refused(f"= {short_repr(value)} contains {problem}")
+    elif value is None or kind is bool or kind is int:
+        return
+    elif kind is float or isinstance(value, float):
+        if not math.isfinite(value):
+            raise _Refused(f"= {value!r} cannot be stored as JSON (not a finite number)")
+    elif isinstance(value, (list, tuple, dict)):
+        if depth >= MAX_ARGUMENT_DEPTH:
+            raise _Refused(f"is nested deeper than {MAX_ARGUMENT_DEPTH} levels", located=False)
+        is_dict = isinstance(value, dict)
+        for key, item in (value.items() if is_dict else enumerate(value)):
+            if is_dict:
+                _require_key(key)
+            try:
+                _require_plain(item, depth + 1)
+            except _Refused as refused:
+                if refused.located:
+                    refused.path.append(f"[{key!r}]")
+                raise
+    elif isinstance(value, str):  # a subclass (a str Enum): JSON keeps its text
+        _require_plain(str(value), depth)
+    elif isinstance(value, int):  # a subclass (bool is handled above; an IntEnum)
+        return
+    else:
+        raise _Refused(f"= {short_repr(value)} cannot be stored as JSON "
+                       f"(Object of type {type(value).__name__} is not JSON serializable)")
+
+
+def _require_key(key: Any) -> None:
+    if not isinstance(key, str):
+        raise _Refused(f"has a key {short_repr(key)} that is not a string (JSON would turn it into one)")
+    problem = string_problem(key)
+    if problem:
+        raise _Refused(f"has a key {short_repr(key)} that contains {problem}")
 
 
 def string_problem(text: str) -> Optional[str]:
     if "\x00" in text:
         return NUL_PROBLEM
+    if text.isascii():
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

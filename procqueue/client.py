@@ -24,6 +24,7 @@ from .records import RunRecord, TaskRecord
 class ClientSettings:
     database: DatabaseConfig
     task_run_method: TaskRunMethod
+    max_arguments_bytes: Optional[int] = config_module.DEFAULT_MAX_ARGUMENTS_BYTES  # None: no limit
 
 
 _settings: Optional[ClientSettings] = None
@@ -37,8 +38,10 @@ def configure(
     database_url: Optional[str] = None,
     schema: Optional[str] = None,
     task_run_method: Optional[TaskRunMethod] = None,
+    max_arguments_bytes: Optional[int] = None,
 ) -> None:
-    """Set, in code, what the environment would otherwise decide for this process."""
+    """Set, in code, what the environment would otherwise decide for this process.
+    `max_arguments_bytes`: 0 lifts the limit."""
     global _settings
     with _settings_lock:
         current = _current_settings_unlocked()
@@ -48,7 +51,9 @@ def configure(
         if schema is not None:
             database = replace(database, schema=schema)
         method = TaskRunMethod(task_run_method) if task_run_method is not None else current.task_run_method
-        _settings = ClientSettings(database, method)
+        limit = (current.max_arguments_bytes if max_arguments_bytes is None
+                 else config_module.max_arguments_bytes(max_arguments_bytes))
+        _settings = ClientSettings(database, method, limit)
     close_connection()
 
 
@@ -61,7 +66,8 @@ def _current_settings_unlocked() -> ClientSettings:
     global _settings
     if _settings is None:
         _settings = ClientSettings(
-            config_module.database_config_from_env(), config_module.task_run_method_from_env()
+            config_module.database_config_from_env(), config_module.task_run_method_from_env(),
+            config_module.max_arguments_bytes_from_env(),
         )
     return _settings
 

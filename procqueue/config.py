@@ -36,6 +36,11 @@ ENV_METRICS_HOST = "PROCQUEUE_METRICS_HOST"
 ENV_STATUS_FILE = "PROCQUEUE_STATUS_FILE"
 ENV_DATABASE_WAIT = "PROCQUEUE_DATABASE_WAIT"
 ENV_TMPDIR = "TMPDIR"
+ENV_MAX_ARGUMENTS_BYTES = "PROCQUEUE_MAX_ARGUMENTS_BYTES"
+
+# Arguments are for what a task needs to find its data (ids, small values), not the
+# data itself: every claim returns them, and finished rows stay for the retention period.
+DEFAULT_MAX_ARGUMENTS_BYTES = 1024 * 1024
 
 DEFAULT_SCHEMA = "procqueue"
 DEFAULT_NUM_WORKERS = 5
@@ -281,6 +286,25 @@ def task_run_method_from_env(env: Optional[Mapping[str, str]] = None) -> TaskRun
     except ValueError:
         choices = ", ".join(method.value for method in TaskRunMethod)
         raise ConfigError(f"invalid value for {ENV_TASK_RUN_METHOD}: {raw!r} (expected one of {choices})") from None
+
+
+def max_arguments_bytes_from_env(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """The most a task's arguments may take as JSON; None: no limit (the variable set to 0)."""
+    env = os.environ if env is None else env
+    raw = env.get(ENV_MAX_ARGUMENTS_BYTES, "").strip()
+    if not raw:
+        return DEFAULT_MAX_ARGUMENTS_BYTES
+    return max_arguments_bytes(raw, ENV_MAX_ARGUMENTS_BYTES)
+
+
+def max_arguments_bytes(value: object, name: str = "max_arguments_bytes") -> Optional[int]:
+    try:
+        limit = int(value) if not isinstance(value, bool) else -1  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        limit = -1
+    if limit < 0:
+        raise ConfigError(f"invalid value for {name}: {value!r} (expected a number of bytes >= 0; 0 means no limit)")
+    return limit or None
 
 
 def imports_from_env(env: Optional[Mapping[str, str]] = None) -> Tuple[str, ...]:

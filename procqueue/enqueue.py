@@ -40,11 +40,12 @@ def enqueue_many(calls: Iterable[TaskCall], connection: Any = None) -> List[int]
     result is []. Every call's arguments are checked before the first one runs.
     """
     calls = list(calls)
-    method = client.settings().task_run_method
+    settings = client.settings()
+    method = settings.task_run_method
     if method is not TaskRunMethod.TASK_PROCESSOR:
         _run_locally(calls, method)
         return []
-    rows = [_enqueue_row(call) for call in calls]
+    rows = [_enqueue_row(call, settings.max_arguments_bytes) for call in calls]
     if not rows:
         return []
     queries = Queries(client.settings().database.schema)
@@ -85,9 +86,9 @@ def _start_thread(call: TaskCall, args: List[Any], kwargs: Mapping[str, Any]) ->
 # -- serialising ---------------------------------------------------------------------
 
 
-def _enqueue_row(call: TaskCall) -> EnqueueRow:
+def _enqueue_row(call: TaskCall, max_arguments_bytes: Optional[int]) -> EnqueueRow:
     handler = call.handler
-    args_json, kwargs_json = handler.serialise(call.args, call.kwargs)
+    args_json, kwargs_json = handler.serialise(call.args, call.kwargs, max_arguments_bytes)
     priority = handler.priority if call.priority is None else validated_priority(handler.task_name, call.priority)
     if call.delay_until is not None and (not isinstance(call.delay_until, datetime) or call.delay_until.tzinfo is None):
         raise TaskError(f"task {handler.task_name}: delay_until must be a timezone-aware datetime, got {call.delay_until!r}")
@@ -105,8 +106,9 @@ def _enqueue_row(call: TaskCall) -> EnqueueRow:
 
 
 def _json_round_trip(call: TaskCall):
-    """The arguments exactly as a processor would receive them (tuples become lists...)."""
-    args_json, kwargs_json = call.handler.serialise(call.args, call.kwargs)
+    """The arguments exactly as a processor would receive them (tuples become lists...),
+    refused as `.delay()` would refuse them."""
+    args_json, kwargs_json = call.handler.serialise(call.args, call.kwargs, client.settings().max_arguments_bytes)
     return json.loads(args_json), json.loads(kwargs_json)
 
 

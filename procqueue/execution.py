@@ -101,6 +101,10 @@ def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow, started: Op
             "(is its module passed with --import?)"
         )
         return _failure(task, None, started, now(), RunOutcome.FAILED, error)
+    malformed = malformed_arguments(task)
+    if malformed:  # a row written by hand: no attempt would go differently
+        return TaskOutcome(task.id, TaskState.FAILED, RunOutcome.FAILED, started, now(), error=malformed,
+                           summary=malformed)
     global _current
     try:
         soft_timeout.arm(task.timeout_seconds)
@@ -125,6 +129,21 @@ def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow, started: Op
         # outcomes with it, and the run would be recorded as `lost`, without its traceback.
         return _failure(task, handler, started, now(), RunOutcome.FAILED, traceback.format_exc(), summarise(exc))
     return TaskOutcome(task.id, TaskState.SUCCEEDED, RunOutcome.SUCCEEDED, started, now())
+
+
+def malformed_arguments(task: ClaimedTask) -> Optional[str]:
+    """What is wrong with a row's arguments, which `.delay()` always writes as an array and
+    an object: an object's keys must not silently become positional arguments."""
+    if not isinstance(task.args, list):
+        return f"the task's args must be a JSON array, got {json_type(task.args)} (was the row written by hand?)"
+    if not isinstance(task.kwargs, dict):
+        return f"the task's kwargs must be a JSON object, got {json_type(task.kwargs)} (was the row written by hand?)"
+    return None
+
+
+def json_type(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def _supervisor_gone(task: ClaimedTask, started: datetime, finished: datetime) -> TaskOutcome:

@@ -13,6 +13,7 @@ from datetime import datetime, time, timedelta, timezone
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .arguments import require_fitting, serialise_arguments, signature_of
+from .config import max_arguments_bytes_from_env
 from .errors import TaskError
 from .records import TaskPriority
 
@@ -81,10 +82,11 @@ class TaskHandler:
     def __repr__(self) -> str:
         return f"<TaskHandler {self.task_name}>"
 
-    def serialise(self, args: Sequence[Any], kwargs: Optional[Mapping[str, Any]]) -> Tuple[str, str]:
+    def serialise(self, args: Sequence[Any], kwargs: Optional[Mapping[str, Any]],
+                  max_bytes: Optional[int] = None) -> Tuple[str, str]:
         """The arguments as JSON, once they are known to fit the function; else a TypeError
         (TaskArgumentError) naming what is wrong, before anything is written."""
-        args_json, kwargs_json = serialise_arguments(self.task_name, args, kwargs)
+        args_json, kwargs_json = serialise_arguments(self.task_name, args, kwargs, max_bytes)
         require_fitting(self.task_name, self.signature, args, kwargs)
         return args_json, kwargs_json
 
@@ -207,7 +209,7 @@ def register_recurring_task(
             queue=DEFAULT_QUEUE,
             retry_backoff=DEFAULT_RETRY_BACKOFF,
         )
-        args_json, kwargs_json = handler.serialise(args, kwargs)
+        args_json, kwargs_json = handler.serialise(args, kwargs, max_arguments_bytes_from_env())
         _register(handler)
         _recurring[name] = RecurringSchedule(
             name, run_every, _anchor(name, first_run_time), handler.timeout, args_json, kwargs_json

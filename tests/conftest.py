@@ -137,6 +137,18 @@ def processor_config(database_url) -> ProcessorConfig:
 
 
 @pytest.fixture
+def worker(db, processor_config):
+    """A worker in the test's own process, connected; the test drives it with step()."""
+    from procqueue.worker import Worker
+
+    worker = Worker(processor_config, processor_id="test-processor", index=0)
+    worker.recurring_names = []  # recurring scheduling has its own tests
+    worker.ensure_connected()
+    yield worker
+    worker.close()
+
+
+@pytest.fixture
 def throwaway_tasks():
     """Names registered during a test are forgotten after it."""
     before = set(registry.registered_names())

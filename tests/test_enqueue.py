@@ -82,6 +82,60 @@ def test_non_json_argument_fails_before_anything_is_written(db):
     assert count_tasks(db) == 0
 
 
+def test_a_dictionary_key_that_is_not_a_string_is_refused_at_any_depth(db):
+    # JSON would turn 1 into "1": the task would get a different dictionary than was sent.
+    with pytest.raises(TypeError, match=r"argument kwargs\['punctuation'\]\['a'\] has a key 1 that is not a string"):
+        greet.delay(args=("ok",), kwargs={"punctuation": {"a": {1: "x"}}})
+    with pytest.raises(TypeError, match=r"argument args\[1\]\[0\] has a key None that is not a string"):
+        greet.delay(args=("ok", [{None: 1}]))
+    assert count_tasks(db) == 0
+
+
+def test_an_argument_nested_too_deep_is_refused_with_the_argument_error(db):
+    deep: list = []
+    for _ in range(10_000):
+        deep = [deep]
+    with pytest.raises(procqueue.TaskArgumentError, match=r"^task test_enqueue.greet: argument args\[1\] "
+                                                          r"is nested deeper than 100 levels$"):
+        greet.delay(args=("ok", deep))
+    fits: list = []
+    for _ in range(99):
+        fits = [fits]
+    assert greet.delay(args=("ok", fits))  # the limit itself is fine
+    assert count_tasks(db) == 1
+
+
+@pytest.fixture
+def argument_limit():
+    yield
+    procqueue.configure(max_arguments_bytes=procqueue.config.DEFAULT_MAX_ARGUMENTS_BYTES)
+
+
+def test_arguments_over_the_size_limit_are_refused(db, argument_limit, monkeypatch):
+    big = "x" * (1024 * 1024)
+    with pytest.raises(procqueue.TaskArgumentError, match=r"^task test_enqueue.greet: arguments take 1048582 bytes "
+                                                          r"as JSON, over the limit of 1048576 "
+                                                          r"\(PROCQUEUE_MAX_ARGUMENTS_BYTES\); pass a reference"):
+        greet.delay(args=(big,))
+    procqueue.configure(max_arguments_bytes=100)
+    with pytest.raises(procqueue.TaskArgumentError, match="over the limit of 100 "):
+        greet.delay(args=("y" * 100,))
+    procqueue.configure(max_arguments_bytes=0)  # no limit
+    assert greet.delay(args=(big,))
+    assert count_tasks(db) == 1
+
+
+def test_the_size_limit_is_read_from_the_environment(monkeypatch):
+    from procqueue.config import max_arguments_bytes_from_env
+
+    assert max_arguments_bytes_from_env({}) == 1024 * 1024
+    assert max_arguments_bytes_from_env({"PROCQUEUE_MAX_ARGUMENTS_BYTES": "2000"}) == 2000
+    assert max_arguments_bytes_from_env({"PROCQUEUE_MAX_ARGUMENTS_BYTES": "0"}) is None
+    with pytest.raises(procqueue.ConfigError, match=r"^invalid value for PROCQUEUE_MAX_ARGUMENTS_BYTES: '1MB' "
+                                          r"\(expected a number of bytes >= 0; 0 means no limit\)$"):
+        max_arguments_bytes_from_env({"PROCQUEUE_MAX_ARGUMENTS_BYTES": "1MB"})
+
+
 def test_arguments_that_do_not_fit_the_function_fail_before_anything_is_written(db):
     # As Celery checks at apply time: enqueued, they would fail every attempt in a worker.
     with pytest.raises(TypeError, match=r"^task test_enqueue.greet: args \['ada', '\?', 'extra'\] and kwargs \{\} "

@@ -11,7 +11,6 @@ import procqueue
 from procqueue import RunOutcome, TaskBackoffError, TaskState, register_task_handler
 from procqueue.execution import execute, summarise
 from procqueue.records import ClaimedTask
-from procqueue.worker import Worker
 
 
 class UnprintableError(Exception):
@@ -55,13 +54,17 @@ def report_current_task():
 seen: list = []
 
 
+def record_arguments(*args, **kwargs):
+    seen.append((args, kwargs))
+
+
 def raise_unprintable_backoff():
     raise UnprintableBackoff()
 
 
 TASKS = {f"test_execution.{func.__name__}": func
          for func in (raise_unprintable, call_sys_exit, raise_keyboard_interrupt, raise_unprintable_backoff,
-                      interrupted_as_orphan, report_current_task, ask_for_backoff)}
+                      interrupted_as_orphan, report_current_task, ask_for_backoff, record_arguments)}
 
 
 @pytest.fixture(autouse=True)
@@ -116,20 +119,14 @@ def test_sys_exit_or_keyboard_interrupt_in_a_task_is_a_failed_run(func, summary)
     assert f"in {func.__name__}" in outcome.error
 
 
-def test_a_worker_records_sys_exit_in_a_task_and_carries_on(db, processor_config):
+def test_a_worker_records_sys_exit_in_a_task_and_carries_on(worker):
     exits = procqueue.registry.get_handler("test_execution.call_sys_exit")
-    worker = Worker(processor_config, processor_id="test-processor", index=0)
-    worker.recurring_names = []
-    worker.ensure_connected()
+    first, second = procqueue.enqueue_many([exits.call(), exits.call()])
     try:
-        first, second = procqueue.enqueue_many([exits.call(), exits.call()])
-        try:
-            ran = worker.step()
-        except SystemExit:
-            pytest.fail("SystemExit raised by a task escaped the worker's step")
-        assert ran == 2  # the first did not end the worker
-    finally:
-        worker.close()
+        ran = worker.step()
+    except SystemExit:
+        pytest.fail("SystemExit raised by a task escaped the worker's step")
+    assert ran == 2  # the first did not end the worker
     for task_id in (first, second):
         [run] = procqueue.get_task_runs(task_id)
         assert run.outcome is RunOutcome.FAILED and "SystemExit: 3" in run.error
@@ -162,3 +159,21 @@ def test_a_recurring_run_asking_for_a_backoff_is_missed_not_run_again_in_its_slo
     assert "the next slot is its retry" in outcome.error
     ordinary = run(claimed(ask_for_backoff))
     assert (ordinary.state, ordinary.refund_attempt) == (TaskState.QUEUED, True)
+
+
+def test_a_row_whose_args_are_not_an_array_or_kwargs_not_an_object_fails_without_running(db, worker):
+    """A row edited by hand: an object's keys must not become positional arguments."""
+    handler = procqueue.registry.get_handler("test_execution.record_arguments")
+    args_object, kwargs_array = procqueue.enqueue_many([handler.call(args=[1]), handler.call(kwargs={"a": 1})])
+    with db.cursor() as cur:
+        cur.execute("""UPDATE procqueue.tasks SET args = '{"x": 1, "y": 2}' WHERE id = %s""", (args_object,))
+        cur.execute("UPDATE procqueue.tasks SET kwargs = '[1, 2]' WHERE id = %s", (kwargs_array,))
+    seen.clear()
+    assert worker.step() == 2
+    assert seen == []  # neither ran
+    for task_id, problem in ((args_object, "args must be a JSON array, got an object"),
+                             (kwargs_array, "kwargs must be a JSON object, got an array")):
+        task = procqueue.get_task(task_id)
+        [run] = procqueue.get_task_runs(task_id)
+        assert task.state is TaskState.FAILED  # for good: no attempt would go differently
+        assert run.outcome is RunOutcome.FAILED and problem in run.error

@@ -43,15 +43,6 @@ def reset_calls():
     calls.clear()
 
 
-@pytest.fixture
-def worker(db, processor_config):
-    worker = Worker(processor_config, processor_id="test-processor", index=0)
-    worker.recurring_names = []  # recurring scheduling has its own tests
-    worker.ensure_connected()
-    yield worker
-    worker.close()
-
-
 def runs_of(task_id):
     return procqueue.get_task_runs(task_id)
 
