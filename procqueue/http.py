@@ -1,43 +1,57 @@
-"""The supervisor's HTTP endpoints: /metrics, /healthz, /status and /monitoring.
+"""The supervisor's HTTP endpoints: /metrics, /healthz, /readyz, /status and /monitoring.
 
-Served by daemon threads of the supervisor: one accepts, one per connection answers (at
-most MAX_CONNECTIONS at once, each within REQUEST_DEADLINE_SECONDS in all, so a client
-that trickles bytes cannot keep a probe waiting, nor the supervisor from exiting).
+Served by one daemon thread of the supervisor, which waits on every socket at once
+(`selectors`): an idle or slow client costs a file descriptor, never a thread, and holds
+nothing that an answer to someone else waits for. Each connection must send its request
+head within REQUEST_HEAD_SECONDS and be answered within REQUEST_DEADLINE_SECONDS of being
+accepted; at MAX_CONNECTIONS the oldest connection is closed to admit a new one, so a
+flood of sockets that send nothing cannot shut out Prometheus or the kubelet: theirs are
+the newest and are answered within milliseconds of arriving.
 
-The supervisor keeps forking workers while these threads run, and fork() copies only the
-forking thread: a lock one of them held at that instant would stay locked for ever in the
-child. So these threads touch nothing a worker uses: they log nothing (the logging and
-stderr locks), open no database connection (libpq and OpenSSL state) and import nothing
-once started (the import locks). The only lock they take is the metrics store's, which
-workers never touch. What they serve comes from the supervisor's latest status document,
-replaced whole once a second, and from the metrics files.
+The supervisor keeps forking workers while this thread runs, and fork() copies only the
+forking thread: a lock the thread held at that instant would stay locked for ever in the
+child. So it touches nothing a worker uses: it logs nothing (the logging and stderr
+locks), opens no database connection (libpq and OpenSSL state) and imports nothing once
+started (the import locks). The only lock it takes is the metrics store's, which workers
+never touch. What it serves comes from the supervisor's latest status document, replaced
+whole once a second, and from the metrics files.
 """
 
 from __future__ import annotations
 
-import io
+import errno
 import json
+import selectors
 import socket
 import threading
 import time
+from email.utils import formatdate
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 from urllib.parse import parse_qs, urlsplit
 
 from . import health
 from .errors import ConfigError
 
 ENDPOINTS = ("/metrics", "/healthz", "/readyz", "/status", "/monitoring")
-# From accept to the last byte sent, whatever the client does: reading the request and
-# writing the answer both count against it.
+# From accept to the blank line that ends the request head. A scrape or a probe sends its
+# few hundred bytes at once; a client still sending after this is not one of them.
+REQUEST_HEAD_SECONDS = 2.0
+# From accept to the last byte of the answer, whatever the client does.
 REQUEST_DEADLINE_SECONDS = 5.0
-# Connections answered at once; more are closed on arrival. Prometheus and the kubelet
-# need one or two; the bound is against a flood of idle connections.
-MAX_CONNECTIONS = 16
+# Connections open at once; beyond it the oldest is closed. Each costs a descriptor only.
+MAX_CONNECTIONS = 256
+# A request head longer than this is refused (431): ours are a line and a few headers.
+MAX_HEAD_BYTES = 8192
+# After the answer: how long to read and discard what the client still sends before
+# closing, so that the close does not reset the connection under an unread answer.
+LINGER_SECONDS = 1.0
 # Queue depth is read every few seconds; older than this, the database has not answered
 # for a while and /monitoring says so instead of repeating an old number.
 MONITORING_STALE_SECONDS = 30.0
+# Names the program, not its version nor Python's.
+SERVER_HEADER = "procqueue"
+METHODS = ("GET", "HEAD")
 
 
 class MonitoringServer:
@@ -47,19 +61,19 @@ class MonitoringServer:
                  metrics_source: Callable[[str], Tuple[bytes, str]]) -> None:
         self.status_source = status_source
         self.metrics_source = metrics_source
-        server_class = _IPv6Server if ":" in host else _Server
-        try:
-            self.server = server_class((host, port), _Handler)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot serve metrics on --metrics-host {host} --metrics-port {port}: {exc.strerror or exc}"
-            ) from None
-        self.server.app = self  # type: ignore[attr-defined]
+        self.listener = _listen(host, port)
+        self.connections: Dict[socket.socket, _Connection] = {}  # oldest first
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.wake_reader, self.wake_writer = socket.socketpair()
+        self.wake_reader.setblocking(False)
+        self.selector.register(self.wake_reader, selectors.EVENT_READ)
+        self.stopping = False
         self.thread: Optional[threading.Thread] = None
 
     @property
     def address(self) -> Tuple[str, int]:
-        host, port = self.server.server_address[:2]
+        host, port = self.listener.getsockname()[:2]
         return host, port
 
     @property
@@ -69,15 +83,20 @@ class MonitoringServer:
         return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}"
 
     def start(self) -> None:
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.5},
-                                       name="procqueue-http", daemon=True)
+        self.thread = threading.Thread(target=self.serve, name="procqueue-http", daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
+        self.stopping = True
         if self.thread is not None:
-            self.server.shutdown()
+            self.wake_writer.send(b"x")
             self.thread.join(timeout=5)
-        self.server.server_close()
+        for sock in list(self.connections):
+            sock.close()
+        self.connections.clear()
+        for sock in (self.listener, self.wake_reader, self.wake_writer):
+            sock.close()
+        self.selector.close()
 
     def close_in_child(self) -> None:
         """In a freshly forked worker: let go of the listening socket and the open
@@ -85,9 +104,125 @@ class MonitoringServer:
         supervisor is gone (an orphaned worker lives on for a while) and keep answered
         connections from closing. close() only: shutdown() would cut them for the
         supervisor too."""
-        self.server.socket.close()
-        for connection in list(self.server.connections):
-            connection.close()
+        for sock in [self.listener, self.wake_reader, self.wake_writer, *self.connections]:
+            sock.close()
+        self.selector.close()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        while not self.stopping:
+            for key, events in self.selector.select(timeout=0.25):
+                if key.fileobj is self.listener:
+                    self.accept()
+                elif key.fileobj is self.wake_reader:
+                    _discard(self.wake_reader)
+                elif events & selectors.EVENT_WRITE:
+                    self.send(key.data)
+                else:
+                    self.receive(key.data)
+            self.close_expired(time.monotonic())
+
+    def accept(self) -> None:
+        for _ in range(64):  # then back to the others: a flood must not starve answers
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors: make room, the next round accepts
+                if exc.errno in (errno.EMFILE, errno.ENFILE) and self.connections:
+                    self.close(next(iter(self.connections.values())))
+                return
+            if len(self.connections) >= MAX_CONNECTIONS:
+                self.close(next(iter(self.connections.values())))
+            sock.setblocking(False)
+            connection = _Connection(sock, time.monotonic())
+            self.connections[sock] = connection
+            self.selector.register(sock, selectors.EVENT_READ, connection)
+
+    def receive(self, connection: "_Connection") -> None:
+        try:
+            data = connection.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data or connection.lingering:  # gone, or what it sends after the answer
+            if not data:
+                self.close(connection)
+            return
+        connection.received += data
+        end = connection.received.find(b"\r\n\r\n")
+        if end < 0 and len(connection.received) > MAX_HEAD_BYTES:
+            self.answer(connection, _plain_answer(431, "request head too long\n"))
+        elif end >= 0:
+            self.answer(connection, self.answer_to(connection.received[:end].decode("latin-1")))
+
+    def answer_to(self, head: str) -> bytes:
+        """The bytes to send for a request head (its request line and headers)."""
+        request_line, *header_lines = head.split("\r\n")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
+            return _plain_answer(400, "bad request line\n")
+        method, target, _ = parts
+        headers = {}
+        for line in header_lines:
+            name, colon, value = line.partition(":")
+            if not colon:
+                return _plain_answer(400, "bad header line\n")
+            headers[name.strip().lower()] = value.strip()
+        if method not in METHODS:
+            body = json.dumps({"error": f"{method} not allowed: these endpoints answer GET"}) + "\n"
+            return _answer(405, "application/json", body.encode(), extra_headers="Allow: GET, HEAD\r\n")
+        parts = urlsplit(target)
+        try:
+            status, content_type, body = self.respond(parts.path, parts.query, headers.get("accept", ""))
+        except Exception as exc:  # a bug of ours must cost one request, not the thread
+            status, content_type = 500, "text/plain; charset=utf-8"
+            body = f"internal error: {type(exc).__name__}: {exc}\n".encode("utf-8")
+        return _answer(status, content_type, body, include_body=method == "GET")
+
+    def answer(self, connection: "_Connection", data: bytes) -> None:
+        connection.unsent = memoryview(data)
+        connection.received = b""
+        self.selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
+        self.send(connection)  # most answers fit the socket's buffer: no wait for the loop
+
+    def send(self, connection: "_Connection") -> None:
+        try:
+            sent = connection.sock.send(connection.unsent)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close(connection)
+            return
+        connection.unsent = connection.unsent[sent:]
+        if connection.unsent:
+            return
+        # All sent: end our side and wait briefly for the client to end its own. Closing
+        # with its bytes unread would reset the connection, which can discard the answer
+        # before the client has read it.
+        try:
+            connection.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close(connection)
+            return
+        connection.lingering = True
+        connection.linger_until = time.monotonic() + LINGER_SECONDS
+        self.selector.modify(connection.sock, selectors.EVENT_READ, connection)
+
+    def close_expired(self, now: float) -> None:
+        for connection in list(self.connections.values()):
+            if connection.expired(now):
+                self.close(connection)
+
+    def close(self, connection: "_Connection") -> None:
+        self.connections.pop(connection.sock, None)
+        try:
+            self.selector.unregister(connection.sock)
+        except (KeyError, ValueError):
+            pass
+        connection.sock.close()
 
     # -- the endpoints -----------------------------------------------------------------
 
@@ -154,106 +289,61 @@ def _health_options(params: dict) -> Tuple[float, int]:
     return max_age_value, int(min_healthy)
 
 
-class _Server(ThreadingHTTPServer):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.connection_slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        self.connections: set = set()  # open ones, for a forked worker to close
+class _Connection:
+    __slots__ = ("sock", "accepted", "received", "unsent", "lingering", "linger_until")
 
-    def process_request(self, request, client_address) -> None:
-        """A daemon thread per connection, named as ours: the supervisor warns about
-        threads it does not know before each fork, and these are built to be fork-safe.
-        Never waited for at exit: each ends by its deadline anyway."""
-        if not self.connection_slots.acquire(blocking=False):
-            self.shutdown_request(request)  # too many at once: this one is turned away
-            return
-        self.connections.add(request)
-        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
-                                  name="procqueue-http-connection", daemon=True)
-        try:
-            thread.start()
-        except RuntimeError:  # no thread to be had: this connection is turned away too
-            self.connection_slots.release()
-            self.shutdown_request(request)
+    def __init__(self, sock: socket.socket, accepted: float) -> None:
+        self.sock = sock
+        self.accepted = accepted
+        self.received = b""
+        self.unsent: Optional[memoryview] = None  # the answer, once there is one
+        self.lingering = False
+        self.linger_until = 0.0
 
-    def process_request_thread(self, request, client_address) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.connection_slots.release()
-
-    def close_request(self, request) -> None:
-        self.connections.discard(request)
-        super().close_request(request)
-
-    def handle_error(self, request, client_address) -> None:
-        """Silent, as log_message: a client that hangs up mid-answer is its own business,
-        and a traceback on stderr from this thread could hold a lock across a fork."""
+    def expired(self, now: float) -> bool:
+        if self.lingering:
+            return now >= self.linger_until
+        if self.unsent is None:  # still reading its request
+            return now - self.accepted >= REQUEST_HEAD_SECONDS
+        return now - self.accepted >= REQUEST_DEADLINE_SECONDS
 
 
-class _IPv6Server(_Server):
-    address_family = socket.AF_INET6
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(128)
+        listener.setblocking(False)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(
+            f"cannot serve metrics on --metrics-host {host} --metrics-port {port}: {exc.strerror or exc}"
+        ) from None
+    return listener
 
 
-class _DeadlineReader(io.RawIOBase):
-    """The request socket, read with what is left of the connection's deadline as the
-    timeout of each read: a byte every few seconds no longer keeps a connection open."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock, self.deadline = sock, deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer) -> int:
-        self.sock.settimeout(_remaining(self.deadline))
-        return self.sock.recv_into(buffer)
+def _discard(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except (BlockingIOError, InterruptedError):
+        pass
 
 
-def _remaining(deadline: float) -> float:
-    remaining = deadline - time.monotonic()
-    if remaining <= 0:
-        raise socket.timeout("request deadline passed")
-    return remaining
+def _plain_answer(status: int, text: str) -> bytes:
+    return _answer(status, "text/plain; charset=utf-8", text.encode("utf-8"))
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_version = "procqueue"
-
-    def setup(self) -> None:
-        self.deadline = time.monotonic() + REQUEST_DEADLINE_SECONDS
-        super().setup()
-        self.rfile.close()
-        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self.deadline))
-
-    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
-        parts = urlsplit(self.path)
-        try:
-            status, content_type, body = self.server.app.respond(  # type: ignore[attr-defined]
-                parts.path, parts.query, self.headers.get("Accept", ""))
-        except Exception as exc:  # a bug of ours must cost one request, not the thread
-            status, content_type = 500, "text/plain; charset=utf-8"
-            body = f"internal error: {type(exc).__name__}: {exc}\n".encode("utf-8")
-        self.answer(status, content_type, body)
-
-    def do_POST(self) -> None:  # noqa: N802 (the endpoints are read-only)
-        body = (json.dumps({"error": f"{self.command} not allowed: these endpoints answer GET"}) + "\n").encode()
-        self.answer(405, "application/json", body, extra_headers="Allow: GET\r\n")
-
-    do_PUT = do_DELETE = do_PATCH = do_POST  # noqa: N815
-
-    def answer(self, status: int, content_type: str, body: bytes, extra_headers: str = "") -> None:
-        head = (f"{self.protocol_version} {status} {HTTPStatus(status).phrase}\r\n"
-                f"Server: {self.version_string()}\r\n"
-                f"Date: {self.date_time_string()}\r\n"
-                f"Content-Type: {content_type}\r\n"
-                f"Content-Length: {len(body)}\r\n"
-                f"Cache-Control: no-store\r\n{extra_headers}"
-                "Connection: close\r\n\r\n").encode("latin-1")
-        # One sendall for the whole answer: its timeout is a total, not a limit per chunk.
-        self.connection.settimeout(_remaining(self.deadline))
-        self.connection.sendall(head + body)
-        self.close_connection = True
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002
-        """Silent: logging from this thread could leave a lock held across a fork."""
+def _answer(status: int, content_type: str, body: bytes, *, extra_headers: str = "",
+            include_body: bool = True) -> bytes:
+    """A whole HTTP/1.0 answer; a HEAD request gets the same head with no body."""
+    head = (f"HTTP/1.0 {status} {HTTPStatus(status).phrase}\r\n"
+            f"Server: {SERVER_HEADER}\r\n"
+            f"Date: {formatdate(usegmt=True)}\r\n"
+            f"Content-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            f"Cache-Control: no-store\r\n{extra_headers}"
+            "Connection: close\r\n\r\n").encode("latin-1")
+    return head + body if include_body else head

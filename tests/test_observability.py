@@ -409,7 +409,7 @@ def test_http_answers_unknown_paths_and_openmetrics(db, start_processor):
     posted = urllib.request.Request(f"http://127.0.0.1:{port}/healthz", data=b"{}", method="POST")
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(posted, timeout=10)
-    assert (refused.value.code, refused.value.headers["Allow"]) == (405, "GET")
+    assert (refused.value.code, refused.value.headers["Allow"]) == (405, "GET, HEAD")
     assert "POST not allowed" in json.loads(refused.value.read())["error"]
     assert processor.stop() == 0
     assert processor.status()["metrics_url"] is None  # stopped: nothing serves it any more
