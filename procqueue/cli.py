@@ -350,16 +350,24 @@ def show_command(task_id: int, database_url: Optional[str], schema: Optional[str
 @main.command("status")
 @click.option("--status-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help=f"The processor's status file. [env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}]")
+@click.option("--owner", default=None, metavar="USER",
+              help="The user (name or uid) the processor runs as; a status file belonging to anyone else is "
+                   "not trusted. [default: the user running this command]")
 @click.option("--json", "as_json", is_flag=True, help="Print the status document itself.")
 @_user_errors
-def status_command(status_file: Optional[str], as_json: bool) -> None:
+def status_command(status_file: Optional[str], owner: Optional[str], as_json: bool) -> None:
     """Show a running processor's workers and queue, from its status file."""
     from .health import StatusError, load_status, supervisor_alive
+    from .private_files import user_id
     from .status import render_text
 
     path = status_file or default_status_file()
     try:
-        document = load_status(path)
+        owner_uid = None if owner is None else user_id(owner)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--owner") from None
+    try:
+        document = load_status(path, owner_uid)
     except StatusError as exc:
         raise ConfigError(str(exc)) from None
     if as_json:

@@ -2,8 +2,8 @@
 
 One verdict, three doors: `procqueue-health` (a Kubernetes liveness probe, run every few
 seconds), `procqueue health`, and the supervisor's `/healthz`. A probe must answer fast, so
-this module imports only the standard library and `procqueue.config` (itself stdlib-only);
-never psycopg2, click or prometheus-client.
+this module imports only the standard library, `procqueue.config` and
+`procqueue.private_files` (both stdlib-only); never psycopg2, click or prometheus-client.
 
 The rule for "stuck" lives here too, and the supervisor judges its workers with the same
 function, so the probe and the supervisor can never disagree about a worker.
@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
+
+from .private_files import UnsafePathError, read_owned_file, user_id
 
 STATUS_VERSION = 1
 # The worker's own timeout fires at the task's deadline; only if it could not act on it
@@ -75,10 +77,16 @@ def stuck_reason(
     return None
 
 
-def load_status(path: Path) -> dict:
-    """The status document at `path`, or StatusError saying in one line what is wrong."""
+def load_status(path: Path, owner: Optional[int] = None) -> dict:
+    """The status document at `path`, or StatusError saying in one line what is wrong.
+    Trusted only if it belongs to `owner` (by default the user reading it), in a directory
+    no one else can write to: otherwise another local user could make a probe lie."""
+    owner = os.geteuid() if owner is None else owner
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_owned_file(Path(path), owner).decode("utf-8")
+    except UnsafePathError as exc:
+        hint = "" if owner != os.geteuid() else " (if another user runs the processor, name it with --owner)"
+        raise StatusError(f"status file not trusted: {exc}{hint}") from None
     except FileNotFoundError:
         raise StatusError(f"status file {path} does not exist (is the processor running with this --status-file?)")
     except OSError as exc:
@@ -230,9 +238,9 @@ def worker_problem(worker: dict, elapsed: float, grace_seconds: float) -> Option
 
 
 def check_file(path: Path, *, max_age: float, min_healthy_workers: int, now: Optional[float] = None,
-               ready: bool = False) -> Verdict:
+               ready: bool = False, owner: Optional[int] = None) -> Verdict:
     try:
-        document = load_status(path)
+        document = load_status(path, owner)
     except StatusError as exc:
         return Verdict(False, [str(exc)])
     return judge(document, now=time.time() if now is None else now, max_age=max_age,
@@ -280,6 +288,13 @@ def _count(raw: str) -> int:
     return value
 
 
+def _user(raw: str) -> int:
+    try:
+        return user_id(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
     from .config import default_status_file
 
@@ -299,6 +314,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--ready", action="store_true",
                         help="ask the readiness question instead: is it running tasks now (not starting, "
                              "waiting for its database or stopping)? For readiness probes")
+    parser.add_argument("--owner", type=_user, default=None, metavar="USER",
+                        help="the user (name or uid) the processor runs as; a status file belonging to anyone "
+                             "else is not trusted [default: the user running this command]")
     parser.add_argument("--json", action="store_true", help="print the verdict and its reasons as JSON")
     return parser
 
@@ -309,7 +327,7 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "procqueue-health") ->
     options = build_parser(prog).parse_args(argv)
     path = options.status_file or default_status_file()
     verdict = check_file(path, max_age=options.max_age, min_healthy_workers=options.min_healthy_workers,
-                         ready=options.ready)
+                         ready=options.ready, owner=options.owner)
     if options.json:
         print(json.dumps(dict(asdict(verdict), status_file=str(path)), indent=2))
     elif verdict.healthy:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -184,11 +185,13 @@ class MultiprocessMetrics:
 def remove_abandoned_directories() -> None:
     """Remove the metrics directories of supervisors that died without cleaning up (kill
     -9, the OOM killer): the directory names the supervisor's pid. Only this user's, and
-    only those whose supervisor is gone from this machine."""
+    only those whose supervisor is gone from this machine; never a link (another user's,
+    pointing at what we would then delete)."""
     for path in Path(tempfile.gettempdir()).glob(f"{DIRECTORY_PREFIX}*-*"):
         try:
             pid = int(path.name[len(DIRECTORY_PREFIX):].split("-", 1)[0])
-            if path.stat().st_uid != os.getuid() or pid == os.getpid():
+            info = path.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or pid == os.getpid():
                 continue
             os.kill(pid, 0)
         except ProcessLookupError:

@@ -19,6 +19,7 @@ from .config import ProcessorConfig
 from .http import ENDPOINTS, MonitoringServer
 from .logs import log_event
 from .metrics import MultiprocessMetrics, exposition, processor_registry
+from .private_files import UnsafePathError
 from .status import StatusFile, StatusReport, SupervisorFacts
 
 logger = logging.getLogger("procqueue.supervisor")
@@ -67,10 +68,10 @@ class Monitor:
         self.latest = self.report.document(self.slots, facts, now=time.time(), monotonic_now=monotonic_now)
         try:
             self.file.write(self.latest)
-        except OSError as exc:
+        except (OSError, UnsafePathError) as exc:  # a directory remade by someone else: not written there
             if not self.file_failing:  # once per failure streak, not once a second
                 log_event(logger, logging.ERROR, "status.write_failed", path=str(self.file.path),
-                          error=exc.strerror or str(exc))
+                          error=getattr(exc, "strerror", None) or str(exc))
             self.file_failing = True
             return
         if self.file_failing:
@@ -91,6 +92,7 @@ class Monitor:
         """In a freshly forked worker: drop what belongs to the supervisor alone."""
         if self.server is not None:
             self.server.close_in_child()
+        self.file.close()
 
     def close(self) -> None:
         if self.server is not None:
@@ -98,6 +100,7 @@ class Monitor:
         if self.metrics_store is not None:
             self.metrics_store.remove()
         self.file.remove_temporary()
+        self.file.close()
 
 
 class RssReader:

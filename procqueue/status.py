@@ -22,6 +22,7 @@ from .config import ProcessorConfig
 from .errors import ConfigError
 from .health import DEFAULT_MAX_AGE_SECONDS, STATUS_VERSION, StatusError, load_status, supervisor_alive
 from .heartbeat import WorkerSlot, WorkerState, read_slot, stuck_reason
+from .private_files import UnsafePathError, open_private_directory, write_file
 from .records import QueueStats
 
 
@@ -149,26 +150,39 @@ def starting_document() -> dict:
 
 
 class StatusFile:
-    """The file, rewritten whole: write a temporary file beside it, then rename."""
+    """The file, rewritten whole in a directory only this user can write (private_files):
+    a temporary file beside it, then a rename."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self.temporary = f".{self.path.name}.{os.getpid()}.tmp"
+        self.directory_fd: Optional[int] = None
 
     def prepare(self) -> None:
         """Create the directory and prove the file can be written, or say why not: a
         processor that cannot tell its liveness probe it is alive would be restarted over
-        and over, so this is a start-up error, not a warning. So is a file another live
-        processor is writing: the two would take turns, and each one's probe would judge
-        the other."""
+        and over, so this is a start-up error, not a warning. So is a directory another
+        user controls (they could make the probe lie, or make this processor write where
+        they point), and a file another live processor is writing: the two would take
+        turns, and each one's probe would judge the other."""
+        try:
+            self.open_directory()
+        except UnsafePathError as exc:
+            raise ConfigError(f"unsafe --status-file {self.path}: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot write --status-file {self.path}: {exc.strerror or exc}") from None
         owner = self.live_owner()
         if owner is not None:
             raise ConfigError(f"--status-file {self.path} is being written by another processor (pid {owner}); "
                               "give this one a file of its own")
         try:
             self.write(starting_document())
-        except OSError as exc:
-            raise ConfigError(f"cannot write --status-file {self.path}: {exc.strerror or exc}") from None
+        except (OSError, UnsafePathError) as exc:
+            raise ConfigError(f"cannot write --status-file {self.path}: {getattr(exc, 'strerror', None) or exc}") from None
+
+    def open_directory(self) -> None:
+        self.close()
+        self.directory_fd = open_private_directory(self.path.parent)
 
     def live_owner(self) -> Optional[int]:
         """The pid of another processor on this host that keeps this file fresh, if any."""
@@ -183,31 +197,30 @@ class StatusFile:
         return None
 
     def write(self, document: Dict) -> None:
-        """Raises OSError (disk full...); the caller decides what that means. A directory
-        removed meanwhile (a tmp cleaner) is made again: the file is the liveness probe's
-        only evidence, and without it a healthy pod would be restarted."""
-        try:
-            self._write(document)
-        except FileNotFoundError:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._write(document)
-
-    def _write(self, document: Dict) -> None:
+        """Raises OSError (disk full...) or UnsafePathError; the caller decides what that
+        means. A directory removed meanwhile (a tmp cleaner) is made again: the file is the
+        liveness probe's only evidence, and without it a healthy pod would be restarted."""
         data = json.dumps(document, indent=1, sort_keys=False).encode("utf-8")
-        fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        if self.directory_fd is None:
+            self.open_directory()
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-        os.replace(self.temporary, self.path)
+            write_file(self.directory_fd, self.path.name, data, self.temporary)
+        except FileNotFoundError:
+            self.open_directory()
+            write_file(self.directory_fd, self.path.name, data, self.temporary)
 
     def remove_temporary(self) -> None:
+        if self.directory_fd is None:
+            return
         try:
-            self.temporary.unlink()
+            os.unlink(self.temporary, dir_fd=self.directory_fd)
         except OSError:
             pass
+
+    def close(self) -> None:
+        if self.directory_fd is not None:
+            os.close(self.directory_fd)
+            self.directory_fd = None
 
 
 # -- reading it: `procqueue status` ---------------------------------------------------
