@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Optional, Tuple
 
 # Milliseconds: events of a stuck worker's kill, a dead one's replacement, follow each
 # other within a second.
@@ -74,3 +75,32 @@ def setup_logging(level: str, log_format: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+class OutputWatch:
+    """Where this process's log lines go: file descriptors 1 and 2, and the streams of the
+    root logger's handlers. A task can close or replace any of them (os.close(2),
+    sys.stderr.close(), a dup2 to capture output); every log line after that would be lost
+    without a sound, so the worker checks between batches and has itself replaced."""
+
+    def __init__(self) -> None:
+        self.identities = {fd: _file_identity(fd) for fd in (1, 2)}
+
+    def problem(self) -> Optional[str]:
+        """What happened to the output, or None while it is as it was."""
+        for fd, identity in self.identities.items():
+            if identity is not None and _file_identity(fd) != identity:
+                return f"{'stdout' if fd == 1 else 'stderr'} (fd {fd}) was closed or replaced by a task"
+        for handler in logging.getLogger().handlers:
+            stream = getattr(handler, "stream", None)
+            if stream is not None and getattr(stream, "closed", False):
+                return f"the log stream {getattr(stream, 'name', '?')} was closed by a task"
+        return None
+
+
+def _file_identity(fd: int) -> Optional[Tuple[int, int]]:
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino

@@ -39,7 +39,7 @@ from .starting import STOP_SIGNALS
 from .records import RunOutcome
 from .status import SupervisorFacts
 from .worker import Worker
-from .worker_process import WORKER_BOOT_ERROR, WORKER_RECYCLED, run_worker_process
+from .worker_process import WORKER_BOOT_ERROR, WORKER_OUTPUT_LOST, WORKER_RECYCLED, run_worker_process
 
 logger = logging.getLogger("procqueue.supervisor")
 
@@ -393,7 +393,7 @@ class Supervisor:
             return True
         if info is None:
             return False
-        if info.si_code != os.CLD_EXITED or info.si_status not in (0, WORKER_RECYCLED):
+        if info.si_code != os.CLD_EXITED or info.si_status not in (0, WORKER_RECYCLED, WORKER_OUTPUT_LOST):
             kill_group(worker.pid)
         return True
 
@@ -454,9 +454,14 @@ class Supervisor:
             log_event(logger, logging.DEBUG, "worker.exited", worker=worker.index, pid=worker.pid)
             return
         self.restarts_by_slot[worker.index] = self.restarts_by_slot.get(worker.index, 0) + 1
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_RECYCLED:
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) in (WORKER_RECYCLED, WORKER_OUTPUT_LOST):
             self.restarts["recycled"] += 1
-            log_event(logger, logging.INFO, "worker.recycled", worker=worker.index, pid=worker.pid)
+            if os.WEXITSTATUS(status) == WORKER_OUTPUT_LOST:
+                log_event(logger, logging.WARNING, "worker.output_lost", worker=worker.index, pid=worker.pid,
+                          note="a task closed or replaced the worker's stdout or stderr; replaced so that "
+                               "its log lines are not lost")
+            else:
+                log_event(logger, logging.INFO, "worker.recycled", worker=worker.index, pid=worker.pid)
             return  # refilled on this tick: no backoff, not a failed start
         self.restarts["stuck" if worker.kill_reason else "crashed"] += 1
         log_event(logger, logging.WARNING, "worker.died", worker=worker.index, pid=worker.pid,

@@ -29,7 +29,7 @@ from .errors import DatabaseError
 from .execution import SupervisorGoneError, execute, soft_timeout, utcnow
 from .flusher import FlushDuringTasks
 from .heartbeat import SlotWriter, WorkerState
-from .logs import log_event
+from .logs import OutputWatch, log_event
 from .metrics import TaskMetrics, result_label
 from .process_tree import boot_clock, reap_exited_children, stop_descendants
 from .queries import Queries
@@ -106,6 +106,8 @@ class Worker:
         self.parent_pid = os.getppid()
         self.tasks_run = 0
         self.recycle_reason: Optional[str] = None
+        self.outputs = OutputWatch()  # the supervisor's, inherited at fork
+        self.output_lost: Optional[str] = None
         self.orphaned_at: Optional[float] = None
         self.orphan_logged = False
         self.metrics = TaskMetrics()
@@ -126,6 +128,7 @@ class Worker:
             try:
                 self.step()
                 self.connection_failures = 0
+                self.check_output()
             except (psycopg2.Error, DatabaseError) as exc:
                 self._on_database_error(exc)
             except Exception as exc:  # a bug of ours must not kill a worker holding leases
@@ -369,6 +372,15 @@ class Worker:
             rss_mb = psutil.Process().memory_info().rss / 2**20
             if rss_mb > limit_mb:
                 self.recycle(f"RSS {rss_mb:.0f} MB (--max-memory-per-worker {limit_mb})")
+
+    def check_output(self) -> None:
+        """Between batches: a task that closed or replaced stdout or stderr has silenced
+        every later log line of this worker. It leaves to be replaced by one with the
+        supervisor's output (the supervisor says why: this worker's own line would be lost)."""
+        problem = self.outputs.problem()
+        if problem is not None and self.output_lost is None:
+            self.output_lost = problem
+            self.recycle(problem)
 
     def recycle(self, reason: str) -> None:
         self.recycle_reason = reason

@@ -33,6 +33,9 @@ logger = logging.getLogger("procqueue.worker")
 WORKER_BOOT_ERROR = 3
 # A worker that left to be replaced (--max-tasks-per-worker, --max-memory-per-worker).
 WORKER_RECYCLED = 4
+# A worker whose stdout or stderr a task closed or replaced: replaced like a recycled one,
+# and the supervisor logs why, since this worker's own lines no longer reach anyone.
+WORKER_OUTPUT_LOST = 5
 _PR_SET_PDEATHSIG = 1
 # Added to each worker's OOM score (-1000..1000): its supervisor goes last.
 WORKER_OOM_SCORE_ADJ = 300
@@ -50,6 +53,11 @@ def run_worker_process(worker: Worker, *, lifeline_fd: int) -> int:
     # When the supervisor finds this worker stuck, it asks for every thread's stack first:
     # written from a C-level handler, so it works even with the GIL held by C code.
     faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True)
+    # A log line that cannot be written must not end the worker: with the default, a task
+    # that closed sys.stderr makes logging's own error report raise, and every worker that
+    # retried that task would crash the same way. The output is checked between batches
+    # instead (Worker.check_output), and a worker cut off from it is replaced.
+    logging.raiseExceptions = False
     soft_timeout.install()
     watch(lifeline_fd, worker.lifeline_cut)  # after the handlers and timers it arms
     client.forget_inherited_connection()  # never use the supervisor's client connection
@@ -61,6 +69,8 @@ def run_worker_process(worker: Worker, *, lifeline_fd: int) -> int:
         return WORKER_BOOT_ERROR
     worker.flush_during_tasks()
     worker.loop()
+    if worker.output_lost:
+        return WORKER_OUTPUT_LOST
     return WORKER_RECYCLED if worker.recycle_reason else 0
 
 

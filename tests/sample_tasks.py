@@ -146,6 +146,33 @@ def fork_and_return(count: int) -> None:
             os._exit(0)
 
 
+@register_task_handler(task_name="sample.fork_tree_and_return")
+def fork_tree_and_return(count: int) -> None:
+    """Forks children that each fork a grandchild and exit at once; the grandchildren,
+    orphaned, exit a moment later. Nobody waits for any of them."""
+    import os
+    import time
+
+    for _ in range(count):
+        if os.fork() == 0:
+            if os.fork() == 0:
+                time.sleep(0.2)
+            os._exit(0)
+
+
+@register_task_handler(task_name="sample.close_output")
+def close_output(how: str) -> None:
+    """Cuts the worker off from its log: closes fds 1 and 2, or the sys.stderr object."""
+    import os
+    import sys
+
+    if how == "descriptors":
+        os.close(1)
+        os.close(2)
+    else:
+        sys.stderr.close()
+
+
 @register_task_handler(task_name="sample.busy_loop", timeout=timedelta(seconds=1), max_attempts=1)
 def busy_loop() -> None:
     """Pure Python spinning: the worker's own timeout interrupts it."""

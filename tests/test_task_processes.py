@@ -129,14 +129,34 @@ def test_a_worker_killed_from_outside_takes_its_tasks_processes_with_it(db, star
 
 
 def test_processes_a_task_leaves_to_exit_are_reaped(db, start_processor):
+    # Before: 50 zombies per such task, 200 after four, until the worker exited.
     processor = start_processor("--numthreads", "1")
-    task_id = sample_tasks.fork_and_return.delay(args=(30,))
-    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=15, message="done")
+    task_ids = [sample_tasks.fork_and_return.delay(args=(50,)) for _ in range(4)]
+    task_ids.append(sample_tasks.fork_tree_and_return.delay(args=(20,)))  # orphaned grandchildren too
+    wait_until(lambda: all(procqueue.get_task(task_id).state is TaskState.SUCCEEDED for task_id in task_ids),
+               timeout=30, message="done")
     [worker] = psutil.Process(processor.pid).children()
 
     def zombies():
         return [child for child in worker.children() if child.status() == psutil.STATUS_ZOMBIE]
 
     # Reaped between tasks, and by an idle worker at each heartbeat (within a second).
-    wait_until(lambda: not zombies(), timeout=5, message=lambda: f"{len(zombies())} zombies under the worker")
+    wait_until(lambda: not worker.children(), timeout=5,
+               message=lambda: f"{len(zombies())} zombies and {len(worker.children())} processes under the worker")
+    assert processor.stop() == 0
+
+
+@pytest.mark.parametrize("how", ["descriptors", "stream"])
+def test_a_worker_whose_task_closed_its_output_is_replaced_and_logs_again(db, start_processor, how):
+    # Before: the worker ran on, every later log line of it silently lost.
+    processor = start_processor("--numthreads", "1")
+    processor.wait_for_log("event=worker.started")
+    first = processor.wait_for_status(lambda d: d["workers"][0]["state"] == "idle")["workers"][0]["pid"]
+    sample_tasks.close_output.delay(args=(how,))
+    processor.wait_for_log("event=worker.output_lost")
+    processor.wait_for_status(lambda d: d["workers"][0]["pid"] not in (None, first)
+                              and d["workers"][0]["state"] == "idle")
+    task_id = sample_tasks.fail.delay(args=("heard again",))
+    processor.wait_for_log(f"task_id={task_id}")  # the new worker's lines reach the log
+    assert processor.status()["totals"]["restarts"]["recycled"] == 1
     assert processor.stop() == 0
