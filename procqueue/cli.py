@@ -114,14 +114,18 @@ def run_task_processor_cli() -> None:
     _run_click(run_task_processor, "run-task-processor")
 
 
+DATABASE_URL_HELP = ("libpq URL of the queue database. A password in it shows to every local user in `ps`: "
+                     "prefer DATABASE_URL, PGPASSWORD or ~/.pgpass. "
+                     "[env: DATABASE_URL; default: the embedded PostgreSQL]")
+
+
 def _database_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(
         "--schema", default=None, metavar="NAME",
         help="Postgres schema of the queue tables. [env: PROCQUEUE_SCHEMA; default: procqueue]",
     )(func)
     func = click.option(
-        "--database-url", default=None, metavar="URL",
-        help="libpq URL of the queue database. [env: DATABASE_URL; default: the embedded PostgreSQL]",
+        "--database-url", default=None, metavar="URL", help=DATABASE_URL_HELP,
     )(func)
     return func
 
@@ -222,6 +226,9 @@ def run_processor(config: ProcessorConfig, log_level: str, log_format: str = "te
     store = None
     try:
         setup_logging(log_level, log_format)
+        if config.database.password_in_arguments:
+            log_event(logging.getLogger("procqueue.supervisor"), logging.WARNING, "config.password_on_command_line",
+                      note=config_module.PASSWORD_IN_ARGUMENTS_WARNING)
         store = MultiprocessMetrics.create() if config.metrics_port is not None else None
         if store is not None:
             store.enable()  # before task modules are imported: they may create metrics
@@ -268,7 +275,7 @@ def migrate_command(database_url: Optional[str], schema: Optional[str]) -> None:
     from .db import connect
     from .migrations import SCHEMA_VERSION, migrate
 
-    database = config_module.processor_config(database_url=database_url, schema=schema).database
+    database = _database(database_url, schema)
     conn = connect(database)
     try:
         applied = migrate(conn, database.schema)
@@ -302,6 +309,7 @@ def enqueue_command(task_name: str, args_json: str, kwargs_json: str, delay_seco
                           f"(expected a number of seconds from 0 to {max_delay.total_seconds():.0f}, ten years)")
 
     config = config_module.processor_config(database_url=database_url, schema=schema, imports=imports)
+    _database(database_url, schema)  # warns of a password given on the command line
     import_task_modules(config.imports)
     handler = registry.get_handler(task_name)
     if handler is None:
@@ -409,8 +417,7 @@ def health_command(arguments: Tuple[str, ...]) -> None:
 @click.option("--numthreads", "num_workers", type=int, default=2, show_default=True, help="Worker processes.")
 @click.option("--schema", default=DEMO_SCHEMA, show_default=True, metavar="NAME",
               help="Postgres schema of the demo's queue: its own, so its tasks never mix with yours.")
-@click.option("--database-url", default=None, metavar="URL",
-              help="libpq URL of the queue database. [env: DATABASE_URL; default: the embedded PostgreSQL]")
+@click.option("--database-url", default=None, metavar="URL", help=DATABASE_URL_HELP)
 @click.option("--status-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help=f"Its status file. [env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}]")
 @_user_errors
@@ -455,9 +462,18 @@ def demo_command(rate: float, num_workers: int, database_url: Optional[str], sch
 def _client(database_url: Optional[str], schema: Optional[str]):
     from . import client
 
-    database = config_module.processor_config(database_url=database_url, schema=schema).database
+    database = _database(database_url, schema)
     client.configure(database_url=database.url, schema=database.schema)
     return client.connection()
+
+
+def _database(database_url: Optional[str], schema: Optional[str]) -> config_module.DatabaseConfig:
+    """The database a command works on, with a warning on stderr when its password came
+    on the command line."""
+    database = config_module.processor_config(database_url=database_url, schema=schema).database
+    if database.password_in_arguments:
+        click.echo(f"procqueue: warning: {config_module.PASSWORD_IN_ARGUMENTS_WARNING}", err=True)
+    return database
 
 
 def _json_option(flag: str, raw: str, expected_type: type, description: str) -> Any:

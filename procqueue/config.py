@@ -86,6 +86,9 @@ class DatabaseConfig:
     schema: str = DEFAULT_SCHEMA
     embedded_dir: Optional[Path] = None
     embedded_allowed: bool = True  # PROCQUEUE_EMBEDDED=0: a missing URL is an error
+    # The URL, password included, came on the command line, where every local user can
+    # read it (ps, /proc/PID/cmdline): the processor warns about it at start.
+    password_in_arguments: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         validate_schema_name(self.schema)
@@ -238,6 +241,20 @@ def redact_dsn(url: str) -> str:
     return " ".join(shown) or "<default libpq connection>"
 
 
+def has_password(url: str) -> bool:
+    try:
+        from psycopg2.extensions import parse_dsn
+
+        return bool(parse_dsn(url).get("password"))
+    except Exception:  # unparseable: connecting says so, without echoing it
+        return False
+
+
+PASSWORD_IN_ARGUMENTS_WARNING = (
+    "--database-url holds a password, which every user of this host can read in `ps`; "
+    "give it in DATABASE_URL, PGPASSWORD or a ~/.pgpass file instead")
+
+
 def default_embedded_dir() -> Path:
     """Per-user data directory of the embedded PostgreSQL, reused across runs.
 
@@ -337,7 +354,7 @@ def processor_config(
     env = os.environ if env is None else env
     database = database_config_from_env(env)
     if database_url is not None:
-        database = replace(database, url=database_url)
+        database = replace(database, url=database_url, password_in_arguments=has_password(database_url))
     if schema is not None:
         database = replace(database, schema=schema)
     return ProcessorConfig(

@@ -438,6 +438,33 @@ def test_json_logs_and_no_password_anywhere(db, start_processor):
     assert failure["task"] == "sample.fail" and "visible error" in failure["error"] and failure["next"] == "retry"
 
 
+def url_with_password():
+    url = procqueue.client.settings().database.url
+    if parse_dsn(url).get("password"):
+        return url, parse_dsn(url)["password"]
+    return make_dsn(url, password="pw-MUST-NOT-LEAK"), "pw-MUST-NOT-LEAK"  # trusted: ignored, yet secret
+
+
+def test_a_password_given_on_the_command_line_is_warned_about_once_and_never_shown(db, start_processor):
+    url, password = url_with_password()
+    processor = start_processor("--numthreads", "1", "--database-url", url)
+    processor.wait_for_status(lambda d: d["state"] == "running")
+    assert processor.stop() == 0
+    log = processor.log()
+    assert log.count("event=config.password_on_command_line") == 1
+    assert "give it in DATABASE_URL, PGPASSWORD or a ~/.pgpass file instead" in log and password not in log
+    stats = subprocess.run([sys.executable, "-m", "procqueue", "stats", "--database-url", url, "--schema", "procqueue"],
+                           capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert stats.returncode == 0, stats.stderr
+    assert stats.stderr.strip().splitlines() == [
+        "procqueue: warning: --database-url holds a password, which every user of this host can read in `ps`; "
+        "give it in DATABASE_URL, PGPASSWORD or a ~/.pgpass file instead"]
+    assert "waiting" in json.loads(stats.stdout)
+    quiet = subprocess.run([sys.executable, "-m", "procqueue", "stats", "--schema", "procqueue"], capture_output=True,
+                           text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO), DATABASE_URL=url))
+    assert quiet.returncode == 0 and quiet.stderr == ""  # from the environment: nothing to warn about
+
+
 def test_a_second_processor_may_not_take_a_live_processors_status_file(db, start_processor):
     first = start_processor("--numthreads", "1")
     first.wait_for_status(lambda d: d["state"] == "running")
