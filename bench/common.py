@@ -409,7 +409,15 @@ def deferred_interrupts() -> Iterator[None]:
 
 
 def run_main(main) -> None:
-    """Run a benchmark's main(); Ctrl-C exits 130 once everything is cleaned up."""
+    """Run a benchmark's main(); Ctrl-C exits 130 once everything is cleaned up. SIGTERM
+    and SIGHUP (`kill`, a cancelled CI job, a closed terminal) count as Ctrl-C: by default
+    they would end Python without its `finally` blocks, leaving processors and a
+    Postgres server behind."""
+    def interrupt(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
     try:
         main()
     except KeyboardInterrupt:
