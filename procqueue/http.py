@@ -19,7 +19,6 @@ whole once a second, and from the metrics files.
 
 from __future__ import annotations
 
-import errno
 import json
 import selectors
 import socket
@@ -28,7 +27,7 @@ import time
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Callable, Dict, Optional, Tuple
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from . import health
 from .errors import ConfigError
@@ -43,6 +42,9 @@ REQUEST_DEADLINE_SECONDS = 5.0
 MAX_CONNECTIONS = 256
 # A request head longer than this is refused (431): ours are a line and a few headers.
 MAX_HEAD_BYTES = 8192
+# Out of file descriptors with no connection to close: how long to stop accepting, rather
+# than spin on a listener that stays readable.
+ACCEPT_PAUSE_SECONDS = 0.1
 # After the answer: how long to read and discard what the client still sends before
 # closing, so that the close does not reset the connection under an unread answer.
 LINGER_SECONDS = 1.0
@@ -69,7 +71,12 @@ class MonitoringServer:
         self.wake_reader.setblocking(False)
         self.selector.register(self.wake_reader, selectors.EVENT_READ)
         self.stopping = False
+        self.accept_paused_until: Optional[float] = None
         self.thread: Optional[threading.Thread] = None
+        # Held from accept() to the socket's entry in `connections`, and from its removal
+        # to close(), and by the supervisor around fork(): a worker forked in between
+        # would keep a copy close_in_child cannot see, holding the connection open.
+        self.fork_lock = threading.Lock()
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -91,6 +98,8 @@ class MonitoringServer:
         if self.thread is not None:
             self.wake_writer.send(b"x")
             self.thread.join(timeout=5)
+            if self.thread.is_alive():  # stuck in an answer: a daemon, gone with the process
+                return
         for sock in list(self.connections):
             sock.close()
         self.connections.clear()
@@ -113,32 +122,53 @@ class MonitoringServer:
     def serve(self) -> None:
         while not self.stopping:
             for key, events in self.selector.select(timeout=0.25):
-                if key.fileobj is self.listener:
-                    self.accept()
-                elif key.fileobj is self.wake_reader:
-                    _discard(self.wake_reader)
-                elif events & selectors.EVENT_WRITE:
-                    self.send(key.data)
-                else:
-                    self.receive(key.data)
-            self.close_expired(time.monotonic())
+                try:
+                    self.handle(key, events)
+                except Exception:  # a bug of ours, or a request we did not foresee: that
+                    if isinstance(key.data, _Connection):  # connection is lost, never the thread
+                        self.close(key.data)
+            now = time.monotonic()
+            self.close_expired(now)
+            if self.accept_paused_until is not None and now >= self.accept_paused_until:
+                self.accept_paused_until = None
+                self.selector.register(self.listener, selectors.EVENT_READ)
+
+    def handle(self, key: selectors.SelectorKey, events: int) -> None:
+        if key.fileobj is self.listener:
+            self.accept()
+        elif key.fileobj is self.wake_reader:
+            _discard(self.wake_reader)
+        elif events & selectors.EVENT_WRITE:
+            self.send(key.data)
+        else:
+            self.receive(key.data)
 
     def accept(self) -> None:
         for _ in range(64):  # then back to the others: a flood must not starve answers
-            try:
-                sock, _ = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # out of descriptors: make room, the next round accepts
-                if exc.errno in (errno.EMFILE, errno.ENFILE) and self.connections:
-                    self.close(next(iter(self.connections.values())))
-                return
-            if len(self.connections) >= MAX_CONNECTIONS:
-                self.close(next(iter(self.connections.values())))
-            sock.setblocking(False)
-            connection = _Connection(sock, time.monotonic())
-            self.connections[sock] = connection
+            with self.fork_lock:
+                try:
+                    sock, _ = self.listener.accept()
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    self.make_room()
+                    return
+                if len(self.connections) >= MAX_CONNECTIONS:
+                    self.close_unlocked(next(iter(self.connections.values())))
+                sock.setblocking(False)
+                connection = _Connection(sock, time.monotonic())
+                self.connections[sock] = connection
             self.selector.register(sock, selectors.EVENT_READ, connection)
+
+    def make_room(self) -> None:
+        """accept() failed (out of descriptors, of memory): close the oldest connection so
+        the next round can accept, or with none to close stop accepting for a moment. The
+        listener stays readable meanwhile, and would spin this thread at full speed."""
+        if self.connections:
+            self.close_unlocked(next(iter(self.connections.values())))
+        elif self.accept_paused_until is None:
+            self.selector.unregister(self.listener)
+            self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
 
     def receive(self, connection: "_Connection") -> None:
         try:
@@ -152,15 +182,15 @@ class MonitoringServer:
                 self.close(connection)
             return
         connection.received += data
-        end = connection.received.find(b"\r\n\r\n")
-        if end < 0 and len(connection.received) > MAX_HEAD_BYTES:
+        end = _head_end(connection.received)
+        if (end < 0 and len(connection.received) > MAX_HEAD_BYTES) or end > MAX_HEAD_BYTES:
             self.answer(connection, _plain_answer(431, "request head too long\n"))
         elif end >= 0:
             self.answer(connection, self.answer_to(connection.received[:end].decode("latin-1")))
 
     def answer_to(self, head: str) -> bytes:
         """The bytes to send for a request head (its request line and headers)."""
-        request_line, *header_lines = head.split("\r\n")
+        request_line, *header_lines = [line.rstrip("\r") for line in head.split("\n")]
         parts = request_line.split(" ")
         if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[1].startswith("/"):
             return _plain_answer(400, "bad request line\n")
@@ -172,11 +202,13 @@ class MonitoringServer:
                 return _plain_answer(400, "bad header line\n")
             headers[name.strip().lower()] = value.strip()
         if method not in METHODS:
-            body = json.dumps({"error": f"{method} not allowed: these endpoints answer GET"}) + "\n"
+            body = json.dumps({"error": f"{method} not allowed: these endpoints answer GET and HEAD"}) + "\n"
             return _answer(405, "application/json", body.encode(), extra_headers="Allow: GET, HEAD\r\n")
-        parts = urlsplit(target)
+        # Split by hand: urlsplit() would read "//host/metrics" as a host, raise on "//[",
+        # and import unicodedata for a non-ASCII one (an import lock, across a fork).
+        path, _, query = target.partition("?")
         try:
-            status, content_type, body = self.respond(parts.path, parts.query, headers.get("accept", ""))
+            status, content_type, body = self.respond(path, query, headers.get("accept", ""))
         except Exception as exc:  # a bug of ours must cost one request, not the thread
             status, content_type = 500, "text/plain; charset=utf-8"
             body = f"internal error: {type(exc).__name__}: {exc}\n".encode("utf-8")
@@ -217,6 +249,10 @@ class MonitoringServer:
                 self.close(connection)
 
     def close(self, connection: "_Connection") -> None:
+        with self.fork_lock:
+            self.close_unlocked(connection)
+
+    def close_unlocked(self, connection: "_Connection") -> None:
         self.connections.pop(connection.sock, None)
         try:
             self.selector.unregister(connection.sock)
@@ -322,6 +358,12 @@ def _listen(host: str, port: int) -> socket.socket:
             f"cannot serve metrics on --metrics-host {host} --metrics-port {port}: {exc.strerror or exc}"
         ) from None
     return listener
+
+
+def _head_end(received: bytes) -> int:
+    """Where the request head ends (the blank line; bare newlines accepted), or -1."""
+    ends = [end for end in (received.find(b"\r\n\r\n"), received.find(b"\n\n")) if end >= 0]
+    return min(ends) if ends else -1
 
 
 def _discard(sock: socket.socket) -> None:

@@ -9,6 +9,7 @@ killing and replacing workers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Dict, Optional
@@ -87,6 +88,10 @@ class Monitor:
             self.metrics_store.archive_process(pid)
         except (OSError, ValueError) as exc:  # disk full, a damaged file: metrics suffer, not workers
             log_event(logger, logging.ERROR, "metrics.archive_failed", pid=pid, error=str(exc))
+
+    def fork_guard(self):
+        """Held around fork(): no connection is half accepted or half closed in the child."""
+        return self.server.fork_lock if self.server is not None else contextlib.nullcontext()
 
     def close_in_child(self) -> None:
         """In a freshly forked worker: drop what belongs to the supervisor alone."""

@@ -334,7 +334,8 @@ class Supervisor:
         # Signals stay blocked across the fork until the child has its own handlers: a
         # SIGTERM landing in between would otherwise run the supervisor's handler there.
         signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED_SIGNALS)
-        pid = os.fork()
+        with self.monitor.fork_guard():
+            pid = os.fork()
         if pid == 0:
             self._become_worker(worker)  # never returns
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _HANDLED_SIGNALS)

@@ -16,12 +16,17 @@ from procqueue.http import MonitoringServer
 from helpers import http_get, wait_until
 
 
-@pytest.fixture
-def server():
+def serving(metrics: bytes = b"procqueue_up 1\n") -> MonitoringServer:
     document = {"queue": {"waiting": 7, "checked_at_unix": time.time()}}
     server = MonitoringServer("127.0.0.1", 0, status_source=lambda: document,
-                              metrics_source=lambda accept: (b"procqueue_up 1\n", "text/plain; version=0.0.4"))
+                              metrics_source=lambda accept: (metrics, "text/plain; version=0.0.4"))
     server.start()
+    return server
+
+
+@pytest.fixture
+def server():
+    server = serving()
     yield server
     server.stop()
 
@@ -76,22 +81,29 @@ def test_a_hundred_idle_sockets_leave_scrapes_and_probes_answered(db, start_proc
             for sock in opened:
                 sock.close()
     assert [(path, status) for path, status, _ in answers if status != 200] == []
-    assert max(took for _, _, took in answers) < 1.0, answers
+    assert max(took for _, _, took in answers) < 3.0, answers  # a loaded CI machine: still far below 5 s
     assert processor.stop() == 0
 
 
-def test_beyond_the_connection_limit_the_oldest_connection_is_closed(server):
+def is_closed_by_server(sock: socket.socket) -> bool:
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_beyond_the_connection_limit_the_oldest_connections_are_closed(server, monkeypatch):
+    monkeypatch.setattr(http, "REQUEST_HEAD_SECONDS", 60.0)  # only the limit closes anything here
     port = server.address[1]
     with idle_sockets(port, http.MAX_CONNECTIONS + 20) as sockets:
-        assert http_get(port, "/monitoring")[0] == 200  # the newest is answered at once
-        oldest = sockets[0]
-        oldest.settimeout(5)
-        with contextlib.suppress(ConnectionResetError):
-            assert oldest.recv(1) == b""  # closed to make room
-        newest = sockets[-1]
-        newest.setblocking(False)
-        with pytest.raises(BlockingIOError):  # still open, waiting for its request
-            newest.recv(1)
+        # Answered at once, so every connection before it has been accepted, and the 21
+        # oldest closed: 20 for the idle ones over the limit, one for this one.
+        assert http_get(port, "/monitoring")[0] == 200
+        wait_until(lambda: is_closed_by_server(sockets[20]), timeout=5, message="the 21st oldest closed")
+        assert [index for index, sock in enumerate(sockets) if is_closed_by_server(sock)] == list(range(21))
 
 
 def test_a_client_that_sends_no_request_is_dropped_at_the_head_deadline(server):
@@ -101,7 +113,7 @@ def test_a_client_that_sends_no_request_is_dropped_at_the_head_deadline(server):
         sock.settimeout(10)
         with contextlib.suppress(ConnectionResetError):
             assert sock.recv(1) == b""
-        assert http.REQUEST_HEAD_SECONDS - 0.1 < time.monotonic() - connected < http.REQUEST_HEAD_SECONDS + 1
+        assert http.REQUEST_HEAD_SECONDS - 0.1 < time.monotonic() - connected < http.REQUEST_HEAD_SECONDS + 3
 
 
 def test_head_is_answered_as_get_without_a_body_and_the_server_header_names_no_versions(server):
@@ -121,23 +133,33 @@ def test_head_is_answered_as_get_without_a_body_and_the_server_header_names_no_v
     (b"GET /status HTTP/2.0\r\n\r\n", b"HTTP/1.0 400 Bad Request"),
     (b"GET /status HTTP/1.1\r\nno colon here\r\n\r\n", b"HTTP/1.0 400 Bad Request"),
     (b"GET /status HTTP/1.1\r\nX-Big: " + b"a" * 9000, b"HTTP/1.0 431 Request Header Fields Too Large"),
+    (b"GET /status HTTP/1.1\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", b"HTTP/1.0 431 Request Header"),
     (b"DELETE /status HTTP/1.1\r\n\r\n", b"HTTP/1.0 405 Method Not Allowed"),
+    (b"GET //[ HTTP/1.1\r\n\r\n", b"HTTP/1.0 404 Not Found"),  # before: the server's thread died
+    ("GET //\u00e9/metrics HTTP/1.1\r\n\r\n".encode("utf-8"), b"HTTP/1.0 404 Not Found"),
+    (b"GET /monitoring HTTP/1.0\n\n", b"HTTP/1.0 200 OK"),  # bare newlines, as some scripts send
 ])
 def test_bad_requests_get_a_status_and_a_close(server, request_bytes, expected):
     answer = raw_exchange(server.address[1], request_bytes)
     assert answer.startswith(expected), answer
     if b"405" in expected:
         assert b"\r\nAllow: GET, HEAD\r\n" in answer
+    assert http_get(server.address[1], "/monitoring")[0] == 200  # and the server serves on
 
 
-def test_a_client_that_does_not_read_its_answer_holds_up_no_one(server):
-    port = server.address[1]
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
-        for _ in range(50):
-            sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")  # pipelined, never read
-        started = time.monotonic()
-        assert http_get(port, "/monitoring")[0] == 200
-        assert time.monotonic() - started < 1.0
-    wait_until(lambda: not server.connections, timeout=http.REQUEST_DEADLINE_SECONDS + 2,
-               message="every connection closed by its deadline")
+def test_a_client_that_does_not_read_its_answer_holds_up_no_one():
+    server = serving(metrics=b"x" * (8 * 2**20))  # far more than the socket buffers hold
+    try:
+        port = server.address[1]
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")  # and never read
+            wait_until(lambda: any(c.unsent for c in list(server.connections.values())), timeout=5,
+                       message="the answer only partly sent")
+            started = time.monotonic()
+            assert http_get(port, "/monitoring")[0] == 200
+            assert time.monotonic() - started < 3.0
+            wait_until(lambda: not server.connections, timeout=http.REQUEST_DEADLINE_SECONDS + 3,
+                       message="the reader closed at its deadline")
+    finally:
+        server.stop()
