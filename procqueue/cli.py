@@ -369,11 +369,11 @@ def status_command(status_file: Optional[str], owner: Optional[str], as_json: bo
     from .private_files import user_id
     from .status import render_text
 
-    path = status_file or default_status_file()
     try:
         owner_uid = None if owner is None else user_id(owner)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--owner") from None
+        raise ConfigError(f"invalid value for --owner: {exc}") from None
+    path = status_file or default_status_file(uid=owner_uid)
     try:
         document = load_status(path, owner_uid)
     except StatusError as exc:

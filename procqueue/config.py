@@ -268,15 +268,16 @@ def default_embedded_dir() -> Path:
     return Path(base) / "procqueue" / "pgdata"
 
 
-def default_status_file(env: Optional[Mapping[str, str]] = None) -> Path:
+def default_status_file(env: Optional[Mapping[str, str]] = None, uid: Optional[int] = None) -> Path:
     """Where the processor writes its status and `procqueue-health` reads it, when neither
     is told otherwise: PROCQUEUE_STATUS_FILE, else a per-user directory under $TMPDIR (or
     /tmp), so a processor and the probe that checks it agree without configuration, and
-    two users of one machine do not overwrite each other's file."""
+    two users of one machine do not overwrite each other's file. `uid`: the user whose
+    processor it is (by default the effective user, whose files these are)."""
     env = os.environ if env is None else env
     if env.get(ENV_STATUS_FILE):
         return Path(env[ENV_STATUS_FILE])
-    uid = os.getuid() if hasattr(os, "getuid") else 0
+    uid = os.geteuid() if uid is None else uid
     return Path(env.get(ENV_TMPDIR) or "/tmp") / f"procqueue-{uid}" / "status.json"
 
 

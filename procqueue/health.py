@@ -292,7 +292,7 @@ def _user(raw: str) -> int:
     try:
         return user_id(raw)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise argparse.ArgumentTypeError(f"invalid value {exc}") from None
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -325,7 +325,7 @@ def run(argv: Optional[Sequence[str]] = None, prog: str = "procqueue-health") ->
     from .config import default_status_file
 
     options = build_parser(prog).parse_args(argv)
-    path = options.status_file or default_status_file()
+    path = options.status_file or default_status_file(uid=options.owner)
     verdict = check_file(path, max_age=options.max_age, min_healthy_workers=options.min_healthy_workers,
                          ready=options.ready, owner=options.owner)
     if options.json:

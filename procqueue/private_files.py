@@ -27,23 +27,33 @@ class UnsafePathError(Exception):
     """A path another user could control; the message says which and why, in one line."""
 
 
-def check_directory(path: Path, owner: int) -> os.stat_result:
-    """The directory's status, or UnsafePathError: it must be a real directory owned by
-    `owner` or root and writable by no one else. FileNotFoundError if it is missing."""
-    info = os.lstat(path)
+# What the writer says to do about a directory it refuses; the reader only distrusts.
+WRITER_REMEDY = "; remove it or choose another path"
+
+
+def check_directory(path: Path, info: os.stat_result, owner: int, remedy: str = "") -> None:
+    """UnsafePathError unless `info` (the directory's lstat or fstat) shows a real
+    directory owned by `owner` or root and writable by no one else."""
     if stat.S_ISLNK(info.st_mode):
-        raise UnsafePathError(f"directory {path} is a symbolic link (to {os.readlink(path)}), which another user "
-                              "may have planted; give the real directory")
+        raise _link_error(path)
     if not stat.S_ISDIR(info.st_mode):
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
     if info.st_uid not in (owner, 0):
         raise UnsafePathError(f"directory {path} belongs to uid {info.st_uid}, not to uid {owner}"
-                              f"{_who(owner)}: that user could rewrite what is in it; remove it or choose another path")
+                              f"{_who(owner)}: that user could rewrite what is in it{remedy}")
     writers = _other_writers(info.st_mode)
     if writers:
         raise UnsafePathError(f"directory {path} can be written by {writers} (mode {stat.S_IMODE(info.st_mode):04o}): "
-                              f"anyone there could replace what is in it; chmod go-w it or choose another path")
-    return info
+                              f"anyone there could replace what is in it{remedy and '; chmod go-w it or choose another path'}")
+
+
+def _link_error(path: Path) -> UnsafePathError:
+    try:
+        target = f" (to {os.readlink(path)!r})"
+    except OSError:
+        target = ""
+    return UnsafePathError(f"directory {path} is a symbolic link{target}, which another user may have planted; "
+                           "give the real directory")
 
 
 def open_private_directory(path: Path) -> int:
@@ -56,7 +66,8 @@ def open_private_directory(path: Path) -> int:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
-    checked = check_directory(path, os.geteuid())
+    checked = os.lstat(path)
+    check_directory(path, checked, os.geteuid(), WRITER_REMEDY)
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     opened = os.fstat(fd)
     if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
@@ -88,9 +99,14 @@ def read_owned_file(path: Path, owner: int) -> bytes:
     writable by no one else, in a directory that passes check_directory. OSError (missing,
     unreadable) passes through."""
     path = Path(path)
-    check_directory(path.parent, owner)
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # opened first, then judged by what was opened: nothing can be swapped in between
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:  # a link gives ELOOP, or ENOTDIR with O_DIRECTORY (Linux)
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(path.parent):
+            raise _link_error(path.parent) from None
+        raise
     try:
+        check_directory(path.parent, os.fstat(dir_fd), owner)
         try:  # O_NONBLOCK: a FIFO planted in its place must not hang the probe
             fd = os.open(path.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
         except OSError as exc:
@@ -125,12 +141,12 @@ def read_owned_file(path: Path, owner: int) -> bytes:
 def user_id(name_or_uid: str) -> int:
     """The uid of a user given by name or number, or ValueError saying what was expected."""
     text = str(name_or_uid).strip()
-    if text.isdigit():
+    if text.isascii() and text.isdecimal():
         return int(text)
     try:
         return pwd.getpwnam(text).pw_uid
     except KeyError:
-        raise ValueError(f"invalid value {name_or_uid!r} (expected a user name or uid of this host)") from None
+        raise ValueError(f"{name_or_uid!r} (expected a user name or uid of this host)") from None
 
 
 def _other_writers(mode: int) -> str:

@@ -87,8 +87,8 @@ def test_a_status_directory_another_user_made_first_is_refused_by_processor_and_
     assert probe.returncode == 1
     assert probe.stderr.strip() == (
         f"procqueue-health: unhealthy: status file not trusted: directory {planted} belongs to uid "
-        f"{other_user.pw_uid}, not to uid 0 (this user): that user could rewrite what is in it; remove it or "
-        "choose another path (if another user runs the processor, name it with --owner)")
+        f"{other_user.pw_uid}, not to uid 0 (this user): that user could rewrite what is in it "
+        "(if another user runs the processor, name it with --owner)")
     started = start_processor(env=dict(env, PROCQUEUE_STATUS_FILE=""))
     assert started.returncode == 2, started.stderr
     [line] = started.stderr.strip().splitlines()
@@ -111,6 +111,19 @@ def test_a_status_file_another_user_wrote_is_not_trusted_unless_that_user_is_nam
     assert wrong.returncode == 2 and "invalid value 'no-such-user-here' (expected a user name or uid" in wrong.stderr
     status = run_command("from procqueue.starting import procqueue_main; procqueue_main()", "status", env=env)
     assert status.returncode != 0 and "not trusted" in status.stderr and "Traceback" not in status.stderr
+    bad_owner = run_command("from procqueue.starting import procqueue_main; procqueue_main()", "status",
+                            "--owner", "no-such-user-here", env=env)
+    assert bad_owner.returncode == 2 and bad_owner.stderr.strip().endswith(
+        "invalid value for --owner: 'no-such-user-here' (expected a user name or uid of this host)")
+
+
+def test_the_probe_for_another_users_processor_reads_that_users_default_file(other_user, shared_tmp):
+    theirs = shared_tmp / f"procqueue-{other_user.pw_uid}"
+    as_user(other_user, f"mkdir -m 700 {theirs} && cat > {theirs}/status.json <<'EOF'\n{healthy_document()}\nEOF")
+    env = {"TMPDIR": str(shared_tmp), "PROCQUEUE_STATUS_FILE": ""}
+    result = health("--owner", OTHER, "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["status_file"] == f"{theirs}/status.json"
 
 
 def test_a_directory_link_another_user_planted_is_refused_and_its_target_untouched(other_user, shared_tmp, tmp_path):
@@ -127,6 +140,8 @@ def test_a_directory_link_another_user_planted_is_refused_and_its_target_untouch
     assert started.returncode == 2
     assert f"unsafe --status-file {planted}/status.json: directory {planted} is a symbolic link" in started.stderr
     assert victim.read_text() == "precious" and sorted(p.name for p in target.iterdir()) == ["status.json"]
+    probe = health(env={"TMPDIR": str(shared_tmp), "PROCQUEUE_STATUS_FILE": ""})
+    assert probe.returncode == 1 and f"directory {planted} is a symbolic link" in probe.stderr
 
 
 def test_a_directory_others_can_write_to_is_refused(tmp_path):
