@@ -38,11 +38,10 @@ def serialise_arguments(
     if not isinstance(kwargs, Mapping):
         raise TaskArgumentError(f"task {task_name}: kwargs must be a dict, got {type(kwargs).__name__}")
     for key in kwargs:
-        if not isinstance(key, str):
-            raise TaskArgumentError(f"task {task_name}: kwargs key {key!r} is not a string")
-        problem = string_problem(key)
-        if problem:
-            raise TaskArgumentError(f"task {task_name}: kwargs key {short_repr(key)} contains {problem}")
+        try:
+            _require_key(key)
+        except _Refused as refused:
+            raise TaskArgumentError(f"task {task_name}: kwargs {refused.problem}") from None
     for position, value in enumerate(args):
         require_json(task_name, f"args[{position}]", value)
     for key, value in kwargs.items():
@@ -92,7 +91,7 @@ def require_json(task_name: str, label: str, value: Any) -> None:
     cannot hold (NaN, objects), that Postgres cannot store, or that is nested so deep
     that decoding it would exhaust the stack."""
     try:
-        _require_plain(value, 0)
+        _require_plain(value, 0, set())
     except _Refused as refused:
         where = label + "".join(reversed(refused.path))
         raise TaskArgumentError(f"task {task_name}: argument {where} {refused.problem}") from None
@@ -108,7 +107,9 @@ class _Refused(Exception):
         self.path: List[str] = []
 
 
-def _require_plain(value: Any, depth: int) -> None:
+def _require_plain(value: Any, depth: int, enclosing: set) -> None:
+    """`enclosing`: the ids of the containers `value` is inside, to tell a cycle (which
+    JSON cannot hold) from mere depth."""
     kind = type(value)
     if kind is str:
         problem = string_problem(value)
@@ -120,20 +121,26 @@ def _require_plain(value: Any, depth: int) -> None:
         if not math.isfinite(value):
             raise _Refused(f"= {value!r} cannot be stored as JSON (not a finite number)")
     elif isinstance(value, (list, tuple, dict)):
+        if id(value) in enclosing:
+            raise _Refused("contains itself (a cycle), which JSON cannot hold")
         if depth >= MAX_ARGUMENT_DEPTH:
             raise _Refused(f"is nested deeper than {MAX_ARGUMENT_DEPTH} levels", located=False)
+        enclosing.add(id(value))
         is_dict = isinstance(value, dict)
         for key, item in (value.items() if is_dict else enumerate(value)):
             if is_dict:
                 _require_key(key)
             try:
-                _require_plain(item, depth + 1)
+                _require_plain(item, depth + 1, enclosing)
             except _Refused as refused:
                 if refused.located:
                     refused.path.append(f"[{key!r}]")
                 raise
-    elif isinstance(value, str):  # a subclass (a str Enum): JSON keeps its text
-        _require_plain(str(value), depth)
+        enclosing.discard(id(value))
+    elif isinstance(value, str):  # a subclass (a str Enum): JSON writes the string itself
+        problem = string_problem(value)
+        if problem:
+            raise _Refused(f"= {short_repr(value)} contains {problem}")
     elif isinstance(value, int):  # a subclass (bool is handled above; an IntEnum)
         return
     else:

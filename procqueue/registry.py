@@ -13,7 +13,6 @@ from datetime import datetime, time, timedelta, timezone
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .arguments import require_fitting, serialise_arguments, signature_of
-from .config import max_arguments_bytes_from_env
 from .errors import TaskError
 from .records import TaskPriority
 
@@ -209,7 +208,8 @@ def register_recurring_task(
             queue=DEFAULT_QUEUE,
             retry_backoff=DEFAULT_RETRY_BACKOFF,
         )
-        args_json, kwargs_json = handler.serialise(args, kwargs, max_arguments_bytes_from_env())
+        # No size limit: fixed in code, and a limit could only make its module fail to import.
+        args_json, kwargs_json = handler.serialise(args, kwargs)
         _register(handler)
         _recurring[name] = RecurringSchedule(
             name, run_every, _anchor(name, first_run_time), handler.timeout, args_json, kwargs_json

@@ -75,7 +75,7 @@ def test_non_json_argument_fails_before_anything_is_written(db):
         greet.delay(args=("ok",), kwargs={"punctuation": {1, 2}})
     with pytest.raises(TypeError, match="args must be a list or tuple"):
         greet.delay(args="ada")
-    with pytest.raises(TypeError, match="kwargs key 1 is not a string"):
+    with pytest.raises(TypeError, match="kwargs has a key 1 that is not a string"):
         greet.delay(kwargs={1: "x"})
     with pytest.raises(TypeError, match="cannot be stored as JSON"):
         greet.delay(args=(float("nan"),))
@@ -88,6 +88,22 @@ def test_a_dictionary_key_that_is_not_a_string_is_refused_at_any_depth(db):
         greet.delay(args=("ok",), kwargs={"punctuation": {"a": {1: "x"}}})
     with pytest.raises(TypeError, match=r"argument args\[1\]\[0\] has a key None that is not a string"):
         greet.delay(args=("ok", [{None: 1}]))
+    assert count_tasks(db) == 0
+
+
+def test_a_cyclic_argument_or_a_string_enum_holding_nul_is_refused(db):
+    import enum
+
+    looped: list = [1]
+    looped.append(looped)
+    with pytest.raises(procqueue.TaskArgumentError, match=r"argument args\[1\]\[1\] contains itself \(a cycle\)"):
+        greet.delay(args=("ok", looped))
+
+    class Bad(str, enum.Enum):
+        NUL = "a\x00b"
+
+    with pytest.raises(procqueue.TaskArgumentError, match=r"argument args\[1\] = .* contains the NUL"):
+        greet.delay(args=("ok", Bad.NUL))  # JSON writes the value, not str(Bad.NUL)
     assert count_tasks(db) == 0
 
 
@@ -107,11 +123,12 @@ def test_an_argument_nested_too_deep_is_refused_with_the_argument_error(db):
 
 @pytest.fixture
 def argument_limit():
+    before = procqueue.client.settings().max_arguments_bytes
     yield
-    procqueue.configure(max_arguments_bytes=procqueue.config.DEFAULT_MAX_ARGUMENTS_BYTES)
+    procqueue.configure(max_arguments_bytes=before or 0)
 
 
-def test_arguments_over_the_size_limit_are_refused(db, argument_limit, monkeypatch):
+def test_arguments_over_the_size_limit_are_refused(db, argument_limit):
     big = "x" * (1024 * 1024)
     with pytest.raises(procqueue.TaskArgumentError, match=r"^task test_enqueue.greet: arguments take 1048582 bytes "
                                                           r"as JSON, over the limit of 1048576 "
@@ -125,7 +142,7 @@ def test_arguments_over_the_size_limit_are_refused(db, argument_limit, monkeypat
     assert count_tasks(db) == 1
 
 
-def test_the_size_limit_is_read_from_the_environment(monkeypatch):
+def test_the_size_limit_is_read_from_the_environment():
     from procqueue.config import max_arguments_bytes_from_env
 
     assert max_arguments_bytes_from_env({}) == 1024 * 1024
@@ -170,7 +187,7 @@ def test_nul_character_anywhere_fails_before_anything_is_written(db):
         greet.delay(args=("ok",), kwargs={"punctuation": ["fine", {"deep": "x\x00"}]})
     with pytest.raises(TypeError, match=r"argument args\[1\]\[0\] has a key 'k\\x00'.*NUL"):
         greet.delay(args=("ok", [{"k\x00": 1}]))
-    with pytest.raises(TypeError, match=r"kwargs key 'a\\x00' .*NUL"):
+    with pytest.raises(TypeError, match=r"kwargs has a key 'a\\x00' .*NUL"):
         greet.delay(kwargs={"a\x00": 1})
     with pytest.raises(TypeError, match=r"args\[0\]"):
         procqueue.enqueue_many([greet.call(args=("fine",)), greet.call(args=("\x00",))])
@@ -185,7 +202,7 @@ def test_a_lone_surrogate_fails_before_anything_is_written(db):
     # What bytes decoded with errors="surrogateescape" leave behind; jsonb rejects it.
     with pytest.raises(procqueue.TaskArgumentError, match=r"argument args\[0\]\[1\] = 'a\\udc80b'.*lone surrogate"):
         greet.delay(args=(["fine", "a\udc80b"],))
-    with pytest.raises(TypeError, match=r"kwargs key 'k\\udc80' contains a lone surrogate"):
+    with pytest.raises(TypeError, match=r"kwargs has a key 'k\\udc80' that contains a lone surrogate"):
         greet.delay(kwargs={"k\udc80": 1})
     assert count_tasks(db) == 0
     # Characters beyond the BMP travel as surrogate pairs in JSON text, and are fine.
