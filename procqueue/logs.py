@@ -65,9 +65,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str, ensure_ascii=False)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A line that cannot be written (a task closed the stream, or fd 2) is dropped without
+    a word. logging's default reports it on sys.stderr, and with sys.stderr closed that
+    report raises in turn: in a worker, out of the outcome's log call. The worker notices
+    the lost output itself and is replaced (OutputWatch)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], (OSError, ValueError)):
+            return
+        super().handleError(record)
+
+
 def setup_logging(level: str, log_format: str = "text") -> None:
     """Configure the root logger for a procqueue command (stderr, one line per event)."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
@@ -81,21 +93,33 @@ class OutputWatch:
     """Where this process's log lines go: file descriptors 1 and 2, and the streams of the
     root logger's handlers. A task can close or replace any of them (os.close(2),
     sys.stderr.close(), a dup2 to capture output); every log line after that would be lost
-    without a sound, so the worker checks between batches and has itself replaced."""
+    without a sound, so the worker checks after each task and has itself replaced."""
 
     def __init__(self) -> None:
         self.identities = {fd: _file_identity(fd) for fd in (1, 2)}
 
     def problem(self) -> Optional[str]:
-        """What happened to the output, or None while it is as it was."""
+        """What happened to the output, or None while it is as it was. A descriptor found
+        closed or replaced is pointed at /dev/null at once: its number may already be (or
+        soon be) a file or socket the task or the worker opened, which the worker's log
+        lines would otherwise be written into."""
         for fd, identity in self.identities.items():
             if identity is not None and _file_identity(fd) != identity:
+                _silence(fd)
                 return f"{'stdout' if fd == 1 else 'stderr'} (fd {fd}) was closed or replaced by a task"
         for handler in logging.getLogger().handlers:
             stream = getattr(handler, "stream", None)
             if stream is not None and getattr(stream, "closed", False):
                 return f"the log stream {getattr(stream, 'name', '?')} was closed by a task"
         return None
+
+
+def _silence(fd: int) -> None:
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _file_identity(fd: int) -> Optional[Tuple[int, int]]:

@@ -394,9 +394,15 @@ class Supervisor:
             return True
         if info is None:
             return False
-        if info.si_code != os.CLD_EXITED or info.si_status not in (0, WORKER_RECYCLED, WORKER_OUTPUT_LOST):
+        if not self.left_on_purpose(worker, info.si_status if info.si_code == os.CLD_EXITED else None):
             kill_group(worker.pid)
         return True
+
+    def left_on_purpose(self, worker: WorkerProcess, exit_code: Optional[int]) -> bool:
+        """The worker ran its shutdown and exited with one of its own codes. The code alone
+        does not tell: a task calling os._exit(4) leaves a busy slot, not a stopping one."""
+        return (exit_code in (0, WORKER_RECYCLED, WORKER_OUTPUT_LOST)
+                and self.slots[worker.index].state == WorkerState.STOPPING)
 
     def reap(self, worker: WorkerProcess) -> None:
         try:
@@ -435,6 +441,7 @@ class Supervisor:
         in_flight = view.task_id or None
         cause = worker.kill_reason or describe_exit(worker.index, status)
         outcome = worker.kill_outcome
+        left_on_purpose = self.left_on_purpose(worker, os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
         if self.stopping and worker.kill_reason is None and not os.WIFEXITED(status):
             cause = f"killed at shutdown: still running after --shutdown-timeout ({cause})"
         expected = self.stopping and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
@@ -455,7 +462,7 @@ class Supervisor:
             log_event(logger, logging.DEBUG, "worker.exited", worker=worker.index, pid=worker.pid)
             return
         self.restarts_by_slot[worker.index] = self.restarts_by_slot.get(worker.index, 0) + 1
-        if os.WIFEXITED(status) and os.WEXITSTATUS(status) in (WORKER_RECYCLED, WORKER_OUTPUT_LOST):
+        if left_on_purpose and os.WEXITSTATUS(status) in (WORKER_RECYCLED, WORKER_OUTPUT_LOST):
             self.restarts["recycled"] += 1
             if os.WEXITSTATUS(status) == WORKER_OUTPUT_LOST:
                 log_event(logger, logging.WARNING, "worker.output_lost", worker=worker.index, pid=worker.pid,

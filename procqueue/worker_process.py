@@ -53,11 +53,6 @@ def run_worker_process(worker: Worker, *, lifeline_fd: int) -> int:
     # When the supervisor finds this worker stuck, it asks for every thread's stack first:
     # written from a C-level handler, so it works even with the GIL held by C code.
     faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True)
-    # A log line that cannot be written must not end the worker: with the default, a task
-    # that closed sys.stderr makes logging's own error report raise, and every worker that
-    # retried that task would crash the same way. The output is checked between batches
-    # instead (Worker.check_output), and a worker cut off from it is replaced.
-    logging.raiseExceptions = False
     soft_timeout.install()
     watch(lifeline_fd, worker.lifeline_cut)  # after the handlers and timers it arms
     client.forget_inherited_connection()  # never use the supervisor's client connection

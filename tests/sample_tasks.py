@@ -160,6 +160,20 @@ def fork_tree_and_return(count: int) -> None:
             os._exit(0)
 
 
+@register_task_handler(task_name="sample.child_then_exit", max_attempts=1)
+def child_then_exit(pid_dir: str, code: int) -> None:
+    """Starts a child in the worker's process group, then ends the worker with `code`, one
+    of the codes a worker leaving on purpose uses."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    Path(pid_dir, "child.pid").write_text(str(child.pid))
+    os._exit(code)
+
+
 @register_task_handler(task_name="sample.close_output")
 def close_output(how: str) -> None:
     """Cuts the worker off from its log: closes fds 1 and 2, or the sys.stderr object."""

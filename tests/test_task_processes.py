@@ -160,3 +160,18 @@ def test_a_worker_whose_task_closed_its_output_is_replaced_and_logs_again(db, st
     processor.wait_for_log(f"task_id={task_id}")  # the new worker's lines reach the log
     assert processor.status()["totals"]["restarts"]["recycled"] == 1
     assert processor.stop() == 0
+
+
+@pytest.mark.parametrize("code", [0, 4, 5])
+def test_a_task_ending_its_worker_with_a_workers_own_exit_code_is_a_crash(db, start_processor, pid_dir, code):
+    # Before: os._exit(4) in a task read as the worker recycling itself (os._exit(5) as
+    # its output lost), and the task's processes were left running.
+    processor = start_processor("--numthreads", "1")
+    task_id = sample_tasks.child_then_exit.delay(args=(str(pid_dir), code))
+    wait_until(lambda: (pid_dir / "child.pid").exists(), timeout=15, message="the task's child started")
+    assert_all_gone([int((pid_dir / "child.pid").read_text())])
+    processor.wait_for_log("event=worker.died")
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.FAILED, timeout=15, message="failed")
+    assert "event=worker.recycled" not in processor.log() and "event=worker.output_lost" not in processor.log()
+    assert processor.status()["totals"]["restarts"]["crashed"] == 1
+    assert processor.stop() == 0
