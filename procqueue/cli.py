@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -181,6 +181,14 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def build_processor_config(**values: Any) -> ProcessorConfig:
+    """The processor's configuration from the command line's values (and the environment)."""
+    config = _processor_config_of(**values)
+    if values.get("database_url") and config_module.has_password(values["database_url"]):
+        config = replace(config, database=replace(config.database, password_in_arguments=True))
+    return config
+
+
+def _processor_config_of(**values: Any) -> ProcessorConfig:
     return config_module.processor_config(
         database_url=values.get("database_url"),
         schema=values.get("schema"),
@@ -309,7 +317,7 @@ def enqueue_command(task_name: str, args_json: str, kwargs_json: str, delay_seco
                           f"(expected a number of seconds from 0 to {max_delay.total_seconds():.0f}, ten years)")
 
     config = config_module.processor_config(database_url=database_url, schema=schema, imports=imports)
-    _database(database_url, schema)  # warns of a password given on the command line
+    _warn_of_password_in_arguments(database_url)
     import_task_modules(config.imports)
     handler = registry.get_handler(task_name)
     if handler is None:
@@ -470,10 +478,13 @@ def _client(database_url: Optional[str], schema: Optional[str]):
 def _database(database_url: Optional[str], schema: Optional[str]) -> config_module.DatabaseConfig:
     """The database a command works on, with a warning on stderr when its password came
     on the command line."""
-    database = config_module.processor_config(database_url=database_url, schema=schema).database
-    if database.password_in_arguments:
+    _warn_of_password_in_arguments(database_url)
+    return config_module.processor_config(database_url=database_url, schema=schema).database
+
+
+def _warn_of_password_in_arguments(database_url: Optional[str]) -> None:
+    if database_url and config_module.has_password(database_url):
         click.echo(f"procqueue: warning: {config_module.PASSWORD_IN_ARGUMENTS_WARNING}", err=True)
-    return database
 
 
 def _json_option(flag: str, raw: str, expected_type: type, description: str) -> Any:

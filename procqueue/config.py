@@ -87,7 +87,8 @@ class DatabaseConfig:
     embedded_dir: Optional[Path] = None
     embedded_allowed: bool = True  # PROCQUEUE_EMBEDDED=0: a missing URL is an error
     # The URL, password included, came on the command line, where every local user can
-    # read it (ps, /proc/PID/cmdline): the processor warns about it at start.
+    # read it (ps, /proc/PID/cmdline): the processor warns about it at start. Set by the
+    # CLI, which alone knows where a value came from.
     password_in_arguments: bool = field(default=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -355,7 +356,7 @@ def processor_config(
     env = os.environ if env is None else env
     database = database_config_from_env(env)
     if database_url is not None:
-        database = replace(database, url=database_url, password_in_arguments=has_password(database_url))
+        database = replace(database, url=database_url)
     if schema is not None:
         database = replace(database, schema=schema)
     return ProcessorConfig(
