@@ -55,7 +55,6 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
 def bench_database(fast_disk: bool) -> Iterator[str]:
     """Yield the URL of a migrated database of our own; drop it (and stop the embedded
     server, and delete its directory) on exit, however the run ends."""
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)  # so `finally` blocks run
     with contextlib.ExitStack() as stack:
         admin_url = os.environ.get(ENV_DATABASE_URL)
         where = f"external server (${ENV_DATABASE_URL})"
@@ -394,10 +393,10 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM until the block is done (a clean-up cut in half is what
-    leaves servers behind), then act on them."""
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the block is done (a clean-up cut in half is
+    what leaves servers behind), then act on them."""
     received: List[int] = []
-    handled = (signal.SIGINT, signal.SIGTERM)
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {signum: signal.signal(signum, lambda s, f: received.append(s)) for signum in handled}
     try:
         yield
@@ -413,11 +412,8 @@ def run_main(main) -> None:
     and SIGHUP (`kill`, a cancelled CI job, a closed terminal) count as Ctrl-C: by default
     they would end Python without its `finally` blocks, leaving processors and a
     Postgres server behind."""
-    def interrupt(signum, frame) -> None:
-        raise KeyboardInterrupt
-
     for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, interrupt)
+        signal.signal(signum, _raise_keyboard_interrupt)
     try:
         main()
     except KeyboardInterrupt:
