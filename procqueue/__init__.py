@@ -41,7 +41,7 @@ _EXPORTS = {
     "TaskRecord": "records",
     "TaskState": "records",
     "TaskBackoffError": "registry",
-    "TaskCall": "registry",
+    "TaskCall": "records",
     "TaskHandler": "registry",
     "register_recurring_task": "registry",
     "register_task_handler": "registry",

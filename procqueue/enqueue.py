@@ -18,7 +18,7 @@ from .errors import DatabaseError, TaskError
 from .logs import log_event
 from .metrics import ENQUEUED
 from .queries import EnqueueRow, Queries
-from .registry import TaskCall, validated_priority
+from .records import TaskCall, validated_priority
 
 logger = logging.getLogger("procqueue.enqueue")
 

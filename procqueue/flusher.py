@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import Any, Iterator, List, Optional, Protocol
 
-from .db import is_connection_error
+from .db import Connection, is_connection_error
+from .records import RunningTask
 from .threads import start_deaf
 
 # After a statement failed for its connection, a new one is opened this much later; after
@@ -36,12 +37,28 @@ RECONNECT_DELAY_SECONDS = 0.5
 BETWEEN_TASKS_POLL_SECONDS = 0.05
 BUSY_SECONDS = 1.0
 
-if TYPE_CHECKING:
-    from .worker import Worker
+class LendingWorker(Protocol):
+    """What this thread uses of the worker that lends it its connection (worker.Worker),
+    stated here so that this module does not import the worker, which imports it."""
+
+    conn: Optional[Connection]
+    pending: List[Any]  # outcomes not yet recorded
+    pending_since: float
+    current: Optional[RunningTask]  # the task whose code runs now
+
+    def clock(self) -> float: ...
+
+    def mark_started(self) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def open_connection(self) -> Connection: ...
+
+    def replace_connection(self, conn: Connection) -> None: ...
 
 
 class FlushDuringTasks:
-    def __init__(self, worker: "Worker", flush_after_seconds: float) -> None:
+    def __init__(self, worker: LendingWorker, flush_after_seconds: float) -> None:
         self.worker = worker
         self.flush_after_seconds = flush_after_seconds
         self.condition = threading.Condition(threading.Lock())

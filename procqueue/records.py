@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from .errors import TaskError
 
 
 class TaskState(str, enum.Enum):
@@ -59,6 +61,24 @@ class ClaimedTask:
     recurring_slot: Optional[datetime]
     leased_at: datetime  # the claim's fencing token: its outcome is recorded only under this lease
     rescues: int = 0  # how often it was put back from a dead processor (claimed or running)
+
+
+@dataclass(frozen=True)
+class TaskCall:
+    """One invocation of a handler, ready to enqueue (see `procqueue.enqueue_many`)."""
+
+    handler: Any  # a registry.TaskHandler (registry imports this module, not the reverse)
+    args: tuple = ()
+    kwargs: Optional[Mapping[str, Any]] = None
+    delay_until: Optional[datetime] = None
+    priority: Optional[int] = None
+
+
+def validated_priority(name: str, priority: Union[TaskPriority, int]) -> int:
+    if not isinstance(priority, int) or not -32768 <= priority <= 32767:
+        raise TaskError(f"task {name}: priority must be an integer from -32768 to 32767 (TaskPriority: "
+                        f"HIGHEST 0 to LOWER 100, lower runs first), got {priority!r}")
+    return int(priority)
 
 
 @dataclass

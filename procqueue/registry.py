@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from .arguments import require_fitting, serialise_arguments, signature_of
 from .errors import TaskError
-from .records import TaskPriority
+from .records import TaskCall, TaskPriority, validated_priority
 
 DEFAULT_TIMEOUT = timedelta(seconds=60)
 DEFAULT_RECURRING_TIMEOUT = timedelta(minutes=30)
@@ -36,17 +36,6 @@ class TaskBackoffError(Exception):
         if delay_until is not None and delay_until.tzinfo is None:
             raise TaskError(f"TaskBackoffError delay_until must be timezone-aware, got {delay_until!r}")
         self.delay_until = delay_until
-
-
-@dataclass(frozen=True)
-class TaskCall:
-    """One invocation of a handler, ready to enqueue (see `procqueue.enqueue_many`)."""
-
-    handler: "TaskHandler"
-    args: tuple = ()
-    kwargs: Optional[Mapping[str, Any]] = None
-    delay_until: Optional[datetime] = None
-    priority: Optional[int] = None
 
 
 class TaskHandler:
@@ -283,13 +272,6 @@ def _validated_queue_size(name: str, queue_size: Optional[int]) -> Optional[int]
     if queue_size is not None and (not isinstance(queue_size, int) or queue_size < 1):
         raise TaskError(f"task {name}: queue_size must be a positive integer or None, got {queue_size!r}")
     return queue_size
-
-
-def validated_priority(name: str, priority: Union[TaskPriority, int]) -> int:
-    if not isinstance(priority, int) or not -32768 <= priority <= 32767:
-        raise TaskError(f"task {name}: priority must be an integer from -32768 to 32767 (TaskPriority: "
-                        f"HIGHEST 0 to LOWER 100, lower runs first), got {priority!r}")
-    return int(priority)
 
 
 def _validated_timeout(name: str, timeout: timedelta) -> timedelta:
