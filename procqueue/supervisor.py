@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Deque, Dict, Optional
 
-from . import client, registry
+from . import client, maintenance, registry
 from .chores import DatabaseChores, Release
 from .config import ProcessorConfig
 from .db import bound_every_wait
-from .errors import DatabaseUnavailable, ProcqueueError
+from .errors import DatabaseUnavailable
 from .health import FAILED_STARTS_LIMIT
 from .heartbeat import SlotView, WorkerState, allocate_slots, read_slot, stuck_reason
 from .lifeline import Lifeline
@@ -134,6 +134,7 @@ class Supervisor:
         if self.monitor.metrics_store is not None:
             initialise_series(registry.registered_names(), [s.task_name for s in registry.recurring_schedules()])
         client.configure(database_url=self.config.database.url, schema=self.config.database.schema)
+        maintenance.use_retention(self.config.retention)
         self.monitor.start_serving()  # /healthz and /readyz answer while the database is awaited
 
     def wait_for_database(self) -> bool:
@@ -579,5 +580,3 @@ def _signal_quietly(pid: int, signum: int) -> None:
     except ProcessLookupError:
         pass
 
-
-__all__ = ["Supervisor", "ProcqueueError", "WORKER_BOOT_ERROR"]

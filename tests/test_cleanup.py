@@ -42,3 +42,18 @@ def test_retention_comes_from_flagsmith_environment_variables():
     config = processor_config(env={"TASK_DELETE_RETENTION_DAYS": "3", "RECURRING_TASK_RUN_RETENTION_DAYS": "7",
                                    "TASK_DELETE_BATCH_SIZE": "500"})
     assert config.retention == RetentionConfig(task_days=3, run_days=7, batch_size=500)
+
+
+def test_a_processors_retention_is_what_its_clean_up_uses(db, monkeypatch):
+    # The supervisor hands its config's retention over before forking the workers that
+    # run the clean-up; the environment it was built from is not read again there.
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO procqueue.tasks (task_name, state, finished_at) VALUES "
+                    "('five.days.old', 'succeeded', now() - interval '5 days')")
+    monkeypatch.setenv("TASK_DELETE_RETENTION_DAYS", "30")  # would keep it
+    monkeypatch.setattr(maintenance, "_retention", None)  # put back after the test
+    maintenance.use_retention(RetentionConfig(task_days=3, run_days=3, batch_size=100))
+    maintenance.clean_up_old_tasks()
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM procqueue.tasks")
+        assert cur.fetchone()[0] == 0
