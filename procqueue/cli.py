@@ -375,7 +375,7 @@ def status_command(status_file: Optional[str], owner: Optional[str], as_json: bo
     """Show a running processor's workers and queue, from its status file."""
     from .health import StatusError, load_status, supervisor_alive
     from .private_files import user_id
-    from .status import render_text
+    from .status_text import render_text
 
     try:
         owner_uid = None if owner is None else user_id(owner)
@@ -414,9 +414,9 @@ def stats_command(database_url: Optional[str], schema: Optional[str]) -> None:
 @click.argument("arguments", nargs=-1, type=click.UNPROCESSED)
 def health_command(arguments: Tuple[str, ...]) -> None:
     """Exit 0 if the processor is healthy, 1 if not (same as procqueue-health; see --help)."""
-    from . import health
+    from . import health_probe
 
-    sys.exit(health.run(list(arguments), prog="procqueue health"))
+    sys.exit(health_probe.run(list(arguments), prog="procqueue health"))
 
 
 @main.command("demo")

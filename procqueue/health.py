@@ -1,9 +1,9 @@
 """The health verdict on a processor, read from its status document.
 
-One verdict, three doors: `procqueue-health` (a Kubernetes liveness probe, run every few
-seconds), `procqueue health`, and the supervisor's `/healthz`. A probe must answer fast, so
-this module imports only the standard library, `procqueue.config` and
-`procqueue.private_files` (both stdlib-only); never psycopg2, click or prometheus-client.
+One verdict, three doors: `procqueue-health` (health_probe, a Kubernetes liveness probe run
+every few seconds), `procqueue health`, and the supervisor's `/healthz`. A probe must
+answer fast, so this module imports only the standard library and
+`procqueue.private_files` (stdlib-only); never psycopg2, click or prometheus-client.
 
 The rule for "stuck" lives here too, and the supervisor judges its workers with the same
 function, so the probe and the supervisor can never disagree about a worker.
@@ -11,17 +11,15 @@ function, so the probe and the supervisor can never disagree about a worker.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional
 
-from .private_files import UnsafePathError, read_owned_file, user_id
+from .private_files import UnsafePathError, read_owned_file
 
 STATUS_VERSION = 1
 # The worker's own timeout fires at the task's deadline; only if it could not act on it
@@ -256,88 +254,3 @@ def summary_line(verdict: Verdict, ready: bool = False) -> str:
     replacing = f", {verdict.workers_replacing} being replaced" if verdict.workers_replacing else ""
     return (f"{word}: {verdict.workers_healthy} of {verdict.workers} workers{replacing}, "
             f"status {verdict.age_seconds:.1f}s old")
-
-
-# -- procqueue-health ---------------------------------------------------------------
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """Usage errors in one line and exit code 2, as every procqueue command."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _positive_seconds(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid value {raw!r} (expected seconds > 0)")
-    return value
-
-
-def _count(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid value {raw!r} (expected an integer >= 0)")
-    return value
-
-
-def _user(raw: str) -> int:
-    try:
-        return user_id(raw)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid value {exc}") from None
-
-
-def build_parser(prog: str) -> argparse.ArgumentParser:
-    from .config import default_status_file
-
-    parser = _OneLineParser(
-        prog=prog,
-        description="Exit 0 if the procqueue processor writing the status file is healthy, 1 if not "
-                    "(with the reason on stderr), 2 on a usage error. For Kubernetes liveness probes.",
-    )
-    parser.add_argument("--status-file", type=Path, default=None, metavar="PATH",
-                        help=f"the processor's status file [env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}]")
-    parser.add_argument("--max-age", type=_positive_seconds, default=DEFAULT_MAX_AGE_SECONDS, metavar="SECONDS",
-                        help=f"unhealthy if the supervisor has not updated the file for this long "
-                             f"[default: {DEFAULT_MAX_AGE_SECONDS:g}]")
-    parser.add_argument("--min-healthy-workers", type=_count, default=DEFAULT_MIN_HEALTHY_WORKERS, metavar="N",
-                        help="unhealthy if fewer workers are running and not stuck "
-                             f"[default: {DEFAULT_MIN_HEALTHY_WORKERS}]")
-    parser.add_argument("--ready", action="store_true",
-                        help="ask the readiness question instead: is it running tasks now (not starting, "
-                             "waiting for its database or stopping)? For readiness probes")
-    parser.add_argument("--owner", type=_user, default=None, metavar="USER",
-                        help="the user (name or uid) the processor runs as; a status file belonging to anyone "
-                             "else is not trusted [default: the user running this command]")
-    parser.add_argument("--json", action="store_true", help="print the verdict and its reasons as JSON")
-    return parser
-
-
-def run(argv: Optional[Sequence[str]] = None, prog: str = "procqueue-health") -> int:
-    from .config import default_status_file
-
-    options = build_parser(prog).parse_args(argv)
-    path = options.status_file or default_status_file(uid=options.owner)
-    verdict = check_file(path, max_age=options.max_age, min_healthy_workers=options.min_healthy_workers,
-                         ready=options.ready, owner=options.owner)
-    if options.json:
-        print(json.dumps(dict(asdict(verdict), status_file=str(path)), indent=2))
-    elif verdict.healthy:
-        print(summary_line(verdict, ready=options.ready))
-    if not verdict.healthy:
-        print(f"{prog}: {'not ready' if options.ready else 'unhealthy'}: {summary_line(verdict)}", file=sys.stderr)
-        return EXIT_UNHEALTHY
-    return EXIT_HEALTHY
-
-
-def main() -> None:
-    """Console entry point of `procqueue-health`."""
-    sys.exit(run())

@@ -148,7 +148,7 @@ def test_missing_or_corrupt_file_is_unhealthy_with_the_reason(tmp_path, content,
 
 
 def run_health(*args, command=("procqueue-health",)):
-    entry = {"procqueue-health": "from procqueue.health import main; main()",
+    entry = {"procqueue-health": "from procqueue.health_probe import main; main()",
              "procqueue": "from procqueue.starting import procqueue_main; procqueue_main()"}[command[0]]
     return subprocess.run([sys.executable, "-c", entry, *command[1:], *args], capture_output=True, text=True,
                           timeout=30, env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -198,7 +198,7 @@ def test_json_prints_the_verdict_and_its_reasons(tmp_path):
 
 def test_status_file_comes_from_the_environment_like_the_processor(tmp_path):
     path = write_document(tmp_path / "from-env.json", live_document())
-    result = subprocess.run([sys.executable, "-c", "from procqueue.health import main; main()"], capture_output=True,
+    result = subprocess.run([sys.executable, "-c", "from procqueue.health_probe import main; main()"], capture_output=True,
                             text=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(REPO),
                                                             PROCQUEUE_STATUS_FILE=str(path)))
     assert result.returncode == 0, result.stderr
@@ -227,7 +227,7 @@ def test_procqueue_health_is_the_same_command(tmp_path):
 def test_the_probe_imports_no_database_driver_nor_metrics_library(tmp_path):
     """A liveness probe runs every few seconds: it must stay a light import."""
     path = write_document(tmp_path / "s.json", live_document())
-    code = ("import sys; from procqueue import health; code = health.run(['--status-file', %r]);"
+    code = ("import sys; from procqueue import health_probe; code = health_probe.run(['--status-file', %r]);"
             "heavy = [m for m in ('psycopg2', 'prometheus_client', 'click', 'psutil') if m in sys.modules];"
             "print(heavy)" % str(path))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,

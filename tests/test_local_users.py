@@ -67,7 +67,7 @@ def run_command(entry: str, *args: str, env: dict) -> subprocess.CompletedProces
 
 
 def health(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return run_command("from procqueue.health import main; main()", *args, env=env)
+    return run_command("from procqueue.health_probe import main; main()", *args, env=env)
 
 
 def start_processor(*args: str, env: dict) -> subprocess.CompletedProcess:

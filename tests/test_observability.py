@@ -64,7 +64,7 @@ def run_command(*args, env=None, timeout=30):
 
 
 def health(processor, *args):
-    return subprocess.run([sys.executable, "-c", "from procqueue.health import main; main()",
+    return subprocess.run([sys.executable, "-c", "from procqueue.health_probe import main; main()",
                            "--status-file", str(processor.status_path), *args],
                           capture_output=True, text=True, timeout=30, env=dict(os.environ, PYTHONPATH=str(REPO)))
 

@@ -22,7 +22,7 @@ UNREACHABLE = "postgresql://app:s3cret@127.0.0.1:1/nowhere"
 
 
 def health(processor, *args):
-    return subprocess.run([sys.executable, "-c", "from procqueue.health import main; main()",
+    return subprocess.run([sys.executable, "-c", "from procqueue.health_probe import main; main()",
                            "--status-file", str(processor.status_path), *args], capture_output=True, text=True, timeout=30)
 
 

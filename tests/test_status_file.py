@@ -11,7 +11,8 @@ import pytest
 from procqueue.errors import ConfigError
 from procqueue.health import worker_problem
 from procqueue.heartbeat import SlotWriter, WorkerState, allocate_slots, read_slot, stuck_reason
-from procqueue.status import StatusFile, SupervisorFacts, render_text, worker_entry
+from procqueue.status import StatusFile, SupervisorFacts, worker_entry
+from procqueue.status_text import render_text
 
 WRITES = 20000
 
