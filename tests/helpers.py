@@ -188,3 +188,28 @@ def scrape(port: int) -> Samples:
 
 def sample(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def execution_count(db, key=None) -> int:
+    """Executions the sample tasks recorded (with `key`, of that key only)."""
+    with db.cursor() as cur:
+        if key is None:
+            cur.execute("SELECT count(*) FROM public.executions")
+        else:
+            cur.execute("SELECT count(*) FROM public.executions WHERE key = %s", (key,))
+        return cur.fetchone()[0]
+
+
+def states(db, task_name="sample.record") -> dict:
+    """How many tasks of `task_name` are in each state."""
+    with db.cursor() as cur:
+        cur.execute("SELECT state, count(*) FROM procqueue.tasks WHERE task_name = %s GROUP BY state", (task_name,))
+        return dict(cur.fetchall())
+
+
+def worker_idle_after_empty_claim(db) -> bool:
+    """The worker's session is idle and its last statement was a claim: it is waiting."""
+    with db.cursor() as cur:
+        cur.execute("SELECT state, query FROM pg_stat_activity WHERE application_name = 'procqueue-worker-0'")
+        row = cur.fetchone()
+    return row is not None and row[0] == "idle" and "FOR UPDATE SKIP LOCKED" in row[1]

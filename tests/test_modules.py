@@ -63,3 +63,9 @@ def test_no_module_imports_one_that_imports_it_back():
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
 
+
+def test_the_readme_says_where_every_module_belongs():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    development = readme[readme.index("## Development"):]
+    modules = sorted(path.name for path in PACKAGE.glob("*.py") if path.stem not in ("__init__", "__main__"))
+    assert [name for name in modules if f"`{name}`" not in development] == []

@@ -1,7 +1,7 @@
 """Rescue of a dead processor's tasks and release of a dead worker's, statement by statement
 against real Postgres: what goes back untouched, what is recorded lost, what fails, and
 what a recurring run becomes. The processes that reach these statements have their own
-tests (test_processor.py); here each outcome is set up exactly."""
+tests (test_outages.py); here each outcome is set up exactly."""
 
 from __future__ import annotations
 

@@ -5,7 +5,6 @@ leaves to exit are reaped, not left as zombies."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 from pathlib import Path
