@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import sys
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
 
 from .config import ENV_MAX_ARGUMENTS_BYTES
@@ -115,8 +116,11 @@ def _require_plain(value: Any, depth: int, enclosing: set) -> None:
         problem = string_problem(value)
         if problem:
             raise _Refused(f"= {short_repr(value)} contains {problem}")
-    elif value is None or kind is bool or kind is int:
+    elif value is None or kind is bool:
         return
+    elif kind is int or isinstance(value, int):  # an IntEnum too
+        if value.bit_length() > _BITS_OF_SAFE_DIGITS:
+            _require_convertible(value)
     elif kind is float or isinstance(value, float):
         if not math.isfinite(value):
             raise _Refused(f"= {value!r} cannot be stored as JSON (not a finite number)")
@@ -141,11 +145,22 @@ def _require_plain(value: Any, depth: int, enclosing: set) -> None:
         problem = string_problem(value)
         if problem:
             raise _Refused(f"= {short_repr(value)} contains {problem}")
-    elif isinstance(value, int):  # a subclass (bool is handled above; an IntEnum)
-        return
     else:
         raise _Refused(f"= {short_repr(value)} cannot be stored as JSON "
                        f"(Object of type {type(value).__name__} is not JSON serializable)")
+
+
+# Below this many bits an integer has fewer digits than Python's conversion limit (4,300
+# by default); above it, converting is tried, and refused if Python would refuse it.
+_BITS_OF_SAFE_DIGITS = 14_000
+
+
+def _require_convertible(value: int) -> None:
+    try:
+        str(value)
+    except ValueError:
+        raise _Refused(f"is an integer of more than {sys.get_int_max_str_digits()} digits, which JSON "
+                       "cannot carry here") from None
 
 
 def _require_key(key: Any) -> None:

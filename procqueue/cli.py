@@ -22,6 +22,7 @@ import click
 import psycopg2
 
 from . import config as config_module
+from .arguments import MAX_ARGUMENT_DEPTH, short_repr
 from .config import (
     DEFAULT_GRACE_PERIOD_MS,
     DEFAULT_NUM_WORKERS,
@@ -491,9 +492,16 @@ def _json_option(flag: str, raw: str, expected_type: type, description: str) -> 
     try:
         value = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"invalid value for {flag}: {raw!r} is not JSON ({exc.msg}); expected {description}") from None
+        raise ConfigError(f"invalid value for {flag}: {short_repr(raw)} is not JSON ({exc.msg}); "
+                          f"expected {description}") from None
+    except RecursionError:
+        raise ConfigError(f"invalid value for {flag}: {short_repr(raw)} is nested deeper than Python can read "
+                          f"(arguments may be nested {MAX_ARGUMENT_DEPTH} levels deep)") from None
+    except ValueError:  # the only other ValueError: an integer of more digits than Python converts
+        raise ConfigError(f"invalid value for {flag}: {short_repr(raw)} holds an integer of more than "
+                          f"{sys.get_int_max_str_digits()} digits") from None
     if not isinstance(value, expected_type):
-        raise ConfigError(f"invalid value for {flag}: {raw!r} (expected {description})")
+        raise ConfigError(f"invalid value for {flag}: {short_repr(raw)} (expected {description})")
     return value
 
 

@@ -444,6 +444,29 @@ def test_cli_enqueue_refuses_arguments_that_do_not_fit_in_one_line(db, database_
     assert count_tasks(db) == 0
 
 
+@pytest.mark.parametrize("flag, raw, expected", [
+    ("--args", "[" * 5000 + "1" + "]" * 5000, "is nested deeper than Python can read (arguments may be nested 100 "
+                                              "levels deep)"),
+    ("--kwargs", '{"a": ' + "[" * 5000 + "]" * 5000 + "}", "is nested deeper than Python can read"),
+    ("--args", "[" + "9" * 4301 + "]", "holds an integer of more than 4300 digits"),
+])
+def test_cli_enqueue_refuses_json_python_cannot_read_in_one_line(db, database_url, flag, raw, expected):
+    # Before: a RecursionError or ValueError traceback of 46 lines, exit 1.
+    result = enqueue_cli(database_url, flag, raw)
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"procqueue: error: invalid value for {flag}: ") and expected in line, line
+    assert count_tasks(db) == 0
+
+
+def test_an_integer_of_more_digits_than_json_can_carry_is_the_argument_error(db):
+    with pytest.raises(procqueue.TaskArgumentError, match=r"argument args\[1\]\[0\] is an integer of more than "
+                                                          r"4300 digits"):
+        greet.delay(args=("ok", [10 ** 5000]))
+    assert greet.delay(args=("ok", [10 ** 4000]))  # fewer digits: carried
+    assert count_tasks(db) == 1
+
+
 def test_get_task_reads_json_back(db):
     task = procqueue.get_task(greet.delay(args=({"nested": [1, "two", None]},)))
     assert json.dumps(task.args) == '[{"nested": [1, "two", null]}]'
