@@ -62,13 +62,18 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+_program = "procqueue"  # the command being run, as errors name it
+
+
 def _fail(message: str, exit_code: int) -> None:
-    click.echo(f"procqueue: error: {message}", err=True)
+    click.echo(f"{_program}: error: {message}", err=True)
     sys.exit(exit_code)
 
 
 def _run_click(command: click.Command, prog_name: str) -> None:
     """Run a click command with usage errors as one line too (click prints four)."""
+    global _program
+    _program = prog_name
     try:
         command.main(prog_name=prog_name, standalone_mode=False)
     except click.exceptions.MissingParameter as exc:  # a BadParameter with no value to name

@@ -471,7 +471,7 @@ def test_a_second_processor_may_not_take_a_live_processors_status_file(db, start
     second = start_processor("--numthreads", "1", extra_env={"PROCQUEUE_STATUS_FILE": str(first.status_path)})
     assert second.proc.wait(timeout=30) == 2
     assert second.log().strip().splitlines() == [
-        f"procqueue: error: --status-file {first.status_path} is being written by another processor "
+        f"run-task-processor: error: --status-file {first.status_path} is being written by another processor "
         f"(pid {first.pid}); give this one a file of its own"]
     assert first.status()["pid"] == first.pid and health(first).returncode == 0
     assert first.stop() == 0
@@ -522,7 +522,7 @@ def test_a_port_in_use_is_a_one_line_start_up_error(db, start_processor):
     second = start_processor("--numthreads", "1", "--metrics-port", str(port))
     assert second.proc.wait(timeout=30) == 2
     assert second.log().strip().splitlines() == [
-        f"procqueue: error: cannot serve metrics on --metrics-host 0.0.0.0 --metrics-port {port}: "
+        f"run-task-processor: error: cannot serve metrics on --metrics-host 0.0.0.0 --metrics-port {port}: "
         "Address already in use"]
     assert first.stop() == 0
 

@@ -64,8 +64,8 @@ def test_the_wait_for_the_database_gives_up_after_database_wait():
     result = run_processor("--database-url", UNREACHABLE, "--database-wait", "2")
     assert result.returncode == 3
     assert 2 <= time.monotonic() - began < 15
-    errors = [line for line in result.stderr.splitlines() if line.startswith("procqueue: error:")]
-    assert errors == ["procqueue: error: cannot connect to host=127.0.0.1 port=1 dbname=nowhere user=app "
+    errors = [line for line in result.stderr.splitlines() if line.startswith("run-task-processor: error:")]
+    assert errors == ["run-task-processor: error: cannot connect to host=127.0.0.1 port=1 dbname=nowhere user=app "
                       "password=***: " + errors[0].split("password=***: ", 1)[1]]
     assert errors[0].endswith("(gave up after --database-wait 2s)")
     assert "event=database.waiting" in result.stderr
