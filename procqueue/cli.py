@@ -170,7 +170,7 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--queue", "-q", "queues", multiple=True, metavar="NAME",
                      help="Only run tasks of this queue; repeatable. [default: every queue]"),
         click.option("--metrics-port", "metrics_port", type=int, default=None, metavar="PORT",
-                     help="Serve /metrics, /healthz, /status and /monitoring on this port; 0 picks a free "
+                     help="Serve /metrics, /healthz, /readyz, /status and /monitoring on this port; 0 picks a free "
                           "one. [env: PROCQUEUE_METRICS_PORT; default: not served]"),
         click.option("--metrics-host", "metrics_host", default=None, metavar="HOST",
                      help=f"Address to serve them on. [env: PROCQUEUE_METRICS_HOST; default: {DEFAULT_METRICS_HOST}]"),
@@ -371,7 +371,8 @@ def show_command(task_id: int, database_url: Optional[str], schema: Optional[str
 
 @main.command("status")
 @click.option("--status-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
-              help=f"The processor's status file. [env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}]")
+              help=f"The processor's status file. [env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}, "
+                   "or that of the --owner user]")
 @click.option("--owner", default=None, metavar="USER",
               help="The user (name or uid) the processor runs as; a status file belonging to anyone else is "
                    "not trusted. [default: the user running this command]")

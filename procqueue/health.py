@@ -79,11 +79,12 @@ def load_status(path: Path, owner: Optional[int] = None) -> dict:
     """The status document at `path`, or StatusError saying in one line what is wrong.
     Trusted only if it belongs to `owner` (by default the user reading it), in a directory
     no one else can write to: otherwise another local user could make a probe lie."""
+    named = owner is not None
     owner = os.geteuid() if owner is None else owner
     try:
         text = read_owned_file(Path(path), owner).decode("utf-8")
     except UnsafePathError as exc:
-        hint = "" if owner != os.geteuid() else " (if another user runs the processor, name it with --owner)"
+        hint = " (if another user runs the processor, name it with --owner)" if exc.wrong_owner and not named else ""
         raise StatusError(f"status file not trusted: {exc}{hint}") from None
     except FileNotFoundError:
         raise StatusError(f"status file {path} does not exist (is the processor running with this --status-file?)")

@@ -59,7 +59,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     "(with the reason on stderr), 2 on a usage error. For Kubernetes liveness probes.",
     )
     parser.add_argument("--status-file", type=Path, default=None, metavar="PATH",
-                        help=f"the processor's status file [env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}]")
+                        help=f"the processor's status file [env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}, "
+                             "or that of the --owner user]")
     parser.add_argument("--max-age", type=_positive_seconds, default=DEFAULT_MAX_AGE_SECONDS, metavar="SECONDS",
                         help=f"unhealthy if the supervisor has not updated the file for this long "
                              f"[default: {DEFAULT_MAX_AGE_SECONDS:g}]")

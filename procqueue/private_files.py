@@ -24,7 +24,12 @@ MAX_READ_BYTES = 16 * 2**20
 
 
 class UnsafePathError(Exception):
-    """A path another user could control; the message says which and why, in one line."""
+    """A path another user could control; the message says which and why, in one line.
+    `wrong_owner`: it belongs to another user (perhaps the one the processor runs as)."""
+
+    def __init__(self, message: str, *, wrong_owner: bool = False) -> None:
+        super().__init__(message)
+        self.wrong_owner = wrong_owner
 
 
 # What the writer says to do about a directory it refuses; the reader only distrusts.
@@ -40,7 +45,7 @@ def check_directory(path: Path, info: os.stat_result, owner: int, remedy: str = 
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))
     if info.st_uid not in (owner, 0):
         raise UnsafePathError(f"directory {path} belongs to uid {info.st_uid}, not to uid {owner}"
-                              f"{_who(owner)}: that user could rewrite what is in it{remedy}")
+                              f"{_who(owner)}: that user could rewrite what is in it{remedy}", wrong_owner=True)
     writers = _other_writers(info.st_mode)
     if writers:
         raise UnsafePathError(f"directory {path} can be written by {writers} (mode {stat.S_IMODE(info.st_mode):04o}): "
@@ -121,11 +126,10 @@ def read_owned_file(path: Path, owner: int) -> bytes:
             raise UnsafePathError(f"{path} is not a regular file")
         if info.st_uid != owner:
             raise UnsafePathError(f"{path} belongs to uid {info.st_uid}, not to uid {owner}{_who(owner)}, "
-                                  "the user it is expected from: not trusted")
+                                  "the user it is expected from", wrong_owner=True)
         writers = _other_writers(info.st_mode)
         if writers:
-            raise UnsafePathError(f"{path} can be written by {writers} (mode {stat.S_IMODE(info.st_mode):04o}): "
-                                  "not trusted")
+            raise UnsafePathError(f"{path} can be written by {writers} (mode {stat.S_IMODE(info.st_mode):04o})")
         chunks, size = [], 0
         while size <= MAX_READ_BYTES:
             chunk = os.read(fd, 65536)
@@ -146,7 +150,7 @@ def user_id(name_or_uid: str) -> int:
     try:
         return pwd.getpwnam(text).pw_uid
     except KeyError:
-        raise ValueError(f"{name_or_uid!r} (expected a user name or uid of this host)") from None
+        raise ValueError(f"{name_or_uid!r} (expected a user name of this host, or a uid)") from None
 
 
 def _other_writers(mode: int) -> str:
