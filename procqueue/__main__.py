@@ -1,5 +1,5 @@
 """`python -m procqueue ...`: the same as the `procqueue` command."""
 
-from .starting import procqueue_main
+from .entry_points import procqueue_main
 
 procqueue_main()

@@ -3,10 +3,10 @@
 Before a processor's supervisor takes signals over, a stop signal (Kubernetes deleting a
 pod that is still importing a large application, a rolling deploy rolled back at once)
 must end it cleanly: nothing runs yet, so there is nothing to drain, and it exits 0.
-The processor's entry points arm this first thing, before their heavy imports: from then
-on a stop signal raises StoppedWhileStarting. The supervisor disarms it once its own
-handlers, which only set flags its loop acts on, are in; `run_processor` gives the
-handlers that were there before back when it is done. Other commands are not armed: a
+The processor's entry points (entry_points.py) arm this first thing, before their heavy
+imports: from then on a stop signal raises StoppedWhileStarting. The supervisor disarms
+it once its own handlers, which only set flags its loop acts on, are in; `run_processor`
+gives the handlers that were there before back when it is done. Other commands are not armed: a
 signal ends them as it always did.
 
 Standard library only: it runs before anything else is imported.
@@ -14,13 +14,10 @@ Standard library only: it runs before anything else is imported.
 
 from __future__ import annotations
 
-import importlib
 import signal
-import sys
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP)
-PROCESSOR_COMMANDS = ("run", "demo")  # the `procqueue` commands that run a processor
 
 
 class StoppedWhileStarting(BaseException):
@@ -83,25 +80,3 @@ def arm() -> StartingSignals:
     """Arm (again, if need be) the process's starting handlers; returns them."""
     _starting.arm()
     return _starting
-
-
-def run_task_processor_main() -> None:
-    """The `run-task-processor` command: armed, then the CLI."""
-    guarded(lambda: importlib.import_module("procqueue.cli").run_task_processor_cli(), processor=True)
-
-
-def procqueue_main() -> None:
-    """The `procqueue` command: armed only for the commands that run a processor."""
-    processor = len(sys.argv) > 1 and sys.argv[1] in PROCESSOR_COMMANDS
-    guarded(lambda: importlib.import_module("procqueue.cli").procqueue_cli(), processor=processor)
-
-
-def guarded(main: Callable[[], None], *, processor: bool) -> None:
-    if not processor:
-        main()
-        return
-    arm()
-    try:
-        main()
-    except StoppedWhileStarting:
-        sys.exit(0)

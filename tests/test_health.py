@@ -149,7 +149,7 @@ def test_missing_or_corrupt_file_is_unhealthy_with_the_reason(tmp_path, content,
 
 def run_health(*args, command=("procqueue-health",)):
     entry = {"procqueue-health": "from procqueue.health_probe import main; main()",
-             "procqueue": "from procqueue.starting import procqueue_main; procqueue_main()"}[command[0]]
+             "procqueue": "from procqueue.entry_points import procqueue_main; procqueue_main()"}[command[0]]
     return subprocess.run([sys.executable, "-c", entry, *command[1:], *args], capture_output=True, text=True,
                           timeout=30, env=dict(os.environ, PYTHONPATH=str(REPO)))
 

@@ -109,9 +109,9 @@ def test_a_status_file_another_user_wrote_is_not_trusted_unless_that_user_is_nam
     assert health("--owner", str(other_user.pw_uid), env=env).returncode == 0
     wrong = health("--owner", "no-such-user-here", env=env)
     assert wrong.returncode == 2 and "invalid value 'no-such-user-here' (expected a user name of this host, or a uid)" in wrong.stderr
-    status = run_command("from procqueue.starting import procqueue_main; procqueue_main()", "status", env=env)
+    status = run_command("from procqueue.entry_points import procqueue_main; procqueue_main()", "status", env=env)
     assert status.returncode != 0 and "not trusted" in status.stderr and "Traceback" not in status.stderr
-    bad_owner = run_command("from procqueue.starting import procqueue_main; procqueue_main()", "status",
+    bad_owner = run_command("from procqueue.entry_points import procqueue_main; procqueue_main()", "status",
                             "--owner", "no-such-user-here", env=env)
     assert bad_owner.returncode == 2 and bad_owner.stderr.strip().endswith(
         "invalid value for --owner: 'no-such-user-here' (expected a user name of this host, or a uid)")

@@ -1,7 +1,8 @@
 """The package's shape: no two modules import each other, however indirectly.
 
-Every import counts, also one inside a function or under TYPE_CHECKING: a cycle hidden
-that way still means neither module can be read, changed or tested without the other.
+Every import counts, also one inside a function, under TYPE_CHECKING or through
+importlib.import_module: a cycle hidden that way still means neither module can be read,
+changed or tested without the other.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ def imported_modules(path: Path) -> Set[str]:
                 names.add(node.module)
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names if alias.name.startswith("procqueue."))
+        elif isinstance(node, ast.Call) and _called_name(node.func) == "import_module" and node.args \
+                and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            target = node.args[0].value  # importlib.import_module("procqueue.cli") or (".x", package)
+            names.add(f"procqueue{target}" if target.startswith(".") else target)
     return names
+
+
+def _called_name(func: ast.expr) -> str:
+    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
 
 
 def import_graph() -> Dict[str, Set[str]]:
