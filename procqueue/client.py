@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
 
 from . import config as config_module
-from .config import DatabaseConfig, TaskRunMethod
+from .config import DatabaseConfig, RetentionConfig, TaskRunMethod
 from .db import Connection, connect
 from .migrations import migrate
 from .queries import Queries
@@ -25,6 +25,9 @@ class ClientSettings:
     database: DatabaseConfig
     task_run_method: TaskRunMethod
     max_arguments_bytes: Optional[int] = config_module.DEFAULT_MAX_ARGUMENTS_BYTES  # None: no limit
+    # How long finished tasks are kept, for the clean-up task: a processor's supervisor
+    # sets its config's before forking the workers that run it.
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 _settings: Optional[ClientSettings] = None
@@ -39,6 +42,7 @@ def configure(
     schema: Optional[str] = None,
     task_run_method: Optional[TaskRunMethod] = None,
     max_arguments_bytes: Optional[int] = None,
+    retention: Optional[RetentionConfig] = None,
 ) -> None:
     """Set, in code, what the environment would otherwise decide for this process.
     `max_arguments_bytes`: 0 lifts the limit."""
@@ -53,7 +57,7 @@ def configure(
         method = TaskRunMethod(task_run_method) if task_run_method is not None else current.task_run_method
         limit = (current.max_arguments_bytes if max_arguments_bytes is None
                  else config_module.max_arguments_bytes(max_arguments_bytes))
-        _settings = ClientSettings(database, method, limit)
+        _settings = ClientSettings(database, method, limit, retention or current.retention)
     close_connection()
 
 
@@ -67,7 +71,7 @@ def _current_settings_unlocked() -> ClientSettings:
     if _settings is None:
         _settings = ClientSettings(
             config_module.database_config_from_env(), config_module.task_run_method_from_env(),
-            config_module.max_arguments_bytes_from_env(),
+            config_module.max_arguments_bytes_from_env(), config_module.retention_config_from_env(),
         )
     return _settings
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from datetime import timedelta
-from typing import Optional
 
-from .config import RetentionConfig, retention_config_from_env
 from .logs import log_event
 from .registry import register_recurring_task
 
@@ -21,16 +19,6 @@ CLEANUP_EVERY = timedelta(minutes=15)
 TIME_BUDGET_SECONDS = 300.0
 
 
-_retention: Optional[RetentionConfig] = None
-
-
-def use_retention(retention: RetentionConfig) -> None:
-    """The processor's retention, set by its supervisor before it forks the workers that
-    run the clean-up: configuration comes from the one config object the CLI built."""
-    global _retention
-    _retention = retention
-
-
 @register_recurring_task(run_every=CLEANUP_EVERY, timeout=timedelta(minutes=10), task_name=CLEANUP_TASK_NAME)
 def clean_up_old_tasks() -> None:
     """Delete finished tasks and run records past their retention, in batches.
@@ -40,7 +28,7 @@ def clean_up_old_tasks() -> None:
     """
     from . import client
 
-    retention = _retention or retention_config_from_env()  # run outside a processor: the environment's
+    retention = client.settings().retention  # the processor's config (its supervisor set it), else the environment's
     conn, queries = client.connection()
     deadline = time.monotonic() + TIME_BUDGET_SECONDS
     tasks = _delete_in_batches(

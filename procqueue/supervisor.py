@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Deque, Dict, Optional
 
-from . import client, maintenance, registry
+from . import client, registry
 from .chores import DatabaseChores, Release
 from .config import ProcessorConfig
 from .db import bound_every_wait
@@ -133,8 +133,8 @@ class Supervisor:
         self.lifeline = Lifeline()
         if self.monitor.metrics_store is not None:
             initialise_series(registry.registered_names(), [s.task_name for s in registry.recurring_schedules()])
-        client.configure(database_url=self.config.database.url, schema=self.config.database.schema)
-        maintenance.use_retention(self.config.retention)
+        client.configure(database_url=self.config.database.url, schema=self.config.database.schema,
+                         retention=self.config.retention)
         self.monitor.start_serving()  # /healthz and /readyz answer while the database is awaited
 
     def wait_for_database(self) -> bool:

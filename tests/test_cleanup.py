@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import procqueue
 from procqueue import maintenance
 from procqueue.config import RetentionConfig
 from procqueue.registry import recurring_schedules
@@ -12,7 +13,7 @@ def test_cleanup_is_a_registered_recurring_task():
     assert maintenance.CLEANUP_TASK_NAME in names
 
 
-def test_cleanup_deletes_old_finished_tasks_and_runs_only(db, monkeypatch):
+def test_cleanup_deletes_old_finished_tasks_and_runs_only(db):
     with db.cursor() as cur:
         cur.execute("""
             INSERT INTO procqueue.tasks (task_name, state, finished_at) VALUES
@@ -26,9 +27,12 @@ def test_cleanup_deletes_old_finished_tasks_and_runs_only(db, monkeypatch):
               (1, 'old.ok', 1, now() - interval '20 days', 'succeeded'),
               (4, 'recent.ok', 1, now() - interval '1 day', 'succeeded');
         """)
-    monkeypatch.setenv("TASK_DELETE_RETENTION_DAYS", "15")
-    monkeypatch.setenv("TASK_DELETE_BATCH_SIZE", "1")  # several batches, each one row
-    maintenance.clean_up_old_tasks()
+    before = procqueue.client.settings().retention
+    procqueue.configure(retention=RetentionConfig(task_days=15, run_days=15, batch_size=1))  # batches of one row
+    try:
+        maintenance.clean_up_old_tasks()
+    finally:
+        procqueue.configure(retention=before)
     with db.cursor() as cur:
         cur.execute("SELECT task_name FROM procqueue.tasks ORDER BY id")
         assert [r[0] for r in cur.fetchall()] == ["recent.ok", "old.still.queued"]
@@ -51,9 +55,12 @@ def test_a_processors_retention_is_what_its_clean_up_uses(db, monkeypatch):
         cur.execute("INSERT INTO procqueue.tasks (task_name, state, finished_at) VALUES "
                     "('five.days.old', 'succeeded', now() - interval '5 days')")
     monkeypatch.setenv("TASK_DELETE_RETENTION_DAYS", "30")  # would keep it
-    monkeypatch.setattr(maintenance, "_retention", None)  # put back after the test
-    maintenance.use_retention(RetentionConfig(task_days=3, run_days=3, batch_size=100))
-    maintenance.clean_up_old_tasks()
+    before = procqueue.client.settings().retention
+    procqueue.configure(retention=RetentionConfig(task_days=3, run_days=3, batch_size=100))
+    try:
+        maintenance.clean_up_old_tasks()
+    finally:
+        procqueue.configure(retention=before)
     with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM procqueue.tasks")
         assert cur.fetchone()[0] == 0
