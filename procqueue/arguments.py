@@ -119,7 +119,8 @@ def _require_plain(value: Any, depth: int, enclosing: set) -> None:
     elif value is None or kind is bool:
         return
     elif kind is int or isinstance(value, int):  # an IntEnum too
-        if value.bit_length() > _BITS_OF_SAFE_DIGITS:
+        limit = sys.get_int_max_str_digits()
+        if limit and value.bit_length() > _SAFE_BITS_PER_DIGIT_LIMIT * limit:
             _require_convertible(value)
     elif kind is float or isinstance(value, float):
         if not math.isfinite(value):
@@ -150,14 +151,15 @@ def _require_plain(value: Any, depth: int, enclosing: set) -> None:
                        f"(Object of type {type(value).__name__} is not JSON serializable)")
 
 
-# Below this many bits an integer has fewer digits than Python's conversion limit (4,300
-# by default); above it, converting is tried, and refused if Python would refuse it.
-_BITS_OF_SAFE_DIGITS = 14_000
+# An integer of fewer bits than this times Python's digit limit (sys.get_int_max_str_digits,
+# 4,300 by default; 0 for none) has fewer digits than the limit (a digit is 3.32 bits);
+# a larger one is converted as json would, and refused if Python refuses.
+_SAFE_BITS_PER_DIGIT_LIMIT = 3
 
 
 def _require_convertible(value: int) -> None:
     try:
-        str(value)
+        int.__repr__(value)  # what json.dumps calls
     except ValueError:
         raise _Refused(f"is an integer of more than {sys.get_int_max_str_digits()} digits, which JSON "
                        "cannot carry here") from None
