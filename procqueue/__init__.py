@@ -8,7 +8,7 @@
     send_email.delay(args=("ada@example.com",))
 
 The public names below are imported on first use (PEP 562), not with the package: a
-liveness probe (`procqueue-health`) runs `procqueue.health` every few seconds and must not
+liveness probe (`procqueue-health`) runs `procqueue.health_probe` every few seconds and must not
 pay for psycopg2, click and prometheus-client, which importing everything would load.
 """
 

@@ -1,7 +1,7 @@
 """`procqueue-health` (and `procqueue health`): the health verdict as a command, for
 Kubernetes exec probes. It must answer in a few tens of milliseconds, so it imports only
-the standard library, `procqueue.health` and what that imports; never psycopg2, click or
-prometheus-client.
+the standard library, `procqueue.health`, `procqueue.config` and
+`procqueue.private_files` (all stdlib-only); never psycopg2, click or prometheus-client.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from .config import default_status_file
 from .health import (DEFAULT_MAX_AGE_SECONDS, DEFAULT_MIN_HEALTHY_WORKERS, EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_USAGE,
                      check_file, summary_line)
 from .private_files import user_id
+
 
 class _OneLineParser(argparse.ArgumentParser):
     """Usage errors in one line and exit code 2, as every procqueue command."""
