@@ -37,6 +37,7 @@ RECONNECT_DELAY_SECONDS = 0.5
 BETWEEN_TASKS_POLL_SECONDS = 0.05
 BUSY_SECONDS = 1.0
 
+
 class LendingWorker(Protocol):
     """What this thread uses of the worker that lends it its connection (worker.Worker),
     stated here so that this module does not import the worker, which imports it."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+
 def render_text(document: dict, now: float) -> str:
     """The status document as a person reads it: a header, the queue, a table of workers."""
     lines = [header_line(document, now), f"database: {document.get('config', {}).get('database', '?')}"
