@@ -172,5 +172,6 @@ def test_a_task_ending_its_worker_with_a_workers_own_exit_code_is_a_crash(db, st
     processor.wait_for_log("event=worker.died")
     wait_until(lambda: procqueue.get_task(task_id).state is TaskState.FAILED, timeout=15, message="failed")
     assert "event=worker.recycled" not in processor.log() and "event=worker.output_lost" not in processor.log()
-    assert processor.status()["totals"]["restarts"]["crashed"] == 1
+    # The status document follows the log line within a supervisor tick.
+    processor.wait_for_status(lambda d: d["totals"]["restarts"] == {"stuck": 0, "crashed": 1, "recycled": 0})
     assert processor.stop() == 0
