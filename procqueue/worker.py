@@ -128,6 +128,7 @@ class Worker:
             try:
                 self.step()
                 self.connection_failures = 0
+                self.check_output()
             except (psycopg2.Error, DatabaseError) as exc:
                 self._on_database_error(exc)
             except Exception as exc:  # a bug of ours must not kill a worker holding leases
@@ -262,7 +263,6 @@ class Worker:
             # as running to its deadline, to be killed and charged a timeout it never had.
             self.board.task_finished(failed=outcome.outcome is not RunOutcome.SUCCEEDED)
         self.current = None
-        self.check_output()  # before the outcome's log line, which must not go astray
         self.board.set_state(WorkerState.IDLE)
         self.tasks_run += 1
         self.record_metrics(task, outcome)
@@ -374,7 +374,7 @@ class Worker:
                 self.recycle(f"RSS {rss_mb:.0f} MB (--max-memory-per-worker {limit_mb})")
 
     def check_output(self) -> None:
-        """After each task: a task that closed or replaced stdout or stderr has silenced
+        """Between batches: a task that closed or replaced stdout or stderr has silenced
         every later log line of this worker. It leaves to be replaced by one with the
         supervisor's output (the supervisor says why: this worker's own line would be lost)."""
         problem = self.outputs.problem()

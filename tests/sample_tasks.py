@@ -183,8 +183,14 @@ def close_output(how: str) -> None:
     if how == "descriptors":
         os.close(1)
         os.close(2)
-    else:
+    elif how == "stream":
         sys.stderr.close()
+    else:  # a path: its file opened under stderr's number, and kept open, as a careless task would
+        os.close(2)
+        _kept.append(os.open(how, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
+_kept: list = []
 
 
 @register_task_handler(task_name="sample.busy_loop", timeout=timedelta(seconds=1), max_attempts=1)

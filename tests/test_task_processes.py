@@ -161,6 +161,20 @@ def test_a_worker_whose_task_closed_its_output_is_replaced_and_logs_again(db, st
     assert processor.stop() == 0
 
 
+def test_a_file_a_task_opened_under_stderrs_number_gets_none_of_the_workers_lines(db, start_processor, tmp_path):
+    # A task closes fd 2 and opens a file, which gets number 2: the worker's next lines
+    # (this task's outcome, the next task's) would have been written into that file.
+    processor = start_processor("--numthreads", "1", "--queuepopsize", "2")
+    victim = tmp_path / "the-tasks-own-file"
+    first = sample_tasks.close_output.delay(args=(str(victim),))
+    second = sample_tasks.fail.delay(args=("logged after it",))  # claimed in the same batch
+    wait_until(lambda: procqueue.get_task_runs(second), timeout=15, message="the batch's second task ran")
+    processor.wait_for_log("event=worker.output_lost")
+    assert victim.read_bytes() == b""
+    assert procqueue.get_task(first).state is TaskState.SUCCEEDED
+    assert processor.stop() == 0
+
+
 @pytest.mark.parametrize("code", [0, 4, 5])
 def test_a_task_ending_its_worker_with_a_workers_own_exit_code_is_a_crash(db, start_processor, pid_dir, code):
     # Before: os._exit(4) in a task read as the worker recycling itself (os._exit(5) as
