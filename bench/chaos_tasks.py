@@ -25,7 +25,7 @@ from datetime import timedelta
 
 import psycopg2
 
-from procqueue import client, current_task, register_recurring_task, register_task_handler
+from procqueue import DatabaseError, client, current_task, register_recurring_task, register_task_handler
 
 LOG_TABLE = "public.chaos_executions"
 LOG_RETRY_SECONDS = 30.0
@@ -53,7 +53,7 @@ def log(event: str) -> None:
                 cur.execute(f"INSERT INTO {LOG_TABLE} (task_id, attempt, event, pid) VALUES (%s, %s, %s, %s)",
                             (task.id, task.attempts, event, os.getpid()))
             return
-        except psycopg2.Error:  # the connection broke (psycopg2 says so in several ways)
+        except (psycopg2.Error, DatabaseError):  # it broke (psycopg2 says so in several ways), or cannot be opened
             client.close_connection()
             if time.monotonic() >= deadline:
                 raise
