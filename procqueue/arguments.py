@@ -111,18 +111,17 @@ class _Refused(Exception):
 def _require_plain(value: Any, depth: int, enclosing: set) -> None:
     """`enclosing`: the ids of the containers `value` is inside, to tell a cycle (which
     JSON cannot hold) from mere depth."""
-    kind = type(value)
-    if kind is str:
+    if isinstance(value, str):  # a str Enum too: JSON writes the string itself
         problem = string_problem(value)
         if problem:
             raise _Refused(f"= {short_repr(value)} contains {problem}")
-    elif value is None or kind is bool:
+    elif value is None or value is True or value is False:
         return
-    elif kind is int or isinstance(value, int):  # an IntEnum too
+    elif isinstance(value, int):  # an IntEnum too
         limit = sys.get_int_max_str_digits()
         if limit and value.bit_length() > _SAFE_BITS_PER_DIGIT_LIMIT * limit:
             _require_convertible(value)
-    elif kind is float or isinstance(value, float):
+    elif isinstance(value, float):
         if not math.isfinite(value):
             raise _Refused(f"= {value!r} cannot be stored as JSON (not a finite number)")
     elif isinstance(value, (list, tuple, dict)):
@@ -142,10 +141,6 @@ def _require_plain(value: Any, depth: int, enclosing: set) -> None:
                     refused.path.append(f"[{key!r}]")
                 raise
         enclosing.discard(id(value))
-    elif isinstance(value, str):  # a subclass (a str Enum): JSON writes the string itself
-        problem = string_problem(value)
-        if problem:
-            raise _Refused(f"= {short_repr(value)} contains {problem}")
     else:
         raise _Refused(f"= {short_repr(value)} cannot be stored as JSON "
                        f"(Object of type {type(value).__name__} is not JSON serializable)")
