@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
+
 import procqueue
 from procqueue import maintenance
 from procqueue.config import RetentionConfig
 from procqueue.registry import recurring_schedules
+
+
+@pytest.fixture
+def retention():
+    """Sets the retention the clean-up task uses, as a processor's supervisor does;
+    puts back what was there after the test."""
+    before = procqueue.client.settings().retention
+    yield lambda **settings: procqueue.configure(retention=RetentionConfig(**settings))
+    procqueue.configure(retention=before)
 
 
 def test_cleanup_is_a_registered_recurring_task():
@@ -13,7 +24,7 @@ def test_cleanup_is_a_registered_recurring_task():
     assert maintenance.CLEANUP_TASK_NAME in names
 
 
-def test_cleanup_deletes_old_finished_tasks_and_runs_only(db):
+def test_cleanup_deletes_old_finished_tasks_and_runs_only(db, retention):
     with db.cursor() as cur:
         cur.execute("""
             INSERT INTO procqueue.tasks (task_name, state, finished_at) VALUES
@@ -27,12 +38,8 @@ def test_cleanup_deletes_old_finished_tasks_and_runs_only(db):
               (1, 'old.ok', 1, now() - interval '20 days', 'succeeded'),
               (4, 'recent.ok', 1, now() - interval '1 day', 'succeeded');
         """)
-    before = procqueue.client.settings().retention
-    procqueue.configure(retention=RetentionConfig(task_days=15, run_days=15, batch_size=1))  # batches of one row
-    try:
-        maintenance.clean_up_old_tasks()
-    finally:
-        procqueue.configure(retention=before)
+    retention(task_days=15, run_days=15, batch_size=1)  # batches of one row
+    maintenance.clean_up_old_tasks()
     with db.cursor() as cur:
         cur.execute("SELECT task_name FROM procqueue.tasks ORDER BY id")
         assert [r[0] for r in cur.fetchall()] == ["recent.ok", "old.still.queued"]
@@ -48,19 +55,15 @@ def test_retention_comes_from_flagsmith_environment_variables():
     assert config.retention == RetentionConfig(task_days=3, run_days=7, batch_size=500)
 
 
-def test_a_processors_retention_is_what_its_clean_up_uses(db, monkeypatch):
+def test_a_processors_retention_is_what_its_clean_up_uses(db, retention, monkeypatch):
     # The supervisor hands its config's retention over before forking the workers that
     # run the clean-up; the environment it was built from is not read again there.
     with db.cursor() as cur:
         cur.execute("INSERT INTO procqueue.tasks (task_name, state, finished_at) VALUES "
                     "('five.days.old', 'succeeded', now() - interval '5 days')")
     monkeypatch.setenv("TASK_DELETE_RETENTION_DAYS", "30")  # would keep it
-    before = procqueue.client.settings().retention
-    procqueue.configure(retention=RetentionConfig(task_days=3, run_days=3, batch_size=100))
-    try:
-        maintenance.clean_up_old_tasks()
-    finally:
-        procqueue.configure(retention=before)
+    retention(task_days=3, run_days=3, batch_size=100)
+    maintenance.clean_up_old_tasks()
     with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM procqueue.tasks")
         assert cur.fetchone()[0] == 0
