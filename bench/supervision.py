@@ -22,10 +22,13 @@ import procqueue
 from procqueue.config import DEFAULT_RESCUE_AFTER_SECONDS
 from procqueue.supervisor import KILL_GRACE_SECONDS, LOOP_TICK_SECONDS
 
-try:  # where the rule for "stuck" lives (procqueue.heartbeat in older trees)
-    from procqueue.health import HARD_TIMEOUT_MARGIN_SECONDS
+try:  # where the rule for "stuck" lives (procqueue.health, then heartbeat, in older trees)
+    from procqueue.worker_fate import HARD_TIMEOUT_MARGIN_SECONDS
 except ImportError:
-    from procqueue.heartbeat import HARD_TIMEOUT_MARGIN_SECONDS
+    try:
+        from procqueue.health import HARD_TIMEOUT_MARGIN_SECONDS
+    except ImportError:
+        from procqueue.heartbeat import HARD_TIMEOUT_MARGIN_SECONDS
 
 COMMON_ARGS = ["--log-level", "info", "--import", "bench_tasks",
                # A task that is to be killed may still hold a worker when we stop the
@@ -267,7 +270,7 @@ def measure_rescue(url: str, conn, marks: Marks, rescue_after: float, repeats: i
     any of them could be rescued: at every rescue the live processor is the only one alive.
 
     A processor rescues only once it has been in touch with the database for a whole
-    --rescue-after (procqueue.chores.may_judge_peers). Every dying processor is started,
+    --rescue-after (procqueue.supervisor_database.may_judge_peers). Every dying processor is started,
     and so beats, after the live one started, so its silence reaches --rescue-after after
     that wait is over: the wait never shows in the figure.
     """

@@ -2,11 +2,10 @@
 
 One verdict, three doors: `procqueue-health` (health_probe, a Kubernetes liveness probe run
 every few seconds), `procqueue health`, and the supervisor's `/healthz`. A probe must
-answer fast, so this module imports only the standard library and
-`procqueue.private_files` (stdlib-only); never psycopg2, click or prometheus-client.
-
-The rule for "stuck" lives here too, and the supervisor judges its workers with the same
-function, so the probe and the supervisor can never disagree about a worker.
+answer fast, so this module imports only the standard library, `procqueue.private_files`
+and the stuck rule from `procqueue.worker_fate` (which the supervisor judges its workers
+with, so the probe and the supervisor never disagree about a worker); never psycopg2,
+click or prometheus-client.
 """
 
 from __future__ import annotations
@@ -20,11 +19,9 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from .private_files import UnsafePathError, read_owned_file
+from .worker_fate import FAILED_STARTS_LIMIT, stuck_reason
 
 STATUS_VERSION = 1
-# The worker's own timeout fires at the task's deadline; only if it could not act on it
-# (frozen in C code, signal blocked) is it stuck, this much later.
-HARD_TIMEOUT_MARGIN_SECONDS = 1.0
 # The supervisor rewrites the status file every second, but its loop may wait up to about
 # 15 s on a database that stopped answering (TCP user timeout): a liveness probe must not
 # restart a pod for that, since a restart would not bring the database back.
@@ -34,11 +31,6 @@ DEFAULT_MAX_AGE_SECONDS = 30.0
 # database up, the slot is being neglected. (With the database down a slot stays empty
 # until what its last worker held has been released: nothing a restart would fix.)
 VACANT_SLOT_LIMIT_SECONDS = 60.0
-# A slot whose workers died this many times in a row before reaching their loop (with
-# restart backoff in between) while the database is up will not heal by itself: a broken
-# task module, a fork that deadlocks. A restart of the pod is the remedy, or at least
-# shows up as CrashLoopBackOff. (With the database down, a restart would not help.)
-FAILED_STARTS_LIMIT = 5
 DEFAULT_MIN_HEALTHY_WORKERS = 1
 
 EXIT_HEALTHY = 0
@@ -59,20 +51,6 @@ class Verdict:
     workers_healthy: int = 0
     workers_replacing: int = 0  # empty slots the supervisor is about to refill
     workers: int = 0
-
-
-def stuck_reason(
-    *, busy: bool, silent_seconds: float, overdue_seconds: float, task_id: Optional[int], grace_seconds: float
-) -> Optional[str]:
-    """Why a worker counts as stuck, or None. A busy worker does not beat while its task
-    runs, so it is judged by the task's deadline; any other by its heartbeat."""
-    if busy:
-        if overdue_seconds > HARD_TIMEOUT_MARGIN_SECONDS:
-            return f"task {task_id} ran {overdue_seconds:.1f}s past its timeout"
-        return None
-    if silent_seconds > grace_seconds:
-        return f"no heartbeat for {silent_seconds:.1f}s (grace period {grace_seconds:g}s)"
-    return None
 
 
 def load_status(path: Path, owner: Optional[int] = None) -> dict:

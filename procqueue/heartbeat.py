@@ -1,8 +1,10 @@
 """The shared-memory board where workers publish liveness and the supervisor reads it.
 
-One `WorkerSlot` per worker, allocated by the supervisor before it forks. Each slot has
-exactly one writer (its worker), and the supervisor only reads, so no lock is needed:
-every field is a naturally aligned 8-byte value, written and read whole. Fields that are
+One `WorkerSlot` per worker, allocated by the supervisor before it forks. While a worker
+is in a slot, that worker is its only writer and the supervisor only reads; the
+supervisor writes a slot only while no worker is in it (just before the fork, and after
+reaping), so no lock is needed: every field is a naturally aligned 8-byte value, written
+and read whole. Fields that are
 judged together are written in an order that keeps every intermediate state healthy:
 the heartbeat first, the state last when a task starts, first when it ends.
 
@@ -14,13 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import enum
-import multiprocessing
 import time
 from dataclasses import dataclass, replace
-from typing import Optional, Tuple
-
-from . import health
-from .records import RunOutcome
+from typing import Callable
 
 
 class WorkerState(enum.IntEnum):
@@ -52,49 +50,61 @@ class WorkerSlot(ctypes.Structure):
 
 def allocate_slots(count: int):
     """A zeroed shared array of `count` slots (call before forking)."""
-    return multiprocessing.RawArray(WorkerSlot, count)
+    from multiprocessing.sharedctypes import RawArray  # here: the health probe imports this module
+
+    return RawArray(WorkerSlot, count)
+
+
+def await_worker(slot: WorkerSlot, now: float) -> None:
+    """The supervisor, about to fork a worker into the empty slot: its start-up is timed
+    from now (the stuck rule judges a starting worker by its heartbeat)."""
+    slot.heartbeat = now
+
+
+def clear(slot: WorkerSlot) -> None:
+    """The supervisor, after reaping the slot's worker: nothing runs in it."""
+    slot.pid, slot.state, slot.task_id, slot.task_deadline = 0, int(WorkerState.EMPTY), 0, 0.0
 
 
 class SlotWriter:
-    """A worker's handle on its own slot."""
+    """A worker's handle on its own slot. Built before the fork; writes only once the
+    worker process has claimed the slot (claim)."""
 
-    def __init__(self, slot: Optional[WorkerSlot], pid: int) -> None:
+    def __init__(self, slot: WorkerSlot, clock: Callable[[], float] = time.monotonic) -> None:
         self.slot = slot
-        if slot is not None:
-            slot.pid = pid
-            slot.task_id = 0
-            slot.task_deadline = 0.0
-            self.set_state(WorkerState.STARTING)
+        self.clock = clock
+
+    def claim(self, pid: int) -> None:
+        self.slot.pid = pid
+        self.slot.task_id = 0
+        self.slot.task_deadline = 0.0
+        self.set_state(WorkerState.STARTING)
 
     def beat(self) -> None:
-        if self.slot is not None:
-            self.slot.heartbeat = time.monotonic()
+        self.slot.heartbeat = self.clock()
 
     def set_state(self, state: WorkerState) -> None:
-        if self.slot is not None:
-            self.slot.heartbeat = time.monotonic()
-            self.slot.state = int(state)
+        self.slot.heartbeat = self.clock()
+        self.slot.state = int(state)
 
     def task_started(self, task_id: int, timeout_seconds: float, task_name: str = "") -> None:
-        if self.slot is not None:
-            now = time.monotonic()
-            self.slot.task_name = task_name.encode("utf-8", "replace")[: TASK_NAME_BYTES - 1]
-            self.slot.heartbeat = now
-            self.slot.task_started = now
-            self.slot.task_deadline = now + timeout_seconds
-            self.slot.task_id = task_id
-            self.slot.state = int(WorkerState.BUSY)
+        now = self.clock()
+        self.slot.task_name = task_name.encode("utf-8", "replace")[: TASK_NAME_BYTES - 1]
+        self.slot.heartbeat = now
+        self.slot.task_started = now
+        self.slot.task_deadline = now + timeout_seconds
+        self.slot.task_id = task_id
+        self.slot.state = int(WorkerState.BUSY)
 
     def task_finished(self, failed: bool) -> None:
-        if self.slot is not None:
-            self.slot.heartbeat = time.monotonic()
-            self.slot.state = int(WorkerState.IDLE)
-            self.slot.task_deadline = 0.0
-            self.slot.task_started = 0.0
-            self.slot.task_id = 0
-            self.slot.tasks_done += 1
-            if failed:
-                self.slot.tasks_failed += 1
+        self.slot.heartbeat = self.clock()
+        self.slot.state = int(WorkerState.IDLE)
+        self.slot.task_deadline = 0.0
+        self.slot.task_started = 0.0
+        self.slot.task_id = 0
+        self.slot.tasks_done += 1
+        if failed:
+            self.slot.tasks_failed += 1
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,7 @@ class SlotView:
     task_started: float
     task_deadline: float
     task_name: str
+    tasks_done: int = 0  # by the slot's workers since the processor started
     whole: bool = True  # False: it changed under every reading (see read_slot)
 
 
@@ -119,12 +130,11 @@ READ_ATTEMPTS = 20
 def read_slot(slot: WorkerSlot) -> SlotView:
     """The slot's fields as one view: the task fields all of one task (its id read before
     and after them), and no busy state without them (a task ending between the reads).
-    Decisions must come from one view: read field by field, a deadline read as set and
-    then as the 0.0 of a task that just ended made a worker look its whole uptime overdue."""
+    Decisions must come from one view (worker_fate.judge_view says why)."""
     for _ in range(READ_ATTEMPTS):
         task_id = slot.task_id
         view = SlotView(slot.pid, slot.state, slot.heartbeat, task_id, slot.task_started, slot.task_deadline,
-                        slot.task_name.decode("utf-8", "replace"))
+                        slot.task_name.decode("utf-8", "replace"), slot.tasks_done)
         whole_task = view.state != WorkerState.BUSY or (task_id and view.task_started and view.task_deadline)
         if whole_task and slot.task_id == task_id:
             return view
@@ -132,20 +142,3 @@ def read_slot(slot: WorkerSlot) -> SlotView:
     # tasks: nothing in it is judged or shown as a task.
     return replace(view, whole=False)
 
-
-def stuck_reason(view: SlotView, now: float, grace_seconds: float) -> Optional[Tuple[RunOutcome, str]]:
-    """Why the worker seen in `view` counts as stuck, and what its task's run is then
-    recorded as; None when it is fine. The rule is health.stuck_reason, shared with the probe."""
-    if view.pid == 0 or view.state == WorkerState.EMPTY or not view.whole:
-        return None
-    busy = view.state == WorkerState.BUSY
-    reason = health.stuck_reason(
-        busy=busy,
-        silent_seconds=now - view.heartbeat if view.heartbeat else 0.0,
-        overdue_seconds=now - view.task_deadline if busy and view.task_deadline else 0.0,
-        task_id=view.task_id,
-        grace_seconds=grace_seconds,
-    )
-    if reason is None:
-        return None
-    return (RunOutcome.TIMED_OUT if busy else RunOutcome.LOST), f"{reason}; worker killed"

@@ -29,10 +29,10 @@ STATUS_INTERVAL_SECONDS = 1.0
 
 
 class Monitor:
-    def __init__(self, config: ProcessorConfig, *, processor_id: str, slots,
+    def __init__(self, config: ProcessorConfig, *, processor_id: str, board,
                  metrics_store: Optional[MultiprocessMetrics]) -> None:
         self.config = config
-        self.slots = slots
+        self.board = board  # the shared-memory slots the workers write
         self.report = StatusReport(config, processor_id=processor_id, started_at=time.time())
         self.file = StatusFile(config.status_file)
         self.metrics_store = metrics_store
@@ -66,7 +66,7 @@ class Monitor:
         return self.server.url if self.server is not None else None
 
     def publish(self, facts: SupervisorFacts, *, monotonic_now: float) -> None:
-        self.latest = self.report.document(self.slots, facts, now=time.time(), monotonic_now=monotonic_now)
+        self.latest = self.report.document(self.board, facts, now=time.time(), monotonic_now=monotonic_now)
         try:
             self.file.write(self.latest)
         except (OSError, UnsafePathError) as exc:  # a directory remade by someone else: not written there

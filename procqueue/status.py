@@ -21,9 +21,10 @@ from typing import Dict, List, Mapping, Optional
 from .config import ProcessorConfig
 from .errors import ConfigError
 from .health import DEFAULT_MAX_AGE_SECONDS, STATUS_VERSION, StatusError, load_status, supervisor_alive
-from .heartbeat import WorkerSlot, WorkerState, read_slot, stuck_reason
+from .heartbeat import WorkerSlot, WorkerState, read_slot
 from .private_files import UnsafePathError, open_private_directory, write_file
 from .records import QueueStats
+from .worker_fate import judge_view
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def worker_entry(index: int, slot: WorkerSlot, facts: SupervisorFacts, *, now: f
         task = {"id": view.task_id, "name": view.task_name or "-",
                 "running_seconds": round(max(now - view.task_started, 0.0), 3),
                 "timeout_seconds": round(view.task_deadline - view.task_started, 3)}
-    verdict = stuck_reason(view, now, grace)
+    verdict = judge_view(view, now, grace)
     vacant_since = facts.vacant_since_by_slot.get(index)
     return {
         "slot": index,

@@ -18,17 +18,15 @@ import time
 import traceback
 import uuid
 from collections import deque
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Deque, Dict, Optional
+from typing import Callable, Deque, Dict, List, Optional
 
 from . import client, registry
-from .chores import DatabaseChores, Release
+from .supervisor_database import Release, SupervisorDatabase
 from .config import ProcessorConfig
 from .db import bound_every_wait
 from .errors import DatabaseUnavailable
-from .health import FAILED_STARTS_LIMIT
-from .heartbeat import SlotView, WorkerState, allocate_slots, read_slot, stuck_reason
+from .heartbeat import SlotView, allocate_slots, await_worker, clear, read_slot
 from .lifeline import Lifeline
 from .process_tree import KILL_GRACE_SECONDS, begin_kill, finish_kill, kill_group, kill_now
 from .logs import log_event
@@ -36,14 +34,15 @@ from .metrics import MultiprocessMetrics, TaskMetrics, initialise_series
 from .monitor import STATUS_INTERVAL_SECONDS, Monitor
 from .selfpipe import SelfPipe
 from .starting import STOP_SIGNALS
-from .records import RunOutcome
 from .status import SupervisorFacts
 from .worker import Worker
-from .worker_process import WORKER_BOOT_ERROR, WORKER_OUTPUT_LOST, WORKER_RECYCLED, run_worker_process
+from .worker_fate import (Departure, Exit, ExitVerdict, Slot, Watch, WatchVerdict, filled, got_going,
+                          has_reached_loop, judge_exit, kill_begun, left_on_purpose, may_refill, sigkill_sent,
+                          slots_for, spared, vacated, watch, workers_cannot_start)
+from .worker_process import run_worker_process
 
 logger = logging.getLogger("procqueue.supervisor")
 
-RESPAWN_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8, 16, 30)
 # Between tries of a database that cannot be reached at start (each failure logged once).
 DATABASE_RETRY_SECONDS = (1, 2, 4, 8, 15)
 # No statement of the supervisor may keep its loop waiting longer than this: reaping,
@@ -53,21 +52,6 @@ LOOP_TICK_SECONDS = 0.25
 
 _STOP_SIGNALS = STOP_SIGNALS
 _HANDLED_SIGNALS = _STOP_SIGNALS + (signal.SIGCHLD,)
-
-
-@dataclass
-class WorkerProcess:
-    pid: int
-    index: int
-    started_at: float  # monotonic
-    kill_reason: Optional[str] = None  # set when the supervisor killed it on purpose
-    kill_outcome: RunOutcome = RunOutcome.LOST
-    kill_at: float = 0.0  # when SIGTERM gives way to SIGKILL
-    kill_task_id: int = 0  # the task it was judged on (0: judged idle)
-    kill_heartbeat: float = 0.0  # its slot's heartbeat then: a later one is progress
-    tree: Optional[list] = None  # the processes being killed, until SIGKILL is sent
-    reached_loop: bool = False  # it got as far as its loop: a later death is no boot failure
-    done_at_spawn: int = 0  # the slot's tasks_done counter (kept across tenants) at fork
 
 
 class Supervisor:
@@ -80,22 +64,17 @@ class Supervisor:
         self.on_stop = on_stop  # called once, from the loop, when stopping begins
         self.clock = clock
         self.processor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.slots = allocate_slots(config.num_workers)
-        self.workers: Dict[int, WorkerProcess] = {}
-        self.respawn_at: Dict[int, float] = {}
-        self.quick_deaths: Dict[int, int] = {}
-        self.failed_starts: Dict[int, int] = {}  # slot -> consecutive deaths before reaching the loop
-        self.vacant_since: Dict[int, float] = {}  # slot -> when its worker exited, until refilled
+        self.board = allocate_slots(config.num_workers)  # shared memory: what the workers publish
+        self.slots: List[Slot] = slots_for(config.num_workers)  # what the supervisor knows of each
         self.any_worker_ran = False
         self.signals: Deque[int] = deque()
         self.stopping = False
         self.stop_deadline: Optional[float] = None
         self.exit_code = 0
         self.restarts: Dict[str, int] = {"stuck": 0, "crashed": 0, "recycled": 0}
-        self.restarts_by_slot: Dict[int, int] = {}
         self.next_status = 0.0
-        self.chores = DatabaseChores(config, processor_id=self.processor_id, clock=clock, task_metrics=TaskMetrics())
-        self.monitor = Monitor(config, processor_id=self.processor_id, slots=self.slots, metrics_store=metrics_store)
+        self.database = SupervisorDatabase(config, processor_id=self.processor_id, clock=clock, task_metrics=TaskMetrics())
+        self.monitor = Monitor(config, processor_id=self.processor_id, board=self.board, metrics_store=metrics_store)
         self.warned_threads = False
         self.wakeup = SelfPipe()
         self.previous_handlers: Dict[int, object] = {}  # what run() replaced, given back at the end
@@ -118,7 +97,7 @@ class Supervisor:
             return 0
         self.announce_start()
         try:
-            while not (self.stopping and not self.workers):
+            while not (self.stopping and not self.running()):
                 self.step()
                 self.sleep()
         finally:
@@ -151,7 +130,7 @@ class Supervisor:
             if self.stopping:
                 return False
             try:
-                self.chores.start()
+                self.database.start()
                 return True
             except DatabaseUnavailable as exc:
                 remaining = give_up_at - self.clock()
@@ -200,7 +179,7 @@ class Supervisor:
         self.note_running_workers()
         self.reap_workers()
         self.murder_stuck_workers()
-        self.chores.run(stopping=self.stopping)
+        self.database.run(stopping=self.stopping)
         if self.stopping:
             self.enforce_stop_deadline()
         else:
@@ -218,7 +197,7 @@ class Supervisor:
     def finish(self) -> None:
         self.kill_all_workers()
         self.reap_workers(block=True)
-        self.chores.finish()
+        self.database.finish()
         self.publish_status(state="stopped")
         self.close()
         log_event(logger, logging.INFO, "processor.stopped", processor=self.processor_id, exit_code=self.exit_code)
@@ -229,8 +208,8 @@ class Supervisor:
         if self.monitor.owns_status_file:
             with contextlib.suppress(Exception):
                 self.publish_status(state="stopped")
-        if self.chores.up:
-            self.chores.finish()
+        if self.database.up:
+            self.database.finish()
         self.close()
 
     def close(self) -> None:
@@ -238,7 +217,7 @@ class Supervisor:
         its signal handlers first, for only ours write to the wakeup pipe."""
         self.restore_signal_handlers()
         self.wakeup.close()
-        self.chores.close()
+        self.database.close()
         self.monitor.close()
         if self.lifeline is not None:
             self.lifeline.close()
@@ -253,16 +232,17 @@ class Supervisor:
     def facts(self, state: Optional[str] = None) -> SupervisorFacts:
         return SupervisorFacts(
             state=state or ("stopping" if self.stopping else "running"),
-            database_up=self.chores.up,
-            queue_stats=self.chores.queue_stats,
+            database_up=self.database.up,
+            queue_stats=self.database.queue_stats,
             restarts=dict(self.restarts),
-            restarts_by_slot=dict(self.restarts_by_slot),
-            rss_by_slot={w.index: self.monitor.rss.read(w.pid) for w in self.workers.values()},
-            pids_by_slot={w.index: w.pid for w in self.workers.values()},
-            vacant_since_by_slot=dict(self.vacant_since),
-            failed_starts_by_slot=dict(self.failed_starts),
-            tasks_lost=self.chores.tasks_lost,
-            tasks_rescued=self.chores.tasks_rescued,
+            restarts_by_slot={slot.index: slot.restarts for slot in self.slots if slot.restarts},
+            rss_by_slot={slot.index: self.monitor.rss.read(slot.pid) for slot in self.running()},
+            pids_by_slot={slot.index: slot.pid for slot in self.running()},
+            vacant_since_by_slot={slot.index: slot.vacant_since for slot in self.slots
+                                  if slot.vacant_since is not None},
+            failed_starts_by_slot={slot.index: slot.failed_starts for slot in self.slots if slot.failed_starts},
+            tasks_lost=self.database.tasks_lost,
+            tasks_rescued=self.database.tasks_rescued,
             metrics_address=None if state == "stopped" else self.monitor.url,  # not served any more
         )
 
@@ -300,37 +280,37 @@ class Supervisor:
         self.stopping = True
         self.stop_deadline = self.clock() + self.config.shutdown_timeout_seconds
         log_event(logger, logging.INFO, "processor.stopping", reason=reason,
-                  workers=len(self.workers), timeout_s=self.config.shutdown_timeout_seconds)
+                  workers=len(self.running()), timeout_s=self.config.shutdown_timeout_seconds)
         if self.on_stop is not None:
             try:
                 self.on_stop()
             except Exception as exc:  # the embedder's bug must not stop the drain
                 log_event(logger, logging.ERROR, "processor.on_stop_failed", error=repr(exc))
-        for worker in self.workers.values():
-            _signal_quietly(worker.pid, signal.SIGTERM)
+        for slot in self.running():
+            _signal_quietly(slot.pid, signal.SIGTERM)
 
     def enforce_stop_deadline(self) -> None:
-        if self.stop_deadline is not None and self.clock() >= self.stop_deadline and self.workers:
-            log_event(logger, logging.WARNING, "processor.stop_timeout", workers=len(self.workers))
+        if self.stop_deadline is not None and self.clock() >= self.stop_deadline and self.running():
+            log_event(logger, logging.WARNING, "processor.stop_timeout", workers=len(self.running()))
             self.kill_all_workers()
 
     # -- workers -----------------------------------------------------------------------
+    # Every rule about a worker's life is a decision in worker_fate; these carry them out.
+
+    def running(self) -> List[Slot]:
+        return [slot for slot in self.slots if slot.occupied]
 
     def spawn_missing_workers(self) -> None:
         now = self.clock()
-        for index in range(self.config.num_workers):
-            # Never refill a slot whose last tenant's tasks are not released yet: the new
-            # worker's leases would look the same, and the late release would take them.
-            if self.chores.holds_for(index):
-                continue
-            if index not in self.workers and now >= self.respawn_at.get(index, 0.0):
-                self.spawn_worker(index)
+        for slot in self.slots:
+            if may_refill(slot, now, holding_release=self.database.holds_for(slot.index)):
+                self.spawn_worker(slot)
 
-    def spawn_worker(self, index: int) -> None:
+    def spawn_worker(self, slot: Slot) -> None:
         # The worker object is built before the fork and does nothing until after it.
-        worker = Worker(self.config, processor_id=self.processor_id, index=index, slot=self.slots[index])
-        self.slots[index].heartbeat = self.clock()  # its start-up is timed from now
-        self.vacant_since.pop(index, None)
+        entry = self.board[slot.index]
+        worker = Worker(self.config, processor_id=self.processor_id, index=slot.index, slot=entry)
+        await_worker(entry, self.clock())
         self.warn_if_threads_running()
         # Signals stay blocked across the fork until the child has its own handlers: a
         # SIGTERM landing in between would otherwise run the supervisor's handler there.
@@ -344,9 +324,8 @@ class Supervisor:
             os.setpgid(pid, pid)  # also here, so a kill right after fork finds the group
         except OSError:
             pass
-        self.workers[index] = WorkerProcess(pid=pid, index=index, started_at=self.clock(),
-                                            done_at_spawn=self.slots[index].tasks_done)
-        log_event(logger, logging.DEBUG, "worker.spawned", worker=index, pid=pid)
+        filled(slot, pid, entry.tasks_done)
+        log_event(logger, logging.DEBUG, "worker.spawned", worker=slot.index, pid=pid)
 
     def warn_if_threads_running(self) -> None:
         """fork() copies only the calling thread: a lock another thread held (in logging,
@@ -378,45 +357,39 @@ class Supervisor:
     def reap_workers(self, block: bool = False) -> None:
         """Collect exited workers. Waits on our own workers' pids only, so a process the
         embedding program started itself is never reaped from under it."""
-        for worker in list(self.workers.values()):
-            if self.has_exited(worker, block):
-                self.reap(worker)
+        for slot in self.running():
+            exit = self.exit_of(slot, block)
+            if exit is not None:
+                self.reap(slot, exit)
         if os.getpid() == 1:
             self.reap_orphans()
 
-    def has_exited(self, worker: WorkerProcess, block: bool) -> bool:
-        """Whether the worker has exited, seen without reaping it; if it did not leave by
-        itself, the processes its task started (its process group) are killed first. Its
-        pid, and so its group's id, cannot be reused before it is reaped, so the kill
-        cannot reach a stranger."""
+    def exit_of(self, slot: Slot, block: bool) -> Optional[Exit]:
+        """How the slot's worker exited, seen without reaping it (None: it runs). If it did
+        not leave by itself, the processes its task started (its process group) are killed
+        first. Its pid, and so its group's id, cannot be reused before it is reaped, so the
+        kill cannot reach a stranger."""
         try:
-            info = os.waitid(os.P_PID, worker.pid, os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG))
+            info = os.waitid(os.P_PID, slot.pid, os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG))
         except ChildProcessError:
-            return True
+            return Exit(code=0)
         if info is None:
-            return False
-        if not self.left_on_purpose(worker, info.si_status if info.si_code == os.CLD_EXITED else None):
-            kill_group(worker.pid)
-        return True
+            return None
+        exit = Exit(code=info.si_status) if info.si_code == os.CLD_EXITED else Exit(signal=info.si_status)
+        if not left_on_purpose(exit, self.board[slot.index].state):
+            kill_group(slot.pid)
+        return exit
 
-    def left_on_purpose(self, worker: WorkerProcess, exit_code: Optional[int]) -> bool:
-        """The worker ran its shutdown and exited with one of its own codes. The code alone
-        does not tell: a task calling os._exit(4) leaves a busy slot, not a stopping one."""
-        return (exit_code in (0, WORKER_RECYCLED, WORKER_OUTPUT_LOST)
-                and self.slots[worker.index].state == WorkerState.STOPPING)
-
-    def reap(self, worker: WorkerProcess) -> None:
-        try:
-            _, status = os.waitpid(worker.pid, 0)
-        except ChildProcessError:
-            status = 0
-        self.on_worker_exit(worker, status)
+    def reap(self, slot: Slot, exit: Exit) -> None:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(slot.pid, 0)
+        self.on_worker_exit(slot, exit)
 
     def reap_orphans(self) -> None:
         """As PID 1 in a container we inherit every orphaned process (a task's grandchild
         whose parent died): reap them so they do not pile up as zombies. Each exited child
         is seen before it is reaped, so a worker among them still has its process group
-        killed first (has_exited)."""
+        killed first (exit_of)."""
         while True:
             try:
                 info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -424,154 +397,108 @@ class Supervisor:
                 return
             if info is None:
                 return
-            worker = next((w for w in self.workers.values() if w.pid == info.si_pid), None)
-            if worker is not None and self.has_exited(worker, block=False):
-                self.reap(worker)
+            slot = next((slot for slot in self.running() if slot.pid == info.si_pid), None)
+            exit = self.exit_of(slot, block=False) if slot is not None else None
+            if slot is not None and exit is not None:
+                self.reap(slot, exit)
                 continue
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(info.si_pid, 0)
 
-    def on_worker_exit(self, worker: WorkerProcess, status: int) -> None:
-        del self.workers[worker.index]
-        self.monitor.forget_worker(worker.pid)
+    def on_worker_exit(self, slot: Slot, exit: Exit) -> None:
+        """Put back what the worker held, record its exit, say why it went."""
+        pid, entry = slot.pid, self.board[slot.index]
+        view = read_slot(entry)
+        self.monitor.forget_worker(pid)
         self.next_status = 0.0  # show it at once, not up to a second later
-        slot = self.slots[worker.index]
-        if slot.state in (WorkerState.IDLE, WorkerState.BUSY) or slot.tasks_done > worker.done_at_spawn:
-            self.mark_reached_loop(worker)
-        view = read_slot(slot)
-        in_flight = view.task_id or None
-        cause = worker.kill_reason or describe_exit(worker.index, status)
-        outcome = worker.kill_outcome
-        left_on_purpose = self.left_on_purpose(worker, os.WEXITSTATUS(status) if os.WIFEXITED(status) else None)
-        if self.stopping and worker.kill_reason is None and not os.WIFEXITED(status):
-            cause = f"killed at shutdown: still running after --shutdown-timeout ({cause})"
-        expected = self.stopping and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        # A task killed only because the processor is shutting down did nothing wrong: it
-        # goes back without losing an attempt.
-        charge = not (self.stopping and worker.kill_reason is None)
-        if worker.kill_reason is not None and in_flight not in (None, worker.kill_task_id):
-            # Nor did one the worker started in the instant between the verdict and SIGKILL.
-            judged = f"on task {worker.kill_task_id}" if worker.kill_task_id else "while idle"
-            cause = f"worker {worker.index} killed as stuck {judged} as this one started"
-            outcome, charge = RunOutcome.LOST, False
-        started = wall_time_of(view.task_started, self.clock()) if in_flight else None
-        self.chores.release(Release(worker.index, in_flight, cause, outcome, charge, started))
-        self.chores.run(stopping=self.stopping)
-        slot.pid, slot.state, slot.task_id, slot.task_deadline = 0, int(WorkerState.EMPTY), 0, 0.0
-        self.vacant_since[worker.index] = self.clock()
-        if expected:
-            log_event(logger, logging.DEBUG, "worker.exited", worker=worker.index, pid=worker.pid)
-            return
-        self.restarts_by_slot[worker.index] = self.restarts_by_slot.get(worker.index, 0) + 1
-        if left_on_purpose and os.WEXITSTATUS(status) in (WORKER_RECYCLED, WORKER_OUTPUT_LOST):
-            self.restarts["recycled"] += 1
-            if os.WEXITSTATUS(status) == WORKER_OUTPUT_LOST:
-                log_event(logger, logging.WARNING, "worker.output_lost", worker=worker.index, pid=worker.pid,
-                          note="a task closed or replaced the worker's stdout or stderr; replaced so that "
-                               "its log lines are not lost")
-            else:
-                log_event(logger, logging.INFO, "worker.recycled", worker=worker.index, pid=worker.pid)
-            return  # refilled on this tick: no backoff, not a failed start
-        self.restarts["stuck" if worker.kill_reason else "crashed"] += 1
-        log_event(logger, logging.WARNING, "worker.died", worker=worker.index, pid=worker.pid,
-                  cause=cause, task_id=in_flight or "-")
-        self.plan_respawn(worker, status)
+        if has_reached_loop(slot, view):
+            self.note_got_going(slot)
+        verdict = judge_exit(slot, view, exit, stopping=self.stopping)
+        self.release(slot, view, verdict)
+        clear(entry)
+        vacated(slot, verdict, exit, self.clock())
+        self.report_exit(slot.index, pid, verdict)
+        if verdict.departure in (Departure.KILLED_STUCK, Departure.CRASHED):
+            self.give_up_if_workers_cannot_start(exit.describe(slot.index))
 
-    def plan_respawn(self, worker: WorkerProcess, status: int) -> None:
-        """Replace at once a worker that died after it got going (a task crashed it, or it
-        was killed for being stuck: its task's attempts bound that); back off, per slot,
-        from one that keeps dying before it gets going; give up when every slot keeps
-        failing that way and no worker has ever run. A worker that could not connect says
-        so (WORKER_BOOT_ERROR): that is the database's trouble, which a restart would not
-        cure, so it is retried with backoff for as long as it lasts."""
-        cannot_connect = os.WIFEXITED(status) and os.WEXITSTATUS(status) == WORKER_BOOT_ERROR
-        quick = cannot_connect or not worker.reached_loop
-        deaths = self.quick_deaths.get(worker.index, 0) + 1 if quick else 0
-        self.quick_deaths[worker.index] = deaths
-        if quick and not cannot_connect:
-            self.failed_starts[worker.index] = self.failed_starts.get(worker.index, 0) + 1
+    def release(self, slot: Slot, view: SlotView, verdict: ExitVerdict) -> None:
+        started = wall_time_of(view.task_started, self.clock()) if verdict.in_flight else None
+        self.database.release(Release(slot.index, verdict.in_flight, verdict.cause, verdict.outcome,
+                                      verdict.charge, started))
+        self.database.run(stopping=self.stopping)
+
+    def report_exit(self, index: int, pid: int, verdict: ExitVerdict) -> None:
+        departure = verdict.departure
+        if departure is Departure.STOPPED:
+            log_event(logger, logging.DEBUG, "worker.exited", worker=index, pid=pid)
+            return
+        self.restarts[_RESTART_REASONS[departure]] += 1
+        if departure is Departure.OUTPUT_LOST:
+            log_event(logger, logging.WARNING, "worker.output_lost", worker=index, pid=pid,
+                      note="a task closed or replaced the worker's stdout or stderr; replaced so that "
+                           "its log lines are not lost")
+        elif departure is Departure.RECYCLED:
+            log_event(logger, logging.INFO, "worker.recycled", worker=index, pid=pid)
         else:
-            self.failed_starts.pop(worker.index, None)
-        if self.workers_cannot_start():
-            log_event(logger, logging.ERROR, "processor.workers_cannot_start", failures=sum(self.failed_starts.values()),
-                      last_cause=describe_exit(worker.index, status))
+            log_event(logger, logging.WARNING, "worker.died", worker=index, pid=pid,
+                      cause=verdict.cause, task_id=verdict.in_flight or "-")
+
+    def give_up_if_workers_cannot_start(self, last_cause: str) -> None:
+        if workers_cannot_start(self.slots, any_worker_ran=self.any_worker_ran):
+            log_event(logger, logging.ERROR, "processor.workers_cannot_start",
+                      failures=sum(slot.failed_starts for slot in self.slots), last_cause=last_cause)
             self.exit_code = 1
             self.begin_stop("no worker could start")
-            return
-        delay = RESPAWN_BACKOFF_SECONDS[min(deaths, len(RESPAWN_BACKOFF_SECONDS)) - 1] if deaths else 0.0
-        self.respawn_at[worker.index] = self.clock() + delay
-
-    def workers_cannot_start(self) -> bool:
-        """Every slot failed to start FAILED_STARTS_LIMIT times in a row (with backoff in
-        between) and no worker has ever run: the task modules break forked workers. Once
-        one has run, the supervisor keeps trying, and the health verdict fails instead."""
-        return not self.any_worker_ran and all(
-            self.failed_starts.get(index, 0) >= FAILED_STARTS_LIMIT for index in range(self.config.num_workers))
 
     def note_running_workers(self) -> None:
         """Remember which workers got as far as running their loop."""
-        for worker in self.workers.values():
-            if not worker.reached_loop and self.slots[worker.index].state in (WorkerState.IDLE, WorkerState.BUSY):
-                self.mark_reached_loop(worker)
+        for slot in self.running():
+            if not slot.reached_loop and has_reached_loop(slot, read_slot(self.board[slot.index])):
+                self.note_got_going(slot)
 
-    def mark_reached_loop(self, worker: WorkerProcess) -> None:
-        """A worker got going: it is no boot failure, and its slot's run of failed starts is over."""
-        worker.reached_loop = self.any_worker_ran = True
-        self.failed_starts.pop(worker.index, None)
+    def note_got_going(self, slot: Slot) -> None:
+        got_going(slot)
+        self.any_worker_ran = True
 
     def murder_stuck_workers(self) -> None:
         """Stop workers whose shared-memory slot shows them stuck, in two steps (stack dump
         and SIGTERM to the tree, then SIGKILL); reaping then records and replaces them."""
-        now = self.clock()
-        grace = self.config.grace_period_ms / 1000
-        for worker in self.workers.values():
-            view = read_slot(self.slots[worker.index])
-            if worker.kill_reason is not None:
-                if worker.tree is not None and now >= worker.kill_at:
-                    if view.heartbeat != worker.kill_heartbeat:
-                        self.spare(worker, view.task_id)
-                        continue
-                    finish_kill(worker.pid, worker.tree)
-                    worker.tree = None
-                continue
-            verdict = stuck_reason(view, now, grace)
-            if verdict is not None:
-                self.begin_murder(worker, view, *verdict)
+        now, grace = self.clock(), self.config.grace_period_ms / 1000
+        for slot in self.running():
+            view = read_slot(self.board[slot.index])
+            verdict = watch(slot, view, now, grace)
+            if verdict.action is Watch.BEGIN_KILL:
+                self.begin_murder(slot, view, verdict)
+            elif verdict.action is Watch.SPARE:
+                self.spare(slot, view)
+            elif verdict.action is Watch.FINISH_KILL:
+                self.finish_murder(slot)
 
-    def begin_murder(self, worker: WorkerProcess, view: SlotView, outcome: RunOutcome, reason: str) -> None:
-        worker.kill_outcome, worker.kill_reason, worker.kill_task_id = outcome, reason, view.task_id
-        worker.kill_heartbeat = view.heartbeat
-        log_event(logger, logging.ERROR, "worker.stuck", worker=worker.index, pid=worker.pid,
-                  task_id=view.task_id or "-", task=view.task_name or "-", reason=reason)
-        worker.tree = begin_kill(worker.pid)
-        worker.kill_at = self.clock() + KILL_GRACE_SECONDS
+    def begin_murder(self, slot: Slot, view: SlotView, verdict: WatchVerdict) -> None:
+        log_event(logger, logging.ERROR, "worker.stuck", worker=slot.index, pid=slot.pid,
+                  task_id=view.task_id or "-", task=view.task_name or "-", reason=verdict.reason)
+        kill_begun(slot, verdict, view, sigkill_at=self.clock() + KILL_GRACE_SECONDS, tree=begin_kill(slot.pid))
 
-    def spare(self, worker: WorkerProcess, now_running: int) -> None:
-        """The worker beat again before SIGKILL was due: its overdue task ended (the stack
-        dump's signal can cut a C call short), or the statement it was silent in returned.
-        It is not stuck any more; killed now, it would take a task that did nothing wrong
-        with it. (A busy worker's heartbeat moves only when its task ends.)"""
-        log_event(logger, logging.WARNING, "worker.recovered", worker=worker.index, pid=worker.pid,
-                  task_id=worker.kill_task_id, now_running=now_running or "-")
-        worker.kill_reason, worker.kill_outcome, worker.kill_task_id = None, RunOutcome.LOST, 0
-        worker.kill_heartbeat = 0.0
-        worker.tree = None
+    def finish_murder(self, slot: Slot) -> None:
+        finish_kill(slot.pid, sigkill_sent(slot))
+
+    def spare(self, slot: Slot, view: SlotView) -> None:
+        log_event(logger, logging.WARNING, "worker.recovered", worker=slot.index, pid=slot.pid,
+                  task_id=slot.kill.task_id if slot.kill else "-", now_running=view.task_id or "-")
+        spared(slot)
 
     def kill_all_workers(self) -> None:
-        for worker in self.workers.values():
-            kill_now(worker.pid)
+        for slot in self.running():
+            kill_now(slot.pid)
+
+
+_RESTART_REASONS = {Departure.RECYCLED: "recycled", Departure.OUTPUT_LOST: "recycled",
+                    Departure.KILLED_STUCK: "stuck", Departure.CRASHED: "crashed"}
 
 
 def wall_time_of(monotonic_time: float, monotonic_now: float) -> datetime:
     """A moment of the monotonic clock (a slot's task start), on the wall clock."""
     return datetime.now(timezone.utc) - timedelta(seconds=max(0.0, monotonic_now - monotonic_time))
-
-
-def describe_exit(index: int, status: int) -> str:
-    if os.WIFSIGNALED(status):
-        signame = signal.Signals(os.WTERMSIG(status)).name
-        return f"worker {index} killed by signal {os.WTERMSIG(status)} ({signame})"
-    return f"worker {index} exited with code {os.WEXITSTATUS(status)}"
 
 
 def _signal_quietly(pid: int, signum: int) -> None:

@@ -28,7 +28,7 @@ from .db import Connection, connect, first_line, is_connection_error
 from .errors import DatabaseError
 from .execution import SupervisorGoneError, execute, soft_timeout, utcnow
 from .flusher import FlushDuringTasks
-from .heartbeat import SlotWriter, WorkerState
+from .heartbeat import SlotWriter, WorkerSlot, WorkerState
 from .logs import OutputWatch, log_event
 from .metrics import TaskMetrics, result_label
 from .process_tree import boot_clock, reap_exited_children, stop_descendants
@@ -84,8 +84,8 @@ class Worker:
         self.index = index
         self.clock = clock
         self.queries = Queries(config.database.schema)
-        self.slot = slot
-        self.board = SlotWriter(None, os.getpid())  # bound to the slot in the worker process
+        # Without a supervisor (tests, an embedding program) a slot of its own, read by no one.
+        self.slot_writer = SlotWriter(slot if slot is not None else WorkerSlot(), clock)
         self.conn: Optional[Connection] = None
         self.pending: List[TaskOutcome] = []
         self.leases: Dict[int, datetime] = {}  # task id -> leased_at of the claim that holds it
@@ -119,7 +119,7 @@ class Worker:
         """Called first thing in the forked worker process: claim the slot as this pid,
         and remember the supervisor, whose death this worker must not outlive."""
         self.parent_pid = os.getppid()
-        self.board = SlotWriter(self.slot, os.getpid())
+        self.slot_writer.claim(os.getpid())
 
     def loop(self) -> None:
         """Run steps until `request_stop()`; a database outage only pauses the loop."""
@@ -130,11 +130,10 @@ class Worker:
                 self.connection_failures = 0
                 self.check_output()
             except (psycopg2.Error, DatabaseError) as exc:
-                self._on_database_error(exc)
+                self._pause_and_reconnect("worker.database_error", logging.WARNING, error=first_line(exc))
             except Exception as exc:  # a bug of ours must not kill a worker holding leases
-                log_event(logger, logging.ERROR, "worker.error", worker=self.index, error=repr(exc),
-                          traceback=traceback.format_exc())
-                self._on_database_error(exc)
+                self._pause_and_reconnect("worker.error", logging.ERROR, error=repr(exc),
+                                          traceback=traceback.format_exc())
         self.shutdown()
 
     def request_stop(self) -> None:
@@ -184,7 +183,7 @@ class Worker:
         log_event(logger, logging.WARNING, "worker.orphaned", worker=self.index)
 
     def shutdown(self) -> None:
-        self.board.set_state(WorkerState.STOPPING)
+        self.slot_writer.set_state(WorkerState.STOPPING)
         try:
             self.ensure_connected()
             self.flush()
@@ -211,7 +210,7 @@ class Worker:
     def step(self) -> int:
         """Claim and run one batch, or wait for work. Returns how many tasks ran."""
         self.ensure_connected()
-        self.board.beat()
+        self.slot_writer.beat()
         if os.getppid() != self.parent_pid:
             # The supervisor is gone: nobody would enforce timeouts or release our leases.
             self.supervisor_gone()
@@ -253,7 +252,7 @@ class Worker:
         start = self.begin(task)
         if not start.allowed:
             return None
-        self.board.task_started(task.id, task.timeout_seconds, task.task_name)
+        self.slot_writer.task_started(task.id, task.timeout_seconds, task.task_name)
         running = self.current = self.in_hand = RunningTask(
             task, self.clock(), start.recorded_at or utcnow(), boot_clock(), marked=start.recorded_at is not None)
         with self.flusher.connection_lent() if self.flusher is not None else contextlib.nullcontext():
@@ -261,9 +260,9 @@ class Worker:
             # Shown as ended before the connection is taken back, which waits for a flush
             # under way: a flush stalled on a lock must not leave a finished task showing
             # as running to its deadline, to be killed and charged a timeout it never had.
-            self.board.task_finished(failed=outcome.outcome is not RunOutcome.SUCCEEDED)
+            self.slot_writer.task_finished(failed=outcome.outcome is not RunOutcome.SUCCEEDED)
         self.current = None
-        self.board.set_state(WorkerState.IDLE)
+        self.slot_writer.set_state(WorkerState.IDLE)
         self.tasks_run += 1
         self.record_metrics(task, outcome)
         self.check_recycling()
@@ -443,7 +442,7 @@ class Worker:
     def wait_for_work(self) -> None:
         """Sleep until a NOTIFY, a stop request, a due recurring check or the poll interval,
         beating at least every IDLE_BEAT_SECONDS."""
-        self.board.set_state(WorkerState.IDLE)
+        self.slot_writer.set_state(WorkerState.IDLE)
         while not self.stopping:
             deadline = self.next_poll
             if self.recurring_names:
@@ -453,7 +452,7 @@ class Worker:
                 return
             if self._wait_readable(min(remaining, IDLE_BEAT_SECONDS)):
                 return
-            self.board.beat()
+            self.slot_writer.beat()
             reap_exited_children()  # what a finished task left running may have exited since
 
     # -- helpers -----------------------------------------------------------------------
@@ -519,17 +518,16 @@ class Worker:
         )  # unstarted tasks go back without a run record: nothing to log per task
         self.leases.clear()  # called with nothing pending: this slot now holds nothing
 
-    def _on_database_error(self, exc: BaseException) -> None:
+    def _pause_and_reconnect(self, event: str, level: int, **fields) -> None:
+        """After a failed step, whatever failed: log it, drop the connection (its state is
+        unknown), and wait, beating, with backoff while failures repeat."""
         self.connection_failures += 1
         delay = RECONNECT_BACKOFF_SECONDS[min(self.connection_failures, len(RECONNECT_BACKOFF_SECONDS)) - 1]
-        log_event(
-            logger, logging.WARNING, "worker.database_error", worker=self.index,
-            error=first_line(exc), retry_in_s=float(delay),
-        )
+        log_event(logger, level, event, worker=self.index, **fields, retry_in_s=float(delay))
         self.close()
         deadline = self.clock() + delay
         while not self.stopping and self.clock() < deadline:
-            self.board.beat()
+            self.slot_writer.beat()
             self._sleep_interruptibly(min(IDLE_BEAT_SECONDS, deadline - self.clock()))
 
     def _sleep_interruptibly(self, seconds: float) -> None:

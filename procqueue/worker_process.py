@@ -25,17 +25,10 @@ from .logs import log_event
 from .process_tree import STACK_DUMP_SIGNAL, adopt_orphans
 from .selfpipe import SelfPipe
 from .worker import Worker
+from .worker_fate import WORKER_BOOT_ERROR, WORKER_OUTPUT_LOST, WORKER_RECYCLED
 
 logger = logging.getLogger("procqueue.worker")
 
-# A worker that cannot get going (cannot connect, for instance) exits with this code; the
-# supervisor then backs off instead of respawning it in a tight loop.
-WORKER_BOOT_ERROR = 3
-# A worker that left to be replaced (--max-tasks-per-worker, --max-memory-per-worker).
-WORKER_RECYCLED = 4
-# A worker whose stdout or stderr a task closed or replaced: replaced like a recycled one,
-# and the supervisor logs why, since this worker's own lines no longer reach anyone.
-WORKER_OUTPUT_LOST = 5
 _PR_SET_PDEATHSIG = 1
 # Added to each worker's OOM score (-1000..1000): its supervisor goes last.
 WORKER_OOM_SCORE_ADJ = 300

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 
 from procqueue import TaskState, client, current_task, register_task_handler
-from procqueue.chores import RESCUES_BEFORE_FAILING
+from procqueue.supervisor_database import RESCUES_BEFORE_FAILING
 from procqueue.queries import Queries
 from procqueue.records import ExpiredTask, ReleasedTask, RunOutcome
 

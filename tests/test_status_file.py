@@ -10,7 +10,8 @@ import pytest
 
 from procqueue.errors import ConfigError
 from procqueue.health import worker_problem
-from procqueue.heartbeat import SlotWriter, WorkerState, allocate_slots, read_slot, stuck_reason
+from procqueue.heartbeat import SlotWriter, WorkerState, allocate_slots, read_slot
+from procqueue.worker_fate import judge_view
 from procqueue.status import StatusFile, SupervisorFacts, worker_entry
 from procqueue.status_text import render_text
 
@@ -115,7 +116,8 @@ def test_a_worker_between_tasks_is_seen_whole_and_never_judged_stuck_while_it_wr
     pid = os.fork()
     if pid == 0:
         try:
-            board = SlotWriter(slots[0], os.getpid())
+            board = SlotWriter(slots[0])
+            board.claim(os.getpid())
             n, until = 0, time.monotonic() + 1.5
             while time.monotonic() < until:
                 n += 1
@@ -128,7 +130,7 @@ def test_a_worker_between_tasks_is_seen_whole_and_never_judged_stuck_while_it_wr
     try:
         while os.waitpid(pid, os.WNOHANG) == (0, 0):
             now = time.monotonic()
-            assert stuck_reason(read_slot(slots[0]), now, 20.0) is None
+            assert judge_view(read_slot(slots[0]), now, 20.0) is None
             entry = worker_entry(0, slots[0], facts, now=now, grace=20.0)
             assert entry["stuck"] is None and worker_problem(entry, 0.0, 20.0) is None, entry
             task = entry["task"]

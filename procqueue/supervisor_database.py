@@ -3,7 +3,7 @@ back what dead workers held, rescue the tasks of dead processors, count the queu
 deregister on the way out.
 
 None of it may stall the supervisor's loop, which also reaps and kills workers: every
-wait is bounded (db.bound_every_wait), and after a failure the chores wait out a short
+wait is bounded (db.bound_every_wait), and after a failure its work waits out a short
 backoff while reaping and killing go on.
 """
 
@@ -61,7 +61,7 @@ def next_step(task: ReleasedTask) -> str:
     return {TaskState.QUEUED: "retry", TaskState.MISSED: "missed"}.get(task.state, "failed")
 
 
-class DatabaseChores:
+class SupervisorDatabase:
     def __init__(self, config: ProcessorConfig, *, processor_id: str, clock: Callable[[], float],
                  task_metrics: TaskMetrics) -> None:
         self.config = config
@@ -251,5 +251,5 @@ class DatabaseChores:
     def ensure_connected(self) -> None:
         if self.conn is None or self.conn.closed:
             # A short timeout: while the database is unreachable the loop must go on
-            # reaping and killing; the chores wait for the next try.
+            # reaping and killing; the work waits for the next try.
             self.conn = connect(self.config.database, application_name="procqueue-supervisor", timeout=3)
