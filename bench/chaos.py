@@ -574,7 +574,7 @@ def report(run: Run, findings: Findings, seconds: float, drained: bool) -> str:
         f"seed {run.options.seed}",
         f"tasks enqueued      {run.tally.enqueued} (+ recurring slots), enqueue retries {run.tally.enqueue_retries}; "
         f"by kind {dict(sorted(run.tally.by_kind.items()))}",
-        f"attacks             " + ", ".join(f"{kind} {count}" for kind, count in counts.items()),
+        "attacks             " + ", ".join(f"{kind} {count}" for kind, count in counts.items()),
         f"final states        {figures.get('states')}  (drained: {'yes' if drained else 'NO'}: no task due "
         f"before the drain ended was left queued)",
         f"recurring slots     {figures.get('recurring_slots')}; the latest start "

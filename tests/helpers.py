@@ -39,28 +39,33 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: floa
         time.sleep(interval)
 
 
+def start_run_task_processor(args: List[str], *, database_url: str, import_path: List[Path], status_file: Path,
+                             stdout, env: Optional[dict] = None) -> subprocess.Popen:
+    """`bin/run-task-processor` as a user runs it (the tests' and the benchmarks' way),
+    its output (both streams) to `stdout`: in a session of its own, so a signal meant for
+    the test run reaches it only when sent to it; with its own status file, never the
+    shared default under /tmp, which would outlive the run; `env` over the rest."""
+    environment = dict(os.environ, DATABASE_URL=database_url, PROCQUEUE_STATUS_FILE=str(status_file))
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [*map(str, import_path), environment.get("PYTHONPATH")]))
+    environment.pop("TASK_RUN_METHOD", None)
+    environment.update(env or {})
+    command = [sys.executable, str(REPO / "bin" / "run-task-processor"), *args]
+    return subprocess.Popen(command, env=environment, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 class ProcessorProcess:
     """`run-task-processor` as a user runs it, with its log captured to a file."""
 
     def __init__(self, database_url: str, args: List[str], log_path: Path, extra_env: Optional[dict] = None):
-        env = dict(os.environ)
-        env["DATABASE_URL"] = database_url
-        env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(REPO), env.get("PYTHONPATH", "")])
-        env.pop("TASK_RUN_METHOD", None)
-        env[SESSION_MARKER] = SESSION_ID
         # Every process of this processor carries its own marker too: a test that kills the
         # supervisor orphans its workers, which are then nobody's children to look under.
         self.marker = uuid.uuid4().hex
-        env[PROCESSOR_MARKER] = self.marker
-        # Its own status file: never the shared default under /tmp, which would outlive the run.
         self.status_path = log_path.with_name(log_path.stem + ".status.json")
-        env["PROCQUEUE_STATUS_FILE"] = str(self.status_path)
-        env.update(extra_env or {})
         self.log_path = log_path
         self._log = open(log_path, "wb")
-        command = [sys.executable, str(REPO / "bin" / "run-task-processor"), *args]
-        self.proc = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        env = {SESSION_MARKER: SESSION_ID, PROCESSOR_MARKER: self.marker, **(extra_env or {})}
+        self.proc = start_run_task_processor(args, database_url=database_url, import_path=[TESTS, REPO],
+                                             status_file=self.status_path, stdout=self._log, env=env)
 
     @property
     def pid(self) -> int:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -73,10 +72,10 @@ def test_the_wait_for_the_database_gives_up_after_database_wait():
 
 
 def test_a_database_that_does_not_exist_is_not_waited_for(database_url):
-    from conftest import _with_database
+    from databases import with_database
 
     began = time.monotonic()
-    result = run_processor("--database-url", _with_database(database_url, "no_such_database_here"))
+    result = run_processor("--database-url", with_database(database_url, "no_such_database_here"))
     assert result.returncode == 3  # at once, although --database-wait is ten minutes
     assert time.monotonic() - began < 20
     assert 'database "no_such_database_here" does not exist' in result.stderr
