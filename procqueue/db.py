@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import select
 import time
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import psycopg2
 import psycopg2.extensions
@@ -15,6 +16,7 @@ import psycopg2.extras
 from .config import DatabaseConfig
 from .embedded import embedded_server_url
 from .errors import ConfigError, DatabaseError, DatabaseUnavailable
+from .records import UnreadableJson
 
 Connection = psycopg2.extensions.connection
 
@@ -54,7 +56,18 @@ def connect(
         error = DatabaseError if is_permanent_connect_failure(reason) else DatabaseUnavailable
         raise error(f"cannot connect to {database.display_url}: {reason}") from None
     conn.autocommit = autocommit
+    psycopg2.extras.register_default_jsonb(conn, loads=read_json)
     return conn
+
+
+def read_json(text: str) -> Any:
+    """A jsonb value as Python; one Python cannot read becomes an UnreadableJson."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return UnreadableJson("nested too deeply for Python's JSON decoder")
+    except ValueError as exc:  # an integer past sys.get_int_max_str_digits()
+        return UnreadableJson(first_line(exc))
 
 
 # What libpq says when connecting fails for a reason that waiting will not cure: the

@@ -7,7 +7,7 @@ import traceback
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Optional
 
-from .records import ClaimedTask, RunOutcome, TaskOutcome, TaskState
+from .records import ClaimedTask, RunOutcome, TaskOutcome, TaskState, UnreadableJson
 from .registry import TaskBackoffError, TaskHandler, backoff_delay, get_handler
 
 
@@ -134,6 +134,9 @@ def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow, started: Op
 def malformed_arguments(task: ClaimedTask) -> Optional[str]:
     """What is wrong with a row's arguments, which `.delay()` always writes as an array and
     an object: an object's keys must not silently become positional arguments."""
+    for name, value in (("args", task.args), ("kwargs", task.kwargs)):
+        if isinstance(value, UnreadableJson):
+            return f"the task's {name} cannot be read: {value.reason} (was the row written by hand?)"
     if not isinstance(task.args, list):
         return f"the task's args must be a JSON array, got {json_type(task.args)} (was the row written by hand?)"
     if not isinstance(task.kwargs, dict):

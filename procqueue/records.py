@@ -63,6 +63,21 @@ class ClaimedTask:
     rescues: int = 0  # how often it was put back from a dead processor (claimed or running)
 
 
+class UnreadableJson:
+    """What a JSON column holds when Python cannot read it: a row written by hand, nested
+    deeper than Python's JSON decoder goes, or with an integer longer than Python converts
+    (`.delay()` writes neither). Stands in for the value so that one such row fails alone,
+    instead of taking the worker's whole claimed batch (or `procqueue show`) down with it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"<unreadable JSON: {self.reason}>"
+
+    __repr__ = __str__
+
+
 @dataclass(frozen=True)
 class TaskCall:
     """One invocation of a handler, ready to enqueue (see `procqueue.enqueue_many`)."""

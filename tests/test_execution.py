@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from datetime import datetime, timezone
 
@@ -177,3 +178,25 @@ def test_a_row_whose_args_are_not_an_array_or_kwargs_not_an_object_fails_without
         [run] = procqueue.get_task_runs(task_id)
         assert task.state is TaskState.FAILED  # for good: no attempt would go differently
         assert run.outcome is RunOutcome.FAILED and problem in run.error
+
+
+def test_a_row_python_cannot_read_fails_alone_and_the_rest_of_its_batch_runs(db, worker):
+    """A row edited by hand past what Python's JSON decoder takes (nested 3,000 deep; an
+    integer of 5,000 digits) used to fail the whole claimed batch at decoding, again and
+    again; now that row fails, saying why, and the others run."""
+    handler = procqueue.registry.get_handler("test_execution.record_arguments")
+    deep, huge, fine = procqueue.enqueue_many([handler.call(args=[1]), handler.call(args=[2]), handler.call(args=[3])])
+    with db.cursor() as cur:
+        cur.execute("UPDATE procqueue.tasks SET args = %s::jsonb WHERE id = %s", ("[" * 3000 + "]" * 3000, deep))
+        cur.execute("UPDATE procqueue.tasks SET kwargs = %s::jsonb WHERE id = %s", ('{"n": ' + "7" * 5000 + "}", huge))
+    seen.clear()
+    assert worker.step() == 3
+    assert seen == [((3,), {})]
+    for task_id, problem in ((deep, "args cannot be read: nested too deeply for Python's JSON decoder"),
+                             (huge, "kwargs cannot be read: Exceeds the limit")):
+        [run] = procqueue.get_task_runs(task_id)
+        assert procqueue.get_task(task_id).state is TaskState.FAILED
+        assert run.outcome is RunOutcome.FAILED and problem in run.error, run.error
+    command = [sys.executable, "-m", "procqueue", "show", str(deep), "--database-url", worker.config.database.url]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "<unreadable JSON: nested too deeply" in result.stdout, result.stderr
