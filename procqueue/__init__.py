@@ -40,6 +40,7 @@ _EXPORTS = {
     "TaskPriority": "records",
     "TaskRecord": "records",
     "TaskState": "records",
+    "UnreadableJson": "records",
     "TaskBackoffError": "registry",
     "TaskCall": "records",
     "TaskHandler": "registry",

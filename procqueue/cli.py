@@ -38,6 +38,7 @@ from .config import (
 from .db import first_line, tables_missing
 from .errors import ConfigError, DatabaseError, ProcqueueError, TaskError
 from .logs import LOG_FORMATS, setup_logging
+from .records import UnreadableJson
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 LOG_FORMAT = click.Choice(list(LOG_FORMATS), case_sensitive=False)
@@ -514,6 +515,8 @@ def _json_option(flag: str, raw: str, expected_type: type, description: str) -> 
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
+    if isinstance(value, UnreadableJson):  # not to be mistaken for a string argument
+        return {"unreadable_json": value.reason}
     return str(value)
 
 

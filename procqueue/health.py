@@ -4,8 +4,9 @@ One verdict, three doors: `procqueue-health` (health_probe, a Kubernetes livenes
 every few seconds), `procqueue health`, and the supervisor's `/healthz`. A probe must
 answer fast, so this module imports only the standard library, `procqueue.private_files`
 and the stuck rule from `procqueue.worker_fate` (which the supervisor judges its workers
-with, so the probe and the supervisor never disagree about a worker); never psycopg2,
-click or prometheus-client.
+with, so the probe and the supervisor never disagree about a worker; it brings
+`heartbeat`, `records` and `errors`, all standard library only); never psycopg2, click,
+psutil or prometheus-client. tests/test_health.py checks the list.
 """
 
 from __future__ import annotations

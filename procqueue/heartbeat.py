@@ -67,8 +67,10 @@ def clear(slot: WorkerSlot) -> None:
 
 
 class SlotWriter:
-    """A worker's handle on its own slot. Built before the fork; writes only once the
-    worker process has claimed the slot (claim)."""
+    """A worker's handle on its own slot. Built by the supervisor before the fork, which
+    never writes through it: in the worker process, claim() comes first, and from then on
+    the worker is the slot's only writer. (A worker run without a supervisor, in tests or
+    an embedding program, writes to a slot of its own that no one reads.)"""
 
     def __init__(self, slot: WorkerSlot, clock: Callable[[], float] = time.monotonic) -> None:
         self.slot = slot

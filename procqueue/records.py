@@ -50,8 +50,8 @@ class ClaimedTask:
 
     id: int
     task_name: str
-    args: List[Any]
-    kwargs: Dict[str, Any]
+    args: Union[List[Any], "UnreadableJson"]  # UnreadableJson: a row Python cannot read
+    kwargs: Union[Dict[str, Any], "UnreadableJson"]
     queue: str
     priority: int
     run_at: datetime
@@ -129,8 +129,8 @@ class TaskRecord:
 
     id: int
     task_name: str
-    args: List[Any]
-    kwargs: Dict[str, Any]
+    args: Union[List[Any], "UnreadableJson"]  # UnreadableJson: a row Python cannot read
+    kwargs: Union[Dict[str, Any], "UnreadableJson"]
     queue: str
     priority: int
     run_at: datetime

@@ -37,8 +37,8 @@ from .starting import STOP_SIGNALS
 from .status import SupervisorFacts
 from .worker import Worker
 from .worker_fate import (Departure, Exit, ExitVerdict, Slot, Watch, WatchVerdict, filled, got_going,
-                          has_reached_loop, judge_exit, kill_begun, left_on_purpose, may_refill, sigkill_sent,
-                          slots_for, spared, vacated, watch, workers_cannot_start)
+                          has_reached_loop, judge_exit, kill_begun, left_on_purpose, may_refill, reaped,
+                          sigkill_sent, slots_for, spared, vacated, watch, workers_cannot_start)
 from .worker_process import run_worker_process
 
 logger = logging.getLogger("procqueue.supervisor")
@@ -383,7 +383,7 @@ class Supervisor:
     def reap(self, slot: Slot, exit: Exit) -> None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(slot.pid, 0)
-        self.on_worker_exit(slot, exit)
+        self.on_worker_exit(slot, reaped(slot), exit)
 
     def reap_orphans(self) -> None:
         """As PID 1 in a container we inherit every orphaned process (a task's grandchild
@@ -405,9 +405,9 @@ class Supervisor:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(info.si_pid, 0)
 
-    def on_worker_exit(self, slot: Slot, exit: Exit) -> None:
+    def on_worker_exit(self, slot: Slot, pid: int, exit: Exit) -> None:
         """Put back what the worker held, record its exit, say why it went."""
-        pid, entry = slot.pid, self.board[slot.index]
+        entry = self.board[slot.index]
         view = read_slot(entry)
         self.monitor.forget_worker(pid)
         self.next_status = 0.0  # show it at once, not up to a second later
@@ -418,7 +418,7 @@ class Supervisor:
         clear(entry)
         vacated(slot, verdict, exit, self.clock())
         self.report_exit(slot.index, pid, verdict)
-        if verdict.departure in (Departure.KILLED_STUCK, Departure.CRASHED):
+        if verdict.departure.is_failure:
             self.give_up_if_workers_cannot_start(exit.describe(slot.index))
 
     def release(self, slot: Slot, view: SlotView, verdict: ExitVerdict) -> None:
@@ -432,7 +432,7 @@ class Supervisor:
         if departure is Departure.STOPPED:
             log_event(logger, logging.DEBUG, "worker.exited", worker=index, pid=pid)
             return
-        self.restarts[_RESTART_REASONS[departure]] += 1
+        self.restarts[departure.restart_reason] += 1
         if departure is Departure.OUTPUT_LOST:
             log_event(logger, logging.WARNING, "worker.output_lost", worker=index, pid=pid,
                       note="a task closed or replaced the worker's stdout or stderr; replaced so that "
@@ -477,7 +477,8 @@ class Supervisor:
     def begin_murder(self, slot: Slot, view: SlotView, verdict: WatchVerdict) -> None:
         log_event(logger, logging.ERROR, "worker.stuck", worker=slot.index, pid=slot.pid,
                   task_id=view.task_id or "-", task=view.task_name or "-", reason=verdict.reason)
-        kill_begun(slot, verdict, view, sigkill_at=self.clock() + KILL_GRACE_SECONDS, tree=begin_kill(slot.pid))
+        tree = begin_kill(slot.pid)  # first: the grace before SIGKILL starts once SIGTERM is out
+        kill_begun(slot, verdict, view, sigkill_at=self.clock() + KILL_GRACE_SECONDS, tree=tree)
 
     def finish_murder(self, slot: Slot) -> None:
         finish_kill(slot.pid, sigkill_sent(slot))
@@ -490,10 +491,6 @@ class Supervisor:
     def kill_all_workers(self) -> None:
         for slot in self.running():
             kill_now(slot.pid)
-
-
-_RESTART_REASONS = {Departure.RECYCLED: "recycled", Departure.OUTPUT_LOST: "recycled",
-                    Departure.KILLED_STUCK: "stuck", Departure.CRASHED: "crashed"}
 
 
 def wall_time_of(monotonic_time: float, monotonic_now: float) -> datetime:

@@ -6,14 +6,13 @@ Nothing here forks, signals, sleeps or reads a clock. The supervisor reads the s
 board and the time, asks these functions, and carries out the answers; a test drives
 them with made-up times in milliseconds (tests/test_worker_fate.py). The health probe
 imports the stuck rule from here too, so the probe and the supervisor never disagree
-about a worker: this module imports only the standard library, `records` and
-`heartbeat`, which import no more.
+about a worker: this module imports only the standard library, `heartbeat` and `records`
+(with `errors`), none of which imports more (tests/test_health.py checks the probe's).
 """
 
 from __future__ import annotations
 
 import enum
-import os
 import signal
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
@@ -201,16 +200,18 @@ class Exit:
     code: Optional[int] = None
     signal: Optional[int] = None
 
-    @classmethod
-    def from_wait_status(cls, status: int) -> "Exit":
-        if os.WIFSIGNALED(status):
-            return cls(signal=os.WTERMSIG(status))
-        return cls(code=os.WEXITSTATUS(status))
-
     def describe(self, index: int) -> str:
         if self.signal is not None:
-            return f"worker {index} killed by signal {self.signal} ({signal.Signals(self.signal).name})"
+            return f"worker {index} killed by signal {self.signal} ({signal_name(self.signal)})"
         return f"worker {index} exited with code {self.code}"
+
+
+def signal_name(number: int) -> str:
+    """SIGKILL, or for a number Python has no name for (a real-time signal), the C library's."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return signal.strsignal(number) or "unknown signal"
 
 
 def left_on_purpose(exit: Exit, slot_state: int) -> bool:
@@ -227,6 +228,16 @@ class Departure(enum.Enum):
     OUTPUT_LOST = "output_lost"  # left because a task took its stdout or stderr: refilled at once
     KILLED_STUCK = "stuck"  # the supervisor killed it
     CRASHED = "crashed"  # anything else: it died
+
+    @property
+    def restart_reason(self) -> Optional[str]:
+        """Which of the processor's restart counters it adds to (None: no restart)."""
+        return {Departure.STOPPED: None, Departure.OUTPUT_LOST: "recycled"}.get(self, self.value)
+
+    @property
+    def is_failure(self) -> bool:
+        """A death, which backs the slot off and may make the processor give up."""
+        return self in (Departure.KILLED_STUCK, Departure.CRASHED)
 
 
 @dataclass(frozen=True)
@@ -271,17 +282,24 @@ def departure_of(slot: Slot, view: SlotView, exit: Exit, *, stopping: bool) -> D
     return Departure.KILLED_STUCK if slot.kill is not None else Departure.CRASHED
 
 
+def reaped(slot: Slot) -> int:
+    """The slot's worker is reaped: its pid is free for the system to reuse, so the slot
+    forgets it at once (nothing may signal it any more). Returns it."""
+    pid, slot.pid = slot.pid, 0
+    return pid
+
+
 def vacated(slot: Slot, verdict: ExitVerdict, exit: Exit, now: float) -> None:
     """Record a worker's exit in its slot and plan the slot's refill: at once for a worker
     that got going (a task crashed it, or it was stuck: its task's attempts bound that)
     or that left to be replaced; with backoff, per slot, for one that keeps dying before
     it gets going. A worker that could not connect (WORKER_BOOT_ERROR) has the database's
     trouble, which a restart would not cure: backed off, but no failed start."""
-    slot.pid, slot.kill, slot.vacant_since = 0, None, now
+    slot.kill, slot.vacant_since = None, now
     if verdict.departure is Departure.STOPPED:
         return
     slot.restarts += 1
-    if verdict.departure in (Departure.RECYCLED, Departure.OUTPUT_LOST):
+    if not verdict.departure.is_failure:
         slot.respawn_at = now
         return
     cannot_connect = exit.code == WORKER_BOOT_ERROR

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -192,11 +193,14 @@ def test_a_row_python_cannot_read_fails_alone_and_the_rest_of_its_batch_runs(db,
     seen.clear()
     assert worker.step() == 3
     assert seen == [((3,), {})]
-    for task_id, problem in ((deep, "args cannot be read: nested too deeply for Python's JSON decoder"),
-                             (huge, "kwargs cannot be read: Exceeds the limit")):
+    problems = [(deep, "args cannot be read: nested too deeply for Python's JSON decoder")]
+    if hasattr(sys, "get_int_max_str_digits"):  # Python 3.10.7 and later limit digits
+        problems.append((huge, "kwargs cannot be read: Exceeds the limit"))
+    for task_id, problem in problems:
         [run] = procqueue.get_task_runs(task_id)
         assert procqueue.get_task(task_id).state is TaskState.FAILED
         assert run.outcome is RunOutcome.FAILED and problem in run.error, run.error
     command = [sys.executable, "-m", "procqueue", "show", str(deep), "--database-url", worker.config.database.url]
     result = subprocess.run(command, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and "<unreadable JSON: nested too deeply" in result.stdout, result.stderr
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["task"]["args"] == {"unreadable_json": "nested too deeply for Python's JSON decoder"}

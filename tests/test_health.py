@@ -229,10 +229,15 @@ def test_the_probe_imports_no_database_driver_nor_metrics_library(tmp_path):
     path = write_document(tmp_path / "s.json", live_document())
     code = ("import sys; from procqueue import health_probe; code = health_probe.run(['--status-file', %r]);"
             "heavy = [m for m in ('psycopg2', 'prometheus_client', 'click', 'psutil') if m in sys.modules];"
-            "print(heavy)" % str(path))
+            "print(heavy); print(sorted(m for m in sys.modules if m.startswith('procqueue.')))" % str(path))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
-    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+    heavy, ours = result.stdout.strip().splitlines()[-2:]
+    assert heavy == "[]", result.stdout + result.stderr
+    # What it reads of ours, and no more (health.py's docstring and the README say so).
+    assert ours == str(["procqueue.config", "procqueue.errors", "procqueue.health", "procqueue.health_probe",
+                        "procqueue.heartbeat", "procqueue.private_files", "procqueue.records",
+                        "procqueue.worker_fate"])
 
 
 def test_a_processor_starting_up_is_healthy_however_long_it_takes():

@@ -1,7 +1,8 @@
 """The rules of a worker's life (procqueue.worker_fate), driven in-process with made-up
-times: no fork, no database, no sleep. One test per rule, and one per past bug in these
-rules, named for what went wrong. The subprocess tests (test_supervision.py) prove the
-supervisor carries the decisions out on real processes.
+times: no process started, no database, no sleep (one test runs a real Worker's task
+step in this process). One test per rule, and one per past bug in these rules, named
+for what went wrong. The subprocess tests (test_supervision.py) prove the supervisor
+carries the decisions out on real processes.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from procqueue.records import ClaimedTask, RunOutcome
 from procqueue.registry import register_task_handler
 from procqueue.worker import Worker
 from procqueue.worker_fate import (FAILED_STARTS_LIMIT, HARD_TIMEOUT_MARGIN_SECONDS, RESPAWN_BACKOFF_SECONDS,
-                                   WORKER_BOOT_ERROR, WORKER_OUTPUT_LOST, WORKER_RECYCLED, Departure, Exit, Slot,
-                                   Watch, filled, got_going, has_reached_loop, judge_exit, judge_view, kill_begun,
-                                   left_on_purpose, may_refill, sigkill_sent, slots_for, vacated, watch, workers_cannot_start)
+                                   WORKER_BOOT_ERROR, WORKER_OUTPUT_LOST, WORKER_RECYCLED, Departure, Exit,
+                                   ExitVerdict, Kill, Slot, Watch, filled, got_going, has_reached_loop, judge_exit,
+                                   judge_view, kill_begun, left_on_purpose, may_refill, reaped, sigkill_sent,
+                                   slots_for, spared, vacated, watch, workers_cannot_start)
 
 pytestmark = pytest.mark.timeout(5)
 
@@ -45,6 +47,14 @@ def running_slot(index=0, *, reached_loop=True) -> Slot:
     if reached_loop:
         got_going(slot)
     return slot
+
+
+def exits(slot: Slot, seen: SlotView, exit: Exit, *, stopping: bool = False, now: float = 0.0) -> ExitVerdict:
+    """What the supervisor does with a reaped worker: judge its exit, vacate its slot."""
+    verdict = judge_exit(slot, seen, exit, stopping=stopping)
+    assert reaped(slot) == PID and not slot.occupied
+    vacated(slot, verdict, exit, now)
+    return verdict
 
 
 def under_kill(slot: Slot, seen: SlotView, *, at: float) -> Slot:
@@ -109,8 +119,6 @@ def test_a_finished_task_shows_as_ended_before_the_worker_waits_for_its_flush():
     worker.flusher = StalledFlusher()
     worker.run_one(claimed("test_worker_fate.quick", timeout=1.0))
     assert [v.state for v in seen_while_taking_back] == [WorkerState.IDLE]
-    five_seconds_on = seen_while_taking_back[0].heartbeat + 5.0  # its timeout was 1 s
-    assert judge_view(seen_while_taking_back[0], five_seconds_on, GRACE) is None
 
 
 # -- while a worker runs: kill, finish the kill, or spare ------------------------------------
@@ -140,6 +148,17 @@ def test_a_worker_judged_silent_while_idle_is_spared_when_it_beats_again():
     assert watch(slot, view(WorkerState.IDLE, heartbeat=121.3), 121.5, GRACE).action is Watch.SPARE
 
 
+def test_a_spared_worker_is_judged_afresh_and_a_new_fork_starts_with_no_kill():
+    slot = under_kill(running_slot(), view(WorkerState.IDLE, heartbeat=100.0), at=121.0)
+    spared(slot)
+    assert watch(slot, view(WorkerState.IDLE, heartbeat=121.3), 121.5, GRACE).action is Watch.FINE
+    assert watch(slot, view(WorkerState.IDLE, heartbeat=121.3), 141.4, GRACE).action is Watch.BEGIN_KILL
+    slot.kill = Kill("old", RunOutcome.LOST, 0, 1.0, 2.0)
+    filled(slot, PID + 1, tasks_done=0)
+    assert (slot.kill, slot.reached_loop) == (None, False)
+    assert sigkill_sent(slot) == []  # no kill under way: nothing to send it to
+
+
 # -- when a worker has exited: what its task's run is recorded as, and its charge ------------
 
 def test_a_worker_killed_stuck_on_its_task_records_the_timeout_and_charges_it():
@@ -161,6 +180,20 @@ def test_a_task_started_between_the_verdict_and_sigkill_goes_back_uncharged(judg
     assert verdict.cause == f"worker 0 killed as stuck {judged} as this one started"
 
 
+def test_a_worker_killed_stuck_while_idle_records_its_reason_with_no_task_to_charge():
+    slot = under_kill(running_slot(), idle := view(WorkerState.IDLE, heartbeat=100.0), at=121.0)
+    verdict = judge_exit(slot, idle, Exit(signal=signal.SIGKILL), stopping=False)
+    assert (verdict.departure, verdict.in_flight, verdict.outcome) == (Departure.KILLED_STUCK, None, RunOutcome.LOST)
+    assert verdict.cause.startswith("no heartbeat for 21.0s") and verdict.departure.restart_reason == "stuck"
+
+
+def test_a_stuck_worker_that_stopped_cleanly_as_the_processor_stopped_is_no_restart_but_keeps_its_verdict():
+    slot = under_kill(running_slot(), seen := busy(task_id=7, started=100.0, timeout=10.0), at=112.0)
+    verdict = exits(slot, seen, Exit(code=0), stopping=True, now=113.0)
+    assert (verdict.departure, slot.restarts) == (Departure.STOPPED, 0)
+    assert (verdict.outcome, verdict.charge) == (RunOutcome.TIMED_OUT, True)  # judged before the stop
+
+
 def test_a_task_killed_because_the_processor_stops_goes_back_uncharged():
     verdict = judge_exit(running_slot(), busy(task_id=7), Exit(signal=signal.SIGKILL), stopping=True)
     assert (verdict.in_flight, verdict.outcome, verdict.charge) == (7, RunOutcome.LOST, False)
@@ -168,11 +201,18 @@ def test_a_task_killed_because_the_processor_stops_goes_back_uncharged():
                             "(worker 0 killed by signal 9 (SIGKILL))"
 
 
+def test_a_worker_exiting_with_an_error_during_the_stop_costs_its_task_nothing():
+    verdict = judge_exit(running_slot(), busy(task_id=7), Exit(code=1), stopping=True)
+    assert (verdict.departure, verdict.charge, verdict.cause) == (Departure.CRASHED, False, "worker 0 exited with code 1")
+
+
 def test_a_worker_that_dies_under_its_task_charges_that_task_a_lost_run():
     verdict = judge_exit(running_slot(2), busy(task_id=7), Exit(signal=signal.SIGSEGV), stopping=False)
     assert (verdict.departure, verdict.outcome, verdict.charge) == (Departure.CRASHED, RunOutcome.LOST, True)
     assert verdict.cause == "worker 2 killed by signal 11 (SIGSEGV)"
     assert judge_exit(running_slot(), view(), Exit(code=1), stopping=False).cause == "worker 0 exited with code 1"
+    realtime = judge_exit(running_slot(), view(), Exit(signal=signal.SIGRTMIN + 3), stopping=False).cause
+    assert realtime.startswith(f"worker 0 killed by signal {signal.SIGRTMIN + 3} (") and "unknown" not in realtime
 
 
 @pytest.mark.parametrize("code, departure", [(WORKER_RECYCLED, Departure.RECYCLED),
@@ -191,20 +231,20 @@ def test_a_workers_own_exit_code_counts_only_from_a_stopping_slot(code, departur
 
 def test_a_worker_that_stops_when_asked_is_no_restart():
     slot = running_slot()
-    verdict = judge_exit(slot, view(WorkerState.STOPPING), Exit(code=0), stopping=True)
-    assert verdict.departure is Departure.STOPPED and verdict.in_flight is None
-    vacated(slot, verdict, Exit(code=0), now=50.0)
-    assert (slot.occupied, slot.restarts, slot.vacant_since) == (False, 0, 50.0)
+    verdict = exits(slot, view(WorkerState.STOPPING), Exit(code=0), stopping=True, now=50.0)
+    assert verdict.departure is Departure.STOPPED and verdict.departure.restart_reason is None
+    assert (verdict.in_flight, slot.restarts, slot.vacant_since) == (None, 0, 50.0)
 
 
 # -- refilling the slot ------------------------------------------------------------------------
 
 def test_a_worker_that_got_going_is_replaced_at_once_however_often_it_dies():
     slot = running_slot()
+    slot.quick_deaths, slot.failed_starts = 3, 2  # its earlier workers died starting
     for death in range(10):
-        verdict = judge_exit(slot, busy(), Exit(signal=signal.SIGKILL), stopping=False)
-        vacated(slot, verdict, Exit(signal=signal.SIGKILL), now=float(death))
-        assert slot.respawn_at == float(death) and slot.failed_starts == 0
+        verdict = exits(slot, busy(), Exit(signal=signal.SIGKILL), now=float(death))
+        assert verdict.departure.restart_reason == "crashed"
+        assert (slot.respawn_at, slot.quick_deaths, slot.failed_starts) == (float(death), 0, 0)
         filled(slot, PID, 0)
         got_going(slot)
     assert slot.restarts == 10
@@ -215,8 +255,7 @@ def test_a_slot_whose_workers_die_while_starting_backs_off_and_counts_failed_sta
     for death, delay in enumerate(RESPAWN_BACKOFF_SECONDS + (30, 30), start=1):
         assert may_refill(slot, now, holding_release=False)
         filled(slot, PID, 0)
-        verdict = judge_exit(slot, view(WorkerState.STARTING), Exit(code=1), stopping=False)
-        vacated(slot, verdict, Exit(code=1), now=now)
+        exits(slot, view(WorkerState.STARTING), Exit(code=1), now=now)
         assert (slot.respawn_at - now, slot.failed_starts) == (delay, death)
         assert not may_refill(slot, now + delay - 0.01, holding_release=False)
         now += delay
@@ -224,20 +263,29 @@ def test_a_slot_whose_workers_die_while_starting_backs_off_and_counts_failed_sta
     assert slot.failed_starts == 0
 
 
-def test_a_worker_that_cannot_connect_backs_off_but_is_no_failed_start():
-    slot = Slot(0)
+def test_a_worker_that_cannot_connect_backs_off_but_ends_the_run_of_failed_starts():
+    slot = Slot(0, quick_deaths=1, failed_starts=2)
     filled(slot, PID, 0)
-    vacated(slot, judge_exit(slot, view(WorkerState.STARTING), Exit(code=WORKER_BOOT_ERROR), stopping=False),
-            Exit(code=WORKER_BOOT_ERROR), now=10.0)
-    assert (slot.respawn_at, slot.quick_deaths, slot.failed_starts) == (10.5, 1, 0)
+    exits(slot, view(WorkerState.STARTING), Exit(code=WORKER_BOOT_ERROR), now=10.0)
+    assert (slot.respawn_at, slot.quick_deaths, slot.failed_starts) == (11.0, 2, 0)
 
 
-def test_a_recycled_worker_is_replaced_at_once_without_backoff():
+@pytest.mark.parametrize("code", [WORKER_RECYCLED, WORKER_OUTPUT_LOST])
+def test_a_worker_that_left_to_be_replaced_is_replaced_at_once_without_backoff(code):
     slot = Slot(0, quick_deaths=3)
     filled(slot, PID, 0)
-    verdict = judge_exit(slot, view(WorkerState.STOPPING), Exit(code=WORKER_RECYCLED), stopping=False)
-    vacated(slot, verdict, Exit(code=WORKER_RECYCLED), now=10.0)
-    assert (slot.respawn_at, slot.restarts) == (10.0, 1)
+    verdict = exits(slot, view(WorkerState.STOPPING), Exit(code=code), now=10.0)
+    assert (slot.respawn_at, slot.restarts, slot.quick_deaths) == (10.0, 1, 3)
+    assert verdict.departure.restart_reason == "recycled" and not verdict.departure.is_failure
+
+
+def test_a_worker_that_drained_when_signalled_by_someone_else_counts_as_a_crash_not_a_stop():
+    # Exit 0 from a stopping slot while the processor runs on: someone sent the worker a
+    # SIGTERM. Its processes are its own business (it left on purpose), but it is a restart.
+    slot = running_slot()
+    assert left_on_purpose(Exit(code=0), WorkerState.STOPPING)
+    verdict = exits(slot, view(WorkerState.STOPPING), Exit(code=0), now=5.0)
+    assert (verdict.departure, verdict.in_flight, slot.respawn_at, slot.restarts) == (Departure.CRASHED, None, 5.0, 1)
 
 
 def test_a_slot_is_not_refilled_while_its_last_workers_tasks_wait_to_be_put_back():
