@@ -43,6 +43,7 @@ from .records import UnreadableJson
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 LOG_FORMAT = click.Choice(list(LOG_FORMATS), case_sensitive=False)
 DEMO_SCHEMA = "procqueue_demo"
+UNDEFINED_TABLE = "42P01"  # SQLSTATE (psycopg2.errorcodes.UNDEFINED_TABLE)
 DEMO_RATES = (0.1, 1000.0)  # tasks per second the demo's producer may be asked for
 
 
@@ -55,9 +56,12 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             return func(*args, **kwargs)
         except ProcqueueError as exc:
             _fail(str(exc), exc.exit_code)
-        except psycopg2.errors.UndefinedTable as exc:
-            _fail(str(tables_missing(exc)), DatabaseError.exit_code)
         except psycopg2.Error as exc:
+            # By its code, not `except psycopg2.errors.UndefinedTable`: a stop signal that
+            # lands inside psycopg2's import leaves psycopg2.errors half made, and such a
+            # clause, looked up as the stop unwinds through here, raised AttributeError.
+            if exc.pgcode == UNDEFINED_TABLE:
+                _fail(str(tables_missing(exc)), DatabaseError.exit_code)
             _fail(f"database error: {first_line(exc)}", DatabaseError.exit_code)
 
     return wrapper

@@ -9,7 +9,7 @@ import importlib
 import sys
 from typing import Callable
 
-from .starting import StoppedWhileStarting, arm
+from .starting import arm, stopped_while_starting
 
 PROCESSOR_COMMANDS = ("run", "demo")  # the `procqueue` commands that run a processor
 
@@ -29,8 +29,10 @@ def guarded(main: Callable[[], None], *, processor: bool) -> None:
     if not processor:
         main()
         return
-    arm()
     try:
+        arm()  # inside: a signal may land before arm() returns, its handler already in
         main()
-    except StoppedWhileStarting:
-        sys.exit(0)
+    except BaseException as exc:
+        if stopped_while_starting(exc):
+            sys.exit(0)
+        raise

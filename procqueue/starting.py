@@ -80,3 +80,12 @@ def arm() -> StartingSignals:
     """Arm (again, if need be) the process's starting handlers; returns them."""
     _starting.arm()
     return _starting
+
+
+def stopped_while_starting(exc: BaseException) -> bool:
+    """Whether `exc` ended the start because a stop signal came. Not always our own
+    exception: raised inside an import, Python may wrap it (a class body's __set_name__
+    makes it a RuntimeError) or a half-made module may fail a lookup on the way out
+    (AttributeError). Once a stop signal has come while starting, whatever ends the start
+    ends it for that reason."""
+    return isinstance(exc, StoppedWhileStarting) or _starting.received is not None
