@@ -320,14 +320,18 @@ class Workers:
                 total += times.user + times.system
         return total
 
-    def uss(self) -> Dict[str, float]:
-        """USS in MB: the largest top-level process, and the largest process under one."""
+    def memory(self) -> Dict[str, float]:
+        """In MB, of the largest top-level process and the largest process under one: USS
+        (its own pages) and PSS (shared pages split among their sharers). A forked worker
+        shares its parent's pages until it writes them: its USS alone flatters it."""
         tops, children = [], []
         for root in self.roots:
             with contextlib.suppress(psutil.NoSuchProcess):
-                tops.append(root.memory_full_info().uss / 2 ** 20)
-                children += [child.memory_full_info().uss / 2 ** 20 for child in root.children(recursive=True)]
-        return {"main_mb": max(tops), "worker_mb": max(children) if children else max(tops)}
+                tops.append(root.memory_full_info())
+                children += [child.memory_full_info() for child in root.children(recursive=True)]
+        workers = children or tops
+        return {"main_uss_mb": max(m.uss for m in tops) / 2 ** 20, "worker_uss_mb": max(m.uss for m in workers) / 2 ** 20,
+                "main_pss_mb": max(m.pss for m in tops) / 2 ** 20, "worker_pss_mb": max(m.pss for m in workers) / 2 ** 20}
 
     def check_alive(self) -> None:
         for proc in self.procs:
@@ -437,7 +441,7 @@ def test_memory(config: Config, system: System, options: Options) -> Dict[str, f
     system.fill(options.memory_tasks)
     with running(config, system) as workers:
         wait_until_drained(system, workers, options.memory_tasks, timeout=1800)
-        return workers.uss()
+        return workers.memory()
 
 
 def settle_idle(workers: Workers, seconds: float = 5) -> None:
@@ -495,7 +499,7 @@ def summarise(results: dict, configs: Sequence[Config]) -> dict:
     for test, by_label in results.items():
         headline = by_label.get(HEADLINE, [])
         summary[test] = {}
-        for label, rounds in by_label.items():
+        for label, rounds in sorted(by_label.items(), key=lambda item: [c.label for c in configs].index(item[0])):
             figures = {}
             for name in rounds[0]:
                 values = [r[name] for r in rounds if r[name] is not None]

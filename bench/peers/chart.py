@@ -19,14 +19,15 @@ PANELS = (  # (test, figure, title, higher is better)
     ("drain", "cpu_us_per_task", "worker CPU per no-op task, us", False),
     ("pickup", "p99_ms", "pickup latency when idle, p99 ms", False),
     ("idle", "xacts_per_s", "idle: transactions (Celery: Redis commands)/s", False),
-    ("memory", "worker_mb", "worker USS after the memory drain, MB", False),
+    ("memory", "worker_pss_mb", "largest worker's PSS after a long drain, MB", False),
+    ("memory", "worker_uss_mb", "largest worker's USS after a long drain, MB", False),
 )
 
 
 def main(source: str, target: str) -> None:
     document = json.loads(open(source).read())
     summary, labels = document["summary"], document["configs"]
-    panels = [p for p in PANELS if p[0] in summary]
+    panels = [p for p in PANELS if any(p[1] in figures for figures in summary.get(p[0], {}).values())]
     columns = 2
     rows = (len(panels) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(12, 2.6 * rows), squeeze=False)
