@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -48,10 +49,16 @@ def enqueue_many(calls: Iterable[TaskCall], connection: Any = None) -> List[int]
     rows = [_enqueue_row(call, settings.max_arguments_bytes) for call in calls]
     if not rows:
         return []
-    queries = Queries(client.settings().database.schema)
+    queries = _queries_for(settings.database.schema)
     if connection is not None:
         return _insert_on_callers_connection(queries, connection, rows)
     return _insert_on_own_connection(queries, rows)
+
+
+@functools.lru_cache(maxsize=None)
+def _queries_for(schema: str) -> Queries:
+    """One per schema for the process: it renders each statement once, not per call."""
+    return Queries(schema)
 
 
 def run_in_thread(call: TaskCall) -> threading.Thread:

@@ -127,6 +127,8 @@ class Queries:
 
     def enqueue(self, conn, calls: Sequence["EnqueueRow"]) -> List[Tuple[int, str]]:
         """Insert the rows (less those queue_size skips); returns (id, task name) of each."""
+        if len(calls) == 1 and calls[0].queue_size is None:
+            return self._enqueue_one(conn, calls[0])
         params = {
             "names": [c.task_name for c in calls],
             "args": [c.args_json for c in calls],
@@ -139,6 +141,12 @@ class Queries:
             "queue_sizes": [c.queue_size for c in calls],
         }
         return [(row[0], row[1]) for row in self._execute(conn, "enqueue", params)]
+
+    def _enqueue_one(self, conn, call: "EnqueueRow") -> List[Tuple[int, str]]:
+        params = {"name": call.task_name, "args": call.args_json, "kwargs": call.kwargs_json, "queue": call.queue,
+                  "priority": call.priority, "run_at": call.run_at, "max_attempts": call.max_attempts,
+                  "timeout": call.timeout_seconds}
+        return [(row[0], row[1]) for row in self._execute(conn, "enqueue_one", params)]
 
     def cancel(self, conn, task_id: int) -> bool:
         return bool(self._execute(conn, "cancel", {"id": task_id}))

@@ -195,6 +195,17 @@ WHERE b.queue_size IS NULL
 ORDER BY b.position
 RETURNING id, task_name;
 
+-- name: enqueue_one
+-- One task with no queue_size: `.delay()`'s common case. A plain INSERT, which Postgres
+-- plans in a fraction of the batch statement's time (unnest, a window, a subquery: about
+-- 0.7 ms to plan on every call, more than the insert and its commit together). The
+-- statement trigger NOTIFYs, as for a batch.
+INSERT INTO {schema}.tasks
+    (task_name, args, kwargs, queue, priority, run_at, max_attempts, timeout_seconds)
+VALUES (%(name)s, %(args)s::jsonb, %(kwargs)s::jsonb, %(queue)s, %(priority)s,
+        coalesce(%(run_at)s, now()), %(max_attempts)s, %(timeout)s)
+RETURNING id, task_name;
+
 -- name: register_recurring
 -- Upsert one recurring schedule. The next slot is the first one at or after now, counted
 -- from the anchor; it is only recomputed when the schedule itself changed, so processors
