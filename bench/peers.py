@@ -50,7 +50,7 @@ PEER_REQUIREMENTS = ("pgqueuer==1.6.0", "asyncpg>=0.30", "procrastinate==3.10.0"
                      # arrives as a str: AttributeError 'str' object has no attribute 'name').
                      "typer==0.16.0")
 HEADLINE = "procqueue"
-POLL_SECONDS = 0.02
+POLL_SECONDS = 0.1  # a count(*) on the same 2-core server: not too often
 STATS_IDLE_REPORT_SECONDS = 10  # PGSTAT_IDLE_INTERVAL: an idle backend's counts are reported after this
 
 
@@ -67,7 +67,7 @@ class Config:
 
 
 CONFIGS = (
-    Config("procqueue", "procqueue", ("--numthreads", "2")),
+    Config("procqueue", "procqueue", ("--numthreads", "2")),  # the headline: defaults, 2 workers (issue 14)
     Config("procqueue, pop 50", "procqueue", ("--numthreads", "2", "--queuepopsize", "50")),
     Config("pgqueuer", "pgqueuer"),
     Config("pgqueuer x2, batch 50", "pgqueuer", ("--batch-size", "50"), processes=2),
@@ -127,6 +127,7 @@ class Redis:
                 self.command("PING")
                 break
             if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.stop()
                 raise RuntimeError("redis-server did not start")
             time.sleep(0.05)
 
@@ -139,7 +140,7 @@ class Redis:
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
             sock.sendall(("*%d\r\n" % len(words) + "".join(f"${len(w)}\r\n{w}\r\n" for w in words)).encode())
             reply = b""
-            while not reply.endswith(b"\r\n") or (reply.startswith(b"$") and reply.count(b"\r\n") < 2):
+            while not complete(reply):
                 chunk = sock.recv(65536)
                 if not chunk:
                     break
@@ -160,6 +161,16 @@ class Redis:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def complete(reply: bytes) -> bool:
+    """A whole RESP reply: a line, or a bulk string ($N, then N bytes and CRLF)."""
+    if not reply.endswith(b"\r\n"):
+        return False
+    if not reply.startswith(b"$"):
+        return True
+    header, _, rest = reply.partition(b"\r\n")
+    return int(header[1:]) < 0 or len(rest) >= int(header[1:]) + 2
 
 
 def free_port() -> int:
@@ -235,7 +246,7 @@ class System:
     def remaining(self, enqueued: int) -> int:
         if self.name == "celery":
             try:
-                return enqueued - self.done_file.stat().st_size
+                return max(0, enqueued - self.done_file.stat().st_size)
             except FileNotFoundError:
                 return enqueued
         with self.conn.cursor() as cur:
@@ -265,6 +276,20 @@ class System:
                 return cur.fetchone()[0]
         finally:
             admin.close()
+
+    def store_processes(self) -> List[psutil.Process]:
+        """The store's processes, whose CPU counts too: redis-server for Celery; for the
+        others the PostgreSQL server's (found through its data directory's pid file, so
+        only a server on this machine; none otherwise)."""
+        if self.name == "celery":
+            return [psutil.Process(self.redis.proc.pid)]
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute("SELECT current_setting('data_directory')")
+                postmaster = psutil.Process(int((Path(cur.fetchone()[0]) / "postmaster.pid").read_text().split()[0]))
+            return [postmaster] + postmaster.children(recursive=True)
+        except (OSError, ValueError, IndexError, psutil.Error, psycopg2.Error):
+            return []
 
     def pickups(self) -> List[float]:
         try:
@@ -296,7 +321,7 @@ class Workers:
             return start_run_task_processor(
                 ["--import", "procqueue_side", *self.config.worker_args], database_url=system.url,
                 import_path=[PEERS_DIR], status_file=status, stdout=self.log,
-                env={**system.env(), "TMPDIR": str(system.scratch)})
+                env={**system.env(), "TMPDIR": str(system.scratch)}, python=str(system.python))
         command = {
             "pgqueuer": [str(bin_dir / "pgq"), "run", "pgqueuer_side:create"],
             "procrastinate": [str(bin_dir / "procrastinate"), "--app", "procrastinate_side.app", "worker"],
@@ -313,12 +338,7 @@ class Workers:
         return found
 
     def cpu_seconds(self) -> float:
-        total = 0.0
-        for process in self.family():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                times = process.cpu_times()
-                total += times.user + times.system
-        return total
+        return cpu_of(self.family())
 
     def memory(self) -> Dict[str, float]:
         """In MB, of the largest top-level process and the largest process under one: USS
@@ -340,6 +360,7 @@ class Workers:
                 raise RuntimeError(f"{self.config.label}: a worker exited early with {proc.returncode}; its log:\n{tail}")
 
     def stop(self) -> None:
+        family = self.family()  # before: once the top process is gone its children are init's
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -347,11 +368,23 @@ class Workers:
         for proc in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.1, deadline - time.monotonic()))
+        for process in family:  # procqueue's workers have process groups of their own
+            with contextlib.suppress(psutil.Error):
+                process.kill()
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         self.log.close()
+
+
+def cpu_of(processes: Sequence[psutil.Process]) -> float:
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 @contextlib.contextmanager
@@ -369,12 +402,12 @@ def wait_until_drained(system: System, workers: Workers, enqueued: int, timeout:
     """Poll until nothing is left. The rate counts from the first task seen done, so a
     system's start-up time is not charged to its drain (its CPU is, from then on)."""
     deadline = time.monotonic() + timeout
-    first_at = first_left = first_cpu = None
+    first_at = first_left = first_cpu = first_store = None
     while True:
         left = system.remaining(enqueued)
         now = time.monotonic()
         if first_at is None and left < enqueued:
-            first_at, first_left, first_cpu = now, left, workers.cpu_seconds()
+            first_at, first_left, first_cpu, first_store = now, left, workers.cpu_seconds(), cpu_by_pid(system)
         if left == 0:
             break
         if now > deadline:
@@ -382,7 +415,23 @@ def wait_until_drained(system: System, workers: Workers, enqueued: int, timeout:
         workers.check_alive()
         time.sleep(POLL_SECONDS)
     seconds = max(now - first_at, POLL_SECONDS)
-    return {"tasks_per_s": first_left / seconds, "cpu_us_per_task": (workers.cpu_seconds() - first_cpu) / first_left * 1e6}
+    worker_cpu = workers.cpu_seconds() - first_cpu
+    last_store = cpu_by_pid(system)
+    # Backends started since count from zero; the harness's own polls are in it too.
+    store_cpu = sum(cpu - first_store.get(pid, 0.0) for pid, cpu in last_store.items())
+    return {"tasks_per_s": first_left / seconds, "cpu_us_per_task": worker_cpu / first_left * 1e6,
+            "total_cpu_us_per_task": (worker_cpu + store_cpu) / first_left * 1e6 if last_store else None}
+
+
+def cpu_by_pid(system: System) -> Dict[int, float]:
+    """CPU seconds of each of the store's processes now (the tree is read afresh: the
+    workers' backends may be newer than the last reading)."""
+    found = {}
+    for process in system.store_processes():
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            found[process.pid] = times.user + times.system
+    return found
 
 
 def test_enqueue(config: Config, system: System, options: Options) -> Dict[str, Optional[float]]:
@@ -545,7 +594,7 @@ def parse_options():
     parser = common.argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=20000, help="no-op tasks per drain and bulk enqueue")
-    parser.add_argument("--work-tasks", type=int, default=2000, help="tasks per drain with 1 ms and 10 ms of work")
+    parser.add_argument("--work-tasks", type=int, default=5000, help="tasks per drain with 1 ms and 10 ms of work")
     parser.add_argument("--single-tasks", type=int, default=2000, help="tasks enqueued one at a time")
     parser.add_argument("--samples", type=int, default=200, help="pickup latency samples")
     parser.add_argument("--idle-seconds", type=float, default=60)
@@ -580,7 +629,6 @@ def main() -> None:
     configs = [c for c in CONFIGS if not args.only_systems or c.system in args.only_systems]
     scratch = Path(tempfile.mkdtemp(prefix="procqueue-peers-"))
     redis = None
-    systems: Dict[str, System] = {}
     try:
         if any(c.system == "celery" for c in configs):
             if shutil.which("redis-server"):
@@ -589,21 +637,29 @@ def main() -> None:
                 print("note: no redis-server on PATH (apt-get install -y redis-server): Celery left out")
                 configs = [c for c in configs if c.system != "celery"]
         with common.bench_database(args.fast_disk) as url:
-            admin_url = with_database(url, "postgres")
-            for config in configs:
-                if config.system not in systems:
-                    systems[config.system] = System(config.system, admin_url, python, scratch, redis)
-            print(f"{common.machine()}; {options.rounds} round(s); peers: {', '.join(PEER_REQUIREMENTS[:4])}")
-            results = run_rounds(options, systems, configs)
-            summary = summarise(results, configs)
-            print_summary(summary)
-            write_results(options, results, summary, configs)
-            for system in systems.values():
-                system.close()
+            run_on_server(options, configs, with_database(url, "postgres"), python, scratch, redis)
     finally:
         if redis is not None:
             redis.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_on_server(options: Options, configs: Sequence[Config], admin_url: str, python: Path, scratch: Path,
+                  redis: Optional[Redis]) -> None:
+    systems: Dict[str, System] = {}
+    try:
+        for config in configs:
+            if config.system not in systems:
+                systems[config.system] = System(config.system, admin_url, python, scratch, redis)
+        print(f"{common.machine()}; {options.rounds} round(s); peers: {', '.join(PEER_REQUIREMENTS[:4])}")
+        results = run_rounds(options, systems, configs)
+        summary = summarise(results, configs)
+        print_summary(summary)
+        write_results(options, results, summary, configs)
+    finally:
+        with common.deferred_interrupts():  # an external server keeps what is not dropped
+            for system in systems.values():
+                system.close()
 
 
 def write_results(options: Options, results: dict, summary: dict, configs: Sequence[Config]) -> None:

@@ -40,7 +40,7 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: floa
 
 
 def start_run_task_processor(args: List[str], *, database_url: str, import_path: List[Path], status_file: Path,
-                             stdout, env: Optional[dict] = None) -> subprocess.Popen:
+                             stdout, env: Optional[dict] = None, python: str = sys.executable) -> subprocess.Popen:
     """`bin/run-task-processor` as a user runs it (the tests' and the benchmarks' way),
     its output (both streams) to `stdout`: in a session of its own, so a signal meant for
     the test run reaches it only when sent to it; with its own status file, never the
@@ -49,7 +49,7 @@ def start_run_task_processor(args: List[str], *, database_url: str, import_path:
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [*map(str, import_path), environment.get("PYTHONPATH")]))
     environment.pop("TASK_RUN_METHOD", None)
     environment.update(env or {})
-    command = [sys.executable, str(REPO / "bin" / "run-task-processor"), *args]
+    command = [python, str(REPO / "bin" / "run-task-processor"), *args]
     return subprocess.Popen(command, env=environment, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -17,10 +17,10 @@ PANELS = (  # (test, figure, title, higher is better)
     ("drain", "tasks_per_s", "drain, no-op tasks/s", True),
     ("drain_10ms", "tasks_per_s", "drain, 10 ms of waiting per task, tasks/s", True),
     ("drain", "cpu_us_per_task", "worker CPU per no-op task, us", False),
+    ("drain", "total_cpu_us_per_task", "CPU per no-op task, workers and their store, us", False),
     ("pickup", "p99_ms", "pickup latency when idle, p99 ms", False),
     ("idle", "xacts_per_s", "idle: transactions (Celery: Redis commands)/s", False),
     ("memory", "worker_pss_mb", "largest worker's PSS after a long drain, MB", False),
-    ("memory", "worker_uss_mb", "largest worker's USS after a long drain, MB", False),
 )
 
 
