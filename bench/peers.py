@@ -199,13 +199,16 @@ RESET_SQL = {
 class System:
     """A system under test: its own database (or Redis), reset between tests."""
 
-    def __init__(self, name: str, admin_url: str, python: Path, scratch: Path, redis: Optional[Redis]) -> None:
+    def __init__(self, name: str, admin_url: str, python: Path, scratch: Path, redis: Optional[Redis],
+                 fast_disk: bool = False) -> None:
         self.name = name
         self.python = python
         self.scratch = scratch
         self.redis = redis
         self.dbname = f"peers_{name}"
         run_sql(admin_url, f'DROP DATABASE IF EXISTS "{self.dbname}" WITH (FORCE)', f'CREATE DATABASE "{self.dbname}"')
+        if fast_disk:  # per database, as for the bench database: an external server's others unaffected
+            run_sql(admin_url, f'ALTER DATABASE "{self.dbname}" SET synchronous_commit = off')
         self.admin_url = admin_url
         self.url = with_database(admin_url, self.dbname)
         self.done_file = scratch / f"{name}.done"
@@ -464,7 +467,8 @@ def test_pickup(config: Config, system: System, options: Options) -> Dict[str, f
         delays = sorted(d * 1000 for d in system.pickups())
     if len(delays) < options.samples:
         raise RuntimeError(f"{config.label}: {len(delays)} of {options.samples} stamped tasks ran")
-    return {"p50_ms": percentile(delays, 50), "p95_ms": percentile(delays, 95), "p99_ms": percentile(delays, 99),
+    return {"p50_ms": common.percentile(delays, 50), "p95_ms": common.percentile(delays, 95),
+            "p99_ms": common.percentile(delays, 99),
             "max_ms": delays[-1]}
 
 
@@ -514,10 +518,6 @@ HIGHER_IS_BETTER = {"single_per_s": True, "bulk_per_s": True, "tasks_per_s": Tru
 
 
 # -- running it all ----------------------------------------------------------------------------
-
-def percentile(values: Sequence[float], pct: float) -> float:
-    return common.percentile(values, pct)
-
 
 def run_rounds(options: Options, systems: Dict[str, System], configs: Sequence[Config]) -> dict:
     """results[test][label] = one dict of figures per round."""
@@ -637,7 +637,7 @@ def main() -> None:
                 print("note: no redis-server on PATH (apt-get install -y redis-server): Celery left out")
                 configs = [c for c in configs if c.system != "celery"]
         with common.bench_database(args.fast_disk) as url:
-            run_on_server(options, configs, with_database(url, "postgres"), python, scratch, redis)
+            run_on_server(options, configs, with_database(url, "postgres"), python, scratch, redis, args.fast_disk)
     finally:
         if redis is not None:
             redis.stop()
@@ -645,12 +645,12 @@ def main() -> None:
 
 
 def run_on_server(options: Options, configs: Sequence[Config], admin_url: str, python: Path, scratch: Path,
-                  redis: Optional[Redis]) -> None:
+                  redis: Optional[Redis], fast_disk: bool) -> None:
     systems: Dict[str, System] = {}
     try:
         for config in configs:
             if config.system not in systems:
-                systems[config.system] = System(config.system, admin_url, python, scratch, redis)
+                systems[config.system] = System(config.system, admin_url, python, scratch, redis, fast_disk)
         print(f"{common.machine()}; {options.rounds} round(s); peers: {', '.join(PEER_REQUIREMENTS[:4])}")
         results = run_rounds(options, systems, configs)
         summary = summarise(results, configs)

@@ -485,7 +485,7 @@ class Supervisor:
 
     def spare(self, slot: Slot, view: SlotView) -> None:
         log_event(logger, logging.WARNING, "worker.recovered", worker=slot.index, pid=slot.pid,
-                  task_id=slot.kill.task_id if slot.kill else "-", now_running=view.task_id or "-")
+                  task_id=slot.kill.task_id, now_running=view.task_id or "-")
         spared(slot)
 
     def kill_all_workers(self) -> None:

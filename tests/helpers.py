@@ -195,6 +195,19 @@ def sample(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def claimed_task(task_name: str, **fields):
+    """A task as a claim hands it to a worker, for running it in-process; `fields` over
+    the defaults (one attempt of three, 60 s timeout, no recurring slot, run now)."""
+    from datetime import datetime, timezone
+
+    from procqueue.records import ClaimedTask
+
+    now = datetime.now(timezone.utc)
+    values = dict(id=1, task_name=task_name, args=[], kwargs={}, queue="default", priority=50, run_at=now,
+                  attempts=1, max_attempts=3, timeout_seconds=60, recurring_slot=None, leased_at=now)
+    return ClaimedTask(**{**values, **fields})
+
+
 def execution_count(db, key=None) -> int:
     """Executions the sample tasks recorded (with `key`, of that key only)."""
     with db.cursor() as cur:

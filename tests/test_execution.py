@@ -14,6 +14,8 @@ from procqueue import RunOutcome, TaskBackoffError, TaskState, register_task_han
 from procqueue.execution import execute, summarise
 from procqueue.records import ClaimedTask
 
+from helpers import claimed_task
+
 
 class UnprintableError(Exception):
     def __str__(self):
@@ -78,10 +80,8 @@ def registered():
 
 
 def claimed(func, attempts=1, max_attempts=3, recurring_slot=None) -> ClaimedTask:
-    now = datetime.now(timezone.utc)
-    return ClaimedTask(id=1, task_name=f"test_execution.{func.__name__}", args=[], kwargs={}, queue="default",
-                       priority=50, run_at=now, attempts=attempts, max_attempts=max_attempts, timeout_seconds=60,
-                       recurring_slot=recurring_slot, leased_at=now)
+    return claimed_task(f"test_execution.{func.__name__}", attempts=attempts, max_attempts=max_attempts,
+                        recurring_slot=recurring_slot)
 
 
 def run(task: ClaimedTask):

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from datetime import datetime, timezone
-
 import pytest
 
+from helpers import claimed_task
 from procqueue.config import DatabaseConfig, ProcessorConfig
 from procqueue.heartbeat import SlotView, WorkerSlot, WorkerState, read_slot
-from procqueue.records import ClaimedTask, RunOutcome
+from procqueue.records import RunOutcome
 from procqueue.registry import register_task_handler
 from procqueue.worker import Worker
 from procqueue.worker_fate import (FAILED_STARTS_LIMIT, HARD_TIMEOUT_MARGIN_SECONDS, RESPAWN_BACKOFF_SECONDS,
@@ -117,7 +116,7 @@ def test_a_finished_task_shows_as_ended_before_the_worker_waits_for_its_flush():
     worker = Worker(ProcessorConfig(database=DatabaseConfig(url=None, schema="unused")), processor_id="p", index=0,
                     slot=slot)
     worker.flusher = StalledFlusher()
-    worker.run_one(claimed("test_worker_fate.quick", timeout=1.0))
+    worker.run_one(claimed_task("test_worker_fate.quick", id=7, timeout_seconds=1.0))
     assert [v.state for v in seen_while_taking_back] == [WorkerState.IDLE]
 
 
@@ -318,8 +317,3 @@ def test_the_processor_gives_up_only_when_every_slot_keeps_failing_and_no_worker
 def _quick() -> None:
     pass
 
-
-def claimed(name: str, *, timeout: float) -> ClaimedTask:
-    now = datetime.now(timezone.utc)
-    return ClaimedTask(id=7, task_name=name, args=[], kwargs={}, queue="default", priority=0, run_at=now,
-                       attempts=1, max_attempts=3, timeout_seconds=timeout, recurring_slot=None, leased_at=now)
