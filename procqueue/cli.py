@@ -153,7 +153,8 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "as stuck (a running task is held to its own timeout instead). "
                           f"[env: TASK_PROCESSOR_GRACE_PERIOD_MS; default: {DEFAULT_GRACE_PERIOD_MS}]"),
         click.option("--queuepopsize", "queue_pop_size", type=int, default=None, metavar="N",
-                     help="Tasks a worker claims per round trip. "
+                     help="Tasks a worker claims per round trip to begin with; claims grow while tasks "
+                          "are quick, up to 10 times this. "
                           f"[env: TASK_PROCESSOR_QUEUE_POP_SIZE; default: {DEFAULT_QUEUE_POP_SIZE}]"),
         click.option("--shutdown-timeout", "shutdown_timeout", type=float, default=None, metavar="SECONDS",
                      help="On SIGTERM/SIGINT, how long running tasks may take to finish before they are "

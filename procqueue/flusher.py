@@ -7,7 +7,8 @@ not know that the slow one had started, so were its whole processor to die, the 
 could not tell it from the tasks still waiting their turn. While the main thread runs
 task code, the worker's own database connection sits idle; this thread borrows it for
 that time only, records what has waited FLUSH_AFTER_SECONDS, and marks the task in hand
-started once it has run that long.
+started once it has run that long, when it also puts back the tasks claimed behind it,
+for other workers to run meanwhile.
 
 The connection passes between the two threads under one lock: the main thread lends it
 just before a task starts and takes it back (waiting for a flush under way) as soon as
@@ -46,10 +47,13 @@ class LendingWorker(Protocol):
     pending: List[Any]  # outcomes not yet recorded
     pending_since: float
     current: Optional[RunningTask]  # the task whose code runs now
+    waiting: List[Any]  # tasks claimed behind it, not yet begun
 
     def clock(self) -> float: ...
 
     def mark_started(self) -> None: ...
+
+    def release_waiting(self) -> None: ...
 
     def flush(self) -> None: ...
 
@@ -134,7 +138,7 @@ class FlushDuringTasks:
         if worker.pending:
             due.append(worker.pending_since + self.flush_after_seconds)
         current = worker.current
-        if current is not None and not current.marked:
+        if current is not None and (not current.marked or worker.waiting):
             due.append(current.began + self.flush_after_seconds)
         return min(due) - worker.clock() if due else None
 
@@ -143,6 +147,7 @@ class FlushDuringTasks:
             if self.worker.conn is None or self.worker.conn.closed:
                 self._reconnect()
             self.worker.mark_started()
+            self.worker.release_waiting()
             if self.worker.pending and self.worker.clock() - self.worker.pending_since >= self.flush_after_seconds:
                 self.worker.flush()
         except ConnectionLost:

@@ -114,6 +114,12 @@ class Queries:
                   "delay": delay_seconds}
         return bool(self._execute(conn, "put_back", params))
 
+    def put_back_unstarted(self, conn, *, processor: str, worker: int, tasks: Sequence[ClaimedTask]) -> List[int]:
+        """Return claimed tasks not yet started to the queue; returns those this worker still held."""
+        params = {"processor": processor, "worker": worker, "ids": [t.id for t in tasks],
+                  "leases": [t.leased_at for t in tasks], "channel": f"procqueue_{self.schema}"}
+        return [row[0] for row in self._execute(conn, "put_back_unstarted", params)]
+
     def release_worker_tasks(
         self, conn, *, processor: str, worker: int, in_flight: Optional[int], error: str,
         outcome: RunOutcome = RunOutcome.LOST, charge: bool = True, in_flight_started: Optional[datetime] = None,

@@ -68,6 +68,29 @@ WHERE id = %(id)s
   AND locked_at = %(leased_at)s
 RETURNING id;
 
+-- name: put_back_unstarted
+-- running -> queued for the tasks a worker claimed behind one that turned out slow:
+-- untouched (attempt refunded, no run record), still due, so they keep their place in
+-- claim order. Only those still under the claim that took them, and not started. The
+-- NOTIFY (sent once per transaction, however many rows) wakes idle workers to take them.
+WITH back AS (
+    UPDATE {schema}.tasks AS t
+    SET state = 'queued',
+        attempts = t.attempts - 1,
+        locked_by = NULL,
+        locked_worker = NULL,
+        locked_at = NULL
+    FROM unnest(%(ids)s::bigint[], %(leases)s::timestamptz[]) AS l(id, leased_at)
+    WHERE t.id = l.id
+      AND t.state = 'running'
+      AND t.locked_by = %(processor)s
+      AND t.locked_worker = %(worker)s
+      AND t.locked_at = l.leased_at
+      AND t.started_at IS NULL
+    RETURNING t.id
+)
+SELECT id, pg_notify(%(channel)s, '') FROM back;
+
 -- name: complete
 -- running -> succeeded / failed / queued (retry) / missed (a recurring run cut short by
 -- its supervisor's death) for a batch of finished tasks, writing

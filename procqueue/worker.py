@@ -23,6 +23,7 @@ import psycopg2
 import psycopg2.errors
 
 from . import registry
+from .claim_size import cap_for_recycling, next_claim_size
 from .config import ProcessorConfig
 from .db import Connection, connect, first_line, is_connection_error
 from .errors import DatabaseError
@@ -89,6 +90,11 @@ class Worker:
         self.conn: Optional[Connection] = None
         self.pending: List[TaskOutcome] = []
         self.leases: Dict[int, datetime] = {}  # task id -> leased_at of the claim that holds it
+        self.claim_size = config.queue_pop_size  # grows and shrinks with how quick tasks are (claim_size)
+        self.waiting: List[ClaimedTask] = []  # claimed, not yet begun, in the order they run
+        # A put-back whose reply was lost may have committed: the tasks behind it are then
+        # each checked in the database before they start (begin).
+        self.lease_in_doubt = False
         self.pending_since = 0.0
         self.current: Optional[RunningTask] = None  # the task in hand, for the flush thread
         self.in_hand: Optional[RunningTask] = None  # ... until its processes are seen to (after_task)
@@ -221,12 +227,15 @@ class Worker:
             self.flush()
             self.wait_for_work()
             return 0
+        self.waiting = list(tasks)
+        began = self.clock()
         ran = 0
-        for task in tasks:
-            if self.stopping:
-                break
-            if self.run_one(task) is not None:
+        while self.waiting and not self.stopping:
+            if self.run_one(self.waiting.pop(0)) is not None:
                 ran += 1
+        self.claim_size = next_claim_size(current=self.claim_size, pop_size=self.config.queue_pop_size,
+                                          claimed=len(tasks), ran=ran, seconds=self.clock() - began)
+        self.lease_in_doubt = False
         self.flush()
         if self.stopping:
             self._release_unstarted()
@@ -239,12 +248,16 @@ class Worker:
             self.conn,
             processor=self.processor_id,
             worker=self.index,
-            limit=self.config.queue_pop_size,
+            limit=cap_for_recycling(self.claim_size, self._tasks_left()),
             queues=self.config.queues,
         )
         self.next_poll = self.clock() + self.config.sleep_interval_ms / 1000
         self.leases.update((task.id, task.leased_at) for task in tasks)
         return tasks
+
+    def _tasks_left(self) -> Optional[int]:
+        limit = self.config.max_tasks_per_worker
+        return None if limit is None else limit - self.tasks_run
 
     def run_one(self, task: ClaimedTask) -> Optional[TaskOutcome]:
         """Run one claimed task and queue its outcome; None when it was not run after all
@@ -291,7 +304,7 @@ class Worker:
         if task.recurring_slot is not None:
             recorded_at = self.begin_recurring_run(task)
             return Start(recorded_at is not None, recorded_at)
-        if not task.rescues:
+        if not task.rescues and not self.lease_in_doubt:
             return Start(True, None)
         recorded_at = self.queries.start_run(self.conn, processor=self.processor_id, worker=self.index, task=task)
         if recorded_at is None:  # taken back meanwhile (this worker was thought dead): not ours to run
@@ -336,6 +349,26 @@ class Worker:
         self.queries.start_run(self.conn, processor=self.processor_id, worker=self.index, task=current.task,
                                started_at=current.started_at)
         current.marked = True
+
+    def release_waiting(self) -> None:
+        """From the flush thread, with the connection lent: the task in hand has run
+        FLUSH_AFTER_SECONDS, so the tasks claimed behind it go back to the queue, for
+        other workers (woken by the statement's NOTIFY) to run now, not after it."""
+        current = self.current
+        if not self.waiting or current is None or self.clock() - current.began < FLUSH_AFTER_SECONDS:
+            return
+        waiting = self.waiting
+        try:
+            released = self.queries.put_back_unstarted(self.conn, processor=self.processor_id, worker=self.index,
+                                                       tasks=waiting)
+        except BaseException:
+            self.lease_in_doubt = True  # it may have committed all the same
+            raise
+        self.waiting = []
+        for task_id in released:
+            self.leases.pop(task_id, None)
+        log_event(logger, logging.DEBUG, "batch.released", worker=self.index, count=len(released),
+                  behind_task=current.task.id)
 
     def after_task(self, outcome: TaskOutcome, running: RunningTask) -> None:
         """A task interrupted (its timeout, its supervisor's death) had no chance to stop
@@ -513,6 +546,7 @@ class Worker:
         self._release_unstarted()
 
     def _release_unstarted(self) -> None:
+        self.waiting = []
         self.queries.release_worker_tasks(
             self.conn, processor=self.processor_id, worker=self.index, in_flight=None, error="worker stopping"
         )  # unstarted tasks go back without a run record: nothing to log per task

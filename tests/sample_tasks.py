@@ -13,6 +13,14 @@ from datetime import timedelta
 from procqueue import client, current_task, register_task_handler
 
 
+def recorded_before(key: str) -> bool:
+    """Whether an earlier run recorded `key`: for tasks that behave badly only once."""
+    conn, _ = client.connection()
+    with conn.cursor() as cur:
+        cur.execute("SELECT EXISTS (SELECT 1 FROM public.executions WHERE key = %s)", (key,))
+        return cur.fetchone()[0]
+
+
 def record(key: str) -> None:
     conn, _ = client.connection()
     task = current_task()
@@ -243,15 +251,25 @@ def record_once(key: str) -> None:
     record(key)
 
 
+@register_task_handler(task_name="sample.freeze_first_time")
+def freeze_first_time(key: str) -> None:
+    """On its first run, stops its whole worker process (SIGSTOP) the moment it starts:
+    the worker holds its claim frozen, before anything could tell the database the run
+    had started or put the tasks claimed behind it back (as a host that dies does)."""
+    import signal
+
+    first_run = not recorded_before(key)
+    record(key)
+    if first_run:
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 @register_task_handler(task_name="sample.wedged_once", timeout=timedelta(seconds=1), max_attempts=2)
 def wedged_once(key: str) -> None:
     """Wedges beyond its worker's reach on the first attempt only, then succeeds."""
     import signal
 
-    conn, _ = client.connection()
-    with conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM public.executions WHERE key = %s", (key,))
-        first_attempt = cur.fetchone()[0] == 0
+    first_attempt = not recorded_before(key)
     record(key)
     if first_attempt:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})

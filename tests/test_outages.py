@@ -51,18 +51,17 @@ def test_tasks_of_a_dead_host_are_rescued_by_a_live_processor(db, start_processo
 def test_tasks_only_claimed_by_a_dead_host_go_back_untouched(db, start_processor):
     first = start_processor("--numthreads", "1", "--queuepopsize", "5", "--rescue-after", "3")
     first.wait_for_log("event=worker.started")
-    long_id, *once_ids = procqueue.enqueue_many(  # one statement, so one claim takes all four
-        [sample_tasks.sleep_then_record.call(args=(30, "long"))]
+    frozen_id, *once_ids = procqueue.enqueue_many(  # one statement, so one claim takes all four
+        [sample_tasks.freeze_first_time.call(args=("frozen",))]
         + [sample_tasks.record_once.call(args=(f"once{n}",)) for n in range(3)])
-    # All four claimed in one batch; the long one runs, the others wait their turn.
-    wait_until(lambda: all(procqueue.get_task(i).state is TaskState.RUNNING for i in [long_id, *once_ids]),
-               timeout=15, message="batch claimed")
-    # One task per claim, so the long one occupies one worker while the other runs the rest.
+    # The first task stops its worker the moment it starts: the other three are claimed
+    # behind it, and nothing told the database that any of the four had started.
+    wait_until(lambda: execution_count(db, "frozen") == 1, timeout=15, message="first task started")
+    held = [procqueue.get_task(i) for i in [frozen_id, *once_ids]]
+    assert all(t.state is TaskState.RUNNING and t.started_at is None for t in held)
     second = start_processor("--numthreads", "2", "--queuepopsize", "1", "--rescue-after", "3",
                              "--shutdown-timeout", "1")
     second.wait_for_log("event=worker.started", count=2)
-    wait_until(lambda: procqueue.get_task(long_id).started_at is not None, timeout=15, message="long one started")
-    assert all(procqueue.get_task(i).started_at is None for i in once_ids)  # claimed, not started
     os.kill(first.pid, signal.SIGSTOP)  # the host dies
     for worker in psutil.Process(first.pid).children():
         os.killpg(worker.pid, signal.SIGKILL)
@@ -73,8 +72,10 @@ def test_tasks_only_claimed_by_a_dead_host_go_back_untouched(db, start_processor
         # Untouched: no run record of the dead host's claim, no attempt charged for it.
         assert [r.outcome.value for r in procqueue.get_task_runs(task_id)] == ["succeeded"]
         assert procqueue.get_task(task_id).attempts == 1
-    assert [r.outcome.value for r in procqueue.get_task_runs(long_id)] == ["lost"]  # it had started
-    assert procqueue.get_task(long_id).state is TaskState.RUNNING  # on the live processor now
+    # The frozen one's start never reached the database: it too went back untouched, and ran again.
+    wait_until(lambda: procqueue.get_task(frozen_id).state is TaskState.SUCCEEDED, timeout=30, message="frozen")
+    assert [r.outcome.value for r in procqueue.get_task_runs(frozen_id)] == ["succeeded"]
+    assert (procqueue.get_task(frozen_id).attempts, execution_count(db, "frozen")) == (1, 2)
     assert second.stop(timeout=60) == 0
 
 

@@ -75,17 +75,66 @@ def test_claims_in_priority_then_run_at_order(worker):
     assert calls == ["highest", "high", "normal-1", "normal-2", "lower"]
 
 
-def test_claims_at_most_queue_pop_size_per_step(db, processor_config):
+def test_claims_start_at_queue_pop_size_and_grow_while_tasks_are_quick(db, processor_config):
     from dataclasses import replace
 
     worker = Worker(replace(processor_config, queue_pop_size=3), processor_id="p", index=0)
     worker.recurring_names = []
     try:
-        procqueue.enqueue_many([collect.call(args=(n,)) for n in range(7)])
-        assert [worker.step(), worker.step(), worker.step()] == [3, 3, 1]
-        assert sorted(calls) == list(range(7))
+        procqueue.enqueue_many([collect.call(args=(n,)) for n in range(20)])
+        # 3, then twice as many while claims come back full of quick tasks; the last
+        # claim takes what is left.
+        assert [worker.step(), worker.step(), worker.step()] == [3, 6, 11]
+        assert sorted(calls) == list(range(20))
+        assert worker.step() == 0
     finally:
         worker.close()
+
+
+@register_task_handler(task_name="test_worker.pause")
+def pause(seconds):
+    time.sleep(seconds)
+
+
+def received_notifications(conn, count, seconds=5):
+    """Whether `count` NOTIFYs reach `conn` within `seconds`; clears them."""
+    import select
+
+    deadline = time.monotonic() + seconds
+    while len(conn.notifies) < count and time.monotonic() < deadline:
+        select.select([conn], [], [], max(0.0, deadline - time.monotonic()))
+        conn.poll()
+    arrived = len(conn.notifies)
+    conn.notifies.clear()
+    return arrived == count
+
+
+def test_tasks_claimed_behind_a_slow_one_go_back_for_other_workers(db, processor_config):
+    worker = Worker(processor_config, processor_id="p", index=0)
+    other = Worker(processor_config, processor_id="p", index=1)
+    for w in (worker, other):
+        w.recurring_names = []
+        w.ensure_connected()
+    worker.flush_during_tasks()  # as in a worker process: the thread that puts them back
+    try:
+        slow_id = pause.delay(args=(0.6,), priority=TaskPriority.HIGHEST)
+        quick_ids = [collect.delay(args=(n,)) for n in range(4)]
+        assert received_notifications(other.conn, 5)  # the enqueues' own, one each
+
+        assert worker.step() == 1  # the slow one; the four behind it went back meanwhile
+        assert calls == []
+        assert procqueue.get_task(slow_id).state is TaskState.SUCCEEDED
+        for task_id in quick_ids:
+            task = procqueue.get_task(task_id)
+            assert (task.state, task.attempts, task.locked_by, task.started_at) == (TaskState.QUEUED, 0, None, None)
+            assert runs_of(task_id) == []
+        assert received_notifications(other.conn, 1)  # idle workers are woken for them
+        assert other.step() == 4
+        assert sorted(calls) == [0, 1, 2, 3]
+        assert worker.claim_size == processor_config.queue_pop_size
+    finally:
+        worker.close()
+        other.close()
 
 
 def test_delay_until_holds_a_task_back_until_due(worker):
