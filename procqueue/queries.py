@@ -46,6 +46,7 @@ class Queries:
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
+        self.channel = f"procqueue_{schema}"  # what LISTEN listens on and the trigger notifies
         self._rendered: Dict[str, str] = {}
 
     def text(self, name: str, conn) -> str:
@@ -53,7 +54,7 @@ class Queries:
         rendered = self._rendered.get(name)
         if rendered is None:
             template = sql.SQL(_statement_templates()[name])
-            identifiers = {"schema": sql.Identifier(self.schema), "channel": sql.Identifier(f"procqueue_{self.schema}")}
+            identifiers = {"schema": sql.Identifier(self.schema), "channel": sql.Identifier(self.channel)}
             rendered = template.format(**identifiers).as_string(conn)
             self._rendered[name] = rendered
         return rendered
@@ -117,7 +118,7 @@ class Queries:
     def put_back_unstarted(self, conn, *, processor: str, worker: int, tasks: Sequence[ClaimedTask]) -> List[int]:
         """Return claimed tasks not yet started to the queue; returns those this worker still held."""
         params = {"processor": processor, "worker": worker, "ids": [t.id for t in tasks],
-                  "leases": [t.leased_at for t in tasks], "channel": f"procqueue_{self.schema}"}
+                  "leases": [t.leased_at for t in tasks], "channel": self.channel}
         return [row[0] for row in self._execute(conn, "put_back_unstarted", params)]
 
     def release_worker_tasks(
@@ -214,6 +215,9 @@ class Queries:
 
     def use_schema(self, conn) -> None:
         self._execute(conn, "use_schema")
+
+    def announce(self, conn) -> None:
+        self._execute(conn, "announce", {"channel": self.channel})
 
     def listen(self, conn) -> None:
         self._execute(conn, "listen")

@@ -434,6 +434,11 @@ CREATE SCHEMA IF NOT EXISTS {schema};
 -- schema.sql names no schema: it is applied with this search_path, in one transaction.
 SET LOCAL search_path TO {schema};
 
+-- name: announce
+-- Wake the idle workers of every processor: a worker's unprompted look found more work
+-- than one claim takes.
+SELECT pg_notify(%(channel)s, '');
+
 -- name: listen
 -- The channel the tasks_enqueued trigger notifies: "procqueue_<schema>".
 LISTEN {channel};

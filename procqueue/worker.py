@@ -24,6 +24,7 @@ import psycopg2.errors
 
 from . import registry
 from .claim_size import cap_for_recycling, next_claim_size
+from .poll_turns import next_turn
 from .config import ProcessorConfig
 from .db import Connection, connect, first_line, is_connection_error
 from .errors import DatabaseError
@@ -108,6 +109,7 @@ class Worker:
         ]
         self.next_recurring_check = 0.0
         self.next_poll = 0.0
+        self.unprompted = True  # the next claim is a look of our own, not an answer to a NOTIFY
         self.connection_failures = 0
         self.parent_pid = os.getppid()
         self.tasks_run = 0
@@ -244,15 +246,15 @@ class Worker:
     def claim(self) -> List[ClaimedTask]:
         # Any NOTIFY that arrived before this claim is answered by it.
         self.conn.notifies.clear()
+        limit = cap_for_recycling(self.claim_size, self._tasks_left())
         tasks = self.queries.claim(
-            self.conn,
-            processor=self.processor_id,
-            worker=self.index,
-            limit=cap_for_recycling(self.claim_size, self._tasks_left()),
-            queues=self.config.queues,
-        )
-        self.next_poll = self.clock() + self.config.sleep_interval_ms / 1000
+            self.conn, processor=self.processor_id, worker=self.index, limit=limit, queues=self.config.queues)
+        self.next_poll = next_turn(self.clock(), interval=self.config.sleep_interval_ms / 1000,
+                                   index=self.index, workers=self.config.num_workers)
         self.leases.update((task.id, task.leased_at) for task in tasks)
+        if self.unprompted and len(tasks) == limit:
+            self.queries.announce(self.conn)  # nothing told the others: there may be more for them
+        self.unprompted = False
         return tasks
 
     def _tasks_left(self) -> Optional[int]:
@@ -473,8 +475,8 @@ class Worker:
                                                        RECURRING_CHECK_MAX_SECONDS)
 
     def wait_for_work(self) -> None:
-        """Sleep until a NOTIFY, a stop request, a due recurring check or the poll interval,
-        beating at least every IDLE_BEAT_SECONDS."""
+        """Sleep until a NOTIFY, a stop request, a due recurring check or this worker's turn
+        to look for work unannounced (poll_turns), beating at least every IDLE_BEAT_SECONDS."""
         self.slot_writer.set_state(WorkerState.IDLE)
         while not self.stopping:
             deadline = self.next_poll
@@ -482,6 +484,7 @@ class Worker:
                 deadline = min(deadline, self.next_recurring_check)
             remaining = deadline - self.clock()
             if remaining <= 0:
+                self.unprompted = True
                 return
             if self._wait_readable(min(remaining, IDLE_BEAT_SECONDS)):
                 return
