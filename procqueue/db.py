@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional
 import psycopg2
 import psycopg2.extensions
 import psycopg2.extras
+from psycopg2 import sql
 
 from .config import DatabaseConfig
 from .embedded import embedded_server_url
@@ -58,6 +59,43 @@ def connect(
     conn.autocommit = autocommit
     psycopg2.extras.register_default_jsonb(conn, loads=read_json)
     return conn
+
+
+@contextlib.contextmanager
+def one_transaction(conn: Connection) -> Iterator[None]:
+    """The block's statements in one transaction, on a connection otherwise in autocommit
+    mode: committed together, or (on an error) not at all."""
+    conn.autocommit = False
+    try:
+        yield
+        if conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_INERROR:
+            # An error the block caught left the transaction failed: COMMIT would roll it
+            # back without a word.
+            raise DatabaseError("a statement failed inside a transaction; nothing of it was committed")
+        conn.commit()
+    except BaseException:
+        if not conn.closed:
+            conn.rollback()
+        raise
+    finally:
+        if not conn.closed:
+            conn.autocommit = True
+
+
+@contextlib.contextmanager
+def savepoint(conn: Connection, name: str) -> Iterator[None]:
+    """Within one_transaction: an error in the block undoes the block only."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SAVEPOINT {}").format(sql.Identifier(name)))
+    try:
+        yield
+    except psycopg2.Error:
+        if not conn.closed and conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_INERROR:
+            with conn.cursor() as cur:
+                cur.execute(sql.SQL("ROLLBACK TO SAVEPOINT {}").format(sql.Identifier(name)))
+        raise
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("RELEASE SAVEPOINT {}").format(sql.Identifier(name)))
 
 
 def read_json(text: str) -> Any:

@@ -21,7 +21,7 @@ import psycopg2
 
 from . import registry
 from .config import ProcessorConfig
-from .db import Connection, connect, first_line, is_connection_error, waits_unbounded
+from .db import Connection, connect, first_line, is_connection_error, one_transaction, savepoint, waits_unbounded
 from .errors import DatabaseError, DatabaseUnavailable
 from .logs import log_event
 from .metrics import TaskMetrics, result_label
@@ -101,8 +101,9 @@ class SupervisorDatabase:
                     first_run_at=schedule.first_run_at, timeout_seconds=schedule.timeout.total_seconds(),
                     args_json=schedule.args_json, kwargs_json=schedule.kwargs_json,
                 )
-            self.heartbeat(self.conn)
-            self.refresh_queue_stats(self.conn)
+            with one_transaction(self.conn):
+                self.heartbeat(self.conn)
+                self.refresh_queue_stats(self.conn)
         except (psycopg2.Error, DatabaseError) as exc:
             self.close()
             if isinstance(exc, psycopg2.Error) and is_connection_error(exc):
@@ -151,15 +152,23 @@ class SupervisorDatabase:
         try:
             self.ensure_connected()
             self.release_pending(self.conn)
-            if self.clock() >= self.next_heartbeat:
-                self.heartbeat(self.conn)
-            if self.clock() >= self.next_rescue and not stopping and self.may_judge_peers():
-                self.rescue(self.conn)
-            if self.clock() >= self.next_expiry_check:
-                self.next_expiry_check = self.clock() + EXPIRY_CHECK_SECONDS
-                self.miss_expired(self.conn)
-            if self.clock() >= self.next_queue_stats:
-                self.refresh_queue_stats(self.conn)
+            now = self.clock()
+            heartbeat, expiry, stats = (now >= self.next_heartbeat, now >= self.next_expiry_check,
+                                        now >= self.next_queue_stats)
+            rescue = now >= self.next_rescue and not stopping and self.may_judge_peers()
+            if heartbeat or rescue or expiry or stats:
+                # One commit for whatever is due: at the defaults all four fall due together
+                # every 5 s, and an idle processor's cost in Postgres is mostly this round.
+                with one_transaction(self.conn):
+                    if heartbeat:
+                        self.heartbeat(self.conn)
+                    if rescue:
+                        self.rescue(self.conn)
+                    if expiry:
+                        self.next_expiry_check = now + EXPIRY_CHECK_SECONDS
+                        self.miss_expired(self.conn)
+                    if stats:  # last: a count cut short by its time limit undoes only itself
+                        self.refresh_queue_stats(self.conn)
             self.failures = 0
             self.up = True
             if self.since is None:
@@ -225,9 +234,12 @@ class SupervisorDatabase:
                       reason="not started before it expired" + (" (the next slot was due)" if task.recurring else ""))
 
     def refresh_queue_stats(self, conn: Connection) -> None:
+        """Count the queue, inside a transaction of the caller's (one_transaction); should the
+        count pass its time limit, only it is rolled back."""
         self.next_queue_stats = self.clock() + QUEUE_STATS_INTERVAL_SECONDS
         try:
-            stats = self.queries.queue_stats(conn, timeout_seconds=QUEUE_STATS_TIMEOUT_SECONDS, now=time.time())
+            with savepoint(conn, "queue_stats"):
+                stats = self.queries.queue_stats(conn, timeout_seconds=QUEUE_STATS_TIMEOUT_SECONDS, now=time.time())
         except psycopg2.errors.QueryCanceled:
             log_event(logger, logging.WARNING, "queue_stats.timeout", timeout_s=QUEUE_STATS_TIMEOUT_SECONDS,
                       note="counting the queue took too long; the figures shown are older")

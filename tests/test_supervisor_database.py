@@ -1,0 +1,77 @@
+"""The supervisor's periodic round in Postgres (procqueue.supervisor_database), driven
+in-process with a clock of the test's own against real Postgres."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+import procqueue.supervisor_database as supervisor_database
+from procqueue.metrics import TaskMetrics
+from procqueue.supervisor_database import SupervisorDatabase
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def database(db, processor_config):
+    clock = Clock()
+    database = SupervisorDatabase(processor_config, processor_id="round-test", clock=clock, task_metrics=TaskMetrics())
+    database.start()
+    database.clock_for_test = clock
+    yield database
+    database.close()
+
+
+def expired_task(db) -> int:
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO procqueue.tasks (task_name, expires_at) VALUES ('test.expired', now()) RETURNING id")
+        return cur.fetchone()[0]
+
+
+def writer_of(db, table: str, row_id) -> int:
+    """The transaction that last wrote the row."""
+    with db.cursor() as cur:
+        cur.execute(f"SELECT xmin::text::bigint FROM procqueue.{table} WHERE id = %s", (row_id,))
+        return cur.fetchone()[0]
+
+
+def test_what_falls_due_together_is_one_transaction(db, database):
+    """An idle processor's cost in Postgres is its periodic round: one commit, not one per chore."""
+    task_id = expired_task(db)
+    database.clock_for_test.now += 60  # heartbeat, expiry check and queue count all due
+    database.run(stopping=False)
+    with db.cursor() as cur:
+        cur.execute("SELECT state FROM procqueue.tasks WHERE id = %s", (task_id,))
+        assert cur.fetchone()[0] == "missed"
+    assert writer_of(db, "processors", "round-test") == writer_of(db, "tasks", task_id)
+    assert database.conn.autocommit  # back to one statement, one transaction
+
+
+def test_a_queue_count_past_its_time_limit_undoes_only_itself(db, database, monkeypatch, caplog):
+    with db.cursor() as cur:  # enough rows that counting them takes longer than the limit
+        cur.execute("INSERT INTO procqueue.tasks (task_name) SELECT 'test.many' FROM generate_series(1, 300000)")
+    task_id = expired_task(db)
+    before = database.queue_stats
+    monkeypatch.setattr(supervisor_database, "QUEUE_STATS_TIMEOUT_SECONDS", 0.001)
+    with db.cursor() as cur:
+        cur.execute("SELECT heartbeat_at FROM procqueue.processors WHERE id = 'round-test'")
+        [beat_before] = cur.fetchone()
+    database.clock_for_test.now += 60
+    with caplog.at_level(logging.WARNING, logger="procqueue.supervisor"):
+        database.run(stopping=False)
+    assert "event=queue_stats.timeout" in caplog.text
+    assert database.queue_stats is before  # the figures shown are the older ones...
+    with db.cursor() as cur:  # ...while the rest of the round stands
+        cur.execute("SELECT heartbeat_at > %s FROM procqueue.processors WHERE id = 'round-test'", (beat_before,))
+        assert cur.fetchone()[0]
+        cur.execute("SELECT state FROM procqueue.tasks WHERE id = %s", (task_id,))
+        assert cur.fetchone()[0] == "missed"
+    assert database.up and database.failures == 0
