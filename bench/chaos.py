@@ -441,7 +441,11 @@ class Run:
             code = node.proc.wait(timeout=self.options.shutdown_timeout + 15)
         except subprocess.TimeoutExpired:
             code = None
-        self.amend(index, seconds=(utcnow() - at).total_seconds(), ok=code == 0)
+        # Within its first few tens of milliseconds, before the interpreter has run a line
+        # of procqueue's, a process can only die of the signal's default action: it had
+        # no status file, claimed nothing, and had nothing to drain.
+        never_ran = code == -signal.SIGTERM and not node.status_path.exists()
+        self.amend(index, seconds=(utcnow() - at).total_seconds(), ok=code == 0 or never_ran)
 
     def attack_backend(self) -> Optional[Tuple[Attack, None]]:
         rows = query(self.db, "SELECT pg_terminate_backend(pid), application_name FROM pg_stat_activity "

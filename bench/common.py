@@ -53,14 +53,16 @@ def argument_parser(description: str) -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def bench_database(fast_disk: bool) -> Iterator[str]:
+def bench_database(fast_disk: bool, *, preload: Sequence[str] = ()) -> Iterator[str]:
     """Yield the URL of a migrated database of our own; drop it (and stop the embedded
-    server, and delete its directory) on exit, however the run ends."""
+    server, and delete its directory) on exit, however the run ends. `preload`: shared
+    libraries the embedded server loads (an external server has what it has)."""
     with contextlib.ExitStack() as stack:
         admin_url = os.environ.get(ENV_DATABASE_URL)
         where = f"external server (${ENV_DATABASE_URL})"
         if not admin_url:
-            admin_url = stack.enter_context(embedded_server(durable=not fast_disk, prefix="procqueue-bench-pg-"))
+            admin_url = stack.enter_context(embedded_server(durable=not fast_disk, prefix="procqueue-bench-pg-",
+                                                            preload=preload))
             where = "embedded server"
         url = stack.enter_context(own_database(admin_url, schema=SCHEMA, prefix="procqueue_bench_",
                                                synchronous_commit=not fast_disk))

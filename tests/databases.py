@@ -11,7 +11,7 @@ import signal
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator, List, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import psutil
@@ -38,9 +38,10 @@ def run_sql(url: str, *statements: str, application_name: str = "procqueue-tests
 
 
 @contextlib.contextmanager
-def embedded_server(*, durable: bool, prefix: str) -> Iterator[str]:
+def embedded_server(*, durable: bool, prefix: str, preload: Sequence[str] = ()) -> Iterator[str]:
     """An embedded PostgreSQL in a temporary directory; its admin URL. Without `durable`,
-    fsync and synchronous_commit are off (durability not under test; speed welcome)."""
+    fsync and synchronous_commit are off (durability not under test; speed welcome).
+    `preload`: shared libraries to load (pg_stat_statements), which takes a restart."""
     from procqueue.embedded import embedded_server_module
 
     data_dir = Path(tempfile.mkdtemp(prefix=prefix))
@@ -51,18 +52,26 @@ def embedded_server(*, durable: bool, prefix: str) -> Iterator[str]:
         if not durable:
             run_sql(server.get_uri(), "ALTER SYSTEM SET fsync = off",
                     "ALTER SYSTEM SET synchronous_commit = off", "SELECT pg_reload_conf()")
+        if preload:
+            run_sql(server.get_uri(), f"ALTER SYSTEM SET shared_preload_libraries = '{','.join(preload)}'")
+            with deferred_interrupts():  # pg_ctl restart keeps the server's command line
+                embedded_server_module().pg_ctl(["-w", "-m", "fast", "-l", str(data_dir / "log"), "restart"],
+                                                pgdata=data_dir, user=server.system_user, timeout=60)
         yield server.get_uri()
     finally:
         with deferred_interrupts():
-            if server is not None:
-                server.cleanup()  # pg_ctl stop, then delete the data directory
+            # By its pid file: the wrapper knows only the first postmaster, not one a
+            # restart started, nor one whose start was cut short.
             stop_stray_postmaster(data_dir)
+            if server is not None:
+                server.cleanup()  # deletes the data directory
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def stop_stray_postmaster(data_dir: Path) -> None:
-    """A server whose start was interrupted has no handle to stop it with: find it by its
-    pid file, and check its command line names our directory before signalling it."""
+    """Stop the postmaster of `data_dir`, found by its pid file (a server whose start was
+    interrupted has no handle to stop it with, and a restarted one a stale handle); its
+    command line must name our directory before it is signalled."""
     try:
         pid = int((data_dir / "postmaster.pid").read_text().split()[0])
         postmaster = psutil.Process(pid)
