@@ -145,7 +145,7 @@ def _insert_on_own_connection(queries: Queries, rows: List[EnqueueRow]) -> List[
     for attempt in (1, 2):
         conn, _ = client.connection(create_schema=True)
         try:
-            ids = counted(queries.enqueue(conn, rows))
+            ids = counted(queries.enqueue(conn, rows, own_connection=True))
             log_event(logger, logging.DEBUG, "task.enqueued", count=len(ids), task=rows[0].task_name)
             return ids
         except psycopg2.errors.UndefinedTable as exc:

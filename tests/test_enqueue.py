@@ -13,6 +13,7 @@ import psycopg2
 import pytest
 
 import procqueue
+from procqueue import client
 from procqueue import TaskPriority, TaskRunMethod, register_task_handler
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,6 +260,37 @@ def test_transactional_enqueue_exists_only_if_the_caller_commits(db, database_ur
         assert procqueue.get_task(task_id).args == ["committed"]
     finally:
         conn.close()
+
+
+def prepared_statements(conn):
+    with conn.cursor() as cur:
+        cur.execute("SELECT name FROM pg_prepared_statements")
+        return [name for (name,) in cur.fetchall()]
+
+
+def test_a_callers_connection_is_left_as_it_was_lent(db, database_url):
+    """procqueue prepares `.delay()`'s statement on its own connection, never on a caller's."""
+    conn = psycopg2.connect(database_url)
+    try:
+        greet.delay(args=("lent",), connection=conn)
+        conn.commit()
+        assert prepared_statements(conn) == []
+    finally:
+        conn.close()
+    greet.delay(args=("own",))
+    own, _ = client.connection()
+    assert [name for name in prepared_statements(own) if name.startswith("procqueue_enqueue_one")]
+
+
+def test_delay_survives_a_session_that_forgot_its_prepared_statements(db):
+    """A pooler's DISCARD ALL (or a server-side reset) drops prepared statements: the next
+    call prepares again instead of failing."""
+    greet.delay(args=("before",))
+    own, _ = client.connection()
+    with own.cursor() as cur:
+        cur.execute("DEALLOCATE ALL")
+    task_id = greet.delay(args=("after",))
+    assert procqueue.get_task(task_id).args == ["after"]
 
 
 def test_bulk_enqueue_inserts_many_in_one_call(db):

@@ -396,3 +396,13 @@ def test_a_connection_that_broke_as_its_reply_arrived_is_a_lost_connection_not_a
     assert is_connection_error(psycopg2.DatabaseError("server closed the connection unexpectedly\n\t..."))
     assert is_connection_error(psycopg2.OperationalError("could not connect"))
     assert not is_connection_error(psycopg2.errors.UniqueViolation("duplicate key value"))
+
+
+def test_a_claim_survives_a_session_that_forgot_its_prepared_statements(worker):
+    collect.delay(args=("a",))
+    assert worker.step() == 1
+    with worker.conn.cursor() as cur:
+        cur.execute("DEALLOCATE ALL")  # as a pooler's DISCARD ALL does
+    collect.delay(args=("b",))
+    assert worker.step() == 1
+    assert calls == ["a", "b"]
