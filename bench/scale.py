@@ -62,12 +62,13 @@ def reset_statements(conn, stat_statements: bool) -> None:
 
 
 def claim_statistics(conn, stat_statements: bool):
-    """(mean ms, calls) of the claim statement since the last reset."""
+    """(mean ms, calls) of the claim statement since the last reset (recorded under the
+    text of its PREPARE, as workers prepare it)."""
     if not stat_statements:
         return None, None
     with conn.cursor() as cur:
         cur.execute("SELECT sum(total_exec_time) / nullif(sum(calls), 0), sum(calls)::bigint "
-                    "FROM pg_stat_statements WHERE query LIKE 'WITH picked AS%%FOR UPDATE SKIP LOCKED%%'")
+                    "FROM pg_stat_statements WHERE query LIKE '%%WITH picked AS%%FOR UPDATE SKIP LOCKED%%'")
         return cur.fetchone()
 
 

@@ -5,11 +5,11 @@ batch holds, so a flood of tiny tasks drains several times faster in claims of 1
 of 10. But tasks a worker has claimed wait for it: claimed in bulk behind a slow one,
 they would sit while other workers idle. So a worker starts at `--queuepopsize` and
 sizes each next claim by what the last one cost: as many tasks as took CLAIM_BUDGET_SECONDS
-to run, doubling at most per claim, never past GROWTH_LIMIT x `--queuepopsize`, and never
-above the size it asked for when the queue had fewer to give (a shallow queue is shared
-out among workers, not taken by one). A slow task still cannot hold its batch-mates
-hostage: once it has run FLUSH_AFTER_SECONDS, the tasks claimed behind it go back to
-the queue (worker.Worker.release_waiting).
+to run, doubling at most per claim, never past GROWTH_LIMIT x `--queuepopsize`; and back
+to `--queuepopsize` as soon as a claim gets fewer than it asked for (a shallow queue is
+shared out among workers, not taken by one). Tasks slower than the last batch's cannot
+hold their batch-mates hostage: once a batch has run FLUSH_AFTER_SECONDS, what is left
+of it goes back to the queue (worker.Worker.release_waiting).
 
 Plain arithmetic: no clock, no database; tests/test_claim_size.py checks each rule.
 """
@@ -29,12 +29,13 @@ GROWTH_LIMIT = 10
 def next_claim_size(*, current: int, pop_size: int, claimed: int, ran: int, seconds: float) -> int:
     """The size of the next claim, after one that asked for `current` tasks, got
     `claimed`, and ran `ran` of them in `seconds` (before it, `pop_size`)."""
+    if claimed < current:
+        return pop_size  # a shallow queue: shared out, not taken by whoever asks first
     if ran == 0:
         return current  # nothing learnt about how long tasks take
-    fits = CLAIM_BUDGET_SECONDS * ran / seconds if seconds > 0 else float("inf")
-    size = min(int(fits), current * 2, pop_size * GROWTH_LIMIT)
-    if claimed < current:
-        size = min(size, current)  # a shallow queue: no reason to take more of it
+    size = min(current * 2, pop_size * GROWTH_LIMIT)
+    if seconds > 0:
+        size = min(size, int(CLAIM_BUDGET_SECONDS * ran / seconds))
     return max(size, pop_size)
 
 

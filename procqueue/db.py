@@ -75,7 +75,8 @@ def one_transaction(conn: Connection) -> Iterator[None]:
         conn.commit()
     except BaseException:
         if not conn.closed:
-            conn.rollback()
+            with contextlib.suppress(psycopg2.Error):  # the first error is the one to report
+                conn.rollback()
         raise
     finally:
         if not conn.closed:

@@ -7,8 +7,8 @@ not know that the slow one had started, so were its whole processor to die, the 
 could not tell it from the tasks still waiting their turn. While the main thread runs
 task code, the worker's own database connection sits idle; this thread borrows it for
 that time only, records what has waited FLUSH_AFTER_SECONDS, and marks the task in hand
-started once it has run that long, when it also puts back the tasks claimed behind it,
-for other workers to run meanwhile.
+started once it has run that long; and once the batch has run that long, it puts back
+the tasks claimed behind, for other workers to run meanwhile.
 
 The connection passes between the two threads under one lock: the main thread lends it
 just before a task starts and takes it back (waiting for a flush under way) as soon as
@@ -48,6 +48,7 @@ class LendingWorker(Protocol):
     pending_since: float
     current: Optional[RunningTask]  # the task whose code runs now
     waiting: List[Any]  # tasks claimed behind it, not yet begun
+    batch_began: float  # when its batch started running
 
     def clock(self) -> float: ...
 
@@ -138,8 +139,10 @@ class FlushDuringTasks:
         if worker.pending:
             due.append(worker.pending_since + self.flush_after_seconds)
         current = worker.current
-        if current is not None and (not current.marked or worker.waiting):
+        if current is not None and not current.marked:
             due.append(current.began + self.flush_after_seconds)
+        if worker.waiting:
+            due.append(worker.batch_began + self.flush_after_seconds)
         return min(due) - worker.clock() if due else None
 
     def _record_progress(self) -> None:

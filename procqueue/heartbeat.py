@@ -55,6 +55,18 @@ def allocate_slots(count: int):
     return RawArray(WorkerSlot, count)
 
 
+def allocate_last_look():
+    """A shared double (call before forking): when, on the monotonic clock (one for every
+    process of the host), a worker of this processor last claimed. An idle processor
+    looks for work nothing announced once per --sleepintervalms, whichever worker is idle
+    then (worker.Worker.wait_for_work). Without a lock: a worker killed while holding one
+    would leave the others waiting for ever, while two idle workers that both read an old
+    value only look twice."""
+    from multiprocessing.sharedctypes import RawValue
+
+    return RawValue("d", float("-inf"))
+
+
 def await_worker(slot: WorkerSlot, now: float) -> None:
     """The supervisor, about to fork a worker into the empty slot: its start-up is timed
     from now (the stuck rule judges a starting worker by its heartbeat)."""

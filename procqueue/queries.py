@@ -28,6 +28,7 @@ _PARAMETER = re.compile(r"%\((\w+)\)s")
 # The statements prepared on each connection (server-side PREPARE lives as long as the
 # session): connection -> names. A new connection (a reconnect) prepares afresh.
 _prepared: "weakref.WeakKeyDictionary[object, Set[str]]" = weakref.WeakKeyDictionary()
+_unpreparable: "weakref.WeakSet[object]" = weakref.WeakSet()
 
 
 @functools.lru_cache(maxsize=None)
@@ -76,27 +77,36 @@ class Queries:
         once per session instead of on every call, which for the claim is most of its cost
         (0.76 -> 0.26 ms with an idle queue, measured). For the few statements that run
         on every claim or `.delay()`; only on procqueue's own connections, never on one a
-        caller lends (`.delay(connection=)`), whose session is not ours to leave state in."""
+        caller lends (`.delay(connection=)`), whose session is not ours to leave state in.
+        A session that forgot them (DISCARD ALL, DEALLOCATE) prepares again, once; one
+        that keeps forgetting (a pooler handing each statement to another server session)
+        gets plain statements from then on."""
+        if conn in _unpreparable:
+            return self._execute(conn, name, params)
         prepared_name = f"procqueue_{name}_{zlib.crc32(self.schema.encode()):08x}"
         names = _prepared.setdefault(conn, set())
-        if prepared_name not in names:
-            self._prepare(conn, name, prepared_name)
-            names.add(prepared_name)
-        order = self._parameter_order(name)
-        execute = f"EXECUTE {prepared_name}({', '.join(f'%({p})s' for p in order)})"
-        try:
-            with conn.cursor() as cur:
-                cur.execute(execute, params)
-                return cur.fetchall() if cur.description else []
-        except psycopg2.errors.InvalidSqlStatementName:
-            names.discard(prepared_name)  # the session forgot it (DISCARD ALL): prepare again
-            return self._execute_prepared(conn, name, params)
+        execute = f"EXECUTE {prepared_name}({', '.join(f'%({p})s' for p in self._parameter_order(name))})"
+        for attempt in (1, 2):
+            if prepared_name not in names:
+                self._prepare(conn, name, prepared_name)
+                names.add(prepared_name)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(execute, params)
+                    return cur.fetchall() if cur.description else []
+            except psycopg2.errors.InvalidSqlStatementName:
+                names.discard(prepared_name)
+        _unpreparable.add(conn)
+        return self._execute(conn, name, params)
 
     def _prepare(self, conn, name: str, prepared_name: str) -> None:
         order = self._parameter_order(name)
         body = _PARAMETER.sub(lambda m: f"${order.index(m.group(1)) + 1}", self.text(name, conn))
-        with conn.cursor() as cur:
-            cur.execute(f"PREPARE {prepared_name} AS {body}")
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"PREPARE {prepared_name} AS {body}")
+        except psycopg2.errors.DuplicatePreparedStatement:
+            pass  # prepared before we could note it (an exception landed in between): the same text
 
     @staticmethod
     @functools.lru_cache(maxsize=None)

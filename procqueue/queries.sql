@@ -447,9 +447,10 @@ LISTEN {channel};
 -- Queue depth by queue and state, and how long the oldest due task has waited: what
 -- /metrics, /monitoring, the status file and `procqueue stats` report. Each branch
 -- matches one partial index's predicate (claimable, running, failed), so the statement
--- never reads the finished rows that make up most of the table. The time limit, local to
--- this statement, keeps a vast backlog from stalling the supervisor's loop, which also
--- kills stuck workers: a skipped refresh is better than a late kill.
+-- never reads the finished rows that make up most of the table. The time limit keeps a
+-- vast backlog from stalling the supervisor's loop, which also kills stuck workers: a
+-- skipped refresh is better than a late kill. It is local to the transaction (and
+-- outlives the savepoint the count runs in), so the count is the round's last statement.
 SELECT set_config('statement_timeout', %(timeout_ms)s, true);
 SELECT queue, 'queued' AS state,
        count(*) FILTER (WHERE run_at <= now()) AS due,

@@ -26,7 +26,7 @@ from .supervisor_database import Release, SupervisorDatabase
 from .config import ProcessorConfig
 from .db import bound_every_wait
 from .errors import DatabaseUnavailable
-from .heartbeat import SlotView, allocate_slots, await_worker, clear, read_slot
+from .heartbeat import SlotView, allocate_last_look, allocate_slots, await_worker, clear, read_slot
 from .lifeline import Lifeline
 from .process_tree import KILL_GRACE_SECONDS, begin_kill, finish_kill, kill_group, kill_now
 from .logs import log_event
@@ -65,6 +65,7 @@ class Supervisor:
         self.clock = clock
         self.processor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.board = allocate_slots(config.num_workers)  # shared memory: what the workers publish
+        self.last_look = allocate_last_look()  # shared memory: when a worker last claimed
         self.slots: List[Slot] = slots_for(config.num_workers)  # what the supervisor knows of each
         self.any_worker_ran = False
         self.signals: Deque[int] = deque()
@@ -309,7 +310,8 @@ class Supervisor:
     def spawn_worker(self, slot: Slot) -> None:
         # The worker object is built before the fork and does nothing until after it.
         entry = self.board[slot.index]
-        worker = Worker(self.config, processor_id=self.processor_id, index=slot.index, slot=entry)
+        worker = Worker(self.config, processor_id=self.processor_id, index=slot.index, slot=entry,
+                        last_look=self.last_look)
         await_worker(entry, self.clock())
         self.warn_if_threads_running()
         # Signals stay blocked across the fork until the child has its own handlers: a

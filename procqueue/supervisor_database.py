@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import psycopg2
 
@@ -27,7 +27,7 @@ from .logs import log_event
 from .metrics import TaskMetrics, result_label
 from .migrations import migrate
 from .queries import Queries
-from .records import QueueStats, ReleasedTask, RunOutcome, TaskState
+from .records import ExpiredTask, QueueStats, ReleasedTask, RunOutcome, TaskState
 
 logger = logging.getLogger("procqueue.supervisor")
 
@@ -101,9 +101,7 @@ class SupervisorDatabase:
                     first_run_at=schedule.first_run_at, timeout_seconds=schedule.timeout.total_seconds(),
                     args_json=schedule.args_json, kwargs_json=schedule.kwargs_json,
                 )
-            with one_transaction(self.conn):
-                self.heartbeat(self.conn)
-                self.refresh_queue_stats(self.conn)
+            self.periodic_round(heartbeat=True, rescue=False, expiry=False, stats=True)
         except (psycopg2.Error, DatabaseError) as exc:
             self.close()
             if isinstance(exc, psycopg2.Error) and is_connection_error(exc):
@@ -157,18 +155,7 @@ class SupervisorDatabase:
                                         now >= self.next_queue_stats)
             rescue = now >= self.next_rescue and not stopping and self.may_judge_peers()
             if heartbeat or rescue or expiry or stats:
-                # One commit for whatever is due: at the defaults all four fall due together
-                # every 5 s, and an idle processor's cost in Postgres is mostly this round.
-                with one_transaction(self.conn):
-                    if heartbeat:
-                        self.heartbeat(self.conn)
-                    if rescue:
-                        self.rescue(self.conn)
-                    if expiry:
-                        self.next_expiry_check = now + EXPIRY_CHECK_SECONDS
-                        self.miss_expired(self.conn)
-                    if stats:  # last: a count cut short by its time limit undoes only itself
-                        self.refresh_queue_stats(self.conn)
+                self.periodic_round(heartbeat=heartbeat, rescue=rescue, expiry=expiry, stats=stats)
             self.failures = 0
             self.up = True
             if self.since is None:
@@ -196,6 +183,45 @@ class SupervisorDatabase:
         if task.state is TaskState.MISSED:
             self.task_metrics.slots_missed(task.task_name)
 
+    def periodic_round(self, *, heartbeat: bool, rescue: bool, expiry: bool, stats: bool) -> None:
+        """One commit for whatever is due: at the defaults all four fall due together every
+        5 s, and an idle processor's cost in Postgres is mostly this round. Each chore after
+        the heartbeat runs in a savepoint of its own, so that one failing (or a count cut
+        short by its time limit) undoes only itself, never the heartbeat: a lost beat
+        could let peers take this live processor for dead. What the chores found is logged
+        and counted once committed."""
+        reports: List[Callable[[], None]] = []
+        with one_transaction(self.conn):
+            if heartbeat:
+                self.heartbeat(self.conn)
+            if rescue:
+                self.next_rescue = self.clock() + self.config.rescue_after_seconds / 4
+                reports.append(self.chore("rescue", self.rescue))
+            if expiry:
+                self.next_expiry_check = self.clock() + EXPIRY_CHECK_SECONDS
+                reports.append(self.chore("expiry", self.miss_expired))
+            if stats:  # last: its time limit lasts to the end of the transaction
+                self.next_queue_stats = self.clock() + QUEUE_STATS_INTERVAL_SECONDS
+                reports.append(self.chore("queue_stats", self.refresh_queue_stats))
+        for report in reports:
+            report()
+
+    def chore(self, name: str, work: Callable[[Connection], Callable[[], None]]) -> Callable[[], None]:
+        """Run `work` in a savepoint; returns its report (to run once committed). A failure
+        that is not the connection's is logged and leaves the rest of the round standing."""
+        try:
+            with savepoint(self.conn, name):
+                return work(self.conn)
+        except psycopg2.Error as exc:
+            if name == "queue_stats" and isinstance(exc, psycopg2.errors.QueryCanceled):
+                return lambda: log_event(logger, logging.WARNING, "queue_stats.timeout",
+                                         timeout_s=QUEUE_STATS_TIMEOUT_SECONDS,
+                                         note="counting the queue took too long; the figures shown are older")
+            if is_connection_error(exc):
+                raise
+            error = first_line(exc)
+            return lambda: log_event(logger, logging.WARNING, "supervisor.database_error", chore=name, error=error)
+
     def heartbeat(self, conn: Connection) -> None:
         self.queries.processor_heartbeat(conn, processor=self.processor_id, hostname=socket.gethostname(),
                                          pid=os.getpid())
@@ -208,11 +234,14 @@ class SupervisorDatabase:
         until this one has been in unbroken contact for a whole --rescue-after."""
         return self.since is not None and self.clock() - self.since >= self.config.rescue_after_seconds
 
-    def rescue(self, conn: Connection) -> None:
+    def rescue(self, conn: Connection) -> Callable[[], None]:
         rescued = self.queries.rescue_dead_processors(
             conn, expiry_seconds=self.config.rescue_after_seconds, rescuer=self.processor_id,
             max_losses=RESCUES_BEFORE_FAILING,
         )
+        return lambda: self.report_rescued(rescued)
+
+    def report_rescued(self, rescued: List[ReleasedTask]) -> None:
         for task in rescued:
             self.tasks_rescued += 1
             if task.started:
@@ -223,31 +252,29 @@ class SupervisorDatabase:
                       task_ids=[task.task_id for task in rescued[:20]],
                       missed=[task.task_id for task in started if task.state is TaskState.MISSED][:20] or "-",
                       failed=[task.task_id for task in started if task.state is TaskState.FAILED][:20] or "-")
-        self.next_rescue = self.clock() + self.config.rescue_after_seconds / 4
 
-    def miss_expired(self, conn: Connection) -> None:
+    def miss_expired(self, conn: Connection) -> Callable[[], None]:
         """End the queued tasks whose time ran out (a recurring run whose next slot is due)."""
-        for task in self.queries.miss_expired_tasks(conn):
+        expired = self.queries.miss_expired_tasks(conn)
+        return lambda: self.report_missed(expired)
+
+    def report_missed(self, expired: List[ExpiredTask]) -> None:
+        for task in expired:
             if task.recurring:
                 self.task_metrics.slots_missed(task.task_name)
             log_event(logger, logging.WARNING, "task.missed", task_id=task.task_id, task=task.task_name,
                       reason="not started before it expired" + (" (the next slot was due)" if task.recurring else ""))
 
-    def refresh_queue_stats(self, conn: Connection) -> None:
-        """Count the queue, inside a transaction of the caller's (one_transaction); should the
-        count pass its time limit, only it is rolled back."""
-        self.next_queue_stats = self.clock() + QUEUE_STATS_INTERVAL_SECONDS
-        try:
-            with savepoint(conn, "queue_stats"):
-                stats = self.queries.queue_stats(conn, timeout_seconds=QUEUE_STATS_TIMEOUT_SECONDS, now=time.time())
-        except psycopg2.errors.QueryCanceled:
-            log_event(logger, logging.WARNING, "queue_stats.timeout", timeout_s=QUEUE_STATS_TIMEOUT_SECONDS,
-                      note="counting the queue took too long; the figures shown are older")
-            return
-        self.queue_stats = stats.including(set(registry.registered_queues()) | set(self.config.queues))
+    def refresh_queue_stats(self, conn: Connection) -> Callable[[], None]:
+        stats = self.queries.queue_stats(conn, timeout_seconds=QUEUE_STATS_TIMEOUT_SECONDS, now=time.time())
+
+        def report() -> None:
+            self.queue_stats = stats.including(set(registry.registered_queues()) | set(self.config.queues))
+        return report
 
     def on_error(self, exc: BaseException) -> None:
         self.failures += 1
+        self.next_heartbeat = 0.0  # a round that failed committed nothing: beat as soon as it can
         self.up, self.since = False, None
         # Retry well within a heartbeat period, or peers would take this live processor
         # for dead (and re-run its tasks) after an outage of some seconds.

@@ -24,13 +24,12 @@ import psycopg2.errors
 
 from . import registry
 from .claim_size import cap_for_recycling, next_claim_size
-from .poll_turns import next_turn
 from .config import ProcessorConfig
 from .db import Connection, connect, first_line, is_connection_error
 from .errors import DatabaseError
 from .execution import SupervisorGoneError, execute, soft_timeout, utcnow
 from .flusher import FlushDuringTasks
-from .heartbeat import SlotWriter, WorkerSlot, WorkerState
+from .heartbeat import SlotWriter, WorkerSlot, WorkerState, allocate_last_look
 from .logs import OutputWatch, log_event
 from .metrics import TaskMetrics, result_label
 from .process_tree import boot_clock, reap_exited_children, stop_descendants
@@ -57,6 +56,9 @@ RECURRING_CHECK_MAX_SECONDS = 30.0
 RECURRING_CHECK_MIN_SECONDS = 0.5
 # An idle worker beats at least this often, however long --sleepintervalms is.
 IDLE_BEAT_SECONDS = 1.0
+# Idle workers' looks for unannounced work fall due this far apart, by worker index: the
+# first one's claim, seen by the others as they wake, spares them theirs.
+IDLE_LOOK_STAGGER_SECONDS = 0.005
 RECONNECT_BACKOFF_SECONDS = (0.5, 1, 2, 4, 8)
 # How long before faulthandler ends an orphaned worker its task's processes are killed.
 ORPHAN_CLEANUP_LEAD_SECONDS = 0.25
@@ -79,6 +81,7 @@ class Worker:
         processor_id: str,
         index: int,
         slot=None,
+        last_look=None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
@@ -93,6 +96,7 @@ class Worker:
         self.leases: Dict[int, datetime] = {}  # task id -> leased_at of the claim that holds it
         self.claim_size = config.queue_pop_size  # grows and shrinks with how quick tasks are (claim_size)
         self.waiting: List[ClaimedTask] = []  # claimed, not yet begun, in the order they run
+        self.batch_began = 0.0  # when the batch they belong to started running
         # A put-back whose reply was lost may have committed: the tasks behind it are then
         # each checked in the database before they start (begin).
         self.lease_in_doubt = False
@@ -108,7 +112,9 @@ class Worker:
             if not config.queues or registry.get_handler(s.task_name).queue in config.queues
         ]
         self.next_recurring_check = 0.0
-        self.next_poll = 0.0
+        # When a worker of this processor last claimed (heartbeat.allocate_last_look):
+        # shared with the others under a supervisor, else this worker's own.
+        self.last_look = last_look if last_look is not None else allocate_last_look()
         self.unprompted = True  # the next claim is a look of our own, not an answer to a NOTIFY
         self.connection_failures = 0
         self.parent_pid = os.getppid()
@@ -226,17 +232,19 @@ class Worker:
         self.schedule_recurring_if_due()
         tasks = self.claim()
         if not tasks:
+            self.claim_size = self.config.queue_pop_size  # idle: the next flood starts small
             self.flush()
             self.wait_for_work()
             return 0
         self.waiting = list(tasks)
-        began = self.clock()
+        self.batch_began = self.clock()
         ran = 0
         while self.waiting and not self.stopping:
-            if self.run_one(self.waiting.pop(0)) is not None:
+            self.release_waiting()  # once the batch has run long, the rest goes back
+            if self.waiting and self.run_one(self.waiting.pop(0)) is not None:
                 ran += 1
         self.claim_size = next_claim_size(current=self.claim_size, pop_size=self.config.queue_pop_size,
-                                          claimed=len(tasks), ran=ran, seconds=self.clock() - began)
+                                          claimed=len(tasks), ran=ran, seconds=self.clock() - self.batch_began)
         self.lease_in_doubt = False
         self.flush()
         if self.stopping:
@@ -249,10 +257,9 @@ class Worker:
         limit = cap_for_recycling(self.claim_size, self._tasks_left())
         tasks = self.queries.claim(
             self.conn, processor=self.processor_id, worker=self.index, limit=limit, queues=self.config.queues)
-        self.next_poll = next_turn(self.clock(), interval=self.config.sleep_interval_ms / 1000,
-                                   index=self.index, workers=self.config.num_workers)
+        self.last_look.value = self.clock()  # whatever woke it, a claim finds all that is due
         self.leases.update((task.id, task.leased_at) for task in tasks)
-        if self.unprompted and len(tasks) == limit:
+        if self.unprompted and len(tasks) == self.claim_size:
             self.queries.announce(self.conn)  # nothing told the others: there may be more for them
         self.unprompted = False
         return tasks
@@ -353,11 +360,12 @@ class Worker:
         current.marked = True
 
     def release_waiting(self) -> None:
-        """From the flush thread, with the connection lent: the task in hand has run
-        FLUSH_AFTER_SECONDS, so the tasks claimed behind it go back to the queue, for
-        other workers (woken by the statement's NOTIFY) to run now, not after it."""
-        current = self.current
-        if not self.waiting or current is None or self.clock() - current.began < FLUSH_AFTER_SECONDS:
+        """Once the batch has run FLUSH_AFTER_SECONDS, its tasks not yet begun go back to
+        the queue, for other workers (woken by the statement's NOTIFY) to run now rather
+        than after the rest of it: however slow its tasks turn out, a claim holds the ones
+        behind for at most that long. Called between tasks by the loop, and during a task
+        by the flush thread (with the connection lent)."""
+        if not self.waiting or self.clock() - self.batch_began < FLUSH_AFTER_SECONDS:
             return
         waiting = self.waiting
         try:
@@ -367,10 +375,9 @@ class Worker:
             self.lease_in_doubt = True  # it may have committed all the same
             raise
         self.waiting = []
-        for task_id in released:
-            self.leases.pop(task_id, None)
-        log_event(logger, logging.DEBUG, "batch.released", worker=self.index, count=len(released),
-                  behind_task=current.task.id)
+        for task in waiting:  # put back now or, by an attempt whose reply was lost, before
+            self.leases.pop(task.id, None)
+        log_event(logger, logging.DEBUG, "batch.released", worker=self.index, count=len(released))
 
     def after_task(self, outcome: TaskOutcome, running: RunningTask) -> None:
         """A task interrupted (its timeout, its supervisor's death) had no chance to stop
@@ -475,11 +482,15 @@ class Worker:
                                                        RECURRING_CHECK_MAX_SECONDS)
 
     def wait_for_work(self) -> None:
-        """Sleep until a NOTIFY, a stop request, a due recurring check or this worker's turn
-        to look for work unannounced (poll_turns), beating at least every IDLE_BEAT_SECONDS."""
+        """Sleep until a NOTIFY, a stop request, a due recurring check, or until no worker of
+        this processor has claimed for --sleepintervalms (then this one looks for work
+        nothing announced), beating at least every IDLE_BEAT_SECONDS. The last claim is
+        read afresh on every wake-up; idle workers' deadlines are staggered by index, so
+        the first to wake looks and the others, finding its claim, sleep on."""
         self.slot_writer.set_state(WorkerState.IDLE)
+        interval = self.config.sleep_interval_ms / 1000
         while not self.stopping:
-            deadline = self.next_poll
+            deadline = self.last_look.value + interval + self.index * IDLE_LOOK_STAGGER_SECONDS
             if self.recurring_names:
                 deadline = min(deadline, self.next_recurring_check)
             remaining = deadline - self.clock()
@@ -549,7 +560,7 @@ class Worker:
         self._release_unstarted()
 
     def _release_unstarted(self) -> None:
-        self.waiting = []
+        self.waiting, self.lease_in_doubt = [], False
         self.queries.release_worker_tasks(
             self.conn, processor=self.processor_id, worker=self.index, in_flight=None, error="worker stopping"
         )  # unstarted tasks go back without a run record: nothing to log per task

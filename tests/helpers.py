@@ -230,4 +230,4 @@ def worker_idle_after_empty_claim(db) -> bool:
     with db.cursor() as cur:
         cur.execute("SELECT state, query FROM pg_stat_activity WHERE application_name = 'procqueue-worker-0'")
         row = cur.fetchone()
-    return row is not None and row[0] == "idle" and "FOR UPDATE SKIP LOCKED" in row[1]
+    return row is not None and row[0] == "idle" and row[1].startswith("EXECUTE procqueue_claim_")  # prepared

@@ -25,15 +25,19 @@ def test_never_below_queuepopsize_however_slow():
     assert next_claim_size(current=1, pop_size=1, claimed=1, ran=1, seconds=5.0) == 1
 
 
-def test_a_shallow_queue_is_not_a_reason_to_grow():
-    # Asked for 20, got 3: the queue is nearly empty; another worker should get the next ones.
-    assert next_claim_size(current=20, pop_size=10, claimed=3, ran=3, seconds=0.0003) == 20
+def test_a_shallow_queue_sends_the_claim_back_to_queuepopsize():
+    # Asked for 80, got 3: the queue is nearly empty; the next tasks are shared out.
+    assert next_claim_size(current=80, pop_size=10, claimed=3, ran=3, seconds=0.0003) == 10
     assert next_claim_size(current=10, pop_size=10, claimed=3, ran=3, seconds=0.0003) == 10
 
 
 def test_a_batch_cut_short_by_a_slow_task_shrinks_the_next_claim():
     # One task ran (for 0.3 s) before the rest went back to the queue.
     assert next_claim_size(current=80, pop_size=10, claimed=80, ran=1, seconds=0.3) == 10
+
+
+def test_tasks_that_took_no_measurable_time_double_the_claim():
+    assert next_claim_size(current=10, pop_size=10, claimed=10, ran=10, seconds=0.0) == 20
 
 
 def test_nothing_ran_changes_nothing():

@@ -21,11 +21,14 @@ class Clock:
 
 
 @pytest.fixture
-def database(db, processor_config):
-    clock = Clock()
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def database(db, processor_config, clock):
     database = SupervisorDatabase(processor_config, processor_id="round-test", clock=clock, task_metrics=TaskMetrics())
     database.start()
-    database.clock_for_test = clock
     yield database
     database.close()
 
@@ -36,26 +39,28 @@ def expired_task(db) -> int:
         return cur.fetchone()[0]
 
 
-def writer_of(db, table: str, row_id) -> int:
-    """The transaction that last wrote the row."""
+def written_at(db, sql: str, row_id):
+    """A now() the round wrote: the start of the transaction that wrote it, the same for
+    every statement of one transaction (savepoints included), different for another."""
     with db.cursor() as cur:
-        cur.execute(f"SELECT xmin::text::bigint FROM procqueue.{table} WHERE id = %s", (row_id,))
+        cur.execute(sql, (row_id,))
         return cur.fetchone()[0]
 
 
-def test_what_falls_due_together_is_one_transaction(db, database):
+def test_what_falls_due_together_is_one_transaction(db, database, clock):
     """An idle processor's cost in Postgres is its periodic round: one commit, not one per chore."""
     task_id = expired_task(db)
-    database.clock_for_test.now += 60  # heartbeat, expiry check and queue count all due
+    clock.now += 60  # heartbeat, expiry check and queue count all due
     database.run(stopping=False)
     with db.cursor() as cur:
         cur.execute("SELECT state FROM procqueue.tasks WHERE id = %s", (task_id,))
         assert cur.fetchone()[0] == "missed"
-    assert writer_of(db, "processors", "round-test") == writer_of(db, "tasks", task_id)
+    beat = written_at(db, "SELECT heartbeat_at FROM procqueue.processors WHERE id = %s", "round-test")
+    assert beat == written_at(db, "SELECT finished_at FROM procqueue.tasks WHERE id = %s", task_id)
     assert database.conn.autocommit  # back to one statement, one transaction
 
 
-def test_a_queue_count_past_its_time_limit_undoes_only_itself(db, database, monkeypatch, caplog):
+def test_a_queue_count_past_its_time_limit_undoes_only_itself(db, database, clock, monkeypatch, caplog):
     with db.cursor() as cur:  # enough rows that counting them takes longer than the limit
         cur.execute("INSERT INTO procqueue.tasks (task_name) SELECT 'test.many' FROM generate_series(1, 300000)")
     task_id = expired_task(db)
@@ -64,7 +69,7 @@ def test_a_queue_count_past_its_time_limit_undoes_only_itself(db, database, monk
     with db.cursor() as cur:
         cur.execute("SELECT heartbeat_at FROM procqueue.processors WHERE id = 'round-test'")
         [beat_before] = cur.fetchone()
-    database.clock_for_test.now += 60
+    clock.now += 60
     with caplog.at_level(logging.WARNING, logger="procqueue.supervisor"):
         database.run(stopping=False)
     assert "event=queue_stats.timeout" in caplog.text

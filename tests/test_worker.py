@@ -75,25 +75,70 @@ def test_claims_in_priority_then_run_at_order(worker):
     assert calls == ["highest", "high", "normal-1", "normal-2", "lower"]
 
 
+class FakeClock:
+    """The worker's clock, moved only by the test (and the tasks it runs)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_claims_start_at_queue_pop_size_and_grow_while_tasks_are_quick(db, processor_config):
     from dataclasses import replace
 
-    worker = Worker(replace(processor_config, queue_pop_size=3), processor_id="p", index=0)
+    worker = Worker(replace(processor_config, queue_pop_size=3), processor_id="p", index=0, clock=FakeClock())
     worker.recurring_names = []
     try:
         procqueue.enqueue_many([collect.call(args=(n,)) for n in range(20)])
-        # 3, then twice as many while claims come back full of quick tasks; the last
-        # claim takes what is left.
+        # 3, then twice as many while claims come back full of tasks that take no time;
+        # the last claim takes what is left.
         assert [worker.step(), worker.step(), worker.step()] == [3, 6, 11]
         assert sorted(calls) == list(range(20))
-        assert worker.step() == 0
+        assert worker.claim_size == 3  # a claim that got fewer than it asked for: back to the start
     finally:
         worker.close()
 
 
-@register_task_handler(task_name="test_worker.pause")
-def pause(seconds):
-    time.sleep(seconds)
+clock_of_the_test = FakeClock()
+
+
+@register_task_handler(task_name="test_worker.take_120ms")
+def take_120ms(value):
+    clock_of_the_test.now += 0.12
+    calls.append(value)
+
+
+def test_a_batch_that_has_run_long_gives_back_what_it_has_not_begun(db, processor_config):
+    worker = Worker(processor_config, processor_id="p", index=0, clock=clock_of_the_test)
+    worker.recurring_names = []
+    try:
+        ids = procqueue.enqueue_many([take_120ms.call(args=(n,)) for n in range(5)])
+        # 0.12 s after the first, 0.24 s after the second: past 0.2 s the other three go back.
+        assert worker.step() == 2
+        assert calls == [0, 1]
+        for task_id in ids[2:]:
+            task = procqueue.get_task(task_id)
+            assert (task.state, task.attempts, task.locked_by) == (TaskState.QUEUED, 0, None)
+            assert runs_of(task_id) == []
+        assert worker.leases == {}
+    finally:
+        worker.close()
+
+
+waiting_behind = []
+
+
+@register_task_handler(task_name="test_worker.wait_until_given_back")
+def wait_until_given_back():
+    """Runs until the tasks claimed behind it are back in the queue (or 10 s have passed)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if all(procqueue.get_task(task_id).state is TaskState.QUEUED for task_id in waiting_behind):
+            return
+        time.sleep(0.02)
+    raise AssertionError("the tasks claimed behind this one were never given back")
 
 
 def received_notifications(conn, count, seconds=5):
@@ -115,16 +160,16 @@ def test_tasks_claimed_behind_a_slow_one_go_back_for_other_workers(db, processor
     for w in (worker, other):
         w.recurring_names = []
         w.ensure_connected()
-    worker.flush_during_tasks()  # as in a worker process: the thread that puts them back
+    worker.flush_during_tasks()  # as in a worker process: the thread that gives them back
     try:
-        slow_id = pause.delay(args=(0.6,), priority=TaskPriority.HIGHEST)
-        quick_ids = [collect.delay(args=(n,)) for n in range(4)]
+        slow_id = wait_until_given_back.delay(priority=TaskPriority.HIGHEST)
+        waiting_behind[:] = [collect.delay(args=(n,)) for n in range(4)]
         assert received_notifications(other.conn, 5)  # the enqueues' own, one each
 
         assert worker.step() == 1  # the slow one; the four behind it went back meanwhile
         assert calls == []
         assert procqueue.get_task(slow_id).state is TaskState.SUCCEEDED
-        for task_id in quick_ids:
+        for task_id in waiting_behind:
             task = procqueue.get_task(task_id)
             assert (task.state, task.attempts, task.locked_by, task.started_at) == (TaskState.QUEUED, 0, None, None)
             assert runs_of(task_id) == []
@@ -406,3 +451,44 @@ def test_a_claim_survives_a_session_that_forgot_its_prepared_statements(worker):
     collect.delay(args=("b",))
     assert worker.step() == 1
     assert calls == ["a", "b"]
+
+
+def test_idle_workers_share_one_look_per_interval(db, processor_config):
+    """Idle, the processor asks Postgres for unannounced work once per --sleepintervalms,
+    not once per worker: 3 workers over 2 s at 200 ms look about 10 times, not 30."""
+    import threading
+    from dataclasses import replace
+
+    from procqueue.heartbeat import allocate_last_look
+
+    config = replace(processor_config, sleep_interval_ms=200, num_workers=3)
+    last_look = allocate_last_look()
+    workers = [Worker(config, processor_id="p", index=i, last_look=last_look) for i in range(3)]
+    claims = []
+    for worker in workers:
+        worker.recurring_names = []
+        worker.ensure_connected()
+        claim = worker.queries.claim
+
+        def counted_claim(*args, _claim=claim, **kwargs):
+            claims.append(time.monotonic())
+            return _claim(*args, **kwargs)
+
+        worker.queries.claim = counted_claim
+    stop_at = time.monotonic() + 2.0
+
+    def idle(worker):
+        while time.monotonic() < stop_at:
+            worker.step()
+
+    threads = [threading.Thread(target=idle, args=(worker,)) for worker in workers]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+    finally:
+        for worker in workers:
+            worker.close()
+    # Each worker's first claim, then one look per interval between them (a little slack).
+    assert 3 + 6 <= len(claims) <= 3 + 10 + 3, len(claims)
