@@ -293,6 +293,18 @@ def test_delay_survives_a_session_that_forgot_its_prepared_statements(db):
     assert procqueue.get_task(task_id).args == ["after"]
 
 
+def test_delay_copes_with_a_statement_prepared_before_it_could_note_it(db):
+    """An exception landing between PREPARE and procqueue noting it (a task's timeout while
+    the task calls `.delay()`) leaves the session with a statement procqueue does not
+    know it has: preparing it again must not fail every later call."""
+    from procqueue import queries
+
+    greet.delay(args=("first",))
+    own, _ = client.connection()
+    queries._prepared.pop(own)  # forgotten by procqueue, still prepared in the session
+    assert procqueue.get_task(greet.delay(args=("second",))).args == ["second"]
+
+
 def test_bulk_enqueue_inserts_many_in_one_call(db):
     calls = [greet.call(args=(f"user{n}",)) for n in range(500)]
     ids = procqueue.enqueue_many(calls)
