@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import shutil
 import sys
 import tempfile
@@ -28,6 +29,17 @@ from helpers import ProcessorProcess, kill_session_leftovers  # noqa: E402
 
 SCHEMA = "procqueue"
 LOG_TAIL_LINES = 80
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_sessionstart(session):
+    """A run ended by SIGTERM (a CI time limit, `timeout`) unwinds as Ctrl-C does, so the
+    session's fixtures still stop the embedded server and whatever processors it started
+    (by default SIGTERM ended pytest at once, and they outlived it)."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.fixture(scope="session", autouse=True)
