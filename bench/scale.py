@@ -10,6 +10,9 @@ on one database.
    --sample tasks next to the first one (a claim must not slow down as finished rows pile up).
 3. Scale-out: 1, 2, 4, 8 processors (--numthreads 2 each) draining --sample x 2 tasks at once.
 
+A processor enqueues its retention clean-up task at start, which is why a drain "all of
+it" counts one task more than the backlog.
+
 Each drain reports tasks/s between the first claim and the last finish (from the run
 records), the processors' CPU from the first finish to the last (start-up left out), and, where the server has pg_stat_statements (the embedded one here always does),
 the mean time of the claim statement inside Postgres. Processors log at WARNING: a million
@@ -107,6 +110,7 @@ def drain(conn, url: str, label: str, *, sample: int, processors: int = 1, until
     cpu: dict = {}
     # CPU from the first finished run (start-up is not the drain's), at the sample, at the end.
     cpu_at_first = cpu_at_sample = None
+    claims_at_sample = (None, None)
     try:
         while True:
             for processor in running:
@@ -117,19 +121,19 @@ def drain(conn, url: str, label: str, *, sample: int, processors: int = 1, until
                 cpu_at_first = sum(cpu.values())
             if cpu_at_sample is None and finished >= sample:
                 cpu_at_sample = sum(cpu.values())
+                claims_at_sample = claim_statistics(conn, stat_statements)  # the sample's own
             if not until_empty and cpu_at_sample is not None or until_empty and not common.unfinished(conn):
                 break
             time.sleep(POLL_SECONDS if cpu_at_sample is None else 1.0)
     finally:
         for processor in running:
             processor.stop()
-    claim_ms, claims = claim_statistics(conn, stat_statements)
-    drains = [Drain(label, sample, seconds_for(conn, watermark, sample), claim_ms, claims,
+    drains = [Drain(label, sample, seconds_for(conn, watermark, sample), *claims_at_sample,
                     cpu_at_sample - cpu_at_first)]
     if until_empty:
         total = runs_since(conn, watermark)
-        drains.append(Drain(f"{label}: all of it", total, seconds_for(conn, watermark, total), claim_ms, claims,
-                            sum(cpu.values()) - cpu_at_first))
+        drains.append(Drain(f"{label}: all of it", total, seconds_for(conn, watermark, total),
+                            *claim_statistics(conn, stat_statements), sum(cpu.values()) - cpu_at_first))
     return drains
 
 

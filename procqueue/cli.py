@@ -147,7 +147,7 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help=f"Worker processes to run. [env: TASK_PROCESSOR_NUM_THREADS; default: {DEFAULT_NUM_WORKERS}]"),
         click.option("--sleepintervalms", "sleep_interval_ms", type=int, default=None, metavar="MS",
                      help="How often the processor looks for work no NOTIFY announced (a delayed task "
-                          "now due, a retry): an idle worker claims once no worker has for this long. "
+                          "now due, a retry): an idle worker claims once no worker has claimed for this long. "
                           f"[env: TASK_PROCESSOR_SLEEP_INTERVAL_MS; default: {DEFAULT_SLEEP_INTERVAL_MS}]"),
         click.option("--graceperiodms", "grace_period_ms", type=int, default=None, metavar="MS",
                      help="How long a worker between tasks may go without a heartbeat before it is killed "
