@@ -86,7 +86,7 @@ class Queries:
         prepared_name = f"procqueue_{name}_{zlib.crc32(self.schema.encode()):08x}"
         names = _prepared.setdefault(conn, set())
         execute = f"EXECUTE {prepared_name}({', '.join(f'%({p})s' for p in self._parameter_order(name))})"
-        for attempt in (1, 2):
+        for _ in range(2):  # once more after the session forgot it
             if prepared_name not in names:
                 self._prepare(conn, name, prepared_name)
                 names.add(prepared_name)

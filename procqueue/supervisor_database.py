@@ -202,25 +202,33 @@ class SupervisorDatabase:
                 reports.append(self.chore("expiry", self.miss_expired))
             if stats:  # last: its time limit lasts to the end of the transaction
                 self.next_queue_stats = self.clock() + QUEUE_STATS_INTERVAL_SECONDS
-                reports.append(self.chore("queue_stats", self.refresh_queue_stats))
+                reports.append(self.chore("queue_stats", self.refresh_queue_stats,
+                                          when_cut_short=self.report_count_cut_short))
         for report in reports:
             report()
 
-    def chore(self, name: str, work: Callable[[Connection], Callable[[], None]]) -> Callable[[], None]:
+    def chore(self, name: str, work: Callable[[Connection], Callable[[], None]], *,
+              when_cut_short: Optional[Callable[[], None]] = None) -> Callable[[], None]:
         """Run `work` in a savepoint; returns its report (to run once committed). A failure
-        that is not the connection's is logged and leaves the rest of the round standing."""
+        that is not the connection's is logged and leaves the rest of the round standing;
+        so does a statement cut short by a time limit (psycopg2 calls that an
+        OperationalError, as it does a lost connection, but the connection is fine)."""
         try:
             with savepoint(self.conn, name):
                 return work(self.conn)
+        except psycopg2.errors.QueryCanceled as exc:
+            if when_cut_short is not None:
+                return when_cut_short
+            error = first_line(exc)
         except psycopg2.Error as exc:
-            if name == "queue_stats" and isinstance(exc, psycopg2.errors.QueryCanceled):
-                return lambda: log_event(logger, logging.WARNING, "queue_stats.timeout",
-                                         timeout_s=QUEUE_STATS_TIMEOUT_SECONDS,
-                                         note="counting the queue took too long; the figures shown are older")
             if is_connection_error(exc):
                 raise
             error = first_line(exc)
-            return lambda: log_event(logger, logging.WARNING, "supervisor.database_error", chore=name, error=error)
+        return lambda: log_event(logger, logging.WARNING, "supervisor.database_error", chore=name, error=error)
+
+    def report_count_cut_short(self) -> None:
+        log_event(logger, logging.WARNING, "queue_stats.timeout", timeout_s=QUEUE_STATS_TIMEOUT_SECONDS,
+                  note="counting the queue took too long; the figures shown are older")
 
     def heartbeat(self, conn: Connection) -> None:
         self.queries.processor_heartbeat(conn, processor=self.processor_id, hostname=socket.gethostname(),

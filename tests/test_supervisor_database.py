@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import psycopg2
 import pytest
 
 import procqueue.supervisor_database as supervisor_database
@@ -79,4 +80,32 @@ def test_a_queue_count_past_its_time_limit_undoes_only_itself(db, database, cloc
         assert cur.fetchone()[0]
         cur.execute("SELECT state FROM procqueue.tasks WHERE id = %s", (task_id,))
         assert cur.fetchone()[0] == "missed"
+    assert database.up and database.failures == 0
+
+
+def test_a_rescue_cut_short_by_a_time_limit_leaves_the_heartbeat_standing(db, database, clock, database_url, caplog):
+    """psycopg2 reports a cancelled statement as an OperationalError, as it does a lost
+    connection; the round must tell them apart, or the heartbeat goes with the rescue."""
+    with db.cursor() as cur:  # a dead peer, whose row another session holds locked
+        cur.execute("INSERT INTO procqueue.processors (id, hostname, pid, heartbeat_at) "
+                    "VALUES ('dead-peer', 'h', 1, now() - interval '1 hour')")
+    locker = psycopg2.connect(database_url)
+    try:
+        with locker.cursor() as cur:
+            cur.execute("SELECT 1 FROM procqueue.processors WHERE id = 'dead-peer' FOR UPDATE")
+        with database.conn.cursor() as cur:
+            cur.execute("SET statement_timeout = '200ms'")  # the rescue waits on the lock, then is cancelled
+        with db.cursor() as cur:
+            cur.execute("SELECT heartbeat_at FROM procqueue.processors WHERE id = 'round-test'")
+            [beat_before] = cur.fetchone()
+        clock.now += 60  # may judge peers, and everything is due
+        database.since = clock.now - 60
+        with caplog.at_level(logging.WARNING, logger="procqueue.supervisor"):
+            database.run(stopping=False)
+    finally:
+        locker.close()
+    assert "event=supervisor.database_error chore=rescue" in caplog.text
+    with db.cursor() as cur:
+        cur.execute("SELECT heartbeat_at > %s FROM procqueue.processors WHERE id = 'round-test'", (beat_before,))
+        assert cur.fetchone()[0]
     assert database.up and database.failures == 0
