@@ -32,6 +32,8 @@ class RunOutcome(str, enum.Enum):
     TIMED_OUT = "timed_out"  # ran past its timeout
     BACKOFF = "backoff"  # raised TaskBackoffError: asked to run again later
     LOST = "lost"  # its worker or processor died under it
+    CANCELLED = "cancelled"  # an operator cancelled it (before or while it ran)
+    RETRIED = "retried"  # not a run: an operator sent the finished task back to the queue
 
 
 class TaskPriority(enum.IntEnum):
@@ -163,6 +165,7 @@ class RunRecord:
     error: Optional[str]
     processor: Optional[str]
     worker: Optional[int]
+    actor: Optional[str] = None  # who cancelled or retried it (outcomes cancelled, retried)
 
 
 @dataclass(frozen=True)
