@@ -330,3 +330,11 @@ def cut_worker_connection_then_wedge() -> None:
                     "WHERE application_name LIKE 'procqueue-worker-%%' AND pid <> pg_backend_pid()")
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     time.sleep(120)
+
+
+@register_task_handler(task_name="sample.fail_until_fixed", max_attempts=1)
+def fail_until_fixed(key: str) -> None:
+    """Fails until the test records `<key>:fixed` (the operator's fix), then records a run."""
+    if not recorded_before(f"{key}:fixed"):
+        raise RuntimeError(f"{key} is broken")
+    record(key)
