@@ -135,6 +135,26 @@ def test_no_warning_when_connected_directly(db, start_processor):
     assert "pooler_detected" not in processor.log() and "listen.off" not in processor.log()
 
 
+@pytest.mark.timeout(60)
+def test_a_processor_keeps_numthreads_plus_one_connections(db, start_processor):
+    """The README's connection budget, counted directly (through a pooler the server
+    sessions are shared): a worker per --numthreads and the supervisor, also after the
+    clean-up task (due at start) has run in one of the workers."""
+    processor = start_processor("--numthreads", "3")
+    wait_until(lambda: states(db, "procqueue.clean_up_old_tasks") == {"succeeded": 1}, timeout=30,
+               message="the clean-up task's first run")
+
+    def connections():
+        with db.cursor() as cur:
+            cur.execute("SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND pid <> pg_backend_pid() AND application_name LIKE 'procqueue-%' ORDER BY 1")
+            return [name for (name,) in cur.fetchall()]
+
+    expected = ["procqueue-supervisor", "procqueue-worker-0", "procqueue-worker-1", "procqueue-worker-2"]
+    wait_until(lambda: connections() == expected, timeout=10, message=lambda: f"{expected}, not {connections()}")
+    assert processor.stop() == 0
+
+
 # -- .delay() through the pooler ---------------------------------------------------------
 
 
