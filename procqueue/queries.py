@@ -58,6 +58,7 @@ class Queries:
         self.prepare = prepare
         self.channel = f"procqueue_{schema}"  # what LISTEN listens on and the trigger notifies
         self._rendered: Dict[str, str] = {}
+        self._prepared_names: Dict[str, str] = {}
 
     def text(self, name: str, conn) -> str:
         """The statement `name` with the schema composed in as a quoted identifier."""
@@ -89,7 +90,7 @@ class Queries:
         another client, perhaps another procqueue version, and must be the same one."""
         if not self.prepare or conn in _unpreparable:
             return self._execute(conn, name, params)
-        prepared_name = f"procqueue_{name}_{zlib.crc32(self.text(name, conn).encode()):08x}"
+        prepared_name = self._prepared_name(name, conn)
         names = _prepared.setdefault(conn, set())
         execute = f"EXECUTE {prepared_name}({', '.join(f'%({p})s' for p in self._parameter_order(name))})"
         for _ in range(2):  # once more after the session forgot it
@@ -104,6 +105,13 @@ class Queries:
                 names.discard(prepared_name)
         _unpreparable.add(conn)
         return self._execute(conn, name, params)
+
+    def _prepared_name(self, name: str, conn) -> str:
+        prepared_name = self._prepared_names.get(name)
+        if prepared_name is None:
+            prepared_name = f"procqueue_{name}_{zlib.crc32(self.text(name, conn).encode()):08x}"
+            self._prepared_names[name] = prepared_name
+        return prepared_name
 
     def _prepare(self, conn, name: str, prepared_name: str) -> None:
         order = self._parameter_order(name)
