@@ -168,6 +168,11 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="At start, how long to keep retrying a database that cannot be reached (refused, "
                           "timed out, restarting) before giving up; 0: give up at once. "
                           f"[env: PROCQUEUE_DATABASE_WAIT; default: {DEFAULT_DATABASE_WAIT_SECONDS:g}]"),
+        click.option("--pooler", "pooler", default=None, metavar="MODE",
+                     help="What is between the processor and Postgres: none, session (a session-mode pooler) "
+                          "or transaction (a transaction-mode pooler such as PgBouncer's pool_mode = transaction: "
+                          "no LISTEN, workers poll every --sleepintervalms; no prepared statements). "
+                          "[env: PROCQUEUE_POOLER; default: none]"),
         click.option("--max-tasks-per-worker", "max_tasks_per_worker", type=int, default=None, metavar="N",
                      help="Replace a worker after it has run N tasks. [default: never]"),
         click.option("--max-memory-per-worker", "max_memory_per_worker", type=int, default=None, metavar="MB",
@@ -206,6 +211,7 @@ def _processor_config_of(**values: Any) -> ProcessorConfig:
     return config_module.processor_config(
         database_url=values.get("database_url"),
         schema=values.get("schema"),
+        pooler=values.get("pooler"),
         num_workers=values.get("num_workers"),
         sleep_interval_ms=values.get("sleep_interval_ms"),
         grace_period_ms=values.get("grace_period_ms"),
