@@ -497,7 +497,7 @@ def test_reading_commands_never_create_a_schema_on_the_embedded_server(tmp_path)
     env = {"PROCQUEUE_EMBEDDED_DIR": str(tmp_path / "pgdata"), "DATABASE_URL": "", "PROCQUEUE_SCHEMA": "nosuch"}
     result = run_command("stats", env=env, timeout=90)
     assert result.returncode == 3, result.stderr
-    assert "the procqueue tables are not in schema \"nosuch\" of this database" in result.stderr
+    assert "schema 'nosuch' of this database holds no procqueue queue" in result.stderr
     again = run_command("stats", env=env, timeout=90)
     assert again.returncode == 3  # still not there: the first read created nothing
     running = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path / "pgdata") in " ".join(p.info["cmdline"] or [])]
