@@ -19,8 +19,8 @@ import psycopg2.errors
 from psycopg2 import sql
 
 from .records import (
-    ClaimedTask, ExpiredTask, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord, ScheduledRun, TaskOutcome,
-    TaskRecord, TaskState,
+    ClaimedTask, ExpiredTask, HeldTask, ProcessorRecord, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord,
+    ScheduledRun, ScheduleRecord, TaskOutcome, TaskRecord, TaskState, TaskSummary,
 )
 
 _BLOCK_START = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -303,6 +303,28 @@ class Queries:
         if not self._execute(conn, "schema_exists", {"table": f"{self.schema}.schema_version"})[0][0]:
             return 0
         return self._execute(conn, "schema_version")[0][0]
+
+    # -- the dashboard -------------------------------------------------------------------
+
+    def dashboard_session(self, conn, *, timeout_seconds: float) -> None:
+        self._execute(conn, "dashboard_session", {"timeout_ms": str(int(timeout_seconds * 1000))})
+
+    def dashboard_tasks(self, conn, *, states: Sequence[str] = (), name: Optional[str] = None,
+                        queue: Optional[str] = None, limit: int = 50) -> List[TaskSummary]:
+        params = {"states": list(states) or None, "name": name, "queue": queue, "limit": limit}
+        return [TaskSummary(*row) for row in self._execute(conn, "dashboard_tasks", params)]
+
+    def dashboard_processors(self, conn) -> List[ProcessorRecord]:
+        return [ProcessorRecord(*row) for row in self._execute(conn, "dashboard_processors")]
+
+    def dashboard_running(self, conn, *, limit: int = 500) -> List[HeldTask]:
+        return [HeldTask(*row) for row in self._execute(conn, "dashboard_running", {"limit": limit})]
+
+    def dashboard_schedules(self, conn) -> List[ScheduleRecord]:
+        return [ScheduleRecord(*row) for row in self._execute(conn, "dashboard_schedules")]
+
+    def dashboard_retry(self, conn, task_id: int) -> bool:
+        return bool(self._execute(conn, "dashboard_retry", {"id": task_id}))
 
 
 def _released(row: tuple) -> ReleasedTask:

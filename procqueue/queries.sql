@@ -461,3 +461,50 @@ UNION ALL
 SELECT queue, 'running', count(*), 0, NULL FROM {schema}.tasks WHERE state = 'running' GROUP BY queue
 UNION ALL
 SELECT queue, 'failed', count(*), 0, NULL FROM {schema}.tasks WHERE state = 'failed' GROUP BY queue;
+
+-- dashboard: what the web dashboard reads (and, until procqueue.admin is merged, the
+-- retry it offers). Read-only statements run under the dashboard's statement_timeout.
+
+-- name: dashboard_session
+-- The dashboard's connection: no page may wait on the database longer than this.
+SELECT set_config('statement_timeout', %(timeout_ms)s, false);
+
+-- name: dashboard_tasks
+-- Tasks newest first, filtered by states (NULL: any), exact name and queue.
+SELECT id, task_name, queue, state, attempts, max_attempts, run_at, created_at, finished_at, last_error
+FROM {schema}.tasks
+WHERE (%(states)s::text[] IS NULL OR state = ANY(%(states)s::text[]))
+  AND (%(name)s::text IS NULL OR task_name = %(name)s)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: dashboard_processors
+SELECT id, hostname, pid, started_at, heartbeat_at FROM {schema}.processors ORDER BY hostname, started_at, id;
+
+-- name: dashboard_running
+-- What every processor's workers hold, on every host (tasks_running_by_owner).
+SELECT id, task_name, queue, locked_by, locked_worker, locked_at, started_at
+FROM {schema}.tasks WHERE state = 'running'
+ORDER BY locked_by, locked_worker, id
+LIMIT %(limit)s;
+
+-- name: dashboard_schedules
+-- Each recurring schedule and the latest run it enqueued (tasks_one_per_recurring_slot).
+SELECT r.task_name, r.run_every, r.next_run_at, last.created_at, last.state, last.finished_at
+FROM {schema}.recurring_tasks AS r
+LEFT JOIN LATERAL (
+    SELECT t.created_at, t.state, t.finished_at FROM {schema}.tasks AS t
+    WHERE t.task_name = r.task_name AND t.recurring_slot IS NOT NULL
+    ORDER BY t.recurring_slot DESC LIMIT 1
+) AS last ON true
+ORDER BY r.task_name;
+
+-- name: dashboard_retry
+-- failed / cancelled -> queued, due now, with one more attempt than it has had. Not a
+-- recurring run: its next slot is its retry.
+UPDATE {schema}.tasks
+SET state = 'queued', run_at = now(), max_attempts = attempts + 1, finished_at = NULL, started_at = NULL,
+    expires_at = NULL
+WHERE id = %(id)s AND state IN ('failed', 'cancelled') AND recurring_slot IS NULL
+RETURNING id;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .errors import TaskError
@@ -235,3 +235,55 @@ class QueueStats:
             failed=sum(d.failed for d in depths),
             oldest_waiting_age_seconds=max(ages) if ages else None,
         )
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """A task as a list shows it (the fields of procqueue.admin's TaskSummary)."""
+
+    id: int
+    task_name: str
+    queue: str
+    state: str
+    attempts: int
+    max_attempts: int
+    run_at: datetime
+    created_at: datetime
+    finished_at: Optional[datetime]
+    last_error: Optional[str]
+
+
+@dataclass(frozen=True)
+class ProcessorRecord:
+    """A row of `processors`: one supervisor, on some host."""
+
+    id: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+@dataclass(frozen=True)
+class HeldTask:
+    """A task some processor's worker holds now."""
+
+    id: int
+    task_name: str
+    queue: str
+    locked_by: Optional[str]
+    locked_worker: Optional[int]
+    locked_at: Optional[datetime]
+    started_at: Optional[datetime]  # None: claimed, waiting its turn in its worker's batch
+
+
+@dataclass(frozen=True)
+class ScheduleRecord:
+    """A recurring schedule and the state of the latest run it enqueued."""
+
+    task_name: str
+    run_every: timedelta
+    next_run_at: datetime
+    last_enqueued_at: Optional[datetime]
+    last_state: Optional[str]
+    last_finished_at: Optional[datetime]

@@ -330,3 +330,12 @@ def cut_worker_connection_then_wedge() -> None:
                     "WHERE application_name LIKE 'procqueue-worker-%%' AND pid <> pg_backend_pid()")
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})
     time.sleep(120)
+
+
+@register_task_handler(task_name="sample.fail_until_retried", max_attempts=1)
+def fail_until_retried(key: str) -> None:
+    """Fails its one attempt the first time; run again (a retry), it succeeds."""
+    first_run = not recorded_before(key)
+    record(key)
+    if first_run:
+        raise RuntimeError(f"first run of {key} fails on purpose")
