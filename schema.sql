@@ -1,4 +1,4 @@
--- procqueue schema, version 4.
+-- procqueue schema, version 5.
 --
 -- The one source of truth for procqueue's tables. `procqueue migrate` applies it inside
 -- one transaction with `search_path` set to the target Postgres schema (default
@@ -167,4 +167,15 @@ CREATE UNIQUE INDEX IF NOT EXISTS tasks_one_recurring_run_at_a_time
     ON tasks (task_name)
     WHERE recurring_slot IS NOT NULL AND expires_at IS NOT NULL AND state = 'running' AND started_at IS NOT NULL;
 
-INSERT INTO schema_version (version) VALUES (1), (2), (3), (4) ON CONFLICT (version) DO NOTHING;
+-- Version 5: operators retry and cancel tasks (`procqueue tasks retry/cancel`, the
+-- dashboard). Each such act is a run record naming who did it; a running task cancelled
+-- keeps its lease until the processor holding it has stopped it, and that processor
+-- finds it through this index.
+ALTER TABLE task_runs ADD COLUMN IF NOT EXISTS actor text;
+ALTER TABLE task_runs DROP CONSTRAINT IF EXISTS task_runs_outcome_check;
+ALTER TABLE task_runs ADD CONSTRAINT task_runs_outcome_check
+    CHECK (outcome IN ('succeeded', 'failed', 'timed_out', 'backoff', 'lost', 'cancelled', 'retried'));
+CREATE INDEX IF NOT EXISTS tasks_cancelled_while_held
+    ON tasks (locked_by) WHERE state = 'cancelled' AND locked_by IS NOT NULL;
+
+INSERT INTO schema_version (version) VALUES (1), (2), (3), (4), (5) ON CONFLICT (version) DO NOTHING;

@@ -6,6 +6,7 @@ is caught here, nowhere deeper.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import json
@@ -14,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -61,7 +62,7 @@ def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             # lands inside psycopg2's import leaves psycopg2.errors half made, and such a
             # clause, looked up as the stop unwinds through here, raised AttributeError.
             if exc.pgcode == UNDEFINED_TABLE:
-                _fail(str(tables_missing(exc)), DatabaseError.exit_code)
+                _fail(_with_other_schemas(str(tables_missing(exc))), DatabaseError.exit_code)
             _fail(f"database error: {first_line(exc)}", DatabaseError.exit_code)
 
     return wrapper
@@ -339,46 +340,13 @@ def enqueue_command(task_name: str, args_json: str, kwargs_json: str, delay_seco
     import_task_modules(config.imports)
     handler = registry.get_handler(task_name)
     if handler is None:
-        known = ", ".join(registry.registered_names())
-        raise TaskError(f"unknown task {task_name!r} (registered: {known}); pass its module with --import")
+        raise TaskError(_unknown_task(task_name, config.imports))
     args = _json_option("--args", args_json, list, "a JSON array")
     kwargs = _json_option("--kwargs", kwargs_json, dict, "a JSON object")
     delay_until = datetime.now(timezone.utc) + timedelta(seconds=delay_seconds) if delay_seconds else None
     client.configure(database_url=config.database.url, schema=config.database.schema)
     task_id = handler.delay(args=args, kwargs=kwargs, delay_until=delay_until, priority=priority)
     click.echo("skipped: queue_size reached" if task_id is None else str(task_id))
-
-
-_NOT_CANCELLABLE = {"running": "is running", "succeeded": "has already succeeded", "failed": "has already failed",
-                    "cancelled": "was already cancelled"}
-
-
-@main.command("cancel")
-@click.argument("task_id", type=int)
-@_database_options
-@_user_errors
-def cancel_command(task_id: int, database_url: Optional[str], schema: Optional[str]) -> None:
-    """Cancel a task that has not started yet."""
-    conn, queries = _client(database_url, schema)
-    if not queries.cancel(conn, task_id):
-        task = queries.get_task(conn, task_id)
-        state = "does not exist" if task is None else _NOT_CANCELLABLE.get(task.state.value, f"is {task.state.value}")
-        raise TaskError(f"cannot cancel task {task_id}: it {state} (only queued tasks can be cancelled)")
-    click.echo(f"cancelled {task_id}")
-
-
-@main.command("show")
-@click.argument("task_id", type=int)
-@_database_options
-@_user_errors
-def show_command(task_id: int, database_url: Optional[str], schema: Optional[str]) -> None:
-    """Print a task and its run history (with tracebacks) as JSON."""
-    conn, queries = _client(database_url, schema)
-    task = queries.get_task(conn, task_id)
-    if task is None:
-        raise TaskError(f"no task with id {task_id}")
-    document = {"task": asdict(task), "runs": [asdict(run) for run in queries.get_runs(conn, task_id)]}
-    click.echo(json.dumps(document, indent=2, default=_json_default))
 
 
 @main.command("status")
@@ -486,12 +454,48 @@ def demo_command(rate: float, num_workers: int, database_url: Optional[str], sch
     sys.exit(code)
 
 
+def _unknown_task(task_name: str, imports: Tuple[str, ...]) -> str:
+    from . import registry
+
+    names = registry.registered_names()
+    close = difflib.get_close_matches(task_name, names, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    if not imports:
+        return f"unknown task {task_name!r}: no module registers it here; pass its module with --import{hint}"
+    return (f"unknown task {task_name!r}: {', '.join(imports)} registered {', '.join(names) or 'no tasks'}"
+            f"{hint}")
+
+
 def _client(database_url: Optional[str], schema: Optional[str]):
+    """The connection and statements of the queue a command works on, which must exist:
+    when its schema has no procqueue tables, the error names the schemas that do."""
     from . import client
 
     database = _database(database_url, schema)
     client.configure(database_url=database.url, schema=database.schema)
-    return client.connection()
+    conn, queries = client.connection()
+    if queries.schema_version(conn) == 0:
+        raise DatabaseError(_with_other_schemas(
+            f"schema {database.schema!r} of this database holds no procqueue queue "
+            "(--schema, PROCQUEUE_SCHEMA); `procqueue migrate` creates one", conn, queries))
+    return conn, queries
+
+
+def _with_other_schemas(message: str, conn=None, queries=None) -> str:
+    """The message, and the schemas of the database that do hold a queue: after a demo,
+    the tables are in procqueue_demo, and `migrate` would make an empty queue elsewhere.
+    Best effort: without a connection to ask, the message alone."""
+    from . import client
+
+    try:
+        if conn is None:
+            conn, queries = client.connection()
+        others = [name for name in queries.procqueue_schemas(conn) if name != queries.schema]
+    except (psycopg2.Error, ProcqueueError):
+        return message
+    if not others:
+        return message
+    return f"{message}. Queues in this database: {', '.join(others)} (pass --schema {others[0]})"
 
 
 def _database(database_url: Optional[str], schema: Optional[str]) -> config_module.DatabaseConfig:
@@ -529,6 +533,16 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, UnreadableJson):  # not to be mistaken for a string argument
         return {"unreadable_json": value.reason}
     return str(value)
+
+
+# The operator's commands (tasks, purge, recurring) use the helpers above.
+from .cli_operations import (hidden_alias, psql_command, purge_command, recurring_group, tasks_cancel,  # noqa: E402
+                             tasks_group, tasks_show)
+
+for _command in (tasks_group, purge_command, recurring_group, psql_command):
+    main.add_command(_command)
+main.add_command(hidden_alias(tasks_show), "show")
+main.add_command(hidden_alias(tasks_cancel), "cancel")
 
 
 # -- run-task-processor --------------------------------------------------------------

@@ -15,11 +15,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Deque, Dict, List, Optional, Tuple
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import psycopg2
 import psycopg2.errors
 
+from . import admin
 from . import dashboard_pages as pages
 from .config import DashboardConfig
 from .dashboard_auth import Sessions, expired_cookie, same_origin, session_cookie, session_from
@@ -38,9 +39,12 @@ SAMPLES_KEPT = int(pages.ONE_HOUR / SAMPLE_SECONDS) + 1
 LIST_LIMIT = 100
 FAILURES_SHOWN = 10
 _TASK_PATH = re.compile(r"^/tasks/([0-9]{1,18})(?:/(retry|cancel))?$")
-_RESULTS = {"retried": "Retried: queued to run now.", "cancelled": "Cancelled.",
-            "not-retried": "Not retried: only a failed or cancelled task that is not a recurring run can be.",
-            "not-cancelled": "Not cancelled: only a queued task can be."}
+# What admin.retry and admin.cancel said, as the page after the button shows it; any
+# other is admin's reason for not doing it, shown only if it reads as one (a crafted
+# link cannot put a sentence of its own on the page).
+_WHY_NOT = re.compile(r"^(is|has|was|does) [a-z ()]{1,100}$")
+_RESULTS = {"retried": "Retried: queued to run now.", "cancelled": "Cancelled: it will not run.",
+            "cancelling": "Cancelling: the processor running it stops it within seconds."}
 
 
 @dataclass(frozen=True)
@@ -155,7 +159,7 @@ class DashboardApp:
             return self.task_list(request, view)
         if path == "/schedules":
             return self.page(200, view, pages.schedules_page(
-                view, now=self.now(), schedules=self.queries.dashboard_schedules(self.connection())))
+                view, now=self.now(), schedules=admin.recurring_schedules(self.connection(), self.queries)))
         if task_match:
             return self.task(request, view, int(task_match.group(1)))
         return self.page(404, view, pages.message_page(view, "Not found", f"No dashboard page at {path}."))
@@ -174,7 +178,7 @@ class DashboardApp:
         text = pages.overview_page(
             view, now=self.now(), samples=list(self.samples), stats=self.latest_stats,
             processors=self.queries.dashboard_processors(conn), held=self.queries.dashboard_running(conn),
-            failures=self.queries.dashboard_tasks(conn, states=["failed"], limit=FAILURES_SHOWN))
+            failures=admin.list_tasks(conn, self.queries, states=["failed"], limit=FAILURES_SHOWN))
         return self.page(200, view, text)
 
     def task_list(self, request: Request, view: pages.View) -> Response:
@@ -182,8 +186,8 @@ class DashboardApp:
         if state and state not in pages.TASK_STATES:
             return self.page(400, view, pages.message_page(
                 view, "Bad filter", f"No task state {state!r}: expected one of {', '.join(pages.TASK_STATES)}."))
-        tasks = self.queries.dashboard_tasks(self.connection(), states=[state] if state else [], name=name or None,
-                                             queue=queue or None, limit=LIST_LIMIT)
+        tasks = admin.list_tasks(self.connection(), self.queries, states=[state] if state else [], name=name or None,
+                                 queue=queue or None, limit=LIST_LIMIT)
         return self.page(200, view, pages.tasks_page(view, now=self.now(), tasks=tasks, state=state, name=name,
                                                      queue=queue, limit=LIST_LIMIT))
 
@@ -192,7 +196,8 @@ class DashboardApp:
         task = self.queries.get_task(conn, task_id)
         if task is None:
             return self.page(404, view, pages.message_page(view, "Not found", f"No task with id {task_id}."))
-        result = _RESULTS.get(request.param("result"), "")
+        said = request.param("result")
+        result = _RESULTS.get(said, f"Not done: the task {said}." if _WHY_NOT.match(said) else "")
         return self.page(200, view, pages.task_page(view, now=self.now(), task=task,
                                                     runs=self.queries.get_runs(conn, task_id), result=result))
 
@@ -219,17 +224,10 @@ class DashboardApp:
         refusal = self.refusal(request, session)
         if refusal is not None:
             return refusal
-        conn = self.connection()
-        by = f"dashboard ({request.remote})"
-        if action == "retry":
-            done = self.queries.dashboard_retry(conn, task_id)
-            if done:
-                self.queries.announce(conn)  # wake idle workers: an UPDATE fires no enqueue trigger
-        else:
-            done = self.queries.cancel(conn, task_id)
-        result = {"retry": "retried", "cancel": "cancelled"}[action]
-        log_event(logger, logging.INFO, f"dashboard.{action}", task_id=task_id, by=by, done=done)
-        return _redirect(f"/tasks/{task_id}?result={result if done else 'not-' + result}")
+        act = admin.retry if action == "retry" else admin.cancel
+        outcome = act(self.connection(), self.queries, [task_id], by=f"dashboard ({request.remote})")[task_id]
+        log_event(logger, logging.INFO, f"dashboard.{action}", task_id=task_id, by=request.remote, outcome=outcome)
+        return _redirect(f"/tasks/{task_id}?{urlencode({'result': outcome})}")
 
     def refusal(self, request: Request, session: Optional[str]) -> Optional[Response]:
         """Why this POST may not change anything, or None when it may."""

@@ -14,11 +14,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Dict, Iterable, List, Optional, Sequence
 from urllib.parse import urlencode
 
-from .records import HeldTask, ProcessorRecord, QueueStats, RunRecord, ScheduleRecord, TaskRecord, TaskSummary
+from .admin import RETRYABLE_STATES, Schedule, TaskSummary
+from .records import HeldTask, ProcessorRecord, QueueStats, RunRecord, TaskRecord, TaskState
 
-TASK_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "missed")
-RETRYABLE_STATES = ("failed", "cancelled")
-CANCELLABLE_STATES = ("queued",)
+TASK_STATES = tuple(state.value for state in TaskState)
+CANCELLABLE_STATES = ("queued", "running")  # a running one: its processor stops it
 # Processors silent this long are shown as such (a peer rescues their tasks at 20 s).
 SILENT_PROCESSOR_SECONDS = 10
 CHART_WIDTH, CHART_HEIGHT, CHART_MARGIN = 720, 180, 36
@@ -203,10 +203,11 @@ def _queues_table(stats: Optional[QueueStats]) -> str:
     if stats is None:
         return '<p class="note">Not read from the database yet.</p>'
     rows = []
-    for queue, depth in [*stats.queues.items(), ("all queues", stats.total())]:
+    linked = [(f'<a href="/tasks?{urlencode({"queue": queue})}">{_e(queue)}</a>', depth)
+              for queue, depth in stats.queues.items()]
+    for label, depth in [*linked, ("all queues", stats.total())]:
         age = "-" if depth.oldest_waiting_age_seconds is None else _duration(depth.oldest_waiting_age_seconds)
-        link = "all queues" if queue == "all queues" else f'<a href="/tasks?{urlencode({"queue": queue})}">{_e(queue)}</a>'
-        rows.append([link, *(
+        rows.append([label, *(
             f"{n}" for n in (depth.waiting, depth.scheduled, depth.running, depth.failed)), _e(age)])
     return _table(["queue", "waiting", "scheduled", "running", "failed", "oldest waiting"], rows, "No tasks.")
 
@@ -299,7 +300,7 @@ def _buttons(view: View, task: TaskRecord) -> str:
     if not view.private:
         return ""
     buttons = []
-    if task.state.value in RETRYABLE_STATES and task.recurring_slot is None:
+    if task.state.value in RETRYABLE_STATES and task.recurring_slot is None:  # admin.retry's rules
         buttons.append(_post_button(f"/tasks/{task.id}/retry", "Retry", view))
     if task.state.value in CANCELLABLE_STATES:
         buttons.append(_post_button(f"/tasks/{task.id}/cancel", "Cancel", view))
@@ -314,20 +315,22 @@ def _post_button(action: str, label: str, view: View) -> str:
 def _runs(view: View, runs: Sequence[RunRecord]) -> str:
     rows = []
     for run in runs:
+        where = f"{run.processor or '-'} worker {run.worker}" if run.worker is not None else run.processor or "-"
         row = [_e(run.attempt), _state(run.outcome.value), _e(_time(run.started_at)), _e(_time(run.finished_at)),
-               _e(f"{run.processor or '-'} worker {run.worker}" if run.worker is not None else run.processor or "-")]
+               _e(f"by {run.actor}" if run.actor else where)]
         if view.private:
             row.append(f"<pre>{_e(run.error)}</pre>" if run.error else "")
         rows.append(row)
-    headings = ["attempt", "outcome", "started", "finished", "where"] + (["error"] if view.private else [])
+    headings = ["attempt", "outcome", "started", "finished", "where / by"] + (["error"] if view.private else [])
     return _table(headings, rows, "No run yet.")
 
 
-def schedules_page(view: View, *, now: datetime, schedules: Sequence[ScheduleRecord]) -> str:
+def schedules_page(view: View, *, now: datetime, schedules: Sequence[Schedule]) -> str:
     rows = [[_e(s.task_name), _e(_every(s.run_every)), _e(f"{_time(s.next_run_at)} ({_ago(s.next_run_at, now)})"),
-             _e(_ago(s.last_enqueued_at, now)), _state(s.last_state) if s.last_state else "-",
+             _task_link(s.last_task_id) if s.last_task_id is not None else "-",
+             _state(s.last_outcome) if s.last_outcome else "-", _e(_ago(s.last_started_at, now)),
              _e(_ago(s.last_finished_at, now))] for s in schedules]
-    table = _table(["task", "every", "next run", "last run enqueued", "its state", "finished"], rows,
+    table = _table(["task", "every", "next run", "latest run", "its state", "started", "finished"], rows,
                    "No recurring schedule is registered.")
     return layout("Recurring schedules", table, view)
 

@@ -20,7 +20,7 @@ from psycopg2 import sql
 
 from .records import (
     ClaimedTask, ExpiredTask, HeldTask, ProcessorRecord, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord,
-    ScheduledRun, ScheduleRecord, TaskOutcome, TaskRecord, TaskState, TaskSummary,
+    ScheduledRun, TaskOutcome, TaskRecord, TaskState,
 )
 
 _BLOCK_START = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -299,6 +299,45 @@ class Queries:
                 depth[state] = due
         return QueueStats(checked_at=now, queues={queue: QueueDepth(**depth) for queue, depth in sorted(counts.items())})
 
+    # -- operations (procqueue/admin.py) -------------------------------------------------
+
+    def list_tasks(self, conn, *, states: Optional[Sequence[str]], name: Optional[str], queue: Optional[str],
+                   since: Optional[datetime], until: Optional[datetime], limit: int) -> List[tuple]:
+        return self._execute(conn, "list_tasks", {"states": list(states) if states else None, "name": name,
+                                                  "queue": queue, "since": since, "until": until, "limit": limit})
+
+    def retry_tasks(self, conn, *, ids: Optional[Sequence[int]], name: Optional[str], since: Optional[datetime],
+                    by: str, stop_window: float) -> List[int]:
+        params = {"ids": list(ids) if ids is not None else None, "name": name, "since": since, "by": by,
+                  "stop_window": stop_window, "channel": self.channel}
+        return [row[0] for row in self._execute(conn, "retry_tasks", params)]
+
+    def cancel_tasks(self, conn, *, ids: Sequence[int], by: str) -> Dict[int, TaskState]:
+        rows = self._execute(conn, "cancel_tasks", {"ids": list(ids), "by": by})
+        return {task_id: TaskState(was) for task_id, was in rows}
+
+    def tasks_to_stop(self, conn, *, processor: str, stop_window: float) -> Dict[int, int]:
+        """Task id -> the worker slot that held it, for this processor's cancelled tasks."""
+        rows = self._execute(conn, "tasks_to_stop", {"processor": processor, "stop_window": stop_window})
+        return {task_id: worker for task_id, worker in rows}
+
+    def count_purgeable(self, conn, *, states: Sequence[str], before: datetime) -> int:
+        return self._execute(conn, "count_purgeable", {"states": list(states), "before": before})[0][0]
+
+    def purge_tasks(self, conn, *, states: Sequence[str], before: datetime, batch: int) -> int:
+        return self._execute(conn, "purge_tasks", {"states": list(states), "before": before, "batch": batch})[0][0]
+
+    def recurring_schedules(self, conn) -> List[tuple]:
+        return self._execute(conn, "recurring_schedules")
+
+    def remove_recurring(self, conn, name: str) -> Optional[int]:
+        """How many waiting runs were cancelled with the schedule; None: no such schedule."""
+        rows = self._execute(conn, "remove_recurring", {"name": name})
+        return rows[0][0] if rows else None
+
+    def procqueue_schemas(self, conn) -> List[str]:
+        return [row[0] for row in self._execute(conn, "procqueue_schemas")]
+
     def schema_version(self, conn) -> int:
         if not self._execute(conn, "schema_exists", {"table": f"{self.schema}.schema_version"})[0][0]:
             return 0
@@ -309,22 +348,11 @@ class Queries:
     def dashboard_session(self, conn, *, timeout_seconds: float) -> None:
         self._execute(conn, "dashboard_session", {"timeout_ms": str(int(timeout_seconds * 1000))})
 
-    def dashboard_tasks(self, conn, *, states: Sequence[str] = (), name: Optional[str] = None,
-                        queue: Optional[str] = None, limit: int = 50) -> List[TaskSummary]:
-        params = {"states": list(states) or None, "name": name, "queue": queue, "limit": limit}
-        return [TaskSummary(*row) for row in self._execute(conn, "dashboard_tasks", params)]
-
     def dashboard_processors(self, conn) -> List[ProcessorRecord]:
         return [ProcessorRecord(*row) for row in self._execute(conn, "dashboard_processors")]
 
     def dashboard_running(self, conn, *, limit: int = 500) -> List[HeldTask]:
         return [HeldTask(*row) for row in self._execute(conn, "dashboard_running", {"limit": limit})]
-
-    def dashboard_schedules(self, conn) -> List[ScheduleRecord]:
-        return [ScheduleRecord(*row) for row in self._execute(conn, "dashboard_schedules")]
-
-    def dashboard_retry(self, conn, task_id: int) -> bool:
-        return bool(self._execute(conn, "dashboard_retry", {"id": task_id}))
 
 
 def _released(row: tuple) -> ReleasedTask:

@@ -413,7 +413,7 @@ SELECT id, task_name, args, kwargs, queue, priority, run_at, state, attempts, ma
 FROM {schema}.tasks WHERE id = %(id)s;
 
 -- name: get_runs
-SELECT id, task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker
+SELECT id, task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker, actor
 FROM {schema}.task_runs WHERE task_id = %(id)s ORDER BY id;
 
 -- name: schema_version
@@ -462,22 +462,156 @@ SELECT queue, 'running', count(*), 0, NULL FROM {schema}.tasks WHERE state = 'ru
 UNION ALL
 SELECT queue, 'failed', count(*), 0, NULL FROM {schema}.tasks WHERE state = 'failed' GROUP BY queue;
 
--- dashboard: what the web dashboard reads (and, until procqueue.admin is merged, the
--- retry it offers). Read-only statements run under the dashboard's statement_timeout.
+-- Operations: what `procqueue tasks ...`, `procqueue purge`, `procqueue recurring ...`
+-- and the dashboard do (procqueue/admin.py).
+
+-- name: list_tasks
+-- Tasks newest first, filtered. "When" is when the task finished, or for one that has not,
+-- when it was enqueued: what an operator means by "failed since the deploy".
+SELECT id, task_name, queue, state, attempts, max_attempts, run_at, created_at, finished_at, last_error
+FROM {schema}.tasks
+WHERE (%(states)s::text[] IS NULL OR state = ANY(%(states)s::text[]))
+  AND (%(name)s::text IS NULL OR task_name = %(name)s::text)
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(since)s::timestamptz IS NULL OR coalesce(finished_at, created_at) >= %(since)s::timestamptz)
+  AND (%(until)s::timestamptz IS NULL OR coalesce(finished_at, created_at) < %(until)s::timestamptz)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: retry_tasks
+-- failed / cancelled / missed -> queued, due now, with its attempts reset, for the tasks
+-- named by id (%(ids)s) or, with %(ids)s NULL, every failed task matching the filters. A
+-- recurring run is never retried (its slot ran or passed; the next slot runs on
+-- schedule), nor a cancelled task its processor may still be stopping (it holds the
+-- lease for %(stop_window)s seconds). Each retry is a run record naming %(by)s, and the
+-- NOTIFY wakes idle workers to take them.
+WITH target AS (
+    SELECT id, task_name, attempts
+    FROM {schema}.tasks
+    WHERE CASE WHEN %(ids)s::bigint[] IS NOT NULL
+               THEN id = ANY(%(ids)s::bigint[]) AND state IN ('failed', 'cancelled', 'missed')
+               ELSE state = 'failed'
+                    AND (%(name)s::text IS NULL OR task_name = %(name)s::text)
+                    AND (%(since)s::timestamptz IS NULL OR finished_at >= %(since)s::timestamptz) END
+      AND recurring_slot IS NULL
+      AND (locked_by IS NULL OR finished_at < now() - %(stop_window)s * interval '1 second')
+    FOR UPDATE
+), retried AS (
+    UPDATE {schema}.tasks AS t
+    SET state = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
+        expires_at = NULL, locked_by = NULL, locked_worker = NULL, locked_at = NULL
+    FROM target
+    WHERE t.id = target.id
+    RETURNING t.id
+), recorded AS (
+    INSERT INTO {schema}.task_runs (task_id, task_name, attempt, finished_at, outcome, actor)
+    SELECT id, task_name, attempts, now(), 'retried', %(by)s FROM target
+)
+SELECT id, pg_notify(%(channel)s, '') FROM retried;
+
+-- name: cancel_tasks
+-- queued / running -> cancelled. A queued task never starts. A running one keeps its lease
+-- (locked_by, locked_worker, locked_at): its processor finds it by that (tasks_to_stop)
+-- and kills the worker running it, as it would one that overran its timeout; meanwhile
+-- every outcome its worker might still write is refused, since those expect 'running'.
+-- Each cancel is a run record naming %(by)s. Returns each cancelled task's former state.
+WITH target AS (
+    SELECT id, task_name, state AS was, attempts, started_at
+    FROM {schema}.tasks
+    WHERE id = ANY(%(ids)s::bigint[]) AND state IN ('queued', 'running')
+    FOR UPDATE
+), cancelled AS (
+    UPDATE {schema}.tasks AS t
+    SET state = 'cancelled', finished_at = now()
+    FROM target
+    WHERE t.id = target.id
+    RETURNING t.id
+), recorded AS (
+    INSERT INTO {schema}.task_runs (task_id, task_name, attempt, started_at, finished_at, outcome, actor)
+    SELECT id, task_name, attempts, started_at, now(), 'cancelled', %(by)s FROM target
+)
+SELECT target.id, target.was FROM target JOIN cancelled ON cancelled.id = target.id;
+
+-- name: tasks_to_stop
+-- The tasks this processor's workers held when they were cancelled, cancelled within the
+-- last %(stop_window)s seconds: the supervisor kills the worker still running one. Older
+-- ones are let go (their lease cleared): by then the worker has ended the task or put it
+-- back unstarted (a batch gives back what it has not begun within a fraction of a second).
+WITH let_go AS (
+    UPDATE {schema}.tasks
+    SET locked_by = NULL, locked_worker = NULL, locked_at = NULL
+    WHERE state = 'cancelled' AND locked_by = %(processor)s
+      AND finished_at < now() - %(stop_window)s * interval '1 second'
+)
+SELECT id, locked_worker
+FROM {schema}.tasks
+WHERE state = 'cancelled' AND locked_by = %(processor)s
+  AND finished_at >= now() - %(stop_window)s * interval '1 second';
+
+-- name: count_purgeable
+SELECT count(*)
+FROM {schema}.tasks
+WHERE state = ANY(%(states)s::text[]) AND finished_at < %(before)s::timestamptz;
+
+-- name: purge_tasks
+-- One batch of finished tasks (of %(states)s) that finished before %(before)s, oldest
+-- first, with their run records. Batches keep each transaction short: the rows locked
+-- and the WAL written at once stay bounded whatever the backlog.
+WITH gone AS (
+    DELETE FROM {schema}.tasks
+    WHERE id IN (SELECT id FROM {schema}.tasks
+                 WHERE state = ANY(%(states)s::text[]) AND finished_at < %(before)s::timestamptz
+                 ORDER BY finished_at
+                 LIMIT %(batch)s)
+    RETURNING id
+), runs AS (
+    DELETE FROM {schema}.task_runs WHERE task_id IN (SELECT id FROM gone)
+)
+SELECT count(*) FROM gone;
+
+-- name: recurring_schedules
+-- Each schedule with its latest run (by slot; the unique index on (task_name,
+-- recurring_slot) finds it).
+SELECT r.task_name, r.run_every, r.next_run_at, r.timeout_seconds,
+       last.id, last.state, last.started_at, last.finished_at
+FROM {schema}.recurring_tasks AS r
+LEFT JOIN LATERAL (
+    SELECT t.id, t.state, t.started_at, t.finished_at
+    FROM {schema}.tasks AS t
+    WHERE t.task_name = r.task_name AND t.recurring_slot IS NOT NULL
+    ORDER BY t.recurring_slot DESC
+    LIMIT 1
+) AS last ON true
+ORDER BY r.task_name;
+
+-- name: remove_recurring
+-- Delete a schedule and cancel its runs still waiting. Returns how many were cancelled, or
+-- no row when there is no such schedule.
+WITH schedule AS (
+    DELETE FROM {schema}.recurring_tasks WHERE task_name = %(name)s RETURNING task_name
+), waiting AS (
+    UPDATE {schema}.tasks AS t
+    SET state = 'cancelled', finished_at = now()
+    FROM schedule
+    WHERE t.task_name = schedule.task_name AND t.recurring_slot IS NOT NULL AND t.state = 'queued'
+    RETURNING t.id
+)
+SELECT (SELECT count(*) FROM waiting) FROM schedule;
+
+-- name: procqueue_schemas
+-- The schemas of this database that hold a procqueue queue (for "did you mean").
+SELECT n.nspname
+FROM pg_namespace AS n
+WHERE to_regclass(quote_ident(n.nspname) || '.schema_version') IS NOT NULL
+  AND to_regclass(quote_ident(n.nspname) || '.tasks') IS NOT NULL
+ORDER BY 1;
+
+-- dashboard: what the web dashboard reads besides procqueue.admin's statements.
 
 -- name: dashboard_session
 -- The dashboard's connection: no page may wait on the database longer than this.
 SELECT set_config('statement_timeout', %(timeout_ms)s, false);
 
--- name: dashboard_tasks
--- Tasks newest first, filtered by states (NULL: any), exact name and queue.
-SELECT id, task_name, queue, state, attempts, max_attempts, run_at, created_at, finished_at, last_error
-FROM {schema}.tasks
-WHERE (%(states)s::text[] IS NULL OR state = ANY(%(states)s::text[]))
-  AND (%(name)s::text IS NULL OR task_name = %(name)s)
-  AND (%(queue)s::text IS NULL OR queue = %(queue)s)
-ORDER BY id DESC
-LIMIT %(limit)s;
 
 -- name: dashboard_processors
 SELECT id, hostname, pid, started_at, heartbeat_at FROM {schema}.processors ORDER BY hostname, started_at, id;
@@ -488,23 +622,3 @@ SELECT id, task_name, queue, locked_by, locked_worker, locked_at, started_at
 FROM {schema}.tasks WHERE state = 'running'
 ORDER BY locked_by, locked_worker, id
 LIMIT %(limit)s;
-
--- name: dashboard_schedules
--- Each recurring schedule and the latest run it enqueued (tasks_one_per_recurring_slot).
-SELECT r.task_name, r.run_every, r.next_run_at, last.created_at, last.state, last.finished_at
-FROM {schema}.recurring_tasks AS r
-LEFT JOIN LATERAL (
-    SELECT t.created_at, t.state, t.finished_at FROM {schema}.tasks AS t
-    WHERE t.task_name = r.task_name AND t.recurring_slot IS NOT NULL
-    ORDER BY t.recurring_slot DESC LIMIT 1
-) AS last ON true
-ORDER BY r.task_name;
-
--- name: dashboard_retry
--- failed / cancelled -> queued, due now, with one more attempt than it has had. Not a
--- recurring run: its next slot is its retry.
-UPDATE {schema}.tasks
-SET state = 'queued', run_at = now(), max_attempts = attempts + 1, finished_at = NULL, started_at = NULL,
-    expires_at = NULL
-WHERE id = %(id)s AND state IN ('failed', 'cancelled') AND recurring_slot IS NULL
-RETURNING id;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .errors import TaskError
@@ -32,6 +32,8 @@ class RunOutcome(str, enum.Enum):
     TIMED_OUT = "timed_out"  # ran past its timeout
     BACKOFF = "backoff"  # raised TaskBackoffError: asked to run again later
     LOST = "lost"  # its worker or processor died under it
+    CANCELLED = "cancelled"  # an operator cancelled it (before or while it ran)
+    RETRIED = "retried"  # not a run: an operator sent the finished task back to the queue
 
 
 class TaskPriority(enum.IntEnum):
@@ -163,6 +165,7 @@ class RunRecord:
     error: Optional[str]
     processor: Optional[str]
     worker: Optional[int]
+    actor: Optional[str] = None  # who cancelled or retried it (outcomes cancelled, retried)
 
 
 @dataclass(frozen=True)
@@ -238,22 +241,6 @@ class QueueStats:
 
 
 @dataclass(frozen=True)
-class TaskSummary:
-    """A task as a list shows it (the fields of procqueue.admin's TaskSummary)."""
-
-    id: int
-    task_name: str
-    queue: str
-    state: str
-    attempts: int
-    max_attempts: int
-    run_at: datetime
-    created_at: datetime
-    finished_at: Optional[datetime]
-    last_error: Optional[str]
-
-
-@dataclass(frozen=True)
 class ProcessorRecord:
     """A row of `processors`: one supervisor, on some host."""
 
@@ -276,14 +263,3 @@ class HeldTask:
     locked_at: Optional[datetime]
     started_at: Optional[datetime]  # None: claimed, waiting its turn in its worker's batch
 
-
-@dataclass(frozen=True)
-class ScheduleRecord:
-    """A recurring schedule and the state of the latest run it enqueued."""
-
-    task_name: str
-    run_every: timedelta
-    next_run_at: datetime
-    last_enqueued_at: Optional[datetime]
-    last_state: Optional[str]
-    last_finished_at: Optional[datetime]

@@ -28,6 +28,7 @@ from .db import bound_every_wait
 from .errors import DatabaseUnavailable
 from .heartbeat import SlotView, allocate_last_look, allocate_slots, await_worker, clear, read_slot
 from .lifeline import Lifeline
+from .records import RunOutcome
 from .process_tree import KILL_GRACE_SECONDS, begin_kill, finish_kill, kill_group, kill_now
 from .logs import log_event
 from .metrics import MultiprocessMetrics, TaskMetrics, initialise_series
@@ -442,6 +443,8 @@ class Supervisor:
                            "its log lines are not lost")
         elif departure is Departure.RECYCLED:
             log_event(logger, logging.INFO, "worker.recycled", worker=index, pid=pid)
+        elif departure is Departure.KILLED_CANCELLED:
+            log_event(logger, logging.INFO, "worker.replaced", worker=index, pid=pid, cause=verdict.cause)
         else:
             log_event(logger, logging.WARNING, "worker.died", worker=index, pid=pid,
                       cause=verdict.cause, task_id=verdict.in_flight or "-")
@@ -467,9 +470,10 @@ class Supervisor:
         """Stop workers whose shared-memory slot shows them stuck, in two steps (stack dump
         and SIGTERM to the tree, then SIGKILL); reaping then records and replaces them."""
         now, grace = self.clock(), self.config.grace_period_ms / 1000
+        cancelled = self.database.tasks_to_stop
         for slot in self.running():
             view = read_slot(self.board[slot.index])
-            verdict = watch(slot, view, now, grace)
+            verdict = watch(slot, view, now, grace, cancelled)
             if verdict.action is Watch.BEGIN_KILL:
                 self.begin_murder(slot, view, verdict)
             elif verdict.action is Watch.SPARE:
@@ -478,8 +482,12 @@ class Supervisor:
                 self.finish_murder(slot)
 
     def begin_murder(self, slot: Slot, view: SlotView, verdict: WatchVerdict) -> None:
-        log_event(logger, logging.ERROR, "worker.stuck", worker=slot.index, pid=slot.pid,
-                  task_id=view.task_id or "-", task=view.task_name or "-", reason=verdict.reason)
+        if verdict.outcome is RunOutcome.CANCELLED:
+            log_event(logger, logging.WARNING, "task.cancel_kill", worker=slot.index, pid=slot.pid,
+                      task_id=view.task_id, task=view.task_name or "-", reason=verdict.reason)
+        else:
+            log_event(logger, logging.ERROR, "worker.stuck", worker=slot.index, pid=slot.pid,
+                      task_id=view.task_id or "-", task=view.task_name or "-", reason=verdict.reason)
         tree = begin_kill(slot.pid)  # first: the grace before SIGKILL starts once SIGTERM is out
         kill_begun(slot, verdict, view, sigkill_at=self.clock() + KILL_GRACE_SECONDS, tree=tree)
 

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 import psycopg2
 
-from . import registry
+from . import admin, registry
 from .config import ProcessorConfig
 from .db import Connection, connect, first_line, is_connection_error, one_transaction, savepoint, waits_unbounded
 from .errors import DatabaseError, DatabaseUnavailable
@@ -72,6 +72,9 @@ class SupervisorDatabase:
         self.conn: Optional[Connection] = None
         self.pending_releases: Dict[int, Release] = {}
         self.queue_stats: Optional[QueueStats] = None
+        # Tasks an operator cancelled while this processor's workers held them: task id ->
+        # worker slot. The supervisor kills the worker still running one.
+        self.tasks_to_stop: Dict[int, int] = {}
         self.tasks_lost = 0
         self.tasks_rescued = 0
         self.up = False
@@ -194,6 +197,7 @@ class SupervisorDatabase:
         with one_transaction(self.conn):
             if heartbeat:
                 self.heartbeat(self.conn)
+                reports.append(self.chore("cancellations", self.find_tasks_to_stop))
             if rescue:
                 self.next_rescue = self.clock() + self.config.rescue_after_seconds / 4
                 reports.append(self.chore("rescue", self.rescue))
@@ -234,6 +238,13 @@ class SupervisorDatabase:
         self.queries.processor_heartbeat(conn, processor=self.processor_id, hostname=socket.gethostname(),
                                          pid=os.getpid())
         self.next_heartbeat = self.clock() + self.config.rescue_after_seconds / 4
+
+    def find_tasks_to_stop(self, conn: Connection) -> Callable[[], None]:
+        found = self.queries.tasks_to_stop(conn, processor=self.processor_id, stop_window=admin.STOP_WINDOW_SECONDS)
+
+        def report() -> None:
+            self.tasks_to_stop = found
+        return report
 
     def may_judge_peers(self) -> bool:
         """A peer's stale heartbeat proves it dead only if this processor could have seen

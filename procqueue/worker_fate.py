@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import signal
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from .heartbeat import SlotView, WorkerState
 from .records import RunOutcome
@@ -157,9 +157,15 @@ class WatchVerdict:
     reason: str = ""
 
 
-def watch(slot: Slot, view: SlotView, now: float, grace_seconds: float) -> WatchVerdict:
-    """What to do about a running worker, seen in one reading of its slot."""
+def watch(slot: Slot, view: SlotView, now: float, grace_seconds: float,
+          cancelled: Mapping[int, int] = {}) -> WatchVerdict:
+    """What to do about a running worker, seen in one reading of its slot. `cancelled`:
+    the tasks an operator cancelled while this processor's workers held them (task id ->
+    the slot that held it); a worker running one is killed as an overrunning one would be."""
     kill = slot.kill
+    if kill is None and is_running_cancelled(slot, view, cancelled):
+        return WatchVerdict(Watch.BEGIN_KILL, RunOutcome.CANCELLED,
+                            f"task {view.task_id} was cancelled while it ran; worker killed")
     if kill is None:
         stuck = judge_view(view, now, grace_seconds)
         return WatchVerdict(Watch.FINE) if stuck is None else WatchVerdict(Watch.BEGIN_KILL, *stuck)
@@ -171,6 +177,11 @@ def watch(slot: Slot, view: SlotView, now: float, grace_seconds: float) -> Watch
     if view.heartbeat != kill.heartbeat:
         return WatchVerdict(Watch.SPARE)
     return WatchVerdict(Watch.FINISH_KILL)
+
+
+def is_running_cancelled(slot: Slot, view: SlotView, cancelled: Mapping[int, int]) -> bool:
+    return (view.whole and view.state == WorkerState.BUSY and view.task_id != 0
+            and cancelled.get(view.task_id) == slot.index)
 
 
 def kill_begun(slot: Slot, verdict: WatchVerdict, view: SlotView, *, sigkill_at: float, tree: Any) -> Kill:
@@ -227,12 +238,14 @@ class Departure(enum.Enum):
     RECYCLED = "recycled"  # left to be replaced: refilled at once
     OUTPUT_LOST = "output_lost"  # left because a task took its stdout or stderr: refilled at once
     KILLED_STUCK = "stuck"  # the supervisor killed it
+    KILLED_CANCELLED = "cancelled"  # the supervisor killed it to stop a task an operator cancelled
     CRASHED = "crashed"  # anything else: it died
 
     @property
     def restart_reason(self) -> Optional[str]:
         """Which of the processor's restart counters it adds to (None: no restart)."""
-        return {Departure.STOPPED: None, Departure.OUTPUT_LOST: "recycled"}.get(self, self.value)
+        return {Departure.STOPPED: None, Departure.OUTPUT_LOST: "recycled",
+                Departure.KILLED_CANCELLED: "recycled"}.get(self, self.value)
 
     @property
     def is_failure(self) -> bool:
@@ -279,7 +292,9 @@ def departure_of(slot: Slot, view: SlotView, exit: Exit, *, stopping: bool) -> D
             return Departure.RECYCLED
         if exit.code == WORKER_OUTPUT_LOST:
             return Departure.OUTPUT_LOST
-    return Departure.KILLED_STUCK if slot.kill is not None else Departure.CRASHED
+    if slot.kill is not None:
+        return Departure.KILLED_CANCELLED if slot.kill.outcome is RunOutcome.CANCELLED else Departure.KILLED_STUCK
+    return Departure.CRASHED
 
 
 def reaped(slot: Slot) -> int:

@@ -339,3 +339,11 @@ def fail_until_retried(key: str) -> None:
     record(key)
     if first_run:
         raise RuntimeError(f"first run of {key} fails on purpose")
+
+
+@register_task_handler(task_name="sample.fail_until_fixed", max_attempts=1)
+def fail_until_fixed(key: str) -> None:
+    """Fails until the test records `<key>:fixed` (the operator's fix), then records a run."""
+    if not recorded_before(f"{key}:fixed"):
+        raise RuntimeError(f"{key} is broken")
+    record(key)

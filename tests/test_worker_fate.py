@@ -317,3 +317,27 @@ def test_the_processor_gives_up_only_when_every_slot_keeps_failing_and_no_worker
 def _quick() -> None:
     pass
 
+
+
+# -- a task an operator cancelled while it ran -------------------------------------------------
+
+def test_a_worker_running_a_cancelled_task_is_killed_and_refilled_at_once_as_no_failure():
+    slot = running_slot(index=1)
+    seen = busy(task_id=7, started=100.0, timeout=60.0)
+    verdict = watch(slot, seen, 101.0, GRACE, {7: 1})
+    assert (verdict.action, verdict.outcome) == (Watch.BEGIN_KILL, RunOutcome.CANCELLED)
+    kill_begun(slot, verdict, seen, sigkill_at=101.5, tree=[])
+    ended = exits(slot, seen, Exit(signal=signal.SIGKILL), now=102.0)
+    assert (ended.departure, ended.in_flight, ended.outcome) == (Departure.KILLED_CANCELLED, 7, RunOutcome.CANCELLED)
+    assert not ended.departure.is_failure and ended.departure.restart_reason == "recycled"
+    assert slot.respawn_at == 102.0 and slot.quick_deaths == 0
+
+
+@pytest.mark.parametrize("cancelled, seen", [
+    ({7: 0}, busy(task_id=7)),  # held by another slot: a task id is only ever in one worker
+    ({8: 1}, busy(task_id=7)),  # this worker runs another task (the cancelled one waits in its batch, or ended)
+    ({7: 1}, view(WorkerState.IDLE, task_id=0)),
+    ({7: 1}, view(WorkerState.BUSY, task_id=7, whole=False)),
+])
+def test_a_cancel_kills_only_the_worker_seen_running_that_very_task(cancelled, seen):
+    assert watch(running_slot(index=1), seen, 101.0, GRACE, cancelled).action is Watch.FINE
