@@ -326,7 +326,7 @@ def main(argv: Optional[list] = None) -> int:
         log_event(logger, logging.ERROR, "dashboard.bad_config", error=str(exc))
         return 2
     channel = socket.socket(fileno=arguments.channel_fd)
-    log_event(logger, logging.INFO, "dashboard.started", login="token" if config.token else "none (read-only)")
+    log_event(logger, logging.INFO, "dashboard.serving", login="token" if config.token else "none (read-only)")
     serve(DashboardServer(DashboardApp(config), channel=channel))
     return 0
 

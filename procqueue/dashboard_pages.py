@@ -23,6 +23,7 @@ CANCELLABLE_STATES = ("queued", "running")  # a running one: its processor stops
 SILENT_PROCESSOR_SECONDS = 10
 CHART_WIDTH, CHART_HEIGHT, CHART_MARGIN = 720, 180, 36
 ONE_HOUR = 3600.0
+SHORTEST_WINDOW = 300.0
 
 _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1d232a;background:#f6f7f9}
@@ -170,11 +171,12 @@ def depth_chart(samples: Sequence[Sample], now: float) -> str:
     span = now - recent[0].at
     label = ("the last hour" if span >= ONE_HOUR - 60 else
              f"the last {_duration(span)} only: the dashboard has been sampling the queue since then")
+    window = min(ONE_HOUR, max(SHORTEST_WINDOW, span))  # less history: a narrower window, not a squeezed line
     top = max(1, max(max(s.waiting, s.running) for s in recent))
-    plot_w, plot_h = CHART_WIDTH - 2 * CHART_MARGIN, CHART_HEIGHT - 2 * CHART_MARGIN // 2 - 10
+    plot_w, plot_h = CHART_WIDTH - 2 * CHART_MARGIN, CHART_HEIGHT - CHART_MARGIN - 10
 
     def point(at: float, value: int) -> str:
-        x = CHART_MARGIN + plot_w * (1 - (now - at) / ONE_HOUR)
+        x = CHART_MARGIN + plot_w * (1 - (now - at) / window)
         y = CHART_MARGIN // 2 + plot_h * (1 - value / top)
         return f"{x:.1f},{y:.1f}"
 
@@ -182,8 +184,8 @@ def depth_chart(samples: Sequence[Sample], now: float) -> str:
     running = " ".join(point(s.at, s.running) for s in recent)
     base = CHART_MARGIN // 2 + plot_h
     ticks = "".join(
-        f'<text x="{CHART_MARGIN + plot_w * (1 - minutes / 60):.0f}" y="{base + 16}" text-anchor="middle">'
-        f'{"now" if minutes == 0 else f"-{minutes} min"}</text>' for minutes in (60, 45, 30, 15, 0))
+        f'<text x="{CHART_MARGIN + plot_w * (1 - quarter / 4):.0f}" y="{base + 16}" text-anchor="middle">'
+        f'{"now" if quarter == 0 else "-" + _duration(window * quarter / 4)}</text>' for quarter in (4, 3, 2, 1, 0))
     last = recent[-1]
     return (
         f'<svg role="img" aria-label="queue depth" width="{CHART_WIDTH}" height="{CHART_HEIGHT}" '

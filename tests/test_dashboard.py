@@ -4,12 +4,15 @@ each connection by the processor's HTTP thread)."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 from urllib.parse import urlencode
@@ -292,3 +295,23 @@ def test_a_killed_dashboard_process_is_restarted_and_metrics_carry_on(db, start_
     wait_until(new_dashboard_serves, timeout=30, message=lambda: f"a new dashboard process (answers: {seen})")
     assert 503 in seen  # while it was down, the processor answered for it
     assert processor.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_idle_and_half_sent_requests_cannot_shut_the_dashboard_out(db, start_dashboard):
+    from procqueue import dashboard as dashboard_module
+
+    port = start_dashboard().port()
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(dashboard_module.MAX_CONNECTIONS + 20)]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as half:
+            half.sendall(b"POST /login HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\ntoken=")  # and no more
+            started = time.monotonic()
+            assert exchange(port, "GET", "/").status == 200
+            assert time.monotonic() - started < 3.0
+            with contextlib.suppress(ConnectionResetError):
+                assert half.recv(1) == b""  # closed at the request deadline, unanswered
+            assert time.monotonic() - started < dashboard_module.REQUEST_SECONDS + 3
+    finally:
+        for sock in idle:
+            sock.close()

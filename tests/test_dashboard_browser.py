@@ -117,8 +117,8 @@ def take_overview_screenshot(browser, base: str, path: Path) -> None:
     """Tasks of each kind and a dozen queue samples (two minutes), for the README."""
     from selenium.webdriver.common.by import By
 
-    for index in range(60):
-        sample_tasks.sleep_then_record.delay(args=(1 + index % 4, f"shot-{index}"))
+    for index in range(60):  # enough to keep both workers busy past the screenshot
+        sample_tasks.sleep_then_record.delay(args=(3 + index % 5, f"shot-{index}"))
     for message in ("card declined for order 1041", "upstream timed out"):
         sample_tasks.fail.delay(args=(message,))
 
