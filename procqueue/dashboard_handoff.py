@@ -23,6 +23,10 @@ _ACCEPTED = struct.Struct("!d")
 # The thread hands over a request head (at most 8 KiB) and what came with it in one read.
 MAX_MESSAGE_BYTES = 256 * 1024
 _FD_SIZE = array.array("i").itemsize
+# What may wait in the channel for the dashboard process, in bytes of kernel memory (the
+# kernel doubles it): some dozens of connections. Beyond, the processor answers 503 itself,
+# and a channel full for long tells it the process hangs.
+CHANNEL_BUFFER_BYTES = 32 * 1024
 
 
 def is_dashboard_path(path: str) -> bool:
@@ -33,6 +37,7 @@ def channel_pair() -> Tuple[socket.socket, socket.socket]:
     """(the processor's end, the dashboard process's end)."""
     processor_end, dashboard_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     processor_end.setblocking(False)
+    processor_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_BUFFER_BYTES)
     return processor_end, dashboard_end
 
 

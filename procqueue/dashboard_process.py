@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import time
 from typing import Optional
 
 from .config import DatabaseConfig, dashboard_process_environment
@@ -30,6 +31,8 @@ RESTART_DELAYS_SECONDS = (1, 2, 5, 10, 30)
 # A process that lived this long before dying starts its backoff afresh.
 STABLE_SECONDS = 60.0
 STOP_SECONDS = 3.0
+# Its channel refused connections (full) for this long: it takes none, so it is hung.
+HUNG_SECONDS = 15.0
 
 
 class DashboardProcess:
@@ -46,6 +49,7 @@ class DashboardProcess:
         """One look, from the supervisor's loop: reap a dead process, start a wanted one."""
         if self.process is not None:
             if self.process.poll() is None:
+                self.kill_if_hung()
                 return
             self.exited(now)
         if self.server.dashboard_wanted and now >= self.start_after:
@@ -68,6 +72,15 @@ class DashboardProcess:
         with self.server.fork_lock:  # never swapped while the HTTP thread sends on it
             self.server.dashboard_channel = processor_end
         log_event(logger, logging.INFO, "dashboard.started", pid=self.process.pid)
+
+    def kill_if_hung(self) -> None:
+        """Killed, it is restarted as a crashed one is (see step)."""
+        full_since = self.server.dashboard_full_since
+        if full_since is not None and time.monotonic() - full_since >= HUNG_SECONDS:
+            log_event(logger, logging.ERROR, "dashboard.hung", pid=self.process.pid,
+                      note=f"it took no connection for {HUNG_SECONDS:g}s: killed")
+            self.server.dashboard_full_since = None
+            self.process.kill()
 
     def exited(self, now: float) -> None:
         code = self.process.returncode if self.process is not None else None

@@ -84,6 +84,7 @@ class MonitoringServer:
         self.dashboard_enabled = False
         self.dashboard_wanted = False
         self.dashboard_channel: Optional[socket.socket] = None
+        self.dashboard_full_since: Optional[float] = None  # monotonic; the supervisor kills a hung process
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -215,9 +216,12 @@ class MonitoringServer:
                     send_connection(channel, connection.sock, connection.accepted, connection.received)
                 except BlockingIOError:
                     unavailable = "busy"
+                    if self.dashboard_full_since is None:
+                        self.dashboard_full_since = time.monotonic()
                 except OSError:
                     unavailable = "restarting"
                 else:
+                    self.dashboard_full_since = None
                     self.close_unlocked(connection)
                     return
         self.answer(connection, _dashboard_unavailable(unavailable))

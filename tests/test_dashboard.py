@@ -315,3 +315,39 @@ def test_idle_and_half_sent_requests_cannot_shut_the_dashboard_out(db, start_das
     finally:
         for sock in idle:
             sock.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_dashboard_process_is_answered_for_then_killed_and_replaced(db, start_processor):
+    from procqueue.dashboard_process import HUNG_SECONDS
+
+    processor = start_processor("--numthreads", "1", "--metrics-port", "0")
+    port = processor.metrics_port()
+    exchange(port, "GET", "/")
+    until_served(port)
+    [hung] = dashboard_processes(processor)
+    hung.suspend()  # SIGSTOP: alive, taking nothing
+    handed = []
+
+    def answered_busy() -> bool:
+        batch = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        handed.extend(batch)
+        for sock in batch:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        batch[-1].settimeout(1.0)
+        try:
+            return b" 503 " in batch[-1].recv(200)
+        except socket.timeout:  # handed over: it waits in the stopped process's channel
+            return False
+
+    try:
+        wait_until(answered_busy, timeout=30, message="the full channel answered for by the processor")
+        assert http_get(port, "/metrics")[0] == 200
+        wait_until(lambda: hung.pid not in [p.pid for p in dashboard_processes(processor)],
+                   timeout=HUNG_SECONDS + 10, message="the hung dashboard process killed")
+        until_served(port)
+        assert processor.log().count("dashboard.hung") == 1
+    finally:
+        for sock in handed:
+            sock.close()
+    assert processor.stop() == 0

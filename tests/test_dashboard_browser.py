@@ -117,10 +117,10 @@ def take_overview_screenshot(browser, base: str, path: Path) -> None:
     """Tasks of each kind and a dozen queue samples (two minutes), for the README."""
     from selenium.webdriver.common.by import By
 
+    for message in ("card declined for order 1041", "upstream timed out"):  # first: failed by the screenshot
+        sample_tasks.fail.delay(args=(message,))
     for index in range(60):  # enough to keep both workers busy past the screenshot
         sample_tasks.sleep_then_record.delay(args=(3 + index % 5, f"shot-{index}"))
-    for message in ("card declined for order 1041", "upstream timed out"):
-        sample_tasks.fail.delay(args=(message,))
 
     def chart_points() -> int:
         open_page(browser, f"{base}/", "Overview")
