@@ -1,13 +1,12 @@
 """Command-line entry points: `procqueue ...` and `run-task-processor`.
 
 The edge where user mistakes become one-line messages and exit codes: every ProcqueueError
-is caught here, nowhere deeper.
+is caught here (by cli_common.user_errors), nowhere deeper.
 """
 
 from __future__ import annotations
 
 import difflib
-import functools
 import importlib
 import json
 import logging
@@ -20,10 +19,11 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, List, Optional, Tuple
 
 import click
-import psycopg2
 
 from . import config as config_module
 from .arguments import MAX_ARGUMENT_DEPTH, short_repr
+from .cli_operations import (hidden_alias, psql_command, purge_command, recurring_group, tasks_cancel,
+                             tasks_group, tasks_show)
 from .config import (
     DEFAULT_GRACE_PERIOD_MS,
     DEFAULT_NUM_WORKERS,
@@ -36,71 +36,41 @@ from .config import (
     ProcessorConfig,
     default_status_file,
 )
-from .db import first_line, tables_missing
-from .errors import ConfigError, DatabaseError, ProcqueueError, TaskError
+from .cli_common import (DATABASE_URL_HELP, database_of, database_options, fail, queue_connection, set_program,
+                         user_errors, warn_of_password_in_arguments)
+from .errors import ConfigError, ProcqueueError, TaskError
 from .logs import LOG_FORMATS, setup_logging
-from .records import UnreadableJson
 
 LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 LOG_FORMAT = click.Choice(list(LOG_FORMATS), case_sensitive=False)
 DEMO_SCHEMA = "procqueue_demo"
-UNDEFINED_TABLE = "42P01"  # SQLSTATE (psycopg2.errorcodes.UNDEFINED_TABLE)
 DEMO_RATES = (0.1, 1000.0)  # tasks per second the demo's producer may be asked for
-
-
-def _user_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn ProcqueueError (and any database error) into one line on stderr and its exit code."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except ProcqueueError as exc:
-            _fail(str(exc), exc.exit_code)
-        except psycopg2.Error as exc:
-            # By its code, not `except psycopg2.errors.UndefinedTable`: a stop signal that
-            # lands inside psycopg2's import leaves psycopg2.errors half made, and such a
-            # clause, looked up as the stop unwinds through here, raised AttributeError.
-            if exc.pgcode == UNDEFINED_TABLE:
-                _fail(_with_other_schemas(str(tables_missing(exc))), DatabaseError.exit_code)
-            _fail(f"database error: {first_line(exc)}", DatabaseError.exit_code)
-
-    return wrapper
-
-
-_program = "procqueue"  # the command being run, as errors name it
-
-
-def _fail(message: str, exit_code: int) -> None:
-    click.echo(f"{_program}: error: {message}", err=True)
-    sys.exit(exit_code)
 
 
 def _run_click(command: click.Command, prog_name: str) -> None:
     """Run a click command with usage errors as one line too (click prints four)."""
-    global _program
-    _program = prog_name
+    set_program(prog_name)
     try:
         command.main(prog_name=prog_name, standalone_mode=False)
     except click.exceptions.MissingParameter as exc:  # a BadParameter with no value to name
         kind = "argument" if isinstance(exc.param, click.Argument) else "option"
         name = exc.param.human_readable_name if exc.param is not None else "value"
-        _fail(f"missing {kind} {name} (see {_help_path(exc.ctx, command, prog_name)} --help)", exc.exit_code)
+        fail(f"missing {kind} {name} (see {_help_path(exc.ctx, command, prog_name)} --help)", exc.exit_code)
     except click.exceptions.BadParameter as exc:
         # Worded as procqueue's own checks word theirs: the flag, the value, what is expected.
         flag = exc.param.opts[0] if exc.param is not None and exc.param.opts else (exc.param_hint or "a value")
-        _fail(f"invalid value for {flag}: {exc.message.rstrip('.')} "
+        fail(f"invalid value for {flag}: {exc.message.rstrip('.')} "
               f"(see {_help_path(exc.ctx, command, prog_name)} --help)", exc.exit_code)
     except click.exceptions.NoArgsIsHelpError as exc:
         # `procqueue` alone: the help a user asked for by typing it, not an error.
         click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message(), err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.UsageError as exc:
-        _fail(f"{exc.format_message()} (see {_help_path(exc.ctx, command, prog_name)} --help)", exc.exit_code)
+        fail(f"{exc.format_message()} (see {_help_path(exc.ctx, command, prog_name)} --help)", exc.exit_code)
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as exc:
-        _fail(exc.format_message(), exc.exit_code)
+        fail(exc.format_message(), exc.exit_code)
 
 
 def _help_path(ctx: Optional[click.Context], command: click.Command, prog_name: str) -> str:
@@ -124,22 +94,6 @@ def procqueue_cli() -> None:
 def run_task_processor_cli() -> None:
     """The `run-task-processor` command line (see procqueue.starting)."""
     _run_click(run_task_processor, "run-task-processor")
-
-
-DATABASE_URL_HELP = ("libpq URL of the queue database. A password in it shows to every local user in `ps`: "
-                     "prefer DATABASE_URL, PGPASSWORD or ~/.pgpass. "
-                     "[env: DATABASE_URL; default: the embedded PostgreSQL]")
-
-
-def _database_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    func = click.option(
-        "--schema", default=None, metavar="NAME",
-        help="Postgres schema of the queue tables. [env: PROCQUEUE_SCHEMA; default: procqueue]",
-    )(func)
-    func = click.option(
-        "--database-url", default=None, metavar="URL", help=DATABASE_URL_HELP,
-    )(func)
-    return func
 
 
 def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -168,6 +122,11 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
                      help="At start, how long to keep retrying a database that cannot be reached (refused, "
                           "timed out, restarting) before giving up; 0: give up at once. "
                           f"[env: PROCQUEUE_DATABASE_WAIT; default: {DEFAULT_DATABASE_WAIT_SECONDS:g}]"),
+        click.option("--pooler", "pooler", default=None, metavar="MODE",
+                     help="What is between the processor and Postgres: none, session (a session-mode pooler) "
+                          "or transaction (a transaction-mode pooler such as PgBouncer's pool_mode = transaction: "
+                          "no LISTEN, workers poll every --sleepintervalms; no prepared statements). "
+                          "[env: PROCQUEUE_POOLER; default: none]"),
         click.option("--max-tasks-per-worker", "max_tasks_per_worker", type=int, default=None, metavar="N",
                      help="Replace a worker after it has run N tasks. [default: never]"),
         click.option("--max-memory-per-worker", "max_memory_per_worker", type=int, default=None, metavar="MB",
@@ -195,7 +154,7 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         func = option(func)
-    return _database_options(func)
+    return database_options(func)
 
 
 def build_processor_config(**values: Any) -> ProcessorConfig:
@@ -210,6 +169,7 @@ def _processor_config_of(**values: Any) -> ProcessorConfig:
     return config_module.processor_config(
         database_url=values.get("database_url"),
         schema=values.get("schema"),
+        pooler=values.get("pooler"),
         num_workers=values.get("num_workers"),
         sleep_interval_ms=values.get("sleep_interval_ms"),
         grace_period_ms=values.get("grace_period_ms"),
@@ -288,21 +248,21 @@ def main() -> None:
 
 @main.command("run")
 @_processor_options
-@_user_errors
+@user_errors
 def run_command(log_level: str, log_format: str, **values: Any) -> None:
     """Run the task processor (same as run-task-processor)."""
     sys.exit(run_processor(build_processor_config(**values), log_level, log_format))
 
 
 @main.command("migrate")
-@_database_options
-@_user_errors
+@database_options
+@user_errors
 def migrate_command(database_url: Optional[str], schema: Optional[str]) -> None:
     """Create or upgrade the procqueue tables (idempotent)."""
     from .db import connect
     from .migrations import SCHEMA_VERSION, migrate
 
-    database = _database(database_url, schema)
+    database = database_of(database_url, schema)
     conn = connect(database)
     try:
         applied = migrate(conn, database.schema)
@@ -320,8 +280,8 @@ def migrate_command(database_url: Optional[str], schema: Optional[str]) -> None:
               help="Run no sooner than this many seconds from now (at most ten years).")
 @click.option("--priority", type=int, default=None, help="Override the task's priority (lower runs first).")
 @click.option("--import", "-i", "imports", multiple=True, metavar="MODULE", help="Module that registers the task.")
-@_database_options
-@_user_errors
+@database_options
+@user_errors
 def enqueue_command(task_name: str, args_json: str, kwargs_json: str, delay_seconds: Optional[float],
                     priority: Optional[int], imports: Tuple[str, ...], database_url: Optional[str],
                     schema: Optional[str]) -> None:
@@ -336,7 +296,7 @@ def enqueue_command(task_name: str, args_json: str, kwargs_json: str, delay_seco
                           f"(expected a number of seconds from 0 to {max_delay.total_seconds():.0f}, ten years)")
 
     config = config_module.processor_config(database_url=database_url, schema=schema, imports=imports)
-    _warn_of_password_in_arguments(database_url)
+    warn_of_password_in_arguments(database_url)
     import_task_modules(config.imports)
     handler = registry.get_handler(task_name)
     if handler is None:
@@ -357,7 +317,7 @@ def enqueue_command(task_name: str, args_json: str, kwargs_json: str, delay_seco
               help="The user (name or uid) the processor runs as; a status file belonging to anyone else is "
                    "not trusted. [default: the user running this command]")
 @click.option("--json", "as_json", is_flag=True, help="Print the status document itself.")
-@_user_errors
+@user_errors
 def status_command(status_file: Optional[str], owner: Optional[str], as_json: bool) -> None:
     """Show a running processor's workers and queue, from its status file."""
     from .health import StatusError, load_status, supervisor_alive
@@ -385,13 +345,13 @@ def status_command(status_file: Optional[str], owner: Optional[str], as_json: bo
 
 
 @main.command("stats")
-@_database_options
-@_user_errors
+@database_options
+@user_errors
 def stats_command(database_url: Optional[str], schema: Optional[str]) -> None:
     """Queue depth by state and queue, read from the database now, as JSON."""
     from .status import queue_section
 
-    conn, queries = _client(database_url, schema)
+    conn, queries = queue_connection(database_url, schema)
     stats = queries.queue_stats(conn, timeout_seconds=60, now=time.time())
     click.echo(json.dumps(queue_section(stats), indent=2))
 
@@ -415,7 +375,7 @@ def health_command(arguments: Tuple[str, ...]) -> None:
 @click.option("--database-url", default=None, metavar="URL", help=DATABASE_URL_HELP)
 @click.option("--status-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
               help=f"Its status file. [env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}]")
-@_user_errors
+@user_errors
 def demo_command(rate: float, num_workers: int, database_url: Optional[str], schema: str,
                  status_file: Optional[str]) -> None:
     """Run a processor with example tasks flowing in, until Ctrl-C.
@@ -466,50 +426,6 @@ def _unknown_task(task_name: str, imports: Tuple[str, ...]) -> str:
             f"{hint}")
 
 
-def _client(database_url: Optional[str], schema: Optional[str]):
-    """The connection and statements of the queue a command works on, which must exist:
-    when its schema has no procqueue tables, the error names the schemas that do."""
-    from . import client
-
-    database = _database(database_url, schema)
-    client.configure(database_url=database.url, schema=database.schema)
-    conn, queries = client.connection()
-    if queries.schema_version(conn) == 0:
-        raise DatabaseError(_with_other_schemas(
-            f"schema {database.schema!r} of this database holds no procqueue queue "
-            "(--schema, PROCQUEUE_SCHEMA); `procqueue migrate` creates one", conn, queries))
-    return conn, queries
-
-
-def _with_other_schemas(message: str, conn=None, queries=None) -> str:
-    """The message, and the schemas of the database that do hold a queue: after a demo,
-    the tables are in procqueue_demo, and `migrate` would make an empty queue elsewhere.
-    Best effort: without a connection to ask, the message alone."""
-    from . import client
-
-    try:
-        if conn is None:
-            conn, queries = client.connection()
-        others = [name for name in queries.procqueue_schemas(conn) if name != queries.schema]
-    except (psycopg2.Error, ProcqueueError):
-        return message
-    if not others:
-        return message
-    return f"{message}. Queues in this database: {', '.join(others)} (pass --schema {others[0]})"
-
-
-def _database(database_url: Optional[str], schema: Optional[str]) -> config_module.DatabaseConfig:
-    """The database a command works on, with a warning on stderr when its password came
-    on the command line."""
-    _warn_of_password_in_arguments(database_url)
-    return config_module.processor_config(database_url=database_url, schema=schema).database
-
-
-def _warn_of_password_in_arguments(database_url: Optional[str]) -> None:
-    if database_url and config_module.has_password(database_url):
-        click.echo(f"procqueue: warning: {config_module.PASSWORD_IN_ARGUMENTS_WARNING}", err=True)
-
-
 def _json_option(flag: str, raw: str, expected_type: type, description: str) -> Any:
     try:
         value = json.loads(raw)
@@ -527,18 +443,7 @@ def _json_option(flag: str, raw: str, expected_type: type, description: str) -> 
     return value
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, UnreadableJson):  # not to be mistaken for a string argument
-        return {"unreadable_json": value.reason}
-    return str(value)
-
-
-# The operator's commands (tasks, purge, recurring) use the helpers above.
-from .cli_operations import (hidden_alias, psql_command, purge_command, recurring_group, tasks_cancel,  # noqa: E402
-                             tasks_group, tasks_show)
-
+# The operator's commands live in cli_operations.
 for _command in (tasks_group, purge_command, recurring_group, psql_command):
     main.add_command(_command)
 main.add_command(hidden_alias(tasks_show), "show")
@@ -550,7 +455,7 @@ main.add_command(hidden_alias(tasks_cancel), "cancel")
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @_processor_options
-@_user_errors
+@user_errors
 def run_task_processor(log_level: str, log_format: str, **values: Any) -> None:
     """Run the procqueue task processor (Flagsmith's `runprocessor` flags)."""
     sys.exit(run_processor(build_processor_config(**values), log_level, log_format))
@@ -567,8 +472,8 @@ def run_task_processor(log_level: str, log_format: str, **values: Any) -> None:
               help="File holding the token that unlocks arguments, errors, retry and cancel. "
                    "[env: PROCQUEUE_DASHBOARD_TOKEN; default: none, read-only]")
 @click.option("--log-level", default="info", type=LOG_LEVELS, show_default=True)
-@_database_options
-@_user_errors
+@database_options
+@user_errors
 def dashboard_command(port: int, host: Optional[str], token_file: Optional[str], log_level: str,
                       database_url: Optional[str], schema: Optional[str]) -> None:
     """Serve the web dashboard on its own port, for a machine with no processor (a
@@ -577,7 +482,7 @@ def dashboard_command(port: int, host: Optional[str], token_file: Optional[str],
     from .dashboard_app import DashboardApp
     from .logs import log_event
 
-    _warn_of_password_in_arguments(database_url)
+    warn_of_password_in_arguments(database_url)
     config = config_module.dashboard_config(database_url=database_url, schema=schema, token_file=token_file,
                                             host=host, port=port)
     setup_logging(log_level)

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 import click
 
 from . import admin
-from .cli import _client, _database_options, _json_default, _user_errors
+from .cli_common import database_of, database_options, json_default, queue_connection, user_errors
 from .errors import ConfigError, ProcqueueError, TaskError
 from .records import TaskState
 
@@ -58,7 +58,7 @@ class Age(click.ParamType):
 
 
 def _echo_json(document: Any) -> None:
-    click.echo(json.dumps(document, indent=2, default=_json_default))
+    click.echo(json.dumps(document, indent=2, default=json_default))
 
 
 def _time(moment: Optional[datetime]) -> str:
@@ -90,13 +90,13 @@ def tasks_group() -> None:
 @click.option("--until", type=When(), default=None, help="... and before this.")
 @click.option("--limit", type=click.IntRange(1, LIST_LIMIT_MAX), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@_database_options
-@_user_errors
+@database_options
+@user_errors
 def tasks_list(states: Tuple[str, ...], name: Optional[str], queue: Optional[str], since: Optional[datetime],
                until: Optional[datetime], limit: int, as_json: bool, database_url: Optional[str],
                schema: Optional[str]) -> None:
     """Tasks, newest first, with each one's last error (the exception line of its traceback)."""
-    conn, queries = _client(database_url, schema)
+    conn, queries = queue_connection(database_url, schema)
     tasks = admin.list_tasks(conn, queries, states=[s.lower() for s in states], name=name, queue=queue,
                              since=since, until=until, limit=limit)
     if as_json:
@@ -112,11 +112,11 @@ def tasks_list(states: Tuple[str, ...], name: Optional[str], queue: Optional[str
 
 @tasks_group.command("show")
 @click.argument("task_id", type=int)
-@_database_options
-@_user_errors
+@database_options
+@user_errors
 def tasks_show(task_id: int, database_url: Optional[str], schema: Optional[str]) -> None:
     """Print a task and its run history (with tracebacks) as JSON."""
-    conn, queries = _client(database_url, schema)
+    conn, queries = queue_connection(database_url, schema)
     task = queries.get_task(conn, task_id)
     if task is None:
         raise TaskError(f"no task with id {task_id}")
@@ -128,8 +128,8 @@ def tasks_show(task_id: int, database_url: Optional[str], schema: Optional[str])
 @click.option("--failed", "all_failed", is_flag=True, help="Retry every failed task (narrowed by --name, --since).")
 @click.option("--name", default=None, metavar="TASK", help="With --failed: only tasks of this name.")
 @click.option("--since", type=When(), default=None, help="With --failed: only tasks that failed at or after this.")
-@_database_options
-@_user_errors
+@database_options
+@user_errors
 def tasks_retry(task_ids: Tuple[int, ...], all_failed: bool, name: Optional[str], since: Optional[datetime],
                 database_url: Optional[str], schema: Optional[str]) -> None:
     """Send failed, cancelled or missed tasks back to the queue: due now, attempts reset,
@@ -138,7 +138,7 @@ def tasks_retry(task_ids: Tuple[int, ...], all_failed: bool, name: Optional[str]
         raise ConfigError("give task ids or --failed (not both)")
     if task_ids and (name or since):
         raise ConfigError("--name and --since narrow --failed; with task ids, leave them out")
-    conn, queries = _client(database_url, schema)
+    conn, queries = queue_connection(database_url, schema)
     by = admin.actor("procqueue tasks retry")
     if all_failed:
         retried = admin.retry_failed(conn, queries, name=name, since=since, by=by)
@@ -151,13 +151,13 @@ def tasks_retry(task_ids: Tuple[int, ...], all_failed: bool, name: Optional[str]
 
 @tasks_group.command("cancel")
 @click.argument("task_ids", type=int, nargs=-1, required=True)
-@_database_options
-@_user_errors
+@database_options
+@user_errors
 def tasks_cancel(task_ids: Tuple[int, ...], database_url: Optional[str], schema: Optional[str]) -> None:
     """Cancel tasks. A waiting one never starts; a running one is stopped by the processor
     running it (its worker killed and replaced, as for a task past its timeout) within
     seconds, and recorded as cancelled."""
-    conn, queries = _client(database_url, schema)
+    conn, queries = queue_connection(database_url, schema)
     results = admin.cancel(conn, queries, task_ids, by=admin.actor("procqueue tasks cancel"))
     _report_each("cancel", results, {"cancelled": "cancelled {id}",
                                      "cancelling": "cancelled {id}: it was running; its processor stops it "
@@ -187,13 +187,13 @@ def _report_each(verb: str, results: Dict[int, str], done: Dict[str, str]) -> No
 @click.option("--state", "states", type=FINISHED_STATES, multiple=True,
               help="Only finished tasks in this state (repeatable). [default: all finished states]")
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
-@_database_options
-@_user_errors
+@database_options
+@user_errors
 def purge_command(older_than: timedelta, states: Tuple[str, ...], dry_run: bool, database_url: Optional[str],
                   schema: Optional[str]) -> None:
     """Delete finished tasks and their run records, in batches. Waiting and running tasks
     are never touched."""
-    conn, queries = _client(database_url, schema)
+    conn, queries = queue_connection(database_url, schema)
     chosen = [s.lower() for s in states] or list(admin.FINISHED_STATES)
     before = datetime.now(timezone.utc) - older_than
     count = admin.purgeable(conn, queries, before=before, states=chosen)
@@ -218,11 +218,11 @@ def recurring_group() -> None:
 
 @recurring_group.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array.")
-@_database_options
-@_user_errors
+@database_options
+@user_errors
 def recurring_list(as_json: bool, database_url: Optional[str], schema: Optional[str]) -> None:
     """Each schedule: how often, its next slot, and its latest run's outcome."""
-    conn, queries = _client(database_url, schema)
+    conn, queries = queue_connection(database_url, schema)
     schedules = admin.recurring_schedules(conn, queries)
     if as_json:
         _echo_json([dict(asdict(s), run_every_seconds=s.run_every.total_seconds(), run_every=None)
@@ -246,12 +246,12 @@ def _interval(every: timedelta) -> str:
 
 @recurring_group.command("remove")
 @click.argument("name")
-@_database_options
-@_user_errors
+@database_options
+@user_errors
 def recurring_remove(name: str, database_url: Optional[str], schema: Optional[str]) -> None:
     """Delete a schedule and cancel its waiting runs. A processor that still registers it
     (its code still has the decorator) puts it back when it next starts."""
-    conn, queries = _client(database_url, schema)
+    conn, queries = queue_connection(database_url, schema)
     cancelled = admin.remove_recurring(conn, queries, name)
     if cancelled is None:
         names = [s.task_name for s in admin.recurring_schedules(conn, queries)]
@@ -264,8 +264,8 @@ def recurring_remove(name: str, database_url: Optional[str], schema: Optional[st
 
 @click.command("psql", context_settings={"ignore_unknown_options": True})
 @click.argument("psql_arguments", nargs=-1, type=click.UNPROCESSED)
-@_database_options
-@_user_errors
+@database_options
+@user_errors
 def psql_command(psql_arguments: Tuple[str, ...], database_url: Optional[str], schema: Optional[str]) -> None:
     """Open psql on the queue's database, the queue's schema first on the search path (the
     embedded PostgreSQL listens only on a Unix socket in its data directory). Arguments
@@ -275,10 +275,9 @@ def psql_command(psql_arguments: Tuple[str, ...], database_url: Optional[str], s
 
     from psycopg2.extensions import make_dsn, parse_dsn
 
-    from .cli import _database
     from .db import resolve_url
 
-    database = _database(database_url, schema)
+    database = database_of(database_url, schema)
     params = parse_dsn(resolve_url(database))
     password = params.pop("password", None)  # to psql's environment: argv shows in `ps`
     program = shutil.which("psql") or _embedded_psql()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 from . import config as config_module
 from .config import DatabaseConfig, RetentionConfig, TaskRunMethod
@@ -43,9 +43,11 @@ def configure(
     task_run_method: Optional[TaskRunMethod] = None,
     max_arguments_bytes: Optional[int] = None,
     retention: Optional[RetentionConfig] = None,
+    pooler: Union[str, config_module.Pooler, None] = None,
 ) -> None:
     """Set, in code, what the environment would otherwise decide for this process.
-    `max_arguments_bytes`: 0 lifts the limit."""
+    `max_arguments_bytes`: 0 lifts the limit. `pooler`: "transaction" behind a
+    transaction-mode pooler (PROCQUEUE_POOLER), where `.delay()` prepares nothing."""
     global _settings
     with _settings_lock:
         current = _current_settings_unlocked()
@@ -54,6 +56,8 @@ def configure(
             database = replace(database, url=database_url)
         if schema is not None:
             database = replace(database, schema=schema)
+        if pooler is not None:
+            database = replace(database, pooler=config_module.pooler_of(pooler, "pooler"))
         method = TaskRunMethod(task_run_method) if task_run_method is not None else current.task_run_method
         limit = (current.max_arguments_bytes if max_arguments_bytes is None
                  else config_module.max_arguments_bytes(max_arguments_bytes))

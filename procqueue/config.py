@@ -38,6 +38,7 @@ ENV_DATABASE_WAIT = "PROCQUEUE_DATABASE_WAIT"
 ENV_TMPDIR = "TMPDIR"
 ENV_MAX_ARGUMENTS_BYTES = "PROCQUEUE_MAX_ARGUMENTS_BYTES"
 ENV_DASHBOARD_TOKEN = "PROCQUEUE_DASHBOARD_TOKEN"
+ENV_POOLER = "PROCQUEUE_POOLER"
 
 # Arguments are for what a task needs to find its data (ids, small values), not the
 # data itself: every claim returns them, and finished rows stay for the retention period.
@@ -79,6 +80,35 @@ class TaskRunMethod(enum.Enum):
     SEPARATE_THREAD = "SEPARATE_THREAD"  # run it in a new, unmanaged thread
 
 
+class Pooler(enum.Enum):
+    """What stands between procqueue and Postgres (--pooler, PROCQUEUE_POOLER)."""
+
+    NONE = "none"  # Postgres itself (or a proxy that keeps one server session per client)
+    SESSION = "session"  # a pooler in session mode: the same, said so (no warning at start)
+    # A pooler in transaction mode (PgBouncer's pool_mode = transaction): consecutive
+    # statements may run in different server sessions, so nothing may outlive a
+    # transaction: no LISTEN (workers poll every --sleepintervalms), no PREPARE.
+    TRANSACTION = "transaction"
+
+    @property
+    def keeps_sessions(self) -> bool:
+        return self is not Pooler.TRANSACTION
+
+
+def pooler_of(value: object, name: str = "--pooler") -> Pooler:
+    if isinstance(value, Pooler):
+        return value
+    raw = value.strip().lower() if isinstance(value, str) else value
+    if raw == "statement":
+        raise ConfigError(f"invalid value for {name}: {value!r} (statement pooling cannot run procqueue's "
+                          "multi-statement transactions; use pool_mode = transaction and --pooler transaction)")
+    try:
+        return Pooler(raw)
+    except ValueError:
+        choices = ", ".join(mode.value for mode in Pooler)
+        raise ConfigError(f"invalid value for {name}: {value!r} (expected one of {choices})") from None
+
+
 @dataclass(frozen=True)
 class DatabaseConfig:
     """Where the queue lives. `url=None` means the embedded PostgreSQL."""
@@ -87,6 +117,7 @@ class DatabaseConfig:
     schema: str = DEFAULT_SCHEMA
     embedded_dir: Optional[Path] = None
     embedded_allowed: bool = True  # PROCQUEUE_EMBEDDED=0: a missing URL is an error
+    pooler: Pooler = Pooler.NONE
     # The URL, password included, came on the command line, where every local user can
     # read it (ps, /proc/PID/cmdline): the processor warns about it at start. Set by the
     # CLI, which alone knows where a value came from.
@@ -94,6 +125,7 @@ class DatabaseConfig:
 
     def __post_init__(self) -> None:
         validate_schema_name(self.schema)
+        object.__setattr__(self, "pooler", pooler_of(self.pooler))  # "transaction" as well as Pooler.TRANSACTION
         if self.url is not None:
             validate_database_url(self.url)
 
@@ -176,6 +208,7 @@ class ProcessorConfig:
         return {
             "database": self.database.display_url,
             "schema": self.database.schema,
+            "pooler": self.database.pooler.value,
             "numthreads": self.num_workers,
             "sleepintervalms": self.sleep_interval_ms,
             "graceperiodms": self.grace_period_ms,
@@ -297,6 +330,7 @@ def database_config_from_env(env: Optional[Mapping[str, str]] = None) -> Databas
         schema=env.get(ENV_SCHEMA) or DEFAULT_SCHEMA,
         embedded_dir=Path(embedded) if embedded else None,
         embedded_allowed=allowed in ("1", "true", "yes"),
+        pooler=pooler_of(env.get(ENV_POOLER) or Pooler.NONE.value, ENV_POOLER),
     )
 
 
@@ -339,6 +373,7 @@ def processor_config(
     *,
     database_url: Optional[str] = None,
     schema: Optional[str] = None,
+    pooler: Optional[str] = None,
     num_workers: Optional[int] = None,
     sleep_interval_ms: Optional[int] = None,
     grace_period_ms: Optional[int] = None,
@@ -363,6 +398,8 @@ def processor_config(
         database = replace(database, url=database_url)
     if schema is not None:
         database = replace(database, schema=schema)
+    if pooler is not None:
+        database = replace(database, pooler=pooler_of(pooler))
     return ProcessorConfig(
         database=database,
         num_workers=_int_setting(num_workers, env, ENV_NUM_THREADS, DEFAULT_NUM_WORKERS),
@@ -506,11 +543,12 @@ def dashboard_config(*, database_url: Optional[str] = None, schema: Optional[str
                            host=host or DEFAULT_DASHBOARD_HOST, port=port)
 
 
-def dashboard_process_environment(database_url: str, schema: str, token: Optional[str]) -> dict:
+def dashboard_process_environment(database_url: str, database: DatabaseConfig, token: Optional[str]) -> dict:
     """The environment of a processor's dashboard process: the URL (password included)
     and the token travel here, never in its argv, which `ps` shows to every local user.
     PROCQUEUE_EMBEDDED=0: it connects to the processor's database, never starts one."""
-    env = dict(os.environ, DATABASE_URL=database_url, PROCQUEUE_SCHEMA=schema, PROCQUEUE_EMBEDDED="0")
+    env = dict(os.environ, **{ENV_DATABASE_URL: database_url, ENV_SCHEMA: database.schema, ENV_EMBEDDED: "0",
+                              ENV_POOLER: database.pooler.value})
     env.pop(ENV_DASHBOARD_TOKEN, None)
     if token is not None:
         env[ENV_DASHBOARD_TOKEN] = token

@@ -89,7 +89,10 @@ class DashboardApp:
         if self.conn is None or self.conn.closed:
             conn = connect(self.config.database, application_name="procqueue-dashboard", timeout=5)
             try:
-                self.queries.dashboard_session(conn, timeout_seconds=STATEMENT_TIMEOUT_SECONDS)
+                # Behind a transaction-mode pooler a session setting would land on whichever
+                # server session it was lent, and stay there: its own query_timeout rules.
+                if self.config.database.pooler.keeps_sessions:
+                    self.queries.dashboard_session(conn, timeout_seconds=STATEMENT_TIMEOUT_SECONDS)
             except BaseException:
                 conn.close()
                 raise

@@ -58,7 +58,7 @@ class DashboardProcess:
     def start(self, now: float) -> None:
         processor_end, dashboard_end = channel_pair()
         try:
-            env = dashboard_process_environment(resolve_url(self.database), self.database.schema, self.token)
+            env = dashboard_process_environment(resolve_url(self.database), self.database, self.token)
             command = [sys.executable, "-m", "procqueue.dashboard", "--channel-fd", str(dashboard_end.fileno())]
             self.process = subprocess.Popen(command, env=env, pass_fds=[dashboard_end.fileno()],
                                             stdin=subprocess.DEVNULL)

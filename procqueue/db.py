@@ -55,7 +55,7 @@ def connect(
             ) from None
         reason = first_line(exc)
         error = DatabaseError if is_permanent_connect_failure(reason) else DatabaseUnavailable
-        raise error(f"cannot connect to {database.display_url}: {reason}") from None
+        raise error(f"cannot connect to {database.display_url}: {reason}{_hint(reason)}") from None
     conn.autocommit = autocommit
     psycopg2.extras.register_default_jsonb(conn, loads=read_json)
     return conn
@@ -114,7 +114,16 @@ def read_json(text: str) -> Any:
 _PERMANENT_CONNECT_FAILURES = re.compile(
     r"authentication failed|does not exist|no pg_hba\.conf entry|permission denied|"
     r"not permitted to log in|invalid (sslmode|connection option|integer value|port)|"
-    r"server does not support SSL|unsupported frontend protocol|invalid URI", re.IGNORECASE)
+    r"server does not support SSL|unsupported frontend protocol|invalid URI|unsupported startup parameter",
+    re.IGNORECASE)
+
+
+def _hint(reason: str) -> str:
+    if "unsupported startup parameter" in reason:
+        # PgBouncer's word for a setting in the URL (options=-c ..., say) it does not pass on.
+        return (" (a pooler refuses this setting of the database URL: remove it, or list it in PgBouncer's "
+                "ignore_startup_parameters)")
+    return ""
 
 
 def is_permanent_connect_failure(message: str) -> bool:

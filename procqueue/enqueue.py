@@ -49,16 +49,16 @@ def enqueue_many(calls: Iterable[TaskCall], connection: Any = None) -> List[int]
     rows = [_enqueue_row(call, settings.max_arguments_bytes) for call in calls]
     if not rows:
         return []
-    queries = _queries_for(settings.database.schema)
+    queries = _queries_for(settings.database.schema, settings.database.pooler.keeps_sessions)
     if connection is not None:
         return _insert_on_callers_connection(queries, connection, rows)
     return _insert_on_own_connection(queries, rows)
 
 
 @functools.lru_cache(maxsize=None)
-def _queries_for(schema: str) -> Queries:
+def _queries_for(schema: str, prepare: bool) -> Queries:
     """One per schema for the process: it renders each statement once, not per call."""
-    return Queries(schema)
+    return Queries(schema, prepare=prepare)
 
 
 def run_in_thread(call: TaskCall) -> threading.Thread:

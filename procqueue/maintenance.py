@@ -30,13 +30,18 @@ def clean_up_old_tasks() -> None:
 
     retention = client.settings().retention  # the processor's config (its supervisor set it), else the environment's
     conn, queries = client.connection()
-    deadline = time.monotonic() + TIME_BUDGET_SECONDS
-    tasks = _delete_in_batches(
-        lambda: queries.delete_finished_tasks(conn, days=retention.task_days, batch=retention.batch_size), deadline
-    )
-    runs = _delete_in_batches(
-        lambda: queries.delete_old_runs(conn, days=retention.run_days, batch=retention.batch_size), deadline
-    )
+    try:
+        deadline = time.monotonic() + TIME_BUDGET_SECONDS
+        tasks = _delete_in_batches(
+            lambda: queries.delete_finished_tasks(conn, days=retention.task_days, batch=retention.batch_size),
+            deadline)
+        runs = _delete_in_batches(
+            lambda: queries.delete_old_runs(conn, days=retention.run_days, batch=retention.batch_size), deadline
+        )
+    finally:
+        # Closed after each run (every 15 minutes) rather than kept for the worker's life:
+        # between runs a processor holds --numthreads + 1 connections, no more.
+        client.close_connection()
     log_event(logger, logging.INFO, "retention.cleaned", tasks_deleted=tasks, runs_deleted=runs,
               task_days=retention.task_days, run_days=retention.run_days)
 

@@ -50,12 +50,15 @@ def schema_sql() -> str:
 
 
 class Queries:
-    """The named statements of one queue schema."""
+    """The named statements of one queue schema. `prepare=False`: never PREPARE (behind a
+    transaction-mode pooler, where the next statement may reach another server session)."""
 
-    def __init__(self, schema: str) -> None:
+    def __init__(self, schema: str, *, prepare: bool = True) -> None:
         self.schema = schema
+        self.prepare = prepare
         self.channel = f"procqueue_{schema}"  # what LISTEN listens on and the trigger notifies
         self._rendered: Dict[str, str] = {}
+        self._prepared_names: Dict[str, str] = {}
 
     def text(self, name: str, conn) -> str:
         """The statement `name` with the schema composed in as a quoted identifier."""
@@ -80,10 +83,14 @@ class Queries:
         caller lends (`.delay(connection=)`), whose session is not ours to leave state in.
         A session that forgot them (DISCARD ALL, DEALLOCATE) prepares again, once; one
         that keeps forgetting (a pooler handing each statement to another server session)
-        gets plain statements from then on."""
-        if conn in _unpreparable:
+        gets plain statements from then on.
+
+        The name carries a checksum of the text (schema included): behind a pooler that
+        shares server sessions, the statement found under a name may have been prepared by
+        another client, perhaps another procqueue version, and must be the same one."""
+        if not self.prepare or conn in _unpreparable:
             return self._execute(conn, name, params)
-        prepared_name = f"procqueue_{name}_{zlib.crc32(self.schema.encode()):08x}"
+        prepared_name = self._prepared_name(name, conn)
         names = _prepared.setdefault(conn, set())
         execute = f"EXECUTE {prepared_name}({', '.join(f'%({p})s' for p in self._parameter_order(name))})"
         for _ in range(2):  # once more after the session forgot it
@@ -98,6 +105,13 @@ class Queries:
                 names.discard(prepared_name)
         _unpreparable.add(conn)
         return self._execute(conn, name, params)
+
+    def _prepared_name(self, name: str, conn) -> str:
+        prepared_name = self._prepared_names.get(name)
+        if prepared_name is None:
+            prepared_name = f"procqueue_{name}_{zlib.crc32(self.text(name, conn).encode()):08x}"
+            self._prepared_names[name] = prepared_name
+        return prepared_name
 
     def _prepare(self, conn, name: str, prepared_name: str) -> None:
         order = self._parameter_order(name)
@@ -272,6 +286,11 @@ class Queries:
 
     def listen(self, conn) -> None:
         self._execute(conn, "listen")
+
+    def behind_a_pooler(self, conn) -> bool:
+        """True when the server process answering is not the one libpq was told of when it
+        connected: something in front (PgBouncer, in any pool mode) speaks for the server."""
+        return self._execute(conn, "server_pid")[0][0] != conn.info.backend_pid
 
     # -- reading -----------------------------------------------------------------------
 

@@ -443,6 +443,11 @@ SELECT pg_notify(%(channel)s, '');
 -- The channel the tasks_enqueued trigger notifies: "procqueue_<schema>".
 LISTEN {channel};
 
+-- name: server_pid
+-- The server process answering: a pooler in front answers from one the client was not
+-- told of at connect time.
+SELECT pg_backend_pid();
+
 -- name: queue_stats
 -- Queue depth by queue and state, and how long the oldest due task has waited: what
 -- /metrics, /monitoring, the status file and `procqueue stats` report. Each branch

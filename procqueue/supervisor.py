@@ -115,7 +115,7 @@ class Supervisor:
         if self.monitor.metrics_store is not None:
             initialise_series(registry.registered_names(), [s.task_name for s in registry.recurring_schedules()])
         client.configure(database_url=self.config.database.url, schema=self.config.database.schema,
-                         retention=self.config.retention)
+                         retention=self.config.retention, pooler=self.config.database.pooler)
         self.monitor.start_serving()  # /healthz and /readyz answer while the database is awaited
 
     def wait_for_database(self) -> bool:

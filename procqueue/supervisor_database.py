@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional
 import psycopg2
 
 from . import admin, registry
-from .config import ProcessorConfig
+from .config import Pooler, ProcessorConfig
 from .db import Connection, connect, first_line, is_connection_error, one_transaction, savepoint, waits_unbounded
 from .errors import DatabaseError, DatabaseUnavailable
 from .logs import log_event
@@ -98,6 +98,7 @@ class SupervisorDatabase:
                 applied = migrate(self.conn, self.config.database.schema)
             if applied:
                 log_event(logger, logging.INFO, "schema.applied", schema=self.config.database.schema)
+            self.say_how_work_is_found()
             for schedule in registry.recurring_schedules():
                 self.queries.register_recurring(
                     self.conn, name=schedule.task_name, run_every=schedule.run_every,
@@ -112,6 +113,23 @@ class SupervisorDatabase:
             raise
         self.up, self.since = True, self.clock()
         self.next_rescue = self.clock() + self.config.rescue_after_seconds
+
+    def say_how_work_is_found(self) -> None:
+        """Whether workers hear of new tasks by LISTEN. A pooler cannot be asked its pool
+        mode from a client's connection, so --pooler says it; when a pooler is seen in front
+        and nobody said, a warning names the setting (LISTEN may be silently deaf)."""
+        database = self.config.database
+        if not database.pooler.keeps_sessions:
+            log_event(logger, logging.INFO, "listen.off", pooler=database.pooler.value,
+                      pickup_within_ms=self.config.sleep_interval_ms,
+                      reason="a transaction-mode pooler hands LISTEN's session to other clients, so NOTIFY "
+                             "would not reach the workers; idle workers look for work every --sleepintervalms")
+        elif database.pooler is Pooler.NONE and self.queries.behind_a_pooler(self.conn):
+            log_event(logger, logging.WARNING, "database.pooler_detected",
+                      note="the server answering is not the one connected to: a pooler is in front. In "
+                           "transaction mode LISTEN cannot work (new tasks would wait for the next "
+                           "--sleepintervalms look): set --pooler transaction (PROCQUEUE_POOLER); "
+                           "in session mode, --pooler session silences this")
 
     def finish(self) -> None:
         """Put back what the last workers held, then deregister; a peer rescues whatever

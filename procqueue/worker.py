@@ -88,7 +88,7 @@ class Worker:
         self.processor_id = processor_id
         self.index = index
         self.clock = clock
-        self.queries = Queries(config.database.schema)
+        self.queries = Queries(config.database.schema, prepare=config.database.pooler.keeps_sessions)
         # Without a supervisor (tests, an embedding program) a slot of its own, read by no one.
         self.slot_writer = SlotWriter(slot if slot is not None else WorkerSlot(), clock)
         self.conn: Optional[Connection] = None
@@ -532,8 +532,13 @@ class Worker:
             log_event(logger, logging.INFO, "worker.reconnected", worker=self.index)
 
     def open_connection(self) -> Connection:
-        """A new connection, listening for enqueued work."""
+        """A new connection, listening for enqueued work unless behind a transaction-mode
+        pooler: there LISTEN would take hold in whichever server session ran it, which then
+        serves other clients, and the NOTIFYs would reach them, not this worker (which
+        finds the work by its look every --sleepintervalms instead)."""
         conn = connect(self.config.database, application_name=f"procqueue-worker-{self.index}")
+        if not self.config.database.pooler.keeps_sessions:
+            return conn
         try:
             self.queries.listen(conn)
         except BaseException:
