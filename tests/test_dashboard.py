@@ -189,6 +189,18 @@ def test_with_the_token_a_login_shows_arguments_and_tracebacks(db, start_dashboa
     page = browser.get(f"/tasks/{task_id}").body
     assert SECRET_ARGUMENT in page and "hunter2" in page and "Traceback" in page
     assert 'action="/tasks/1/retry"' in page
+    logged_out = browser.post("/logout", {"csrf": browser.csrf("/")})
+    assert logged_out.status == 303 and "Max-Age=0" in logged_out.headers["set-cookie"]
+
+
+def test_the_processor_reads_the_token_from_its_file_and_never_shows_it(tmp_path):
+    from procqueue.config import processor_config
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    config = processor_config(dashboard_token_file=token_file, env={})
+    assert config.dashboard_token == TOKEN
+    assert TOKEN not in repr(config) and TOKEN not in str(config.public_dict())
 
 
 def test_every_value_is_escaped(db, start_dashboard):
