@@ -141,6 +141,10 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "one. [env: PROCQUEUE_METRICS_PORT; default: not served]"),
         click.option("--metrics-host", "metrics_host", default=None, metavar="HOST",
                      help=f"Address to serve them on. [env: PROCQUEUE_METRICS_HOST; default: {DEFAULT_METRICS_HOST}]"),
+        click.option("--dashboard-token-file", "dashboard_token_file", type=click.Path(dir_okay=False), default=None,
+                     metavar="PATH", help="File holding the dashboard's token (served at / on the metrics port): "
+                     "logging in with it shows task arguments and errors and allows retry and cancel. "
+                     "[env: PROCQUEUE_DASHBOARD_TOKEN; default: none, a read-only dashboard]"),
         click.option("--status-file", "status_file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
                      help="JSON status file, rewritten every second; what procqueue-health reads. "
                           f"[env: PROCQUEUE_STATUS_FILE; default: {default_status_file()}]"),
@@ -180,6 +184,7 @@ def _processor_config_of(**values: Any) -> ProcessorConfig:
         metrics_port=values.get("metrics_port"),
         metrics_host=values.get("metrics_host"),
         status_file=values.get("status_file"),
+        dashboard_token_file=values.get("dashboard_token_file"),
     )
 
 
@@ -454,3 +459,38 @@ main.add_command(hidden_alias(tasks_cancel), "cancel")
 def run_task_processor(log_level: str, log_format: str, **values: Any) -> None:
     """Run the procqueue task processor (Flagsmith's `runprocessor` flags)."""
     sys.exit(run_processor(build_processor_config(**values), log_level, log_format))
+
+
+# -- procqueue dashboard ---------------------------------------------------------------
+
+
+@main.command("dashboard")
+@click.option("--port", type=int, required=True, metavar="PORT", help="Port to serve the dashboard on; 0 picks one.")
+@click.option("--host", default=None, metavar="HOST",
+              help=f"Address to serve it on. [default: {config_module.DEFAULT_DASHBOARD_HOST}]")
+@click.option("--token-file", type=click.Path(dir_okay=False), default=None, metavar="PATH",
+              help="File holding the token that unlocks arguments, errors, retry and cancel. "
+                   "[env: PROCQUEUE_DASHBOARD_TOKEN; default: none, read-only]")
+@click.option("--log-level", default="info", type=LOG_LEVELS, show_default=True)
+@database_options
+@user_errors
+def dashboard_command(port: int, host: Optional[str], token_file: Optional[str], log_level: str,
+                      database_url: Optional[str], schema: Optional[str]) -> None:
+    """Serve the web dashboard on its own port, for a machine with no processor (a
+    processor serves it at / on its --metrics-port)."""
+    from .dashboard import DashboardServer, listen, serve
+    from .dashboard_app import DashboardApp
+    from .logs import log_event
+
+    warn_of_password_in_arguments(database_url)
+    config = config_module.dashboard_config(database_url=database_url, schema=schema, token_file=token_file,
+                                            host=host, port=port)
+    setup_logging(log_level)
+    app = DashboardApp(config)
+    app.connection()  # a wrong URL or password: one line and an exit code now, not a 503 page later
+    listener = listen(config.host, port)
+    bound = listener.getsockname()
+    shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+    log_event(logging.getLogger("procqueue.dashboard"), logging.INFO, "dashboard.listening",
+              url=f"http://{shown}:{bound[1]}/", login="token" if config.token else "none (read-only)")
+    serve(DashboardServer(app, listener=listener))

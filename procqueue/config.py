@@ -37,6 +37,7 @@ ENV_STATUS_FILE = "PROCQUEUE_STATUS_FILE"
 ENV_DATABASE_WAIT = "PROCQUEUE_DATABASE_WAIT"
 ENV_TMPDIR = "TMPDIR"
 ENV_MAX_ARGUMENTS_BYTES = "PROCQUEUE_MAX_ARGUMENTS_BYTES"
+ENV_DASHBOARD_TOKEN = "PROCQUEUE_DASHBOARD_TOKEN"
 ENV_POOLER = "PROCQUEUE_POOLER"
 
 # Arguments are for what a task needs to find its data (ids, small values), not the
@@ -165,6 +166,8 @@ class ProcessorConfig:
     metrics_port: Optional[int] = None  # None: no HTTP endpoint; 0: any free port
     metrics_host: str = DEFAULT_METRICS_HOST
     status_file: Path = field(default_factory=lambda: default_status_file())
+    # Unlocks the dashboard's arguments, tracebacks and buttons; never shown (repr=False).
+    dashboard_token: Optional[str] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         require_int_at_least("--numthreads", self.num_workers, 1)
@@ -385,6 +388,7 @@ def processor_config(
     metrics_port: Optional[int] = None,
     metrics_host: Optional[str] = None,
     status_file: Optional[Path] = None,
+    dashboard_token_file: Optional[Path] = None,
     env: Optional[Mapping[str, str]] = None,
 ) -> ProcessorConfig:
     """Merge command-line values (first), environment (second) and defaults (last)."""
@@ -416,6 +420,7 @@ def processor_config(
         metrics_port=_int_setting(metrics_port, env, ENV_METRICS_PORT, None, minimum=0, maximum=65535),
         metrics_host=metrics_host or env.get(ENV_METRICS_HOST) or DEFAULT_METRICS_HOST,
         status_file=_status_file(status_file, env),
+        dashboard_token=dashboard_token(dashboard_token_file, env, flag="--dashboard-token-file"),
     )
 
 
@@ -474,3 +479,77 @@ def _shown(value: object) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return repr(value)
+
+
+# -- the dashboard ---------------------------------------------------------------------
+
+# Long enough that guessing it over HTTP is hopeless; `openssl rand -hex 32` gives 64.
+MIN_DASHBOARD_TOKEN_LENGTH = 16
+DEFAULT_DASHBOARD_HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class DashboardConfig:
+    """What the dashboard process needs: where the queue is, and the token, if any."""
+
+    database: DatabaseConfig
+    token: Optional[str] = field(default=None, repr=False)
+    host: str = DEFAULT_DASHBOARD_HOST
+    port: Optional[int] = None  # None: connections come from a processor's HTTP thread
+
+    def __post_init__(self) -> None:
+        port = self.port
+        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+            raise ConfigError(f"invalid value for --port: {port!r} (expected a port number 0-65535)")
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"invalid value for --host: {self.host!r} (expected a host name or address)")
+
+
+def dashboard_token(token_file: Optional[Path], env: Optional[Mapping[str, str]] = None, *,
+                    flag: str = "--token-file") -> Optional[str]:
+    """The dashboard token: read from `token_file`, else PROCQUEUE_DASHBOARD_TOKEN, else
+    None (a read-only dashboard). Never a flag's own value, which `ps` shows to everyone."""
+    env = os.environ if env is None else env
+    if token_file is not None:
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+            raise ConfigError(f"invalid value for {flag}: cannot read {str(token_file)!r} ({reason})") from None
+        return _checked_token(token, f"{flag} {str(token_file)!r}")
+    token = env.get(ENV_DASHBOARD_TOKEN, "").strip()
+    return _checked_token(token, ENV_DASHBOARD_TOKEN) if token else None
+
+
+def _checked_token(token: str, source: str) -> str:
+    if len(token) < MIN_DASHBOARD_TOKEN_LENGTH or any(ch.isspace() or not ch.isprintable() for ch in token):
+        raise ConfigError(f"invalid dashboard token in {source}: expected at least {MIN_DASHBOARD_TOKEN_LENGTH} "
+                          "printable characters without spaces (e.g. the output of `openssl rand -hex 32`)")
+    return token
+
+
+def dashboard_config(*, database_url: Optional[str] = None, schema: Optional[str] = None,
+                     token_file: Optional[Path] = None, host: Optional[str] = None, port: Optional[int] = None,
+                     env: Optional[Mapping[str, str]] = None) -> DashboardConfig:
+    """Command-line values first, then the environment (as a processor passes them to the
+    dashboard process it starts), then defaults."""
+    env = os.environ if env is None else env
+    database = database_config_from_env(env)
+    if database_url is not None:
+        database = replace(database, url=database_url)
+    if schema is not None:
+        database = replace(database, schema=schema)
+    return DashboardConfig(database=database, token=dashboard_token(token_file, env),
+                           host=host or DEFAULT_DASHBOARD_HOST, port=port)
+
+
+def dashboard_process_environment(database_url: str, database: DatabaseConfig, token: Optional[str]) -> dict:
+    """The environment of a processor's dashboard process: the URL (password included)
+    and the token travel here, never in its argv, which `ps` shows to every local user.
+    PROCQUEUE_EMBEDDED=0: it connects to the processor's database, never starts one."""
+    env = dict(os.environ, **{ENV_DATABASE_URL: database_url, ENV_SCHEMA: database.schema, ENV_EMBEDDED: "0",
+                              ENV_POOLER: database.pooler.value})
+    env.pop(ENV_DASHBOARD_TOKEN, None)
+    if token is not None:
+        env[ENV_DASHBOARD_TOKEN] = token
+    return env

@@ -1,4 +1,5 @@
-"""The supervisor's HTTP endpoints: /metrics, /healthz, /readyz, /status and /monitoring.
+"""The supervisor's HTTP endpoints: /metrics, /healthz, /readyz, /status and /monitoring
+(and the dashboard's paths, handed to the dashboard's own process: see hand_off).
 
 Served by one daemon thread of the supervisor, which waits on every socket at once
 (`selectors`): an idle or slow client costs a file descriptor, never a thread, and holds
@@ -30,6 +31,7 @@ from typing import Callable, Dict, Optional, Tuple
 from urllib.parse import parse_qs
 
 from . import health
+from .dashboard_handoff import is_dashboard_path, send_connection
 from .errors import ConfigError
 
 ENDPOINTS = ("/metrics", "/healthz", "/readyz", "/status", "/monitoring")
@@ -77,6 +79,12 @@ class MonitoringServer:
         # to close(), and by the supervisor around fork(): a worker forked in between
         # would keep a copy close_in_child cannot see, holding the connection open.
         self.fork_lock = threading.Lock()
+        # The dashboard (procqueue.dashboard_process): its requests are handed, socket and
+        # all, to its own process over `dashboard_channel`; the first one makes it wanted.
+        self.dashboard_enabled = False
+        self.dashboard_wanted = False
+        self.dashboard_channel: Optional[socket.socket] = None
+        self.dashboard_full_since: Optional[float] = None  # monotonic; the supervisor kills a hung process
 
     @property
     def address(self) -> Tuple[str, int]:
@@ -115,6 +123,8 @@ class MonitoringServer:
         supervisor too."""
         for sock in [self.listener, self.wake_reader, self.wake_writer, *self.connections]:
             sock.close()
+        if self.dashboard_channel is not None:
+            self.dashboard_channel.close()
         self.selector.close()
 
     # -- the loop ------------------------------------------------------------------------
@@ -186,7 +196,35 @@ class MonitoringServer:
         if (end < 0 and len(connection.received) > MAX_HEAD_BYTES) or end > MAX_HEAD_BYTES:
             self.answer(connection, _plain_answer(431, "request head too long\n"))
         elif end >= 0:
-            self.answer(connection, self.answer_to(connection.received[:end].decode("latin-1")))
+            head = connection.received[:end].decode("latin-1")
+            if self.dashboard_enabled and is_dashboard_path(_path_of(head)):
+                self.hand_off(connection)
+            else:
+                self.answer(connection, self.answer_to(head))
+
+    def hand_off(self, connection: "_Connection") -> None:
+        """Give a dashboard request to the dashboard process: the socket, with what was
+        read of it, then forget it. Never waits: with the process not started, gone, or
+        its channel full, the answer is a 503 from here, which a browser retries."""
+        with self.fork_lock:  # the supervisor swaps and closes the channel under it
+            channel = self.dashboard_channel
+            if channel is None:
+                self.dashboard_wanted = True
+                unavailable = "starting"
+            else:
+                try:
+                    send_connection(channel, connection.sock, connection.accepted, connection.received)
+                except BlockingIOError:
+                    unavailable = "busy"
+                    if self.dashboard_full_since is None:
+                        self.dashboard_full_since = time.monotonic()
+                except OSError:
+                    unavailable = "restarting"
+                else:
+                    self.dashboard_full_since = None
+                    self.close_unlocked(connection)
+                    return
+        self.answer(connection, _dashboard_unavailable(unavailable))
 
     def answer_to(self, head: str) -> bytes:
         """The bytes to send for a request head (its request line and headers)."""
@@ -364,6 +402,20 @@ def _head_end(received: bytes) -> int:
     """Where the request head ends (the blank line; bare newlines accepted), or -1."""
     ends = [end for end in (received.find(b"\r\n\r\n"), received.find(b"\n\n")) if end >= 0]
     return min(ends) if ends else -1
+
+
+def _path_of(head: str) -> str:
+    parts = head.split("\n", 1)[0].rstrip("\r").split(" ")
+    return parts[1].partition("?")[0] if len(parts) == 3 else ""
+
+
+def _dashboard_unavailable(reason: str) -> bytes:
+    """A page that reloads itself: the dashboard is usually there a second later."""
+    body = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\"><meta http-equiv=\"refresh\" content=\"1\">"
+            f"<title>procqueue dashboard {reason}</title></head><body><p>The procqueue dashboard is {reason}; "
+            "this page reloads itself.</p></body></html>\n").encode()
+    return _answer(503, "text/html; charset=utf-8", body,
+                   extra_headers="Retry-After: 1\r\nContent-Security-Policy: default-src 'none'\r\n")
 
 
 def _discard(sock: socket.socket) -> None:

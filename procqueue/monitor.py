@@ -17,6 +17,7 @@ from typing import Dict, Optional
 import psutil
 
 from .config import ProcessorConfig
+from .dashboard_process import DashboardProcess
 from .http import ENDPOINTS, MonitoringServer
 from .logs import log_event
 from .metrics import MultiprocessMetrics, exposition, processor_registry
@@ -41,6 +42,7 @@ class Monitor:
         self.file_failing = False
         self.owns_status_file = False  # the file is ours to write: no other live processor's
         self.rss = RssReader()
+        self.dashboard: Optional[DashboardProcess] = None
 
     def open(self) -> None:
         """Before anything else starts: fail now, with a clear message, if the status file
@@ -53,6 +55,9 @@ class Monitor:
                 self.config.metrics_host, self.config.metrics_port, status_source=lambda: self.latest,
                 metrics_source=lambda accept: exposition(registry, accept),
             )
+            self.server.dashboard_enabled = True
+            self.dashboard = DashboardProcess(self.server, database=self.config.database,
+                                              token=self.config.dashboard_token)
 
     def start_serving(self) -> None:
         if self.server is not None:
@@ -79,6 +84,12 @@ class Monitor:
             log_event(logger, logging.INFO, "status.write_recovered", path=str(self.file.path))
         self.file_failing = False
 
+    def look_after_dashboard(self, monotonic_now: float) -> None:
+        """From the supervisor's loop, once the database is up: start the dashboard's
+        process when first asked for, restart it when it died."""
+        if self.dashboard is not None:
+            self.dashboard.step(monotonic_now)
+
     def forget_worker(self, pid: int) -> None:
         """A worker was reaped: keep its counts (archived), drop its process handle."""
         self.rss.forget(pid)
@@ -102,6 +113,8 @@ class Monitor:
     def close(self) -> None:
         if self.server is not None:
             self.server.stop()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         if self.metrics_store is not None:
             self.metrics_store.remove()
         self.file.remove_temporary()

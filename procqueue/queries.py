@@ -19,8 +19,8 @@ import psycopg2.errors
 from psycopg2 import sql
 
 from .records import (
-    ClaimedTask, ExpiredTask, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord, ScheduledRun, TaskOutcome,
-    TaskRecord, TaskState,
+    ClaimedTask, ExpiredTask, HeldTask, ProcessorRecord, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord,
+    ScheduledRun, TaskOutcome, TaskRecord, TaskState,
 )
 
 _BLOCK_START = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -361,6 +361,17 @@ class Queries:
         if not self._execute(conn, "schema_exists", {"table": f"{self.schema}.schema_version"})[0][0]:
             return 0
         return self._execute(conn, "schema_version")[0][0]
+
+    # -- the dashboard -------------------------------------------------------------------
+
+    def dashboard_session(self, conn, *, timeout_seconds: float) -> None:
+        self._execute(conn, "dashboard_session", {"timeout_ms": str(int(timeout_seconds * 1000))})
+
+    def dashboard_processors(self, conn) -> List[ProcessorRecord]:
+        return [ProcessorRecord(*row) for row in self._execute(conn, "dashboard_processors")]
+
+    def dashboard_running(self, conn, *, limit: int = 500) -> List[HeldTask]:
+        return [HeldTask(*row) for row in self._execute(conn, "dashboard_running", {"limit": limit})]
 
 
 def _released(row: tuple) -> ReleasedTask:

@@ -610,3 +610,20 @@ FROM pg_namespace AS n
 WHERE to_regclass(quote_ident(n.nspname) || '.schema_version') IS NOT NULL
   AND to_regclass(quote_ident(n.nspname) || '.tasks') IS NOT NULL
 ORDER BY 1;
+
+-- dashboard: what the web dashboard reads besides procqueue.admin's statements.
+
+-- name: dashboard_session
+-- The dashboard's connection: no page may wait on the database longer than this.
+SELECT set_config('statement_timeout', %(timeout_ms)s, false);
+
+
+-- name: dashboard_processors
+SELECT id, hostname, pid, started_at, heartbeat_at FROM {schema}.processors ORDER BY hostname, started_at, id;
+
+-- name: dashboard_running
+-- What every processor's workers hold, on every host (tasks_running_by_owner).
+SELECT id, task_name, queue, locked_by, locked_worker, locked_at, started_at
+FROM {schema}.tasks WHERE state = 'running'
+ORDER BY locked_by, locked_worker, id
+LIMIT %(limit)s;

@@ -238,3 +238,28 @@ class QueueStats:
             failed=sum(d.failed for d in depths),
             oldest_waiting_age_seconds=max(ages) if ages else None,
         )
+
+
+@dataclass(frozen=True)
+class ProcessorRecord:
+    """A row of `processors`: one supervisor, on some host."""
+
+    id: str
+    hostname: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime
+
+
+@dataclass(frozen=True)
+class HeldTask:
+    """A task some processor's worker holds now."""
+
+    id: int
+    task_name: str
+    queue: str
+    locked_by: Optional[str]
+    locked_worker: Optional[int]
+    locked_at: Optional[datetime]
+    started_at: Optional[datetime]  # None: claimed, waiting its turn in its worker's batch
+

@@ -188,6 +188,7 @@ class Supervisor:
             self.spawn_missing_workers()
         if self.clock() >= self.next_status:
             self.publish_status()
+        self.monitor.look_after_dashboard(self.clock())
 
     def sleep(self, seconds: float = LOOP_TICK_SECONDS) -> None:
         try:

@@ -332,6 +332,15 @@ def cut_worker_connection_then_wedge() -> None:
     time.sleep(120)
 
 
+@register_task_handler(task_name="sample.fail_until_retried", max_attempts=1)
+def fail_until_retried(key: str) -> None:
+    """Fails its one attempt the first time; run again (a retry), it succeeds."""
+    first_run = not recorded_before(key)
+    record(key)
+    if first_run:
+        raise RuntimeError(f"first run of {key} fails on purpose")
+
+
 @register_task_handler(task_name="sample.fail_until_fixed", max_attempts=1)
 def fail_until_fixed(key: str) -> None:
     """Fails until the test records `<key>:fixed` (the operator's fix), then records a run."""
