@@ -159,23 +159,32 @@ DROP INDEX IF EXISTS tasks_finished_at;  -- replaced by tasks_finished, which co
 CREATE INDEX IF NOT EXISTS tasks_expiring
     ON tasks (expires_at) WHERE state = 'queued' AND expires_at IS NOT NULL;
 
--- Two runs of one recurring task never run at once, across every processor: a run is
--- marked started (started_at) before its function is called, and this index refuses a
--- second started run while the first is running. (expires_at is set on every run the
--- scheduler enqueues; it keeps runs enqueued before version 4 out of the index.)
-CREATE UNIQUE INDEX IF NOT EXISTS tasks_one_recurring_run_at_a_time
-    ON tasks (task_name)
-    WHERE recurring_slot IS NOT NULL AND expires_at IS NOT NULL AND state = 'running' AND started_at IS NOT NULL;
+-- (Version 4 made tasks_one_recurring_run_at_a_time here; version 5 replaces it below.)
 
 -- Version 5: operators retry and cancel tasks (`procqueue tasks retry/cancel`, the
 -- dashboard). Each such act is a run record naming who did it; a running task cancelled
 -- keeps its lease until the processor holding it has stopped it, and that processor
 -- finds it through this index.
 ALTER TABLE task_runs ADD COLUMN IF NOT EXISTS actor text;
+-- NOT VALID: the new check only widens the old one, so every existing row passes it, and
+-- validating would scan the whole run history under a lock that stops every worker from
+-- recording outcomes meanwhile.
 ALTER TABLE task_runs DROP CONSTRAINT IF EXISTS task_runs_outcome_check;
 ALTER TABLE task_runs ADD CONSTRAINT task_runs_outcome_check
-    CHECK (outcome IN ('succeeded', 'failed', 'timed_out', 'backoff', 'lost', 'cancelled', 'retried'));
+    CHECK (outcome IN ('succeeded', 'failed', 'timed_out', 'backoff', 'lost', 'cancelled', 'retried')) NOT VALID;
 CREATE INDEX IF NOT EXISTS tasks_cancelled_while_held
     ON tasks (locked_by) WHERE state = 'cancelled' AND locked_by IS NOT NULL;
+
+-- Two runs of one recurring task never run at once, across every processor: a run is
+-- marked started (started_at) before its function is called, and this index refuses a
+-- second started run while the first is running, or was cancelled while running and is
+-- still held (its worker may be running it until its processor has killed it).
+-- (expires_at is set on every run the scheduler enqueues; it keeps runs enqueued before
+-- version 4 out of the index.)
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_one_recurring_run_at_once
+    ON tasks (task_name)
+    WHERE recurring_slot IS NOT NULL AND expires_at IS NOT NULL AND started_at IS NOT NULL
+      AND (state = 'running' OR (state = 'cancelled' AND locked_by IS NOT NULL));
+DROP INDEX IF EXISTS tasks_one_recurring_run_at_a_time;
 
 INSERT INTO schema_version (version) VALUES (1), (2), (3), (4), (5) ON CONFLICT (version) DO NOTHING;

@@ -19,13 +19,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 from .queries import Queries
 from .records import TaskState
 
-# A running task cancelled keeps its lease this long, for the processor holding it to find
-# it and kill the worker running it (each supervisor looks every few seconds). Within it,
-# the task cannot be retried: its old run might still be going.
-STOP_WINDOW_SECONDS = 60.0
+# A running task cancelled keeps its lease until the processor holding it has seen that
+# no worker of its runs it (it kills the one that does), at least this long after the
+# cancel: a task claimed in a batch and not begun yet is begun or given back well within
+# it. Until then the task cannot be retried: its old run might still be going.
+LET_GO_AFTER_SECONDS = 5.0
 FINISHED_STATES = ("succeeded", "failed", "cancelled", "missed")
 RETRYABLE_STATES = ("failed", "cancelled", "missed")
 PURGE_BATCH = 5000
+MAX_AGE = timedelta(days=100 * 365)  # far beyond any task; nearer than datetime's limits
 
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -81,7 +83,10 @@ def parse_age(text: str) -> timedelta:
     match = _AGE.match(text)
     if not match:
         raise ValueError(f"{text!r} is not an age: expected a number and a unit, like 7d, 12h, 30m, 90s or 2w")
-    return timedelta(seconds=float(match.group(1)) * _AGE_UNITS[match.group(2)])
+    seconds = float(match.group(1)) * _AGE_UNITS[match.group(2)]
+    if seconds > MAX_AGE.total_seconds():
+        raise ValueError(f"{text!r} is too long ago: at most {MAX_AGE.days // 365} years")
+    return timedelta(seconds=seconds)
 
 
 def list_tasks(conn, queries: Queries, *, states: Sequence[str] = (), name: Optional[str] = None,
@@ -96,16 +101,14 @@ def list_tasks(conn, queries: Queries, *, states: Sequence[str] = (), name: Opti
 def retry(conn, queries: Queries, ids: Sequence[int], *, by: str) -> Dict[int, str]:
     """Send finished tasks back to the queue, due now with their attempts reset. Returns,
     for each id, "retried" or why not."""
-    done = set(queries.retry_tasks(conn, ids=list(ids), name=None, since=None, by=by,
-                                   stop_window=STOP_WINDOW_SECONDS))
+    done = set(queries.retry_tasks(conn, ids=list(ids), name=None, since=None, by=by))
     return {task_id: "retried" if task_id in done else _why_not_retried(conn, queries, task_id) for task_id in ids}
 
 
 def retry_failed(conn, queries: Queries, *, name: Optional[str] = None, since: Optional[datetime] = None,
                  by: str) -> List[int]:
     """Retry every failed task (of one name, failed since a time): the ids retried."""
-    return sorted(queries.retry_tasks(conn, ids=None, name=name, since=since, by=by,
-                                      stop_window=STOP_WINDOW_SECONDS))
+    return sorted(queries.retry_tasks(conn, ids=None, name=name, since=since, by=by))
 
 
 def _why_not_retried(conn, queries: Queries, task_id: int) -> str:
@@ -115,7 +118,7 @@ def _why_not_retried(conn, queries: Queries, task_id: int) -> str:
     if task.recurring_slot is not None:
         return "is a run of a recurring schedule (its next slot runs on schedule)"
     if task.state is TaskState.CANCELLED:
-        return "is being stopped by the processor that ran it (retry it in a minute)"
+        return "is still being stopped by the processor that ran it (retry it in a few seconds)"
     return {TaskState.QUEUED: "is already queued", TaskState.RUNNING: "is running",
             TaskState.SUCCEEDED: "has already succeeded"}.get(task.state, f"is {task.state.value}")
 
@@ -142,10 +145,10 @@ def recurring_schedules(conn, queries: Queries) -> List[Schedule]:
     return [Schedule(*row) for row in queries.recurring_schedules(conn)]
 
 
-def remove_recurring(conn, queries: Queries, name: str) -> Optional[int]:
+def remove_recurring(conn, queries: Queries, name: str, *, by: str) -> Optional[int]:
     """Delete a schedule and cancel its waiting runs: how many, or None when no schedule
     has that name. A processor that registers it recreates it when it next starts."""
-    return queries.remove_recurring(conn, name)
+    return queries.remove_recurring(conn, name, by=by)
 
 
 def purgeable(conn, queries: Queries, *, before: datetime, states: Sequence[str] = FINISHED_STATES) -> int:

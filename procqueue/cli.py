@@ -141,6 +141,10 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
                           "one. [env: PROCQUEUE_METRICS_PORT; default: not served]"),
         click.option("--metrics-host", "metrics_host", default=None, metavar="HOST",
                      help=f"Address to serve them on. [env: PROCQUEUE_METRICS_HOST; default: {DEFAULT_METRICS_HOST}]"),
+        click.option("--dashboard/--no-dashboard", "dashboard", default=None,
+                     help="Serve the web dashboard at / on the metrics port (its process starts on the first "
+                          "request and holds one more database connection). "
+                          "[env: PROCQUEUE_DASHBOARD=on|off; default: on]"),
         click.option("--dashboard-token-file", "dashboard_token_file", type=click.Path(dir_okay=False), default=None,
                      metavar="PATH", help="File holding the dashboard's token (served at / on the metrics port): "
                      "logging in with it shows task arguments and errors and allows retry and cancel. "
@@ -185,6 +189,7 @@ def _processor_config_of(**values: Any) -> ProcessorConfig:
         metrics_host=values.get("metrics_host"),
         status_file=values.get("status_file"),
         dashboard_token_file=values.get("dashboard_token_file"),
+        dashboard=values.get("dashboard"),
     )
 
 

@@ -19,6 +19,7 @@ from .cli_common import database_of, database_options, json_default, queue_conne
 from .errors import ConfigError, ProcqueueError, TaskError
 from .records import TaskState
 
+TASK_ID = click.IntRange(1, 2**63 - 1)  # a bigint identity
 TASK_STATES = click.Choice([state.value for state in TaskState], case_sensitive=False)
 FINISHED_STATES = click.Choice(list(admin.FINISHED_STATES), case_sensitive=False)
 LIST_LIMIT_MAX = 10000
@@ -36,8 +37,9 @@ class When(click.ParamType):
         text = str(value).strip()
         try:
             return datetime.now(timezone.utc) - admin.parse_age(text)
-        except ValueError:
-            pass
+        except ValueError as exc:
+            if "too long ago" in str(exc):
+                self.fail(str(exc), param, ctx)
         try:
             moment = datetime.fromisoformat(text)
         except ValueError:
@@ -59,6 +61,12 @@ class Age(click.ParamType):
 
 def _echo_json(document: Any) -> None:
     click.echo(json.dumps(document, indent=2, default=json_default))
+
+
+def _printable(text: str) -> str:
+    """Text from a task (its error, its name) for a terminal: control characters, which
+    could move the cursor or retitle the window, shown escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _time(moment: Optional[datetime]) -> str:
@@ -106,12 +114,12 @@ def tasks_list(states: Tuple[str, ...], name: Optional[str], queue: Optional[str
         click.echo("no tasks match", err=True)
         return
     _table(("ID", "STATE", "ATTEMPTS", "RUN AT (UTC)", "FINISHED (UTC)", "NAME", "ERROR"),
-           ((t.id, t.state, f"{t.attempts}/{t.max_attempts}", _time(t.run_at), _time(t.finished_at), t.task_name,
-             t.error_line) for t in tasks))
+           ((t.id, t.state, f"{t.attempts}/{t.max_attempts}", _time(t.run_at), _time(t.finished_at),
+             _printable(t.task_name), _printable(t.error_line)) for t in tasks))
 
 
 @tasks_group.command("show")
-@click.argument("task_id", type=int)
+@click.argument("task_id", type=TASK_ID)
 @database_options
 @user_errors
 def tasks_show(task_id: int, database_url: Optional[str], schema: Optional[str]) -> None:
@@ -124,7 +132,7 @@ def tasks_show(task_id: int, database_url: Optional[str], schema: Optional[str])
 
 
 @tasks_group.command("retry")
-@click.argument("task_ids", type=int, nargs=-1)
+@click.argument("task_ids", type=TASK_ID, nargs=-1)
 @click.option("--failed", "all_failed", is_flag=True, help="Retry every failed task (narrowed by --name, --since).")
 @click.option("--name", default=None, metavar="TASK", help="With --failed: only tasks of this name.")
 @click.option("--since", type=When(), default=None, help="With --failed: only tasks that failed at or after this.")
@@ -150,7 +158,7 @@ def tasks_retry(task_ids: Tuple[int, ...], all_failed: bool, name: Optional[str]
 
 
 @tasks_group.command("cancel")
-@click.argument("task_ids", type=int, nargs=-1, required=True)
+@click.argument("task_ids", type=TASK_ID, nargs=-1, required=True)
 @database_options
 @user_errors
 def tasks_cancel(task_ids: Tuple[int, ...], database_url: Optional[str], schema: Optional[str]) -> None:
@@ -232,7 +240,7 @@ def recurring_list(as_json: bool, database_url: Optional[str], schema: Optional[
         click.echo("no recurring schedules", err=True)
         return
     _table(("NAME", "EVERY", "NEXT RUN (UTC)", "LAST RUN (UTC)", "LAST OUTCOME"),
-           ((s.task_name, _interval(s.run_every), _time(s.next_run_at), _time(s.last_started_at),
+           ((_printable(s.task_name), _interval(s.run_every), _time(s.next_run_at), _time(s.last_started_at),
              (s.last_outcome or "-") + (f" (task {s.last_task_id})" if s.last_task_id else "")) for s in schedules))
 
 
@@ -252,7 +260,7 @@ def recurring_remove(name: str, database_url: Optional[str], schema: Optional[st
     """Delete a schedule and cancel its waiting runs. A processor that still registers it
     (its code still has the decorator) puts it back when it next starts."""
     conn, queries = queue_connection(database_url, schema)
-    cancelled = admin.remove_recurring(conn, queries, name)
+    cancelled = admin.remove_recurring(conn, queries, name, by=admin.actor("procqueue recurring remove"))
     if cancelled is None:
         names = [s.task_name for s in admin.recurring_schedules(conn, queries)]
         raise TaskError(f"no recurring schedule named {name!r} (schedules: {', '.join(names) or 'none'})")

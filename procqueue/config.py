@@ -38,6 +38,7 @@ ENV_DATABASE_WAIT = "PROCQUEUE_DATABASE_WAIT"
 ENV_TMPDIR = "TMPDIR"
 ENV_MAX_ARGUMENTS_BYTES = "PROCQUEUE_MAX_ARGUMENTS_BYTES"
 ENV_DASHBOARD_TOKEN = "PROCQUEUE_DASHBOARD_TOKEN"
+ENV_DASHBOARD = "PROCQUEUE_DASHBOARD"
 ENV_POOLER = "PROCQUEUE_POOLER"
 
 # Arguments are for what a task needs to find its data (ids, small values), not the
@@ -166,6 +167,8 @@ class ProcessorConfig:
     metrics_port: Optional[int] = None  # None: no HTTP endpoint; 0: any free port
     metrics_host: str = DEFAULT_METRICS_HOST
     status_file: Path = field(default_factory=lambda: default_status_file())
+    # Serve the dashboard at / on the metrics port (started on the first request).
+    dashboard: bool = True
     # Unlocks the dashboard's arguments, tracebacks and buttons; never shown (repr=False).
     dashboard_token: Optional[str] = field(default=None, repr=False)
 
@@ -389,6 +392,7 @@ def processor_config(
     metrics_host: Optional[str] = None,
     status_file: Optional[Path] = None,
     dashboard_token_file: Optional[Path] = None,
+    dashboard: Optional[bool] = None,
     env: Optional[Mapping[str, str]] = None,
 ) -> ProcessorConfig:
     """Merge command-line values (first), environment (second) and defaults (last)."""
@@ -420,8 +424,20 @@ def processor_config(
         metrics_port=_int_setting(metrics_port, env, ENV_METRICS_PORT, None, minimum=0, maximum=65535),
         metrics_host=metrics_host or env.get(ENV_METRICS_HOST) or DEFAULT_METRICS_HOST,
         status_file=_status_file(status_file, env),
+        dashboard=_dashboard_setting(dashboard, env),
         dashboard_token=dashboard_token(dashboard_token_file, env, flag="--dashboard-token-file"),
     )
+
+
+def _dashboard_setting(cli_value: Optional[bool], env: Mapping[str, str]) -> bool:
+    if cli_value is not None:
+        return cli_value
+    raw = env.get(ENV_DASHBOARD, "").strip().lower()
+    if raw in ("", "1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"invalid value for {ENV_DASHBOARD}: {raw!r} (expected on or off)")
 
 
 def _status_file(cli_value: Optional[Path], env: Mapping[str, str]) -> Path:

@@ -13,8 +13,10 @@ Imported by procqueue.http before its thread starts: standard library only.
 from __future__ import annotations
 
 import array
+import fcntl
 import socket
 import struct
+import termios
 from typing import Optional, Tuple
 
 # Where the dashboard answers; every other path stays with the HTTP thread.
@@ -39,6 +41,14 @@ def channel_pair() -> Tuple[socket.socket, socket.socket]:
     processor_end.setblocking(False)
     processor_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_BUFFER_BYTES)
     return processor_end, dashboard_end
+
+
+def unread_bytes(channel: socket.socket) -> int:
+    """Bytes sent on the processor's end that the dashboard process has not read yet
+    (SIOCOUTQ: for a Unix socket, what waits in the peer's queue)."""
+    buffer = array.array("i", [0])
+    fcntl.ioctl(channel.fileno(), termios.TIOCOUTQ, buffer)
+    return buffer[0]
 
 
 def send_connection(channel: socket.socket, sock: socket.socket, accepted: float, received: bytes) -> None:

@@ -19,7 +19,7 @@ import time
 from typing import Optional
 
 from .config import DatabaseConfig, dashboard_process_environment
-from .dashboard_handoff import channel_pair
+from .dashboard_handoff import channel_pair, unread_bytes
 from .db import resolve_url
 from .errors import ProcqueueError
 from .http import MonitoringServer
@@ -45,14 +45,15 @@ class DashboardProcess:
         self.failures = 0
         self.start_after = 0.0
 
-    def step(self, now: float) -> None:
-        """One look, from the supervisor's loop: reap a dead process, start a wanted one."""
+    def step(self, now: float, *, stopping: bool = False) -> None:
+        """One look, from the supervisor's loop: reap a dead process, start a wanted one
+        (none once the processor is stopping)."""
         if self.process is not None:
             if self.process.poll() is None:
                 self.kill_if_hung()
                 return
             self.exited(now)
-        if self.server.dashboard_wanted and now >= self.start_after:
+        if self.server.dashboard_wanted and now >= self.start_after and not stopping:
             self.start(now)
 
     def start(self, now: float) -> None:
@@ -60,8 +61,11 @@ class DashboardProcess:
         try:
             env = dashboard_process_environment(resolve_url(self.database), self.database, self.token)
             command = [sys.executable, "-m", "procqueue.dashboard", "--channel-fd", str(dashboard_end.fileno())]
+            # A session of its own: a Ctrl-C meant for the processor, which stops it in
+            # good order, must not kill the dashboard under it; the dashboard exits when
+            # the channel closes, however the processor ends.
             self.process = subprocess.Popen(command, env=env, pass_fds=[dashboard_end.fileno()],
-                                            stdin=subprocess.DEVNULL)
+                                            stdin=subprocess.DEVNULL, start_new_session=True)
         except (OSError, ProcqueueError) as exc:
             processor_end.close()
             self.failed(now, f"cannot start it: {exc}")
@@ -74,9 +78,18 @@ class DashboardProcess:
         log_event(logger, logging.INFO, "dashboard.started", pid=self.process.pid)
 
     def kill_if_hung(self) -> None:
-        """Killed, it is restarted as a crashed one is (see step)."""
+        """Killed, it is restarted as a crashed one is (see step). Hung means the channel
+        refused a connection HUNG_SECONDS ago and still holds connections it has not
+        taken: a burst that filled it once, taken since, is no hang."""
         full_since = self.server.dashboard_full_since
-        if full_since is not None and time.monotonic() - full_since >= HUNG_SECONDS:
+        if full_since is None or time.monotonic() - full_since < HUNG_SECONDS:
+            return
+        with self.server.fork_lock:
+            channel = self.server.dashboard_channel
+            waiting = unread_bytes(channel) if channel is not None else 0
+        if not waiting:
+            self.server.dashboard_full_since = None
+        else:
             log_event(logger, logging.ERROR, "dashboard.hung", pid=self.process.pid,
                       note=f"it took no connection for {HUNG_SECONDS:g}s: killed")
             self.server.dashboard_full_since = None

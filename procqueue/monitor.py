@@ -55,9 +55,10 @@ class Monitor:
                 self.config.metrics_host, self.config.metrics_port, status_source=lambda: self.latest,
                 metrics_source=lambda accept: exposition(registry, accept),
             )
-            self.server.dashboard_enabled = True
-            self.dashboard = DashboardProcess(self.server, database=self.config.database,
-                                              token=self.config.dashboard_token)
+            if self.config.dashboard:
+                self.server.dashboard_enabled = True
+                self.dashboard = DashboardProcess(self.server, database=self.config.database,
+                                                  token=self.config.dashboard_token)
 
     def start_serving(self) -> None:
         if self.server is not None:
@@ -84,11 +85,12 @@ class Monitor:
             log_event(logger, logging.INFO, "status.write_recovered", path=str(self.file.path))
         self.file_failing = False
 
-    def look_after_dashboard(self, monotonic_now: float) -> None:
+    def look_after_dashboard(self, monotonic_now: float, *, stopping: bool) -> None:
         """From the supervisor's loop, once the database is up: start the dashboard's
-        process when first asked for, restart it when it died."""
+        process when first asked for, restart it when it died (not while the processor
+        stops)."""
         if self.dashboard is not None:
-            self.dashboard.step(monotonic_now)
+            self.dashboard.step(monotonic_now, stopping=stopping)
 
     def forget_worker(self, pid: int) -> None:
         """A worker was reaped: keep its counts (archived), drop its process handle."""

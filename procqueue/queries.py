@@ -326,19 +326,23 @@ class Queries:
                                                   "queue": queue, "since": since, "until": until, "limit": limit})
 
     def retry_tasks(self, conn, *, ids: Optional[Sequence[int]], name: Optional[str], since: Optional[datetime],
-                    by: str, stop_window: float) -> List[int]:
+                    by: str) -> List[int]:
         params = {"ids": list(ids) if ids is not None else None, "name": name, "since": since, "by": by,
-                  "stop_window": stop_window, "channel": self.channel}
+                  "channel": self.channel}
         return [row[0] for row in self._execute(conn, "retry_tasks", params)]
 
     def cancel_tasks(self, conn, *, ids: Sequence[int], by: str) -> Dict[int, TaskState]:
         rows = self._execute(conn, "cancel_tasks", {"ids": list(ids), "by": by})
         return {task_id: TaskState(was) for task_id, was in rows}
 
-    def tasks_to_stop(self, conn, *, processor: str, stop_window: float) -> Dict[int, int]:
-        """Task id -> the worker slot that held it, for this processor's cancelled tasks."""
-        rows = self._execute(conn, "tasks_to_stop", {"processor": processor, "stop_window": stop_window})
-        return {task_id: worker for task_id, worker in rows}
+    def tasks_to_stop(self, conn, *, processor: str, let_go: Sequence[int]) -> Dict[int, Tuple[int, float]]:
+        """This processor's cancelled tasks still held, after letting go of `let_go`: task
+        id -> (the worker slot that held it, seconds since it was cancelled)."""
+        rows = self._execute(conn, "tasks_to_stop", {"processor": processor, "let_go": list(let_go)})
+        return {task_id: (worker, age) for task_id, worker, age in rows}
+
+    def let_go_of_dead_holders(self, conn) -> int:
+        return self._rowcount(conn, "let_go_of_dead_holders", {})
 
     def count_purgeable(self, conn, *, states: Sequence[str], before: datetime) -> int:
         return self._execute(conn, "count_purgeable", {"states": list(states), "before": before})[0][0]
@@ -349,9 +353,9 @@ class Queries:
     def recurring_schedules(self, conn) -> List[tuple]:
         return self._execute(conn, "recurring_schedules")
 
-    def remove_recurring(self, conn, name: str) -> Optional[int]:
+    def remove_recurring(self, conn, name: str, *, by: str) -> Optional[int]:
         """How many waiting runs were cancelled with the schedule; None: no such schedule."""
-        rows = self._execute(conn, "remove_recurring", {"name": name})
+        rows = self._execute(conn, "remove_recurring", {"name": name, "by": by})
         return rows[0][0] if rows else None
 
     def procqueue_schemas(self, conn) -> List[str]:

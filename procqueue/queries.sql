@@ -36,7 +36,7 @@ RETURNING t.id, t.task_name, t.args, t.kwargs, t.queue, t.priority, t.run_at, t.
 -- it), so that should its whole processor die, the rescue knows this task had started.
 -- A recurring run is started this way before its function is called (%(started_at)s
 -- NULL: the database's now()), and never starts again; it is refused (no row) once its
--- slot has passed (expires_at), and the unique index tasks_one_recurring_run_at_a_time
+-- slot has passed (expires_at), and the unique index tasks_one_recurring_run_at_once
 -- refuses it (unique violation) while another run of the same task is under way. Any
 -- other task is marked by the worker's flush thread once it has run a moment.
 UPDATE {schema}.tasks
@@ -292,13 +292,20 @@ SELECT extract(epoch FROM min(next_run_at) - now())::float8
 FROM {schema}.recurring_tasks WHERE task_name = ANY(%(names)s::text[]);
 
 -- name: delete_finished_tasks
--- Retention: one batch of tasks finished before the cut-off, oldest first.
+-- Retention: one batch of tasks finished before the cut-off, oldest first. The outer
+-- WHERE repeats the inner one: a row retried (or cancelled while held) by another
+-- transaction while this one waited for its lock is re-checked there, and kept; the
+-- subquery alone would delete it. A cancelled task still held is its processor's to let go.
 DELETE FROM {schema}.tasks
 WHERE id IN (SELECT id FROM {schema}.tasks
              WHERE state IN ('succeeded', 'failed', 'cancelled', 'missed')
                AND finished_at < now() - %(days)s * interval '1 day'
+               AND locked_by IS NULL
              ORDER BY finished_at
-             LIMIT %(batch)s);
+             LIMIT %(batch)s)
+  AND state IN ('succeeded', 'failed', 'cancelled', 'missed')
+  AND finished_at < now() - %(days)s * interval '1 day'
+  AND locked_by IS NULL;
 
 -- name: delete_old_runs
 -- Retention: one batch of run records older than the cut-off.
@@ -487,8 +494,9 @@ LIMIT %(limit)s;
 -- failed / cancelled / missed -> queued, due now, with its attempts reset, for the tasks
 -- named by id (%(ids)s) or, with %(ids)s NULL, every failed task matching the filters. A
 -- recurring run is never retried (its slot ran or passed; the next slot runs on
--- schedule), nor a cancelled task its processor may still be stopping (it holds the
--- lease for %(stop_window)s seconds). Each retry is a run record naming %(by)s, and the
+-- schedule), nor a cancelled task its processor may still be stopping: that one holds
+-- the lease until it has seen no worker run it (tasks_to_stop), unless it is gone from
+-- `processors` (dead, and rescued). Each retry is a run record naming %(by)s, and the
 -- NOTIFY wakes idle workers to take them.
 WITH target AS (
     SELECT id, task_name, attempts
@@ -499,7 +507,7 @@ WITH target AS (
                     AND (%(name)s::text IS NULL OR task_name = %(name)s::text)
                     AND (%(since)s::timestamptz IS NULL OR finished_at >= %(since)s::timestamptz) END
       AND recurring_slot IS NULL
-      AND (locked_by IS NULL OR finished_at < now() - %(stop_window)s * interval '1 second')
+      AND (locked_by IS NULL OR NOT EXISTS (SELECT 1 FROM {schema}.processors AS p WHERE p.id = locked_by))
     FOR UPDATE
 ), retried AS (
     UPDATE {schema}.tasks AS t
@@ -538,36 +546,47 @@ WITH target AS (
 SELECT target.id, target.was FROM target JOIN cancelled ON cancelled.id = target.id;
 
 -- name: tasks_to_stop
--- The tasks this processor's workers held when they were cancelled, cancelled within the
--- last %(stop_window)s seconds: the supervisor kills the worker still running one. Older
--- ones are let go (their lease cleared): by then the worker has ended the task or put it
--- back unstarted (a batch gives back what it has not begun within a fraction of a second).
+-- The tasks this processor's workers held when they were cancelled: the supervisor kills
+-- the worker it sees running one. Those it has found no worker running, for long enough
+-- after the cancel that none can still start it (%(let_go)s), are let go: their lease
+-- cleared, so they may be retried. Each with how long ago it was cancelled. (The SELECT
+-- sees the rows as they were before the UPDATE, hence its own test of %(let_go)s.)
 WITH let_go AS (
     UPDATE {schema}.tasks
     SET locked_by = NULL, locked_worker = NULL, locked_at = NULL
-    WHERE state = 'cancelled' AND locked_by = %(processor)s
-      AND finished_at < now() - %(stop_window)s * interval '1 second'
+    WHERE state = 'cancelled' AND locked_by = %(processor)s AND id = ANY(%(let_go)s::bigint[])
 )
-SELECT id, locked_worker
+SELECT id, locked_worker, extract(epoch FROM now() - finished_at)::float8
 FROM {schema}.tasks
-WHERE state = 'cancelled' AND locked_by = %(processor)s
-  AND finished_at >= now() - %(stop_window)s * interval '1 second';
+WHERE state = 'cancelled' AND locked_by = %(processor)s AND id <> ALL(%(let_go)s::bigint[]);
+
+-- name: let_go_of_dead_holders
+-- Cancelled tasks held by processors no longer registered (dead, and rescued): nobody
+-- is left to stop them or let them go.
+UPDATE {schema}.tasks
+SET locked_by = NULL, locked_worker = NULL, locked_at = NULL
+WHERE state = 'cancelled' AND locked_by IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM {schema}.processors AS p WHERE p.id = locked_by);
 
 -- name: count_purgeable
 SELECT count(*)
 FROM {schema}.tasks
-WHERE state = ANY(%(states)s::text[]) AND finished_at < %(before)s::timestamptz;
+WHERE state = ANY(%(states)s::text[]) AND finished_at < %(before)s::timestamptz AND locked_by IS NULL;
 
 -- name: purge_tasks
 -- One batch of finished tasks (of %(states)s) that finished before %(before)s, oldest
 -- first, with their run records. Batches keep each transaction short: the rows locked
--- and the WAL written at once stay bounded whatever the backlog.
+-- and the WAL written at once stay bounded whatever the backlog. The outer WHERE repeats
+-- the inner one (see delete_finished_tasks): a task retried meanwhile is kept. A task
+-- cancelled while it ran is kept until its processor lets it go.
 WITH gone AS (
     DELETE FROM {schema}.tasks
     WHERE id IN (SELECT id FROM {schema}.tasks
                  WHERE state = ANY(%(states)s::text[]) AND finished_at < %(before)s::timestamptz
+                   AND locked_by IS NULL
                  ORDER BY finished_at
                  LIMIT %(batch)s)
+      AND state = ANY(%(states)s::text[]) AND finished_at < %(before)s::timestamptz AND locked_by IS NULL
     RETURNING id
 ), runs AS (
     DELETE FROM {schema}.task_runs WHERE task_id IN (SELECT id FROM gone)
@@ -590,8 +609,8 @@ LEFT JOIN LATERAL (
 ORDER BY r.task_name;
 
 -- name: remove_recurring
--- Delete a schedule and cancel its runs still waiting. Returns how many were cancelled, or
--- no row when there is no such schedule.
+-- Delete a schedule and cancel its runs still waiting, each cancel a run record naming
+-- %(by)s. Returns how many were cancelled, or no row when there is no such schedule.
 WITH schedule AS (
     DELETE FROM {schema}.recurring_tasks WHERE task_name = %(name)s RETURNING task_name
 ), waiting AS (
@@ -599,16 +618,22 @@ WITH schedule AS (
     SET state = 'cancelled', finished_at = now()
     FROM schedule
     WHERE t.task_name = schedule.task_name AND t.recurring_slot IS NOT NULL AND t.state = 'queued'
-    RETURNING t.id
+    RETURNING t.id, t.task_name, t.attempts
+), recorded AS (
+    INSERT INTO {schema}.task_runs (task_id, task_name, attempt, finished_at, outcome, actor)
+    SELECT id, task_name, attempts, now(), 'cancelled', %(by)s FROM waiting
 )
 SELECT (SELECT count(*) FROM waiting) FROM schedule;
 
 -- name: procqueue_schemas
--- The schemas of this database that hold a procqueue queue (for "did you mean").
+-- The schemas of this database that hold a procqueue queue (for "did you mean"). From
+-- the catalog, which every role may read (to_regclass on a schema it may not use, such
+-- as pg_toast, raises an error instead).
 SELECT n.nspname
-FROM pg_namespace AS n
-WHERE to_regclass(quote_ident(n.nspname) || '.schema_version') IS NOT NULL
-  AND to_regclass(quote_ident(n.nspname) || '.tasks') IS NOT NULL
+FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE c.relname IN ('schema_version', 'tasks', 'task_runs') AND c.relkind IN ('r', 'p')
+GROUP BY n.nspname
+HAVING count(DISTINCT c.relname) = 3
 ORDER BY 1;
 
 -- dashboard: what the web dashboard reads besides procqueue.admin's statements.

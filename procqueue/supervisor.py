@@ -37,8 +37,8 @@ from .selfpipe import SelfPipe
 from .starting import STOP_SIGNALS
 from .status import SupervisorFacts
 from .worker import Worker
-from .worker_fate import (Departure, Exit, ExitVerdict, Slot, Watch, WatchVerdict, filled, got_going,
-                          has_reached_loop, judge_exit, kill_begun, left_on_purpose, may_refill, reaped,
+from .worker_fate import (Departure, Exit, ExitVerdict, Slot, Watch, WatchVerdict, cancelled_in_hand, filled,
+                          got_going, has_reached_loop, judge_exit, kill_begun, left_on_purpose, may_refill, reaped,
                           sigkill_sent, slots_for, spared, vacated, watch, workers_cannot_start)
 from .worker_process import run_worker_process
 
@@ -188,7 +188,7 @@ class Supervisor:
             self.spawn_missing_workers()
         if self.clock() >= self.next_status:
             self.publish_status()
-        self.monitor.look_after_dashboard(self.clock())
+        self.monitor.look_after_dashboard(self.clock(), stopping=self.stopping)
 
     def sleep(self, seconds: float = LOOP_TICK_SECONDS) -> None:
         try:
@@ -471,8 +471,10 @@ class Supervisor:
         and SIGTERM to the tree, then SIGKILL); reaping then records and replaces them."""
         now, grace = self.clock(), self.config.grace_period_ms / 1000
         cancelled = self.database.tasks_to_stop
+        in_hand = set()
         for slot in self.running():
             view = read_slot(self.board[slot.index])
+            in_hand.update(cancelled_in_hand(slot, view, cancelled))
             verdict = watch(slot, view, now, grace, cancelled)
             if verdict.action is Watch.BEGIN_KILL:
                 self.begin_murder(slot, view, verdict)
@@ -480,6 +482,7 @@ class Supervisor:
                 self.spare(slot, view)
             elif verdict.action is Watch.FINISH_KILL:
                 self.finish_murder(slot)
+        self.database.cancelled_in_hand = in_hand
 
     def begin_murder(self, slot: Slot, view: SlotView, verdict: WatchVerdict) -> None:
         if verdict.outcome is RunOutcome.CANCELLED:

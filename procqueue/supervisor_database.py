@@ -15,7 +15,7 @@ import socket
 import time
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 import psycopg2
 
@@ -73,8 +73,12 @@ class SupervisorDatabase:
         self.pending_releases: Dict[int, Release] = {}
         self.queue_stats: Optional[QueueStats] = None
         # Tasks an operator cancelled while this processor's workers held them: task id ->
-        # worker slot. The supervisor kills the worker still running one.
+        # worker slot. The supervisor kills the worker it sees running one, and says
+        # (cancelled_in_hand) which of them a worker runs or is being killed over; the
+        # others are let go once LET_GO_AFTER_SECONDS have passed since the cancel.
         self.tasks_to_stop: Dict[int, int] = {}
+        self.cancelled_ages: Dict[int, float] = {}
+        self.cancelled_in_hand: Set[int] = set()
         self.tasks_lost = 0
         self.tasks_rescued = 0
         self.up = False
@@ -258,10 +262,13 @@ class SupervisorDatabase:
         self.next_heartbeat = self.clock() + self.config.rescue_after_seconds / 4
 
     def find_tasks_to_stop(self, conn: Connection) -> Callable[[], None]:
-        found = self.queries.tasks_to_stop(conn, processor=self.processor_id, stop_window=admin.STOP_WINDOW_SECONDS)
+        let_go = [task_id for task_id, age in self.cancelled_ages.items()
+                  if age >= admin.LET_GO_AFTER_SECONDS and task_id not in self.cancelled_in_hand]
+        found = self.queries.tasks_to_stop(conn, processor=self.processor_id, let_go=let_go)
 
         def report() -> None:
-            self.tasks_to_stop = found
+            self.tasks_to_stop = {task_id: worker for task_id, (worker, _) in found.items()}
+            self.cancelled_ages = {task_id: age for task_id, (_, age) in found.items()}
         return report
 
     def may_judge_peers(self) -> bool:
@@ -276,6 +283,7 @@ class SupervisorDatabase:
             conn, expiry_seconds=self.config.rescue_after_seconds, rescuer=self.processor_id,
             max_losses=RESCUES_BEFORE_FAILING,
         )
+        self.queries.let_go_of_dead_holders(conn)
         return lambda: self.report_rescued(rescued)
 
     def report_rescued(self, rescued: List[ReleasedTask]) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import signal
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Set, Tuple
 
 from .heartbeat import SlotView, WorkerState
 from .records import RunOutcome
@@ -182,6 +182,14 @@ def watch(slot: Slot, view: SlotView, now: float, grace_seconds: float,
 def is_running_cancelled(slot: Slot, view: SlotView, cancelled: Mapping[int, int]) -> bool:
     return (view.whole and view.state == WorkerState.BUSY and view.task_id != 0
             and cancelled.get(view.task_id) == slot.index)
+
+
+def cancelled_in_hand(slot: Slot, view: SlotView, cancelled: Mapping[int, int]) -> Set[int]:
+    """Which cancelled tasks this slot's worker may still be running: the one it shows
+    (read whole or not: a torn reading must not let a task go), and the one a kill under
+    way was judged on. Their leases are kept until they are out of every worker's hands."""
+    candidates = {view.task_id, slot.kill.task_id if slot.kill is not None else 0}
+    return {task_id for task_id in candidates if task_id and task_id in cancelled}
 
 
 def kill_begun(slot: Slot, verdict: WatchVerdict, view: SlotView, *, sigkill_at: float, tree: Any) -> Kill:

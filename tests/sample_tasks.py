@@ -347,3 +347,12 @@ def fail_until_fixed(key: str) -> None:
     if not recorded_before(f"{key}:fixed"):
         raise RuntimeError(f"{key} is broken")
     record(key)
+
+
+@register_task_handler(task_name="sample.wait_for_release", timeout=timedelta(seconds=60))
+def wait_for_release(key: str) -> None:
+    """Records its start, then waits until the test records `<key>:release`."""
+    record(f"{key}:start")
+    while not recorded_before(f"{key}:release"):
+        time.sleep(0.05)
+    record(f"{key}:end")

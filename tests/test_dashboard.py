@@ -363,3 +363,51 @@ def test_a_hung_dashboard_process_is_answered_for_then_killed_and_replaced(db, s
         for sock in handed:
             sock.close()
     assert processor.stop() == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_burst_that_filled_the_channel_once_is_no_hang(db, start_processor):
+    from procqueue.dashboard_process import HUNG_SECONDS
+
+    processor = start_processor("--numthreads", "1", "--metrics-port", "0")
+    port = processor.metrics_port()
+    exchange(port, "GET", "/")
+    until_served(port)
+    [dashboard] = dashboard_processes(processor)
+    dashboard.suspend()
+    handed = []
+
+    def answered_busy() -> bool:
+        batch = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        handed.extend(batch)
+        for sock in batch:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        batch[-1].settimeout(1.0)
+        try:
+            return b" 503 " in batch[-1].recv(200)
+        except socket.timeout:
+            return False
+
+    try:
+        wait_until(answered_busy, timeout=30, message="the channel full once")
+        full_at = time.monotonic()
+        dashboard.resume()  # it takes what waits, then nothing more comes for a while
+        wait_until(lambda: "dashboard.hung" in processor.log() or time.monotonic() > full_at + HUNG_SECONDS + 3,
+                   timeout=HUNG_SECONDS + 15, message="the hang deadline to pass")
+    finally:
+        for sock in handed:
+            sock.close()
+    assert "dashboard.hung" not in processor.log()
+    assert [p.pid for p in dashboard_processes(processor)] == [dashboard.pid]
+    assert until_served(port).status == 200
+    assert processor.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_no_dashboard_leaves_the_metrics_port_to_the_monitoring_endpoints(db, start_processor):
+    processor = start_processor("--numthreads", "1", "--metrics-port", "0", "--no-dashboard")
+    port = processor.metrics_port()
+    assert exchange(port, "GET", "/").status == 404
+    assert http_get(port, "/metrics")[0] == 200
+    assert dashboard_processes(processor) == []
+    assert processor.stop() == 0

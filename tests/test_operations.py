@@ -7,12 +7,16 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from datetime import datetime, timedelta, timezone
 
 import psutil
+import psycopg2
 import pytest
 
 import procqueue
+from procqueue import admin
+from procqueue.queries import Queries
 from procqueue.records import RunOutcome, TaskState
 
 import sample_tasks
@@ -81,6 +85,10 @@ def test_list_filters_and_shows_each_failure_by_its_exception_line(db, cli):
     (["tasks", "retry", "1", "--name", "x"], "--name and --since narrow --failed; with task ids, leave them out"),
     (["purge", "--older-than", "7x"], "invalid value for --older-than: '7x' is not an age"),
     (["purge", "--older-than", "7d", "--state", "queued"], "invalid value for --state: 'queued' is not one of"),
+    (["purge", "--older-than", "9999999999999d"], "invalid value for --older-than: '9999999999999d' is too long ago"),
+    (["tasks", "list", "--since", "3000000d"], "invalid value for --since: '3000000d' is too long ago"),
+    (["tasks", "cancel", "99999999999999999999"], "99999999999999999999 is not in the range 1<=x<="),
+    (["tasks", "show", "0"], "0 is not in the range 1<=x<="),
 ])
 def test_bad_operator_input_gets_one_line(db, cli, args, expected):
     result = cli(*args)
@@ -142,29 +150,41 @@ def test_failed_task_fixed_and_retried_runs_again_and_succeeds(db, cli, start_pr
 
 def test_cancelling_a_running_task_stops_it_for_real_and_spares_the_rest(db, cli, start_processor):
     processor = start_processor("--numthreads", "1", "--sleepintervalms", "100", "--rescue-after", "2")
-    long_id = sample_tasks.long.delay(args=[60, "long"])
-    first_pid = processor.wait_until_started(long_id, timeout=30)
+    task_id = sample_tasks.wait_for_release.delay(args=["long"])
+    first_pid = processor.wait_until_started(task_id, timeout=30)
     wait_until(lambda: execution_count(db, "long:start") == 1, 10)
     behind = sample_tasks.record_task.delay(args=["behind"])
 
-    result = cli("tasks", "cancel", str(long_id))
+    result = cli("tasks", "cancel", str(task_id))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"cancelled {long_id}: it was running; its processor stops it within seconds"
+    assert result.stdout.strip() == f"cancelled {task_id}: it was running; its processor stops it within seconds"
+    # While its processor may still be stopping it, it cannot be retried.
+    refused = cli("tasks", "retry", str(task_id))
+    assert refused.returncode == 4 and "is still being stopped by the processor that ran it" in refused.stderr
     wait_until(lambda: not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie", 20,
                message="the worker running the cancelled task to be killed")
     wait_until(lambda: procqueue.get_task(behind).state is TaskState.SUCCEEDED, 20, message="the next task to run")
     processor.wait_for_log("worker.replaced")
 
-    task = procqueue.get_task(long_id)
+    task = procqueue.get_task(task_id)
     assert task.state is TaskState.CANCELLED and execution_count(db, "long:end") == 0
-    [run] = procqueue.get_task_runs(long_id)
+    [run] = procqueue.get_task_runs(task_id)
     assert run.outcome is RunOutcome.CANCELLED and "via procqueue tasks cancel" in run.actor
     assert "worker.stuck" not in processor.log()
     document = processor.wait_for_status(lambda d: d["totals"]["restarts"]["recycled"] == 1)
     assert document["totals"]["restarts"]["stuck"] == 0 and document["totals"]["restarts"]["crashed"] == 0
-    # Within the minute its processor may still be stopping it, it cannot be retried.
-    refused = cli("tasks", "retry", str(long_id))
-    assert refused.returncode == 4 and "is being stopped by the processor that ran it" in refused.stderr
+
+    # Once its processor has seen no worker run it, it is let go, and a retry runs it in
+    # full: the same worker slot takes it, and must not be killed again for the old cancel.
+    retried = wait_until(lambda: cli("tasks", "retry", str(task_id)).returncode == 0, 30,
+                         message="the cancelled task to be let go")
+    assert retried
+    wait_until(lambda: execution_count(db, "long:start") == 2, 20, message="the retried run to start")
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO public.executions (key) VALUES ('long:release')")
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, 20, message="the retried run")
+    outcomes = [run.outcome for run in procqueue.get_task_runs(task_id)]
+    assert outcomes == [RunOutcome.CANCELLED, RunOutcome.RETRIED, RunOutcome.SUCCEEDED]
 
 
 def test_cancel_queued_never_runs_and_old_name_still_works(db, cli):
@@ -200,6 +220,46 @@ def test_purge_deletes_old_finished_tasks_and_their_runs_only(db, cli):
     assert all(procqueue.get_task(i) is None for i in old)
 
 
+def test_purge_keeps_a_task_retried_while_it_waited_for_the_row(db, database_url):
+    """A retry that commits while the purge waits on its row lock wins: the purge
+    re-checks the row it got, and a task now queued is not deleted."""
+    old = insert(db, "a.b", "failed", finished_ago=timedelta(days=8))
+    retrying, purging_conn = psycopg2.connect(database_url), psycopg2.connect(database_url)
+    purging_conn.autocommit = True
+    purged = []
+    purging = threading.Thread(target=lambda: purged.append(admin.purge(
+        purging_conn, Queries(SCHEMA), before=datetime.now(timezone.utc) - timedelta(days=7))))
+    try:
+        with retrying.cursor() as cur:  # a retry, not committed yet
+            cur.execute(f"UPDATE {SCHEMA}.tasks SET state = 'queued', finished_at = NULL WHERE id = %s", (old,))
+        purging.start()
+        wait_until(lambda: _waiting_for_a_lock(db), 10, message="the purge to wait for the row")
+        retrying.commit()
+        purging.join(10)
+    finally:
+        retrying.close()  # ends the transaction the purge waits on, whatever happened
+        if purging.is_alive():
+            purging.join(10)
+        purging_conn.close()
+    assert purged == [0] and procqueue.get_task(old).state is TaskState.QUEUED
+
+
+def _waiting_for_a_lock(db) -> bool:
+    with db.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")
+        return cur.fetchone()[0] > 0
+
+
+def test_purge_never_deletes_a_cancelled_task_its_processor_still_holds(db, cli):
+    held = insert(db, "a.b", "cancelled", finished_ago=timedelta(days=8))
+    with db.cursor() as cur:
+        cur.execute(f"UPDATE {SCHEMA}.tasks SET locked_by = 'a-live-processor', locked_worker = 0, locked_at = now() "
+                    "WHERE id = %s", (held,))
+    assert cli("purge", "--older-than", "1d", "--dry-run").stdout.startswith("would delete 0 ")
+    assert cli("purge", "--older-than", "1d").stdout.startswith("deleted 0 ")
+    assert procqueue.get_task(held) is not None
+
+
 def test_recurring_list_and_remove(db, cli):
     with db.cursor() as cur:
         cur.execute(f"INSERT INTO {SCHEMA}.recurring_tasks (task_name, run_every, first_run_at, next_run_at) "
@@ -219,6 +279,8 @@ def test_recurring_list_and_remove(db, cli):
     removed = cli("recurring", "remove", "cache.warm")
     assert removed.stdout.strip() == "removed cache.warm; cancelled 1 waiting run"
     assert procqueue.get_task(waiting).state is TaskState.CANCELLED
+    [run] = procqueue.get_task_runs(waiting)
+    assert run.outcome is RunOutcome.CANCELLED and "via procqueue recurring remove" in run.actor
     missing = cli("recurring", "remove", "cache.warm")
     assert missing.returncode == 4
     assert missing.stderr.strip() == ("procqueue: error: no recurring schedule named 'cache.warm' "
@@ -248,3 +310,23 @@ def test_psql_opens_on_the_queues_schema_without_the_password_in_its_arguments(d
     insert(db, "a.b")
     result = cli("psql", "--", "-Atc", "SELECT count(*) FROM tasks")
     assert (result.returncode, result.stdout.strip()) == (0, "1"), result.stderr
+
+
+def test_a_recurring_run_cancelled_while_it_runs_keeps_the_next_slot_waiting_until_let_go(db):
+    """Cancelled, the run stays in the one-run-at-a-time index while its processor holds
+    it (its worker may still be running it), so the next slot's run cannot start beside it."""
+    with db.cursor() as cur:
+        cur.execute(
+            f"INSERT INTO {SCHEMA}.tasks (task_name, state, recurring_slot, expires_at, started_at, locked_by,"
+            " locked_worker, locked_at) VALUES ('reports.hourly', 'running', now() - interval '1 hour', now(), now(),"
+            " 'a-live-processor', 0, now()), ('reports.hourly', 'queued', now(), now() + interval '1 hour', NULL,"
+            " NULL, NULL, NULL) RETURNING id")
+        running, next_run = (row[0] for row in cur.fetchall())
+    assert admin.cancel(db, Queries(SCHEMA), [running], by="test") == {running: "cancelling"}
+    start_next = (f"UPDATE {SCHEMA}.tasks SET state = 'running', started_at = now() WHERE id = %s", (next_run,))
+    with pytest.raises(psycopg2.errors.UniqueViolation), db.cursor() as cur:
+        cur.execute(*start_next)
+    with db.cursor() as cur:
+        cur.execute(f"UPDATE {SCHEMA}.tasks SET locked_by = NULL WHERE id = %s", (running,))  # let go
+        cur.execute(*start_next)
+    assert procqueue.get_task(next_run).state is TaskState.RUNNING

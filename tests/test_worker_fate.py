@@ -19,8 +19,8 @@ from procqueue.registry import register_task_handler
 from procqueue.worker import Worker
 from procqueue.worker_fate import (FAILED_STARTS_LIMIT, HARD_TIMEOUT_MARGIN_SECONDS, RESPAWN_BACKOFF_SECONDS,
                                    WORKER_BOOT_ERROR, WORKER_OUTPUT_LOST, WORKER_RECYCLED, Departure, Exit,
-                                   ExitVerdict, Kill, Slot, Watch, filled, got_going, has_reached_loop, judge_exit,
-                                   judge_view, kill_begun, left_on_purpose, may_refill, reaped, sigkill_sent,
+                                   ExitVerdict, Kill, Slot, Watch, cancelled_in_hand, filled, got_going,
+                                   has_reached_loop, judge_exit, judge_view, kill_begun, left_on_purpose, may_refill, reaped, sigkill_sent,
                                    slots_for, spared, vacated, watch, workers_cannot_start)
 
 pytestmark = pytest.mark.timeout(5)
@@ -341,3 +341,11 @@ def test_a_worker_running_a_cancelled_task_is_killed_and_refilled_at_once_as_no_
 ])
 def test_a_cancel_kills_only_the_worker_seen_running_that_very_task(cancelled, seen):
     assert watch(running_slot(index=1), seen, 101.0, GRACE, cancelled).action is Watch.FINE
+
+
+def test_a_cancelled_task_is_in_a_workers_hand_while_shown_or_judged_on_even_in_a_torn_reading():
+    slot = running_slot(index=1)
+    assert cancelled_in_hand(slot, view(WorkerState.BUSY, task_id=7, whole=False), {7: 1}) == {7}
+    assert cancelled_in_hand(slot, busy(task_id=8), {7: 1}) == set()
+    slot.kill = Kill("cancelled", RunOutcome.CANCELLED, 7, 100.0, 101.5)
+    assert cancelled_in_hand(slot, view(WorkerState.IDLE), {7: 1}) == {7}  # killed, not reaped yet
