@@ -258,6 +258,16 @@ def dashboard_processes(processor) -> list:
             if "procqueue.dashboard" in " ".join(child.cmdline())]
 
 
+def processor_serving_the_dashboard(start_processor):
+    """A processor whose dashboard process has served a page: (processor, port, process)."""
+    processor = start_processor("--numthreads", "1", "--metrics-port", "0")
+    port = processor.metrics_port()
+    exchange(port, "GET", "/")
+    until_served(port)
+    [dashboard] = dashboard_processes(processor)
+    return processor, port, dashboard
+
+
 def until_served(port: int, path: str = "/") -> Answer:
     return wait_until(lambda: (lambda a: a if a.status == 200 else None)(exchange(port, "GET", path)), timeout=20,
                       message=f"{path} answered 200")
@@ -289,11 +299,7 @@ def test_a_processor_serves_the_dashboard_from_its_own_process(db, start_process
 
 @pytest.mark.timeout(90)
 def test_a_killed_dashboard_process_is_restarted_and_metrics_carry_on(db, start_processor):
-    processor = start_processor("--numthreads", "1", "--metrics-port", "0")
-    port = processor.metrics_port()
-    exchange(port, "GET", "/")
-    until_served(port)
-    [first] = dashboard_processes(processor)
+    processor, port, first = processor_serving_the_dashboard(start_processor)
     first.kill()
     first.wait(timeout=10)
     seen = []
@@ -329,18 +335,9 @@ def test_idle_and_half_sent_requests_cannot_shut_the_dashboard_out(db, start_das
             sock.close()
 
 
-@pytest.mark.timeout(120)
-def test_a_hung_dashboard_process_is_answered_for_then_killed_and_replaced(db, start_processor):
-    from procqueue.dashboard_process import HUNG_SECONDS
-
-    processor = start_processor("--numthreads", "1", "--metrics-port", "0")
-    port = processor.metrics_port()
-    exchange(port, "GET", "/")
-    until_served(port)
-    [hung] = dashboard_processes(processor)
-    hung.suspend()  # SIGSTOP: alive, taking nothing
-    handed = []
-
+def fill_the_channel(port: int, handed: list) -> None:
+    """Send dashboard requests, 20 at a time, until the processor answers one 503 itself:
+    the channel to the (stopped) dashboard process is full. The sockets go in `handed`."""
     def answered_busy() -> bool:
         batch = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
         handed.extend(batch)
@@ -352,8 +349,18 @@ def test_a_hung_dashboard_process_is_answered_for_then_killed_and_replaced(db, s
         except socket.timeout:  # handed over: it waits in the stopped process's channel
             return False
 
+    wait_until(answered_busy, timeout=30, message="the full channel answered for by the processor")
+
+
+@pytest.mark.timeout(120)
+def test_a_hung_dashboard_process_is_answered_for_then_killed_and_replaced(db, start_processor):
+    from procqueue.dashboard_process import HUNG_SECONDS
+
+    processor, port, hung = processor_serving_the_dashboard(start_processor)
+    hung.suspend()  # SIGSTOP: alive, taking nothing
+    handed = []
     try:
-        wait_until(answered_busy, timeout=30, message="the full channel answered for by the processor")
+        fill_the_channel(port, handed)
         assert http_get(port, "/metrics")[0] == 200
         wait_until(lambda: hung.pid not in [p.pid for p in dashboard_processes(processor)],
                    timeout=HUNG_SECONDS + 10, message="the hung dashboard process killed")
@@ -369,27 +376,11 @@ def test_a_hung_dashboard_process_is_answered_for_then_killed_and_replaced(db, s
 def test_a_burst_that_filled_the_channel_once_is_no_hang(db, start_processor):
     from procqueue.dashboard_process import HUNG_SECONDS
 
-    processor = start_processor("--numthreads", "1", "--metrics-port", "0")
-    port = processor.metrics_port()
-    exchange(port, "GET", "/")
-    until_served(port)
-    [dashboard] = dashboard_processes(processor)
+    processor, port, dashboard = processor_serving_the_dashboard(start_processor)
     dashboard.suspend()
     handed = []
-
-    def answered_busy() -> bool:
-        batch = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
-        handed.extend(batch)
-        for sock in batch:
-            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
-        batch[-1].settimeout(1.0)
-        try:
-            return b" 503 " in batch[-1].recv(200)
-        except socket.timeout:
-            return False
-
     try:
-        wait_until(answered_busy, timeout=30, message="the channel full once")
+        fill_the_channel(port, handed)
         full_at = time.monotonic()
         dashboard.resume()  # it takes what waits, then nothing more comes for a while
         wait_until(lambda: "dashboard.hung" in processor.log() or time.monotonic() > full_at + HUNG_SECONDS + 3,
