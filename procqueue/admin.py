@@ -29,7 +29,7 @@ RETRYABLE_STATES = ("failed", "cancelled", "missed")
 PURGE_BATCH = 5000
 MAX_AGE = timedelta(days=100 * 365)  # far beyond any task; nearer than datetime's limits
 
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
@@ -83,7 +83,7 @@ def parse_age(text: str) -> timedelta:
     match = _AGE.match(text)
     if not match:
         raise ValueError(f"{text!r} is not an age: expected a number and a unit, like 7d, 12h, 30m, 90s or 2w")
-    seconds = float(match.group(1)) * _AGE_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * _AGE_UNITS[match.group(2).lower()]
     if seconds > MAX_AGE.total_seconds():
         raise ValueError(f"{text!r} is too long ago: at most {MAX_AGE.days // 365} years")
     return timedelta(seconds=seconds)

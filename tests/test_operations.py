@@ -330,3 +330,31 @@ def test_a_recurring_run_cancelled_while_it_runs_keeps_the_next_slot_waiting_unt
         cur.execute(f"UPDATE {SCHEMA}.tasks SET locked_by = NULL WHERE id = %s", (running,))  # let go
         cur.execute(*start_next)
     assert procqueue.get_task(next_run).state is TaskState.RUNNING
+
+
+def test_psql_on_a_schema_with_no_queue_says_so_and_opens_nothing(db, cli):
+    result = cli("psql", "--schema", "not_here", "--", "-c", "SELECT 1")
+    assert result.returncode == 3 and len(result.stderr.splitlines()) == 1
+    assert "schema 'not_here' of this database holds no procqueue queue" in result.stderr and result.stdout == ""
+
+
+@pytest.mark.parametrize("make", ["file", "directory with other files"])
+def test_a_data_directory_that_is_not_one_is_refused_before_anything_touches_it(tmp_path, make):
+    """Run as root, the embedded server's library hands its data directory to its own
+    user: a mistyped PROCQUEUE_EMBEDDED_DIR must not give a file or a directory away."""
+    target = tmp_path / "mine"
+    if make == "file":
+        target.write_text("precious\n")
+        checked = target
+    else:
+        target.mkdir()
+        (target / "notes.txt").write_text("precious\n")
+        checked = target / "notes.txt"
+    before = (target.stat().st_uid, target.stat().st_mode, checked.read_text())
+    env = dict(os.environ, PROCQUEUE_EMBEDDED_DIR=str(target), PYTHONPATH=str(REPO))
+    env.pop("DATABASE_URL", None)
+    result = subprocess.run([sys.executable, "-m", "procqueue", "stats"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 3 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"cannot use {target} for the embedded PostgreSQL" in result.stderr
+    assert (target.stat().st_uid, target.stat().st_mode, checked.read_text()) == before
