@@ -397,13 +397,7 @@ def processor_config(
 ) -> ProcessorConfig:
     """Merge command-line values (first), environment (second) and defaults (last)."""
     env = os.environ if env is None else env
-    database = database_config_from_env(env)
-    if database_url is not None:
-        database = replace(database, url=database_url)
-    if schema is not None:
-        database = replace(database, schema=schema)
-    if pooler is not None:
-        database = replace(database, pooler=pooler_of(pooler))
+    database = database_config(env, database_url=database_url, schema=schema, pooler=pooler)
     return ProcessorConfig(
         database=database,
         num_workers=_int_setting(num_workers, env, ENV_NUM_THREADS, DEFAULT_NUM_WORKERS),
@@ -537,6 +531,19 @@ def dashboard_token(token_file: Optional[Path], env: Optional[Mapping[str, str]]
     return _checked_token(token, ENV_DASHBOARD_TOKEN) if token else None
 
 
+def database_config(env: Mapping[str, str], *, database_url: Optional[str] = None, schema: Optional[str] = None,
+                    pooler: Optional[str] = None) -> DatabaseConfig:
+    """The database from the command line's values over the environment's."""
+    database = database_config_from_env(env)
+    if database_url is not None:
+        database = replace(database, url=database_url)
+    if schema is not None:
+        database = replace(database, schema=schema)
+    if pooler is not None:
+        database = replace(database, pooler=pooler_of(pooler))
+    return database
+
+
 def _checked_token(token: str, source: str) -> str:
     if len(token) < MIN_DASHBOARD_TOKEN_LENGTH or any(ch.isspace() or not ch.isprintable() for ch in token):
         raise ConfigError(f"invalid dashboard token in {source}: expected at least {MIN_DASHBOARD_TOKEN_LENGTH} "
@@ -550,11 +557,7 @@ def dashboard_config(*, database_url: Optional[str] = None, schema: Optional[str
     """Command-line values first, then the environment (as a processor passes them to the
     dashboard process it starts), then defaults."""
     env = os.environ if env is None else env
-    database = database_config_from_env(env)
-    if database_url is not None:
-        database = replace(database, url=database_url)
-    if schema is not None:
-        database = replace(database, schema=schema)
+    database = database_config(env, database_url=database_url, schema=schema)
     return DashboardConfig(database=database, token=dashboard_token(token_file, env),
                            host=host or DEFAULT_DASHBOARD_HOST, port=port)
 

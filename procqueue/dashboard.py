@@ -22,18 +22,18 @@ import sys
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 from .dashboard_app import DashboardApp, Request, Response
 from .dashboard_handoff import receive_connection
 from .errors import ConfigError
+from .http import head_end, listen as listen_on, send_answer
 from .logs import log_event
 
 logger = logging.getLogger("procqueue.dashboard")
 
 REQUEST_SECONDS = 5.0
 ANSWER_SECONDS = 15.0
-LINGER_SECONDS = 1.0
 MAX_CONNECTIONS = 128
 MAX_HEAD_BYTES = 8192
 MAX_BODY_BYTES = 16384
@@ -157,24 +157,7 @@ class DashboardServer:
         self.send(connection)
 
     def send(self, connection: "_Connection") -> None:
-        try:
-            sent = connection.sock.send(connection.unsent)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.drop(connection)
-            return
-        connection.unsent = connection.unsent[sent:]
-        if connection.unsent:
-            return
-        try:  # end our side, then read what the client still sends: no reset under the answer
-            connection.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.drop(connection)
-            return
-        connection.lingering = True
-        connection.linger_until = time.monotonic() + LINGER_SECONDS
-        self.selector.modify(connection.sock, selectors.EVENT_READ, connection)
+        send_answer(self.selector, connection, self.drop)
 
     def drop(self, connection: "_Connection") -> None:
         self.connections.pop(connection.sock, None)
@@ -223,7 +206,7 @@ class _Parsed:
 
 def _parse(received: bytes):
     """The request in `received`: a _Parsed, a Response refusing it, or None (incomplete)."""
-    end, separator = _head_end(received)
+    end, separator = head_end(received)
     if end < 0:
         return _plain(431, "request head too long\n") if len(received) > MAX_HEAD_BYTES else None
     if end > MAX_HEAD_BYTES:
@@ -251,12 +234,6 @@ def _parse(received: bytes):
         return None
     path, _, query = parts[1].partition("?")
     return _Parsed(method, path, query, headers, body[:int(length)])
-
-
-def _head_end(received: bytes) -> Tuple[int, int]:
-    """Where the blank line that ends the head starts, and its length; (-1, 0) if none yet."""
-    found = [(end, size) for end, size in ((received.find(b"\r\n\r\n"), 4), (received.find(b"\n\n"), 2)) if end >= 0]
-    return min(found) if found else (-1, 0)
 
 
 def _plain(status: int, text: str) -> Response:
@@ -287,16 +264,7 @@ def _remote(sock: socket.socket) -> str:
 
 
 def listen(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind((host, port))
-        listener.listen(128)
-    except OSError as exc:
-        listener.close()
-        raise ConfigError(f"cannot serve the dashboard on --host {host} --port {port}: {exc.strerror or exc}") from None
-    return listener
+    return listen_on(host, port, refused=f"cannot serve the dashboard on --host {host} --port {port}")
 
 
 def serve(server: DashboardServer) -> None:

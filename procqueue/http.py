@@ -65,7 +65,7 @@ class MonitoringServer:
                  metrics_source: Callable[[str], Tuple[bytes, str]]) -> None:
         self.status_source = status_source
         self.metrics_source = metrics_source
-        self.listener = _listen(host, port)
+        self.listener = listen(host, port, refused=f"cannot serve metrics on --metrics-host {host} --metrics-port {port}")
         self.connections: Dict[socket.socket, _Connection] = {}  # oldest first
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.listener, selectors.EVENT_READ)
@@ -192,7 +192,7 @@ class MonitoringServer:
                 self.close(connection)
             return
         connection.received += data
-        end = _head_end(connection.received)
+        end, _ = head_end(connection.received)
         if (end < 0 and len(connection.received) > MAX_HEAD_BYTES) or end > MAX_HEAD_BYTES:
             self.answer(connection, _plain_answer(431, "request head too long\n"))
         elif end >= 0:
@@ -259,27 +259,7 @@ class MonitoringServer:
         self.send(connection)  # most answers fit the socket's buffer: no wait for the loop
 
     def send(self, connection: "_Connection") -> None:
-        try:
-            sent = connection.sock.send(connection.unsent)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close(connection)
-            return
-        connection.unsent = connection.unsent[sent:]
-        if connection.unsent:
-            return
-        # All sent: end our side and wait briefly for the client to end its own. Closing
-        # with its bytes unread would reset the connection, which can discard the answer
-        # before the client has read it.
-        try:
-            connection.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.close(connection)
-            return
-        connection.lingering = True
-        connection.linger_until = time.monotonic() + LINGER_SECONDS
-        self.selector.modify(connection.sock, selectors.EVENT_READ, connection)
+        send_answer(self.selector, connection, self.close)
 
     def close_expired(self, now: float) -> None:
         for connection in list(self.connections.values()):
@@ -382,7 +362,8 @@ class _Connection:
         return now - self.accepted >= REQUEST_DEADLINE_SECONDS
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def listen(host: str, port: int, *, refused: str) -> socket.socket:
+    """A non-blocking listener on host:port; ConfigError("<refused>: <why>") if it cannot be."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -392,16 +373,41 @@ def _listen(host: str, port: int) -> socket.socket:
         listener.setblocking(False)
     except OSError as exc:
         listener.close()
-        raise ConfigError(
-            f"cannot serve metrics on --metrics-host {host} --metrics-port {port}: {exc.strerror or exc}"
-        ) from None
+        raise ConfigError(f"{refused}: {exc.strerror or exc}") from None
     return listener
 
 
-def _head_end(received: bytes) -> int:
-    """Where the request head ends (the blank line; bare newlines accepted), or -1."""
-    ends = [end for end in (received.find(b"\r\n\r\n"), received.find(b"\n\n")) if end >= 0]
-    return min(ends) if ends else -1
+def head_end(received: bytes) -> Tuple[int, int]:
+    """Where the blank line that ends the request head starts (bare newlines accepted), and
+    its length; (-1, 0) while there is none yet."""
+    found = [(end, size) for end, size in ((received.find(b"\r\n\r\n"), 4), (received.find(b"\n\n"), 2)) if end >= 0]
+    return min(found) if found else (-1, 0)
+
+
+def send_answer(selector: selectors.BaseSelector, connection, close: Callable[[object], None]) -> None:
+    """Send what the connection's answer still has (`unsent`) without waiting. All sent:
+    end our side and wait briefly for the client to end its own (`lingering`, then the
+    selector reads and discards); closing with its bytes unread would reset the
+    connection, which can discard the answer before the client has read it. `close` ends
+    a connection whose socket failed. Shared with the dashboard process's server."""
+    try:
+        sent = connection.sock.send(connection.unsent)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        close(connection)
+        return
+    connection.unsent = connection.unsent[sent:]
+    if connection.unsent:
+        return
+    try:
+        connection.sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        close(connection)
+        return
+    connection.lingering = True
+    connection.linger_until = time.monotonic() + LINGER_SECONDS
+    selector.modify(connection.sock, selectors.EVENT_READ, connection)
 
 
 def _path_of(head: str) -> str:

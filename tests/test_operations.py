@@ -187,7 +187,7 @@ def test_cancelling_a_running_task_stops_it_for_real_and_spares_the_rest(db, cli
     assert outcomes == [RunOutcome.CANCELLED, RunOutcome.RETRIED, RunOutcome.SUCCEEDED]
 
 
-def test_cancel_queued_never_runs_and_old_name_still_works(db, cli):
+def test_cancel_of_a_waiting_task_and_the_old_name_still_works(db, cli):
     waiting = sample_tasks.record_task.delay(args=["never"], delay_until=None)
     done = insert(db, "x.y", "succeeded", finished_ago=timedelta(seconds=1))
     result = cli("cancel", str(waiting), str(done))
