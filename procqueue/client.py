@@ -130,6 +130,10 @@ def get_task_runs(task_id: int) -> List[RunRecord]:
 
 
 def cancel(task_id: int) -> bool:
-    """Cancel a queued task; False if it is running, finished or unknown."""
+    """Cancel a queued task; False if it is running, finished or unknown. Recorded in the
+    task's runs as `procqueue.cancel()` by this user and host (`procqueue tasks cancel`
+    also stops running tasks)."""
+    from .admin import actor
+
     conn, queries = connection()
-    return queries.cancel(conn, task_id)
+    return bool(queries.cancel_tasks(conn, ids=[task_id], by=actor("procqueue.cancel()"), states=["queued"]))

@@ -220,9 +220,6 @@ class Queries:
         execute = self._execute_prepared if prepared else self._execute
         return [(row[0], row[1]) for row in execute(conn, "enqueue_one", params)]
 
-    def cancel(self, conn, task_id: int) -> bool:
-        return bool(self._execute(conn, "cancel", {"id": task_id}))
-
     # -- recurring tasks ---------------------------------------------------------------
 
     def register_recurring(
@@ -331,8 +328,9 @@ class Queries:
                   "channel": self.channel}
         return [row[0] for row in self._execute(conn, "retry_tasks", params)]
 
-    def cancel_tasks(self, conn, *, ids: Sequence[int], by: str) -> Dict[int, TaskState]:
-        rows = self._execute(conn, "cancel_tasks", {"ids": list(ids), "by": by})
+    def cancel_tasks(self, conn, *, ids: Sequence[int], by: str,
+                     states: Sequence[str] = ("queued", "running")) -> Dict[int, TaskState]:
+        rows = self._execute(conn, "cancel_tasks", {"ids": list(ids), "by": by, "states": list(states)})
         return {task_id: TaskState(was) for task_id, was in rows}
 
     def tasks_to_stop(self, conn, *, processor: str, let_go: Sequence[int]) -> Dict[int, Tuple[int, float]]:

@@ -315,13 +315,6 @@ WHERE id IN (SELECT id FROM {schema}.task_runs
              ORDER BY finished_at
              LIMIT %(batch)s);
 
--- name: cancel
--- queued -> cancelled. A task already running or finished is left alone.
-UPDATE {schema}.tasks
-SET state = 'cancelled', finished_at = now()
-WHERE id = %(id)s AND state = 'queued'
-RETURNING id;
-
 -- name: processor_heartbeat
 -- Register, or prove this processor alive. An upsert, so a processor whose row a peer
 -- removed (it was silent too long, say through a network partition) comes back.
@@ -523,7 +516,8 @@ WITH target AS (
 SELECT id, pg_notify(%(channel)s, '') FROM retried;
 
 -- name: cancel_tasks
--- queued / running -> cancelled. A queued task never starts. A running one keeps its lease
+-- queued / running -> cancelled, for those of %(states)s (the Python API's cancel takes
+-- only queued tasks). A queued task never starts. A running one keeps its lease
 -- (locked_by, locked_worker, locked_at): its processor finds it by that (tasks_to_stop)
 -- and kills the worker running it, as it would one that overran its timeout; meanwhile
 -- every outcome its worker might still write is refused, since those expect 'running'.
@@ -531,7 +525,7 @@ SELECT id, pg_notify(%(channel)s, '') FROM retried;
 WITH target AS (
     SELECT id, task_name, state AS was, attempts, started_at
     FROM {schema}.tasks
-    WHERE id = ANY(%(ids)s::bigint[]) AND state IN ('queued', 'running')
+    WHERE id = ANY(%(ids)s::bigint[]) AND state IN ('queued', 'running') AND state = ANY(%(states)s::text[])
     FOR UPDATE
 ), cancelled AS (
     UPDATE {schema}.tasks AS t
