@@ -59,9 +59,16 @@ def browser(tmp_path):
 
 
 def text_of(driver) -> str:
+    """The page's text; "" when the page was replaced between finding its body and
+    reading it (a form's POST answered by a redirect lands while a poll reads), so the
+    poll asks again."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
-    return driver.find_element(By.TAG_NAME, "body").text
+    try:
+        return driver.find_element(By.TAG_NAME, "body").text
+    except StaleElementReferenceException:
+        return ""
 
 
 def open_page(driver, url: str, title: str) -> str:
