@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field, replace
-from typing import List, Optional, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Tuple, Union
 
 from . import config as config_module
 from .config import DatabaseConfig, RetentionConfig, TaskRunMethod
 from .db import Connection, connect
+from .errors import ConfigError
 from .migrations import migrate
 from .queries import Queries
 from .records import RunRecord, TaskRecord
@@ -28,6 +29,14 @@ class ClientSettings:
     # How long finished tasks are kept, for the clean-up task: a processor's supervisor
     # sets its config's before forking the workers that run it.
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    # Where `.delay()` writes when the caller passes no connection: a function returning
+    # one (the Django app's: Django's connection, so the task joins its transaction), or
+    # None for procqueue's own autocommit connection.
+    default_connection: Optional[Callable[[], Any]] = None
+    # How SEPARATE_THREAD defers a `transaction_on_commit` task's thread until the
+    # caller's transaction commits (the Django app's: transaction.on_commit); None: no
+    # transaction to hook, the thread starts at once.
+    on_commit: Optional[Callable[[Callable[[], None]], None]] = None
 
 
 _settings: Optional[ClientSettings] = None
@@ -44,10 +53,16 @@ def configure(
     max_arguments_bytes: Optional[int] = None,
     retention: Optional[RetentionConfig] = None,
     pooler: Union[str, config_module.Pooler, None] = None,
+    default_connection: Optional[Callable[[], Any]] = None,
+    on_commit: Optional[Callable[[Callable[[], None]], None]] = None,
 ) -> None:
     """Set, in code, what the environment would otherwise decide for this process.
     `max_arguments_bytes`: 0 lifts the limit. `pooler`: "transaction" behind a
-    transaction-mode pooler (PROCQUEUE_POOLER), where `.delay()` prepares nothing."""
+    transaction-mode pooler (PROCQUEUE_POOLER), where `.delay()` prepares nothing.
+    `default_connection`: a function returning the connection `.delay()` writes on when
+    given none (its transaction then decides whether the task exists). `on_commit`: a
+    function taking a callback to run when the current transaction commits, for
+    SEPARATE_THREAD's `transaction_on_commit`."""
     global _settings
     with _settings_lock:
         current = _current_settings_unlocked()
@@ -61,7 +76,11 @@ def configure(
         method = TaskRunMethod(task_run_method) if task_run_method is not None else current.task_run_method
         limit = (current.max_arguments_bytes if max_arguments_bytes is None
                  else config_module.max_arguments_bytes(max_arguments_bytes))
-        _settings = ClientSettings(database, method, limit, retention or current.retention)
+        for name, value in (("default_connection", default_connection), ("on_commit", on_commit)):
+            if value is not None and not callable(value):
+                raise ConfigError(f"invalid value for {name}: {value!r} (expected a function)")
+        _settings = ClientSettings(database, method, limit, retention or current.retention,
+                                   default_connection or current.default_connection, on_commit or current.on_commit)
     close_connection()
 
 
@@ -73,11 +92,26 @@ def settings() -> ClientSettings:
 def _current_settings_unlocked() -> ClientSettings:
     global _settings
     if _settings is None:
-        _settings = ClientSettings(
-            config_module.database_config_from_env(), config_module.task_run_method_from_env(),
-            config_module.max_arguments_bytes_from_env(), config_module.retention_config_from_env(),
-        )
+        _settings = settings_from_environment()
     return _settings
+
+
+def settings_from_environment(env: Optional[Mapping[str, str]] = None, **hooks: Any) -> ClientSettings:
+    """The settings `env` (default: the process's environment) gives, with `hooks`
+    (`default_connection`, `on_commit`) as `configure` takes them."""
+    return ClientSettings(
+        config_module.database_config_from_env(env), config_module.task_run_method_from_env(env),
+        config_module.max_arguments_bytes_from_env(env), config_module.retention_config_from_env(env), **hooks,
+    )
+
+
+def use_settings(new: ClientSettings) -> None:
+    """Replace this process's settings as a whole (a framework's integration, which reads
+    them from its own settings; see procqueue.contrib.django)."""
+    global _settings
+    with _settings_lock:
+        _settings = new
+    close_connection()
 
 
 def connection(*, create_schema: bool = False) -> Tuple[Connection, Queries]:

@@ -8,7 +8,7 @@ import logging
 import threading
 import traceback
 from datetime import datetime
-from typing import Any, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Mapping, Optional, Tuple
 
 import psycopg2
 
@@ -50,6 +50,8 @@ def enqueue_many(calls: Iterable[TaskCall], connection: Any = None) -> List[int]
     if not rows:
         return []
     queries = _queries_for(settings.database.schema, settings.database.pooler.keeps_sessions)
+    if connection is None and settings.default_connection is not None:
+        connection = settings.default_connection()
     if connection is not None:
         return _insert_on_callers_connection(queries, connection, rows)
     return _insert_on_own_connection(queries, rows)
@@ -63,21 +65,26 @@ def _queries_for(schema: str, prepare: bool) -> Queries:
 
 def run_in_thread(call: TaskCall) -> threading.Thread:
     args, kwargs = _json_round_trip(call)
-    return _start_thread(call, args, kwargs)
+    return _start_thread(call, args, kwargs, client.settings().on_commit)
 
 
 def _run_locally(calls: List[TaskCall], method: TaskRunMethod) -> None:
     # All or nothing, like a batch written in one statement: a bad argument in the last
     # call stops the batch before the first call runs.
     arguments = [_json_round_trip(call) for call in calls]
+    on_commit = client.settings().on_commit
     for call, (args, kwargs) in zip(calls, arguments):
         if method is TaskRunMethod.SYNCHRONOUSLY:
             call.handler.func(*args, **kwargs)
         else:
-            _start_thread(call, args, kwargs)
+            _start_thread(call, args, kwargs, on_commit)
 
 
-def _start_thread(call: TaskCall, args: List[Any], kwargs: Mapping[str, Any]) -> threading.Thread:
+def _start_thread(call: TaskCall, args: List[Any], kwargs: Mapping[str, Any],
+                  on_commit: Optional[Callable[[Callable[[], None]], None]]) -> threading.Thread:
+    """A daemon thread running the call: started now, or when the caller's transaction
+    commits if the task wants that (`transaction_on_commit`) and there is a transaction
+    to hook (`on_commit`, which runs the start at once outside a transaction)."""
     def target() -> None:
         try:
             call.handler.func(*args, **kwargs)
@@ -86,7 +93,10 @@ def _start_thread(call: TaskCall, args: List[Any], kwargs: Mapping[str, Any]) ->
                       traceback=traceback.format_exc())
 
     thread = threading.Thread(target=target, name=f"procqueue:{call.handler.task_name}", daemon=True)
-    thread.start()
+    if call.handler.transaction_on_commit and on_commit is not None:
+        on_commit(thread.start)
+    else:
+        thread.start()
     return thread
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import traceback
 from datetime import datetime, timedelta, timezone
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
+from .logs import log_event
 from .records import ClaimedTask, RunOutcome, TaskOutcome, TaskState, UnreadableJson
 from .registry import TaskBackoffError, TaskHandler, backoff_delay, get_handler
+
+logger = logging.getLogger("procqueue.worker")
 
 
 class TaskTimeoutError(BaseException):
@@ -72,6 +76,25 @@ class _SoftTimeout:
 soft_timeout = _SoftTimeout()
 
 _current: Optional[ClaimedTask] = None
+_boundary_hooks: List[Callable[[], None]] = []
+
+
+def on_task_boundary(hook: Callable[[], None]) -> None:
+    """Have `hook` called in a worker before and after every task, as a web framework
+    calls its own around each request (the Django app registers close_old_connections, so
+    a task starts on a working connection and CONN_MAX_AGE holds). Registered before the
+    workers fork. A hook that raises is logged; the task's outcome is its own."""
+    if hook not in _boundary_hooks:
+        _boundary_hooks.append(hook)
+
+
+def _at_task_boundary() -> None:
+    for hook in _boundary_hooks:
+        try:
+            hook()
+        except Exception as exc:
+            log_event(logger, logging.WARNING, "task.boundary_hook_failed", hook=getattr(hook, "__qualname__", repr(hook)),
+                      error=summarise(exc))
 
 
 def current_task() -> Optional[ClaimedTask]:
@@ -106,6 +129,7 @@ def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow, started: Op
         return TaskOutcome(task.id, TaskState.FAILED, RunOutcome.FAILED, started, now(), error=malformed,
                            summary=malformed)
     global _current
+    _at_task_boundary()
     try:
         soft_timeout.arm(task.timeout_seconds)
         try:
@@ -114,6 +138,7 @@ def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow, started: Op
         finally:
             soft_timeout.disarm()
             _current = None
+            _at_task_boundary()
     except TaskBackoffError as backoff:
         return _backoff(task, handler, started, now(), backoff)
     except SupervisorGoneError:

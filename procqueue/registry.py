@@ -52,6 +52,7 @@ class TaskHandler:
         max_attempts: int,
         queue: str,
         retry_backoff: timedelta,
+        transaction_on_commit: bool = True,
     ) -> None:
         self.func = func
         self.task_name = task_name
@@ -61,6 +62,7 @@ class TaskHandler:
         self.max_attempts = max_attempts
         self.queue = queue
         self.retry_backoff = retry_backoff
+        self.transaction_on_commit = bool(transaction_on_commit)
         self.signature = signature_of(func)  # worked out once: checked at every .delay()
         functools.update_wrapper(self, func)
 
@@ -105,7 +107,9 @@ class TaskHandler:
         return delay(self.call(args=args, kwargs=kwargs, delay_until=delay_until, priority=priority), connection)
 
     def run_in_thread(self, *, args: Sequence[Any] = (), kwargs: Optional[Mapping[str, Any]] = None) -> threading.Thread:
-        """Run the function now in a new, unmanaged daemon thread (Flagsmith's fallback)."""
+        """Run the function in a new, unmanaged daemon thread (Flagsmith's fallback): now,
+        or, with `transaction_on_commit` and a transaction to hook (the Django app's), once
+        the caller's transaction commits. Returns the thread, started or to be started."""
         from .enqueue import run_in_thread
 
         return run_in_thread(self.call(args=args, kwargs=kwargs))
@@ -146,8 +150,13 @@ def register_task_handler(
     max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     queue: str = DEFAULT_QUEUE,
     retry_backoff: timedelta = DEFAULT_RETRY_BACKOFF,
+    transaction_on_commit: bool = True,
 ) -> Callable[[Callable[..., Any]], TaskHandler]:
-    """Register a function as a task. The function stays callable directly."""
+    """Register a function as a task. The function stays callable directly.
+
+    `transaction_on_commit` (Flagsmith's, for SEPARATE_THREAD): start the thread when the
+    caller's transaction commits, where there is one to hook (`procqueue.contrib.django`
+    hooks Django's); False starts it at once."""
 
     def decorator(func: Callable[..., Any]) -> TaskHandler:
         name = task_name or default_task_name(func)
@@ -160,6 +169,7 @@ def register_task_handler(
             max_attempts=_validated_max_attempts(name, max_attempts),
             queue=_validated_queue(name, queue),
             retry_backoff=_validated_retry_backoff(name, retry_backoff),
+            transaction_on_commit=transaction_on_commit,
         )
         _register(handler)
         return handler
