@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Mapping, Optional, Tuple
 
 import click
 
@@ -47,11 +47,12 @@ DEMO_SCHEMA = "procqueue_demo"
 DEMO_RATES = (0.1, 1000.0)  # tasks per second the demo's producer may be asked for
 
 
-def _run_click(command: click.Command, prog_name: str) -> None:
-    """Run a click command with usage errors as one line too (click prints four)."""
+def _run_click(command: click.Command, prog_name: str, args: Optional[List[str]] = None, obj: Any = None) -> None:
+    """Run a click command with usage errors as one line too (click prints four).
+    `args`: the arguments (default: the command line's); `obj`: click's context object."""
     set_program(prog_name)
     try:
-        command.main(prog_name=prog_name, standalone_mode=False)
+        command.main(args=args, prog_name=prog_name, standalone_mode=False, obj=obj)
     except click.exceptions.MissingParameter as exc:  # a BadParameter with no value to name
         kind = "argument" if isinstance(exc.param, click.Argument) else "option"
         name = exc.param.human_readable_name if exc.param is not None else "value"
@@ -91,9 +92,12 @@ def procqueue_cli() -> None:
     _run_click(main, "procqueue")
 
 
-def run_task_processor_cli() -> None:
-    """The `run-task-processor` command line (see procqueue.starting)."""
-    _run_click(run_task_processor, "run-task-processor")
+def run_task_processor_cli(args: Optional[List[str]] = None, prog_name: str = "run-task-processor",
+                           environment: Optional[Mapping[str, str]] = None) -> None:
+    """The `run-task-processor` command line (see procqueue.starting). A program running
+    it under another name passes `args`, `prog_name` and the `environment` its settings
+    make (`manage.py runprocessor`: Django settings over the process's environment)."""
+    _run_click(run_task_processor, prog_name, args, environment)
 
 
 def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -161,16 +165,18 @@ def _processor_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return database_options(func)
 
 
-def build_processor_config(**values: Any) -> ProcessorConfig:
-    """The processor's configuration from the command line's values (and the environment)."""
-    config = _processor_config_of(**values)
+def build_processor_config(env: Optional[Mapping[str, str]] = None, **values: Any) -> ProcessorConfig:
+    """The processor's configuration from the command line's values and then `env` (the
+    process's environment, or what a caller such as `manage.py runprocessor` gives)."""
+    config = _processor_config_of(env, **values)
     if values.get("database_url") and config_module.has_password(values["database_url"]):
         config = replace(config, database=replace(config.database, password_in_arguments=True))
     return config
 
 
-def _processor_config_of(**values: Any) -> ProcessorConfig:
+def _processor_config_of(env: Optional[Mapping[str, str]], **values: Any) -> ProcessorConfig:
     return config_module.processor_config(
+        env=env,
         database_url=values.get("database_url"),
         schema=values.get("schema"),
         pooler=values.get("pooler"),
@@ -463,7 +469,14 @@ main.add_command(hidden_alias(tasks_cancel), "cancel")
 @user_errors
 def run_task_processor(log_level: str, log_format: str, **values: Any) -> None:
     """Run the procqueue task processor (Flagsmith's `runprocessor` flags)."""
-    sys.exit(run_processor(build_processor_config(**values), log_level, log_format))
+    sys.exit(run_processor(build_processor_config(_callers_environment(), **values), log_level, log_format))
+
+
+def _callers_environment() -> Optional[Mapping[str, str]]:
+    """The settings a program running this command passed as click's `obj` (the Django
+    app's: Django settings over the environment), or None for the environment."""
+    obj = click.get_current_context().obj
+    return obj if isinstance(obj, Mapping) else None
 
 
 # -- procqueue dashboard ---------------------------------------------------------------

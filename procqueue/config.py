@@ -41,6 +41,17 @@ ENV_DASHBOARD_TOKEN = "PROCQUEUE_DASHBOARD_TOKEN"
 ENV_DASHBOARD = "PROCQUEUE_DASHBOARD"
 ENV_POOLER = "PROCQUEUE_POOLER"
 
+# The variables that are settings of the queue and its processor, as against facts of
+# the host (TMPDIR) or where the database is (DATABASE_URL, the embedded server's): the
+# names a framework's settings may also give (procqueue.contrib.django reads each from
+# Django settings, over the environment).
+SETTING_NAMES = (
+    ENV_SCHEMA, ENV_IMPORTS, ENV_TASK_RUN_METHOD, ENV_NUM_THREADS, ENV_SLEEP_INTERVAL_MS, ENV_GRACE_PERIOD_MS,
+    ENV_QUEUE_POP_SIZE, ENV_TASK_RETENTION_DAYS, ENV_RUN_RETENTION_DAYS, ENV_DELETE_BATCH_SIZE, ENV_METRICS_PORT,
+    ENV_METRICS_HOST, ENV_STATUS_FILE, ENV_DATABASE_WAIT, ENV_MAX_ARGUMENTS_BYTES, ENV_DASHBOARD_TOKEN,
+    ENV_DASHBOARD, ENV_POOLER,
+)
+
 # Arguments are for what a task needs to find its data (ids, small values), not the
 # data itself: every claim returns them, and finished rows stay for the retention period.
 DEFAULT_MAX_ARGUMENTS_BYTES = 1024 * 1024

@@ -11,7 +11,7 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from .config import default_status_file
 from .health import (DEFAULT_MAX_AGE_SECONDS, DEFAULT_MIN_HEALTHY_WORKERS, EXIT_HEALTHY, EXIT_UNHEALTHY, EXIT_USAGE,
@@ -78,9 +78,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run(argv: Optional[Sequence[str]] = None, prog: str = "procqueue-health") -> int:
+def run(argv: Optional[Sequence[str]] = None, prog: str = "procqueue-health",
+        env: Optional[Mapping[str, str]] = None) -> int:
+    """`env`: where PROCQUEUE_STATUS_FILE and TMPDIR are read (default: the environment;
+    `manage.py checktaskprocessorthreadhealth`: Django settings over it)."""
     options = build_parser(prog).parse_args(argv)
-    path = options.status_file or default_status_file(uid=options.owner)
+    path = options.status_file or default_status_file(env, uid=options.owner)
     verdict = check_file(path, max_age=options.max_age, min_healthy_workers=options.min_healthy_workers,
                          ready=options.ready, owner=options.owner)
     if options.json:

@@ -11,7 +11,7 @@ import signal
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Optional, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import psutil
@@ -86,9 +86,11 @@ def stop_stray_postmaster(data_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def own_database(admin_url: str, *, schema: str, prefix: str, synchronous_commit: bool = True) -> Iterator[str]:
-    """A new database on the server, with procqueue's schema applied; its URL. Dropped at
-    the end, with whatever is still connected to it."""
+def own_database(admin_url: str, *, schema: Optional[str], prefix: str,
+                 synchronous_commit: bool = True) -> Iterator[str]:
+    """A new database on the server, with procqueue's schema applied (unless `schema` is
+    None: an empty database); its URL. Dropped at the end, with whatever is still
+    connected to it."""
     from procqueue import client
     from procqueue.migrations import migrate
 
@@ -98,11 +100,12 @@ def own_database(admin_url: str, *, schema: str, prefix: str, synchronous_commit
         if not synchronous_commit:  # per database, so an external server's other users are unaffected
             run_sql(admin_url, f'ALTER DATABASE "{name}" SET synchronous_commit = off')
         url = with_database(admin_url, name)
-        conn = psycopg2.connect(url)
-        try:
-            migrate(conn, schema)
-        finally:
-            conn.close()
+        if schema is not None:
+            conn = psycopg2.connect(url)
+            try:
+                migrate(conn, schema)
+            finally:
+                conn.close()
         yield url
     finally:
         with deferred_interrupts():
