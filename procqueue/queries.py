@@ -206,16 +206,18 @@ class Queries:
         `own_connection`: procqueue's own, where a single row's statement is prepared."""
         if len(calls) == 1 and calls[0].queue_size is None:
             return self._enqueue_one(conn, calls[0], prepared=own_connection)
+        # One Python type per array: psycopg 3 refuses to adapt a list mixing int and float
+        # (or int and an IntEnum), where psycopg2 writes whatever it is given.
         params = {
             "names": [c.task_name for c in calls],
             "args": [c.args_json for c in calls],
             "kwargs": [c.kwargs_json for c in calls],
             "queues": [c.queue for c in calls],
-            "priorities": [c.priority for c in calls],
+            "priorities": [int(c.priority) for c in calls],
             "run_ats": [c.run_at for c in calls],
-            "max_attempts": [c.max_attempts for c in calls],
-            "timeouts": [c.timeout_seconds for c in calls],
-            "queue_sizes": [c.queue_size for c in calls],
+            "max_attempts": [int(c.max_attempts) for c in calls],
+            "timeouts": [float(c.timeout_seconds) for c in calls],
+            "queue_sizes": [None if c.queue_size is None else int(c.queue_size) for c in calls],
         }
         return [(row[0], row[1]) for row in self._execute(conn, "enqueue", params)]
 
