@@ -208,11 +208,13 @@ def waits_unbounded() -> Iterator[None]:
         _wait_budget = saved
 
 
-def tables_missing(exc: psycopg2.Error) -> DatabaseError:
-    """What an UndefinedTable from a procqueue statement means, said the same way by the
-    CLI and by `.delay()`: the schema named is the one from Postgres's message
-    ('relation "x.tasks" does not exist'), which is the schema the statement used."""
-    match = re.search(r'relation "([^".]+)\.', getattr(exc.diag, "message_primary", None) or "")
+def tables_missing(exc: BaseException) -> DatabaseError:
+    """What an UndefinedTable from a procqueue statement (psycopg2's or psycopg 3's) means,
+    said the same way by the CLI and by `.delay()`: the schema named is the one from
+    Postgres's message ('relation "x.tasks" does not exist'), which is the schema the
+    statement used."""
+    diag = getattr(exc, "diag", None)
+    match = re.search(r'relation "([^".]+)\.', getattr(diag, "message_primary", None) or "")
     where = f'schema "{match.group(1)}"' if match else "the schema"
     return DatabaseError(f"the procqueue tables are not in {where} of this database: is the schema name right "
                          "(--schema, PROCQUEUE_SCHEMA, procqueue.configure(schema=...))? If so, run `procqueue migrate`")

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, List, Mapping, Optional, Tuple
 
 import psycopg2
 
-from . import client
+from . import client, driver
 from .config import TaskRunMethod
 from .db import first_line, is_connection_error, tables_missing
 from .errors import DatabaseError, TaskError
@@ -32,8 +32,9 @@ def delay(call: TaskCall, connection: Any = None) -> Optional[int]:
 def enqueue_many(calls: Iterable[TaskCall], connection: Any = None) -> List[int]:
     """Insert many tasks in one round trip; returns the ids of the tasks created.
 
-    With `connection` (a psycopg2 connection), the insert joins the caller's transaction:
-    the tasks exist only if the caller commits. Tasks skipped by `queue_size` get no id.
+    With `connection` (a psycopg2 or psycopg 3 connection, or a Django connection), the
+    insert joins the caller's transaction: the tasks exist only if the caller commits.
+    Tasks skipped by `queue_size` get no id.
 
     TASK_RUN_METHOD applies as to `.delay()`: with SYNCHRONOUSLY each call runs inline, in
     order (an exception propagates, and the calls after it do not run); with
@@ -133,10 +134,14 @@ def _json_round_trip(call: TaskCall):
 
 
 def _insert_on_callers_connection(queries: Queries, connection: Any, rows: List[EnqueueRow]) -> List[int]:
+    lent = driver.lent(connection)
     try:
-        inserted = queries.enqueue(connection, rows)
-    except psycopg2.errors.UndefinedTable as exc:
-        raise tables_missing(exc) from None
+        inserted = queries.enqueue(lent, rows)
+    except Exception as exc:
+        error = driver.server_error(exc)
+        if error is not None and driver.sqlstate(error) == driver.UNDEFINED_TABLE:
+            raise tables_missing(error) from None
+        raise  # unchanged, whatever the driver: the transaction, and so its failure, are the caller's
     return counted(inserted)
 
 

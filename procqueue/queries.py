@@ -16,7 +16,6 @@ from importlib import resources
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import psycopg2.errors
-from psycopg2 import sql
 
 from .records import (
     ClaimedTask, ExpiredTask, HeldTask, ProcessorRecord, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord,
@@ -44,6 +43,13 @@ def _strip_comments(body: str) -> str:
     return "\n".join(lines).strip().rstrip(";")
 
 
+def quote_identifier(name: str) -> str:
+    """`name` as Postgres's quote_ident() quotes it: in double quotes, a double quote inside
+    doubled. Always quoted, so case and any character survive (psycopg2's
+    sql.Identifier writes the same)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
 def schema_sql() -> str:
     """The text of schema.sql as shipped inside the package."""
     return resources.files("procqueue").joinpath("schema.sql").read_text(encoding="utf-8")
@@ -60,19 +66,19 @@ class Queries:
         self._rendered: Dict[str, str] = {}
         self._prepared_names: Dict[str, str] = {}
 
-    def text(self, name: str, conn) -> str:
-        """The statement `name` with the schema composed in as a quoted identifier."""
+    def text(self, name: str) -> str:
+        """The statement `name` with the schema composed in as a quoted identifier. No
+        connection needed: the same text runs on any driver's (`.delay(connection=)`)."""
         rendered = self._rendered.get(name)
         if rendered is None:
-            template = sql.SQL(_statement_templates()[name])
-            identifiers = {"schema": sql.Identifier(self.schema), "channel": sql.Identifier(self.channel)}
-            rendered = template.format(**identifiers).as_string(conn)
+            template = _statement_templates()[name]
+            rendered = template.format(schema=quote_identifier(self.schema), channel=quote_identifier(self.channel))
             self._rendered[name] = rendered
         return rendered
 
     def _execute(self, conn, name: str, params: Optional[dict] = None) -> list:
         with conn.cursor() as cur:
-            cur.execute(self.text(name, conn), params)
+            cur.execute(self.text(name), params)
             return cur.fetchall() if cur.description else []
 
     def _execute_prepared(self, conn, name: str, params: dict) -> list:
@@ -109,13 +115,13 @@ class Queries:
     def _prepared_name(self, name: str, conn) -> str:
         prepared_name = self._prepared_names.get(name)
         if prepared_name is None:
-            prepared_name = f"procqueue_{name}_{zlib.crc32(self.text(name, conn).encode()):08x}"
+            prepared_name = f"procqueue_{name}_{zlib.crc32(self.text(name).encode()):08x}"
             self._prepared_names[name] = prepared_name
         return prepared_name
 
     def _prepare(self, conn, name: str, prepared_name: str) -> None:
         order = self._parameter_order(name)
-        body = _PARAMETER.sub(lambda m: f"${order.index(m.group(1)) + 1}", self.text(name, conn))
+        body = _PARAMETER.sub(lambda m: f"${order.index(m.group(1)) + 1}", self.text(name))
         try:
             with conn.cursor() as cur:
                 cur.execute(f"PREPARE {prepared_name} AS {body}")
@@ -200,16 +206,18 @@ class Queries:
         `own_connection`: procqueue's own, where a single row's statement is prepared."""
         if len(calls) == 1 and calls[0].queue_size is None:
             return self._enqueue_one(conn, calls[0], prepared=own_connection)
+        # One Python type per array: psycopg 3 refuses to adapt a list mixing int and float
+        # (or int and an IntEnum), where psycopg2 writes whatever it is given.
         params = {
             "names": [c.task_name for c in calls],
             "args": [c.args_json for c in calls],
             "kwargs": [c.kwargs_json for c in calls],
             "queues": [c.queue for c in calls],
-            "priorities": [c.priority for c in calls],
+            "priorities": [int(c.priority) for c in calls],
             "run_ats": [c.run_at for c in calls],
-            "max_attempts": [c.max_attempts for c in calls],
-            "timeouts": [c.timeout_seconds for c in calls],
-            "queue_sizes": [c.queue_size for c in calls],
+            "max_attempts": [int(c.max_attempts) for c in calls],
+            "timeouts": [float(c.timeout_seconds) for c in calls],
+            "queue_sizes": [None if c.queue_size is None else int(c.queue_size) for c in calls],
         }
         return [(row[0], row[1]) for row in self._execute(conn, "enqueue", params)]
 
@@ -250,7 +258,7 @@ class Queries:
 
     def _rowcount(self, conn, name: str, params: dict) -> int:
         with conn.cursor() as cur:
-            cur.execute(self.text(name, conn), params)
+            cur.execute(self.text(name), params)
             return cur.rowcount
 
     # -- processors --------------------------------------------------------------------

@@ -61,7 +61,7 @@ def test_claiming_uses_the_partial_index(db):
                     "SELECT 'later', now() + interval '1 hour' FROM generate_series(1, 2000)")
         cur.execute("INSERT INTO procqueue.tasks (task_name) SELECT 'new' FROM generate_series(1, 50)")
         cur.execute("ANALYZE procqueue.tasks")
-        claim = Queries("procqueue").text("claim", db)
+        claim = Queries("procqueue").text("claim")
         cur.execute("EXPLAIN " + claim, {"processor": "p", "worker": 0, "limit": 10, "queues": None})
         plan = "\n".join(row[0] for row in cur.fetchall())
     assert "tasks_claimable" in plan, plan
