@@ -153,14 +153,26 @@ def forget_inherited_connection() -> None:
 
 def get_task(task_id: int) -> Optional[TaskRecord]:
     """The task row with this id."""
-    conn, queries = connection()
+    conn, queries = _reading_connection()
     return queries.get_task(conn, task_id)
 
 
 def get_task_runs(task_id: int) -> List[RunRecord]:
     """Every run (attempt) of a task, oldest first, with errors and tracebacks."""
-    conn, queries = connection()
+    conn, queries = _reading_connection()
     return queries.get_runs(conn, task_id)
+
+
+def _reading_connection() -> Tuple[Any, Queries]:
+    """Where the read API goes: the `default_connection` `.delay()` writes on, if one is
+    configured (in a Django project, Django's: a test sees the tasks its own transaction
+    enqueued, and no second connection holds its test database open), else our own."""
+    current = settings()
+    if current.default_connection is None:
+        return connection()
+    from .driver import lent
+
+    return lent(current.default_connection()), Queries(current.database.schema, prepare=False)
 
 
 def cancel(task_id: int) -> bool:
@@ -169,5 +181,5 @@ def cancel(task_id: int) -> bool:
     also stops running tasks)."""
     from .admin import actor
 
-    conn, queries = connection()
+    conn, queries = _reading_connection()
     return bool(queries.cancel_tasks(conn, ids=[task_id], by=actor("procqueue.cancel()"), states=["queued"]))

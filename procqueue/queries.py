@@ -17,6 +17,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import psycopg2.errors
 
+from .db import read_json
 from .records import (
     ClaimedTask, ExpiredTask, HeldTask, ProcessorRecord, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord,
     ScheduledRun, TaskOutcome, TaskRecord, TaskState,
@@ -304,7 +305,7 @@ class Queries:
         if not rows:
             return None
         row = list(rows[0])
-        row[7] = TaskState(row[7])
+        row[2], row[3], row[7] = read_json(row[2]), read_json(row[3]), TaskState(row[7])
         return TaskRecord(*row)
 
     def get_runs(self, conn, task_id: int) -> List[RunRecord]:

@@ -407,7 +407,9 @@ RETURNING id, task_name, recurring_slot IS NOT NULL;
 DELETE FROM {schema}.processors WHERE id = %(id)s;
 
 -- name: get_task
-SELECT id, task_name, args, kwargs, queue, priority, run_at, state, attempts, max_attempts,
+-- The arguments as text, parsed by procqueue (db.read_json): the same on every driver,
+-- also on a Django connection, whose drivers are set to hand jsonb over as text.
+SELECT id, task_name, args::text, kwargs::text, queue, priority, run_at, state, attempts, max_attempts,
        timeout_seconds, locked_by, locked_worker, locked_at, last_error, recurring_slot,
        created_at, started_at, finished_at, expires_at
 FROM {schema}.tasks WHERE id = %(id)s;
