@@ -1,11 +1,17 @@
-"""Task arguments: JSON only, checked before anything is written.
+"""Task arguments: JSON, checked before anything is written.
 
-A non-serialisable argument fails at `.delay()` (or at registration, for a recurring
-task's fixed arguments) with a TypeError naming the argument, never later in a worker.
+Besides JSON's own types, what Flagsmith's encoder (simplejson with Django's
+DjangoJSONEncoder) turns into JSON is converted as it converts it, so a ported project's
+tasks receive what they received there: a Decimal becomes a number, a date, time,
+datetime or timedelta Django's string for it, a UUID or a lazy translation its str, a
+namedtuple an object. Anything else fails at `.delay()` (or at registration, for a
+recurring task's fixed arguments) with a TypeError naming the argument, never later in a
+worker.
 """
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import json
 import math
@@ -28,21 +34,26 @@ class TaskArgumentError(TaskError, TypeError):
     """An argument cannot be stored as JSON. A TypeError, as `.delay()` promises."""
 
 
+class InvalidArgumentsError(TaskArgumentError):
+    """Flagsmith's name for arguments a task cannot be given; what procqueue raises for
+    them. A TaskArgumentError (so a TypeError) and a TaskProcessingError."""
+
+
 def serialise_arguments(
     task_name: str, args: Sequence[Any], kwargs: Optional[Mapping[str, Any]], max_bytes: Optional[int] = None
 ) -> Tuple[str, str]:
-    """The arguments as JSON text, or TaskArgumentError naming the one that is not JSON.
+    """The arguments as JSON text, or InvalidArgumentsError naming the one that is not JSON.
     `max_bytes`: the most the two JSON texts may take together (None: no limit)."""
     if isinstance(args, (str, bytes)) or not isinstance(args, (list, tuple)):
-        raise TaskArgumentError(f"task {task_name}: args must be a list or tuple, got {type(args).__name__}")
+        raise InvalidArgumentsError(f"task {task_name}: args must be a list or tuple, got {type(args).__name__}")
     kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, Mapping):
-        raise TaskArgumentError(f"task {task_name}: kwargs must be a dict, got {type(kwargs).__name__}")
+        raise InvalidArgumentsError(f"task {task_name}: kwargs must be a dict, got {type(kwargs).__name__}")
     for key in kwargs:
         try:
             _require_key(key)
         except _Refused as refused:
-            raise TaskArgumentError(f"task {task_name}: kwargs {refused.problem}") from None
+            raise InvalidArgumentsError(f"task {task_name}: kwargs {refused.problem}") from None
     for position, value in enumerate(args):
         require_json(task_name, f"args[{position}]", value)
     for key, value in kwargs.items():
@@ -51,7 +62,7 @@ def serialise_arguments(
     # ASCII (json.dumps escapes the rest), so characters are bytes.
     size = len(args_json) + len(kwargs_json)
     if max_bytes and size > max_bytes:
-        raise TaskArgumentError(
+        raise InvalidArgumentsError(
             f"task {task_name}: arguments take {size} bytes as JSON, over the limit of {max_bytes} "
             f"({ENV_MAX_ARGUMENTS_BYTES}); pass a reference to large data (a key, a URL) instead")
     return args_json, kwargs_json
@@ -74,7 +85,7 @@ def require_fitting(task_name: str, signature: Optional[inspect.Signature], args
     try:
         signature.bind(*args, **(kwargs or {}))
     except TypeError as exc:
-        raise TaskArgumentError(f"task {task_name}: args {short_repr(list(args))} and kwargs "
+        raise InvalidArgumentsError(f"task {task_name}: args {short_repr(list(args))} and kwargs "
                                 f"{short_repr(dict(kwargs or {}))} do not fit its parameters "
                                 f"{_parameters(signature)}: {exc}") from None
 
@@ -95,7 +106,7 @@ def require_json(task_name: str, label: str, value: Any) -> None:
         _require_plain(value, 0, set())
     except _Refused as refused:
         where = label + "".join(reversed(refused.path))
-        raise TaskArgumentError(f"task {task_name}: argument {where} {refused.problem}") from None
+        raise InvalidArgumentsError(f"task {task_name}: argument {where} {refused.problem}") from None
 
 
 class _Refused(Exception):

@@ -29,7 +29,13 @@ class DatabaseUnavailable(DatabaseError):
     wrong password or a database that does not exist."""
 
 
-class TaskError(ProcqueueError):
+class TaskProcessingError(Exception):
+    """Flagsmith's base of its task errors, for code ported from it that catches them:
+    procqueue's task errors (TaskError, so argument errors too) and TaskBackoffError are
+    ones. Not TaskTimeoutError, a BaseException so that a task cannot swallow it."""
+
+
+class TaskError(ProcqueueError, TaskProcessingError):
     """A task cannot be registered or enqueued as asked."""
 
     exit_code = 4

@@ -13,7 +13,7 @@ from datetime import datetime, time, timedelta, timezone
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .arguments import require_fitting, serialise_arguments, signature_of
-from .errors import TaskError
+from .errors import TaskError, TaskProcessingError
 from .records import TaskCall, TaskPriority, validated_priority
 
 DEFAULT_TIMEOUT = timedelta(seconds=60)
@@ -24,8 +24,9 @@ DEFAULT_RETRY_BACKOFF = timedelta(seconds=5)
 MAX_RETRY_BACKOFF = timedelta(hours=1)
 
 
-class TaskBackoffError(Exception):
-    """Raise from a task to have it run again later (Flagsmith's name).
+class TaskBackoffError(TaskProcessingError):
+    """Raise from a task to have it run again later (Flagsmith's name, and, as there, a
+    TaskProcessingError).
 
     `delay_until`: when to run it again (default: the task's usual retry backoff). The run
     is recorded with outcome `backoff` and does not count against `max_attempts`.
@@ -75,7 +76,7 @@ class TaskHandler:
     def serialise(self, args: Sequence[Any], kwargs: Optional[Mapping[str, Any]],
                   max_bytes: Optional[int] = None) -> Tuple[str, str]:
         """The arguments as JSON, once they are known to fit the function; else a TypeError
-        (TaskArgumentError) naming what is wrong, before anything is written."""
+        (InvalidArgumentsError) naming what is wrong, before anything is written."""
         args_json, kwargs_json = serialise_arguments(self.task_name, args, kwargs, max_bytes)
         require_fitting(self.task_name, self.signature, args, kwargs)
         return args_json, kwargs_json
