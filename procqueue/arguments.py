@@ -16,7 +16,7 @@ import inspect
 import json
 import math
 import sys
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .config import ENV_MAX_ARGUMENTS_BYTES
 from .errors import TaskError
@@ -54,10 +54,13 @@ def serialise_arguments(
             _require_key(key)
         except _Refused as refused:
             raise InvalidArgumentsError(f"task {task_name}: kwargs {refused.problem}") from None
-    for position, value in enumerate(args):
-        require_json(task_name, f"args[{position}]", value)
-    for key, value in kwargs.items():
-        require_json(task_name, f"kwargs[{key!r}]", value)
+    try:
+        for position, value in enumerate(args):
+            require_json(task_name, f"args[{position}]", value)
+        for key, value in kwargs.items():
+            require_json(task_name, f"kwargs[{key!r}]", value)
+    except _Converts:
+        args, kwargs = _converted_arguments(task_name, args, kwargs)
     args_json, kwargs_json = json.dumps(list(args), allow_nan=False), json.dumps(dict(kwargs), allow_nan=False)
     # ASCII (json.dumps escapes the rest), so characters are bytes.
     size = len(args_json) + len(kwargs_json)
@@ -101,12 +104,25 @@ def require_json(task_name: str, label: str, value: Any) -> None:
     """Refuse, naming it, anything in `value` that would not come back from JSON as it
     went in (a dictionary key that is not a string would come back as one), that JSON
     cannot hold (NaN, objects), that Postgres cannot store, or that is nested so deep
-    that decoding it would exhaust the stack."""
+    that decoding it would exhaust the stack. _Converts if it holds a value Flagsmith's
+    encoder converts (a Decimal, a date...)."""
     try:
         _require_plain(value, 0, set())
     except _Refused as refused:
         where = label + "".join(reversed(refused.path))
         raise InvalidArgumentsError(f"task {task_name}: argument {where} {refused.problem}") from None
+
+
+def _converted_arguments(task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Tuple[list, dict]:
+    """Copies of the arguments with what Flagsmith's encoder converts converted, checked
+    as plain JSON: that finds any problem left and names where it is."""
+    args = [_json_ready(value, 0, {}) for value in args]
+    kwargs = {key: _json_ready(value, 0, {}) for key, value in kwargs.items()}
+    for position, value in enumerate(args):
+        require_json(task_name, f"args[{position}]", value)
+    for key, value in kwargs.items():
+        require_json(task_name, f"kwargs[{key!r}]", value)
+    return args, kwargs
 
 
 class _Refused(Exception):
@@ -117,6 +133,12 @@ class _Refused(Exception):
         self.problem = problem
         self.located = located  # False: named by the argument alone (a path 100 deep says nothing)
         self.path: List[str] = []
+
+
+class _Converts(Exception):
+    """Raised where the walk met a value to convert. An exception, not a result every
+    level returns, so the walk of plain JSON, `.delay()`'s usual case, costs no more for
+    the conversions it does not need."""
 
 
 def _require_plain(value: Any, depth: int, enclosing: set) -> None:
@@ -135,7 +157,7 @@ def _require_plain(value: Any, depth: int, enclosing: set) -> None:
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise _Refused(f"= {value!r} cannot be stored as JSON (not a finite number)")
-    elif isinstance(value, (list, tuple, dict)):
+    elif isinstance(value, (list, dict)) or value.__class__ is tuple:
         if id(value) in enclosing:
             raise _Refused("contains itself (a cycle), which JSON cannot hold")
         if depth >= MAX_ARGUMENT_DEPTH:
@@ -152,9 +174,131 @@ def _require_plain(value: Any, depth: int, enclosing: set) -> None:
                     refused.path.append(f"[{key!r}]")
                 raise
         enclosing.discard(id(value))
+    elif isinstance(value, tuple):  # a namedtuple, or another tuple subclass: copied as a dict or a list
+        _namedtuple_fields(value)  # refused here if it says it is one and is not
+        raise _Converts
     else:
-        raise _Refused(f"= {short_repr(value)} cannot be stored as JSON "
-                       f"(Object of type {type(value).__name__} is not JSON serializable)")
+        _converted(value)  # refused here if it cannot be
+        raise _Converts
+
+
+def _json_ready(value: Any, depth: int, ancestors: Dict[int, Any]) -> Any:
+    """A copy of `value` with what Flagsmith's encoder converts converted. What cannot be
+    converted (an object, what lies too deep) is left as it is, and a cycle is copied as
+    a cycle (`ancestors`: the copies of the containers `value` is inside, by the id of
+    their original), for the check that follows to refuse, naming where it is."""
+    if isinstance(value, (str, int, float)) or value is None:
+        return value
+    if not isinstance(value, (list, tuple, dict)):
+        try:
+            return _converted(value)
+        except _Refused:
+            return value
+    if id(value) in ancestors:
+        return ancestors[id(value)]
+    if depth >= MAX_ARGUMENT_DEPTH:
+        return value
+    try:
+        fields = _namedtuple_fields(value)
+    except _Refused:
+        return value
+    if fields is not None:
+        return _json_ready(fields, depth, ancestors)
+    ready: Any = {} if isinstance(value, dict) else []
+    ancestors[id(value)] = ready
+    if isinstance(value, dict):
+        for key, item in value.items():
+            ready[key] = _json_ready(item, depth + 1, ancestors)
+    else:
+        ready.extend(_json_ready(item, depth + 1, ancestors) for item in value)
+    del ancestors[id(value)]
+    return ready
+
+
+def _namedtuple_fields(value: Any) -> Optional[dict]:
+    """A namedtuple's fields, which simplejson (namedtuple_as_object) writes as an object;
+    None for anything else."""
+    if type(value) is tuple or not isinstance(value, tuple):
+        return None
+    as_dict = getattr(value, "_asdict", None)
+    if not callable(as_dict):
+        return None
+    fields = as_dict()
+    if not isinstance(fields, dict):
+        raise _Refused(f"= {short_repr(value)} cannot be stored as JSON (its _asdict() returned "
+                       f"{type(fields).__name__}, not a dict)")
+    return fields
+
+
+def _converted(value: Any) -> Any:
+    """What Flagsmith's encoder writes for a value JSON has no type for: simplejson's own
+    Decimal, then DjangoJSONEncoder.default, to the character (Django's
+    core/serializers/json.py). The modules of Decimal, UUID and Django's lazy strings are
+    looked up, not imported: a value of their type means they are loaded already, and
+    `.delay()` need not pay for importing them."""
+    if isinstance(value, datetime.datetime):
+        text = value.isoformat()
+        if value.microsecond:  # milliseconds, as ECMA-262's date time string format has
+            text = text[:23] + text[26:]
+        return text[:-6] + "Z" if text.endswith("+00:00") else text
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    if isinstance(value, datetime.time):
+        if value.utcoffset() is not None:
+            raise _Refused(f"= {short_repr(value)} cannot be stored as JSON (JSON can't represent timezone-aware times)")
+        text = value.isoformat()
+        return text[:12] if value.microsecond else text
+    if isinstance(value, datetime.timedelta):
+        return duration_iso_string(value)
+    decimal = sys.modules.get("decimal")
+    if decimal is not None and isinstance(value, decimal.Decimal):
+        return _decimal_number(value)
+    uuid = sys.modules.get("uuid")
+    if uuid is not None and isinstance(value, uuid.UUID):
+        return str(value)
+    functional = sys.modules.get("django.utils.functional")
+    if functional is not None and isinstance(value, functional.Promise):  # a lazy translation
+        text = str(value)
+        problem = string_problem(text)
+        if problem:
+            raise _Refused(f"= {short_repr(text)} contains {problem}")
+        return text
+    raise _Refused(f"= {short_repr(value)} cannot be stored as JSON "
+                   f"(Object of type {type(value).__name__} is not JSON serializable)")
+
+
+def _decimal_number(value: Any) -> Any:
+    """The number a Flagsmith task gets for a Decimal: simplejson writes str(value) as a
+    JSON number and reads it back as Python reads JSON, an int for digits alone, else a
+    float. That int or float is what is written here: the text itself would not survive
+    jsonb, which writes 1E+2 back as 100, an int where Flagsmith's task gets 100.0."""
+    if not value.is_finite():
+        raise _Refused(f"= {short_repr(value)} cannot be stored as JSON (not a finite number)")
+    text = str(value)
+    if "." not in text and "E" not in text.upper():
+        limit = sys.get_int_max_str_digits()
+        if limit and len(text.lstrip("-")) > limit:
+            raise _Refused(f"is an integer of more than {limit} digits, which JSON cannot carry here")
+        return int(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise _Refused(f"= {short_repr(value)} cannot be stored as JSON (not a finite number as a float, "
+                       "which is what the task would read)")
+    return number
+
+
+def duration_iso_string(duration: datetime.timedelta) -> str:
+    """Django's duration_iso_string (django/utils/duration.py): ISO 8601, days not folded
+    into months, e.g. P1DT02H00M03S."""
+    sign = ""
+    if duration < datetime.timedelta(0):
+        if duration == datetime.timedelta.min:  # its negation overflows, in Django too
+            raise _Refused(f"= {short_repr(duration)} cannot be stored as JSON (timedelta.min cannot be negated)")
+        sign, duration = "-", -duration
+    minutes, seconds = divmod(duration.seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    fraction = f".{duration.microseconds:06d}" if duration.microseconds else ""
+    return f"{sign}P{duration.days}DT{hours:02d}H{minutes:02d}M{seconds:02d}{fraction}S"
 
 
 # An integer of fewer bits than this times Python's digit limit (sys.get_int_max_str_digits,
