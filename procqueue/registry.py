@@ -68,6 +68,10 @@ class TaskHandler:
         functools.update_wrapper(self, func)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Call the function with these very arguments (not as JSON gives them back), once
+        they are known to be ones `.delay()` could store, as Flagsmith checks them: else
+        InvalidArgumentsError. Arguments that do not fit the function fail as in any call."""
+        serialise_arguments(self.task_name, args, kwargs)
         return self.func(*args, **kwargs)
 
     def __repr__(self) -> str:
