@@ -8,7 +8,7 @@ import logging
 import threading
 import traceback
 from datetime import datetime
-from typing import Any, Callable, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import psycopg2
 
@@ -142,14 +142,33 @@ def _insert_on_callers_connection(queries: Queries, connection: Any, rows: List[
         if error is not None and driver.sqlstate(error) == driver.UNDEFINED_TABLE:
             raise tables_missing(error) from None
         raise  # unchanged, whatever the driver: the transaction, and so its failure, are the caller's
-    return counted(inserted)
+    return counted(inserted, rows)
 
 
-def counted(inserted: List[Tuple[int, str]]) -> List[int]:
-    """Count the new tasks in procqueue_enqueued_tasks_total; return their ids."""
+def counted(inserted: List[Tuple[int, str]], rows: List[EnqueueRow]) -> List[int]:
+    """Count the new tasks in procqueue_enqueued_tasks_total, report the calls queue_size
+    skipped; return the new tasks' ids."""
     for _, task_name in inserted:
         ENQUEUED.labels(task_name).inc()
+    if len(inserted) < len(rows):
+        report_queue_full(inserted, rows)
     return [task_id for task_id, _ in inserted]
+
+
+def report_queue_full(inserted: List[Tuple[int, str]], rows: List[EnqueueRow]) -> None:
+    """One line per task name and batch, with the number of calls skipped: one per
+    skipped `.delay()`, and not a thousand for a batch of a thousand calls to a full
+    queue (Flagsmith, which has no batches, logs each call)."""
+    skipped: Dict[str, int] = {}
+    for row in rows:
+        skipped[row.task_name] = skipped.get(row.task_name, 0) + 1
+    for _, task_name in inserted:
+        skipped[task_name] -= 1
+    sizes = {row.task_name: row.queue_size for row in rows}
+    for task_name, count in skipped.items():
+        if count:
+            log_event(logger, logging.WARNING, "task.queue_full", task=task_name, queue_size=sizes[task_name],
+                      skipped=count)
 
 
 def _insert_on_own_connection(queries: Queries, rows: List[EnqueueRow]) -> List[int]:
@@ -160,7 +179,7 @@ def _insert_on_own_connection(queries: Queries, rows: List[EnqueueRow]) -> List[
     for attempt in (1, 2):
         conn, _ = client.connection(create_schema=True)
         try:
-            ids = counted(queries.enqueue(conn, rows, own_connection=True))
+            ids = counted(queries.enqueue(conn, rows, own_connection=True), rows)
             log_event(logger, logging.DEBUG, "task.enqueued", count=len(ids), task=rows[0].task_name)
             return ids
         except psycopg2.errors.UndefinedTable as exc:

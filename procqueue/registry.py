@@ -284,9 +284,9 @@ def _anchor(name: str, first_run_time: Union[time, datetime, None]) -> Optional[
 
 
 def _validated_queue_size(name: str, queue_size: Optional[int]) -> Optional[int]:
-    if queue_size is not None and (not isinstance(queue_size, int) or queue_size < 1):
-        raise TaskError(f"task {name}: queue_size must be a positive integer or None, got {queue_size!r}")
-    return queue_size
+    if queue_size is not None and (not isinstance(queue_size, int) or queue_size < 0):
+        raise TaskError(f"task {name}: queue_size must be an integer >= 0 or None, got {queue_size!r}")
+    return queue_size or None  # 0 is no limit, as in Flagsmith (`if queue_size and ...`)
 
 
 def _validated_timeout(name: str, timeout: timedelta) -> timedelta:

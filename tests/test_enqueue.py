@@ -448,7 +448,7 @@ def test_bad_handler_settings_are_rejected_at_registration(throwaway_tasks):
         register_task_handler(task_name="test_enqueue.bad", max_attempts=0)(lambda: None)
     with pytest.raises(procqueue.TaskError, match="timeout must be a positive timedelta"):
         register_task_handler(task_name="test_enqueue.bad2", timeout=timedelta(0))(lambda: None)
-    with pytest.raises(procqueue.TaskError, match="queue_size must be a positive integer"):
+    with pytest.raises(procqueue.TaskError, match="queue_size must be an integer >= 0 or None, got -1"):
         register_task_handler(task_name="test_enqueue.bad3", queue_size=-1)(lambda: None)
 
 
