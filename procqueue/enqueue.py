@@ -39,7 +39,8 @@ def enqueue_many(calls: Iterable[TaskCall], connection: Any = None) -> List[int]
     TASK_RUN_METHOD applies as to `.delay()`: with SYNCHRONOUSLY each call runs inline, in
     order (an exception propagates, and the calls after it do not run); with
     SEPARATE_THREAD each call runs in a new thread. Either way nothing is written and the
-    result is []. Every call's arguments are checked before the first one runs.
+    result is []. Every call's arguments are checked before the first one runs. A call
+    with `delay_until` does not run at all (as in Flagsmith): nothing could run it later.
     """
     calls = list(calls)
     settings = client.settings()
@@ -75,7 +76,11 @@ def _run_locally(calls: List[TaskCall], method: TaskRunMethod) -> None:
     arguments = [_json_round_trip(call) for call in calls]
     on_commit = client.settings().on_commit
     for call, (args, kwargs) in zip(calls, arguments):
-        if method is TaskRunMethod.SYNCHRONOUSLY:
+        if call.delay_until is not None:
+            log_event(logger, logging.WARNING, "task.not_scheduled", task=call.handler.task_name,
+                      delay_until=call.delay_until, task_run_method=method.value,
+                      reason="cannot schedule tasks to run in the future without the task processor")
+        elif method is TaskRunMethod.SYNCHRONOUSLY:
             call.handler.func(*args, **kwargs)
         else:
             _start_thread(call, args, kwargs, on_commit)
@@ -87,6 +92,7 @@ def _start_thread(call: TaskCall, args: List[Any], kwargs: Mapping[str, Any],
     commits if the task wants that (`transaction_on_commit`) and there is a transaction
     to hook (`on_commit`, which runs the start at once outside a transaction)."""
     def target() -> None:
+        log_event(logger, logging.INFO, "task.thread_started", task=call.handler.task_name)
         try:
             call.handler.func(*args, **kwargs)
         except Exception as exc:
