@@ -15,7 +15,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 from urllib.parse import urlencode
 
 from .admin import RETRYABLE_STATES, Schedule, TaskSummary
-from .records import HeldTask, ProcessorRecord, QueueStats, RunRecord, TaskRecord, TaskState
+from .records import HeldTask, ProcessorRecord, QueueStats, RunRecord, TaskRecord, TaskState, is_no_timeout
 
 TASK_STATES = tuple(state.value for state in TaskState)
 CANCELLABLE_STATES = ("queued", "running")  # a running one: its processor stops it
@@ -282,7 +282,8 @@ def task_page(view: View, *, now: datetime, task: TaskRecord, runs: Sequence[Run
         ("state", _state(state)), ("queue", _e(task.queue)), ("priority", _e(task.priority)),
         ("attempts", f"{task.attempts} of {task.max_attempts}"), ("created", _e(_time(task.created_at))),
         ("run at", _e(_time(task.run_at))), ("started", _e(_time(task.started_at))),
-        ("finished", _e(_time(task.finished_at))), ("timeout", f"{task.timeout_seconds:g} s"),
+        ("finished", _e(_time(task.finished_at))),
+        ("timeout", "none" if is_no_timeout(task.timeout_seconds) else f"{task.timeout_seconds:g} s"),
         ("recurring slot", _e(_time(task.recurring_slot))),
         ("held by", _e(f"{task.locked_by} worker {task.locked_worker}" if task.locked_by else "-")),
     ]

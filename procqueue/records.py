@@ -36,6 +36,17 @@ class RunOutcome(str, enum.Enum):
     RETRIED = "retried"  # not a run: an operator sent the finished task back to the queue
 
 
+# `timeout=None` (Flagsmith's "no timeout"): ten years, stored and enforced like any
+# timeout, so nothing downstream needs a case for a missing one.
+NO_TIMEOUT_SECONDS = 3650 * 86400.0
+
+
+def is_no_timeout(seconds: float) -> bool:
+    """Whether a timeout is NO_TIMEOUT_SECONDS, to show as "none". With a second's margin:
+    the status file's is a deadline less its start, a float difference."""
+    return seconds >= NO_TIMEOUT_SECONDS - 1
+
+
 class TaskPriority(enum.IntEnum):
     """Flagsmith's priority levels: lower runs first."""
 

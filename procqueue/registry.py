@@ -14,10 +14,13 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 
 from .arguments import require_fitting, serialise_arguments, signature_of
 from .errors import TaskError, TaskProcessingError
-from .records import TaskCall, TaskPriority, validated_priority
+from .records import NO_TIMEOUT_SECONDS, TaskCall, TaskPriority, validated_priority
 
 DEFAULT_TIMEOUT = timedelta(seconds=60)
 DEFAULT_RECURRING_TIMEOUT = timedelta(minutes=30)
+# What `timeout=None` means, as in Flagsmith: no timeout (ten years, so the worker's alarm
+# and the supervisor's deadline need no case of their own).
+NO_TIMEOUT = timedelta(seconds=NO_TIMEOUT_SECONDS)
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_QUEUE = "default"
 DEFAULT_RETRY_BACKOFF = timedelta(seconds=5)
@@ -159,9 +162,10 @@ def register_task_handler(
 ) -> Callable[[Callable[..., Any]], TaskHandler]:
     """Register a function as a task. The function stays callable directly.
 
-    `transaction_on_commit` (Flagsmith's, for SEPARATE_THREAD): start the thread when the
-    caller's transaction commits, where there is one to hook (`procqueue.contrib.django`
-    hooks Django's); False starts it at once."""
+    `timeout=None`: no timeout, as in Flagsmith (NO_TIMEOUT). `transaction_on_commit`
+    (Flagsmith's, for SEPARATE_THREAD): start the thread when the caller's transaction
+    commits, where there is one to hook (`procqueue.contrib.django` hooks Django's);
+    False starts it at once."""
 
     def decorator(func: Callable[..., Any]) -> TaskHandler:
         name = task_name or default_task_name(func)
@@ -170,7 +174,7 @@ def register_task_handler(
             task_name=name,
             queue_size=_validated_queue_size(name, queue_size),
             priority=validated_priority(name, priority),
-            timeout=_validated_timeout(name, DEFAULT_TIMEOUT if timeout is None else timeout),
+            timeout=_validated_timeout(name, NO_TIMEOUT if timeout is None else timeout),
             max_attempts=_validated_max_attempts(name, max_attempts),
             queue=_validated_queue(name, queue),
             retry_backoff=_validated_retry_backoff(name, retry_backoff),
@@ -195,7 +199,8 @@ def register_recurring_task(
 
     `first_run_time`: a `datetime.time` runs it at that time of day (UTC) and every
     `run_every` after; a timezone-aware `datetime` anchors the schedule there. Without it,
-    the first run is when a processor first registers the schedule.
+    the first run is when a processor first registers the schedule. `timeout=None`: no
+    timeout, as in Flagsmith (NO_TIMEOUT).
     """
 
     def decorator(func: Callable[..., Any]) -> TaskHandler:
@@ -207,7 +212,7 @@ def register_recurring_task(
             task_name=name,
             queue_size=None,
             priority=TaskPriority.NORMAL,
-            timeout=_validated_timeout(name, DEFAULT_RECURRING_TIMEOUT if timeout is None else timeout),
+            timeout=_validated_timeout(name, NO_TIMEOUT if timeout is None else timeout),
             max_attempts=1,  # the next interval is the retry
             queue=DEFAULT_QUEUE,
             retry_backoff=DEFAULT_RETRY_BACKOFF,

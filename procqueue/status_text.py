@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .records import is_no_timeout
+
 
 def render_text(document: dict, now: float) -> str:
     """The status document as a person reads it: a header, the queue, a table of workers."""
@@ -53,10 +55,14 @@ def worker_row(worker: dict) -> tuple:
         str(worker.get("slot", "?")), str(worker.get("pid") or "-"), str(worker.get("state", "?")),
         "-" if heartbeat is None or task else f"{heartbeat:.1f}s",
         f"#{task.get('id')} {task.get('name')}" if task else "-",
-        f"{duration(task.get('running_seconds', 0))}/{duration(task.get('timeout_seconds', 0))}" if task else "-",
+        f"{duration(task.get('running_seconds', 0))}/{timeout(task.get('timeout_seconds', 0))}" if task else "-",
         str(worker.get("tasks_done", 0)), str(worker.get("tasks_failed", 0)), str(worker.get("restarts", 0)),
         f"{rss / 2**20:.0f} MB" if rss else "-",
     )
+
+
+def timeout(seconds: float) -> str:
+    return "none" if is_no_timeout(seconds) else duration(seconds)
 
 
 def duration(seconds: float) -> str:
