@@ -40,6 +40,7 @@ ENV_MAX_ARGUMENTS_BYTES = "PROCQUEUE_MAX_ARGUMENTS_BYTES"
 ENV_DASHBOARD_TOKEN = "PROCQUEUE_DASHBOARD_TOKEN"
 ENV_DASHBOARD = "PROCQUEUE_DASHBOARD"
 ENV_POOLER = "PROCQUEUE_POOLER"
+ENV_BACKOFF_DEFAULT_DELAY = "TASK_BACKOFF_DEFAULT_DELAY_SECONDS"
 
 # The variables that are settings of the queue and its processor, as against facts of
 # the host (TMPDIR) or where the database is (DATABASE_URL, the embedded server's): the
@@ -49,7 +50,7 @@ SETTING_NAMES = (
     ENV_SCHEMA, ENV_IMPORTS, ENV_TASK_RUN_METHOD, ENV_NUM_THREADS, ENV_SLEEP_INTERVAL_MS, ENV_GRACE_PERIOD_MS,
     ENV_QUEUE_POP_SIZE, ENV_TASK_RETENTION_DAYS, ENV_RUN_RETENTION_DAYS, ENV_DELETE_BATCH_SIZE, ENV_METRICS_PORT,
     ENV_METRICS_HOST, ENV_STATUS_FILE, ENV_DATABASE_WAIT, ENV_MAX_ARGUMENTS_BYTES, ENV_DASHBOARD_TOKEN,
-    ENV_DASHBOARD, ENV_POOLER,
+    ENV_DASHBOARD, ENV_POOLER, ENV_BACKOFF_DEFAULT_DELAY,
 )
 
 # Arguments are for what a task needs to find its data (ids, small values), not the
@@ -75,6 +76,9 @@ DEFAULT_DATABASE_WAIT_SECONDS = 600.0
 DEFAULT_TASK_RETENTION_DAYS = 15
 DEFAULT_RUN_RETENTION_DAYS = 15
 DEFAULT_DELETE_BATCH_SIZE = 2000
+# How long a task raising TaskBackoffError() without delay_until waits to run again
+# (Flagsmith's TASK_BACKOFF_DEFAULT_DELAY_SECONDS and its default).
+DEFAULT_BACKOFF_DELAY_SECONDS = 5
 # Metrics are served only when a port is given: two processors on one host (a developer's
 # machine, a test run) would otherwise fight over a fixed default. In a pod, set it.
 DEFAULT_METRICS_HOST = "0.0.0.0"
@@ -175,6 +179,7 @@ class ProcessorConfig:
     max_tasks_per_worker: Optional[int] = None  # recycle a worker after this many tasks
     max_memory_per_worker_mb: Optional[int] = None  # ... or once its RSS passes this
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    backoff_default_delay_seconds: int = DEFAULT_BACKOFF_DELAY_SECONDS  # TaskBackoffError() without delay_until
     metrics_port: Optional[int] = None  # None: no HTTP endpoint; 0: any free port
     metrics_host: str = DEFAULT_METRICS_HOST
     status_file: Path = field(default_factory=lambda: default_status_file())
@@ -196,6 +201,7 @@ class ProcessorConfig:
         wait = self.database_wait_seconds
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait < float("inf"):
             raise ConfigError(f"invalid value for --database-wait: {_shown(wait)} (expected seconds >= 0)")
+        require_int_at_least(ENV_BACKOFF_DEFAULT_DELAY, self.backoff_default_delay_seconds, 0)
         if self.max_tasks_per_worker is not None:
             require_int_at_least("--max-tasks-per-worker", self.max_tasks_per_worker, 1)
         if self.max_memory_per_worker_mb is not None:
@@ -234,6 +240,7 @@ class ProcessorConfig:
             "database_wait": self.database_wait_seconds,
             "max_tasks_per_worker": self.max_tasks_per_worker,
             "max_memory_per_worker_mb": self.max_memory_per_worker_mb,
+            "task_backoff_default_delay_seconds": self.backoff_default_delay_seconds,
             "metrics_host": self.metrics_host if self.metrics_port is not None else None,
             "metrics_port": self.metrics_port,
             "status_file": str(self.status_file),
@@ -426,6 +433,8 @@ def processor_config(
         imports=tuple(imports) + tuple(m for m in imports_from_env(env) if m not in imports),
         queues=tuple(queues),
         retention=retention_config_from_env(env),
+        backoff_default_delay_seconds=_int_setting(None, env, ENV_BACKOFF_DEFAULT_DELAY,
+                                                   DEFAULT_BACKOFF_DELAY_SECONDS, minimum=0),
         metrics_port=_int_setting(metrics_port, env, ENV_METRICS_PORT, None, minimum=0, maximum=65535),
         metrics_host=metrics_host or env.get(ENV_METRICS_HOST) or DEFAULT_METRICS_HOST,
         status_file=_status_file(status_file, env),

@@ -27,8 +27,10 @@ MAX_RETRY_BACKOFF = timedelta(hours=1)
 class TaskBackoffError(Exception):
     """Raise from a task to have it run again later (Flagsmith's name).
 
-    `delay_until`: when to run it again (default: the task's usual retry backoff). The run
-    is recorded with outcome `backoff` and does not count against `max_attempts`.
+    `delay_until`: when to run it again (default: TASK_BACKOFF_DEFAULT_DELAY_SECONDS, 5 s,
+    from now). The run is recorded with outcome `backoff` and uses an attempt, as in
+    Flagsmith: on the last of `max_attempts` the task ends `failed` instead. A recurring
+    run that backs off ends `missed`: the next slot is its retry.
     """
 
     def __init__(self, delay_until: Optional[datetime] = None, *args: object) -> None:
