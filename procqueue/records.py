@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Set, Union
 
 from .errors import TaskError
 
@@ -178,10 +178,22 @@ class ReleasedTask:
     state: TaskState  # where it went: queued (to run again), failed or missed
     started: bool = True  # it had started (else it was only claimed, and went back untouched)
     outcome: RunOutcome = RunOutcome.LOST  # how its run was recorded (timed_out: a killed overrun)
+    # A recurring run whose failure disabled its schedule: the schedule's failures in a row.
+    disabled_schedule_after: Optional[int] = None
 
     @property
     def retrying(self) -> bool:
         return self.state is TaskState.QUEUED
+
+
+@dataclass(frozen=True)
+class RecordedOutcomes:
+    """What `complete` did with a batch of outcomes."""
+
+    moved: Set[int]  # the tasks still held under the claim that ran them: recorded
+    # Recurring schedules this batch disabled (their runs failed too often in a row), by
+    # name, with their count of consecutive failures.
+    disabled: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

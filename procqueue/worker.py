@@ -450,8 +450,12 @@ class Worker:
         self.pending = []
 
     def _complete(self, outcomes: List[TaskOutcome]) -> Set[int]:
-        return self.queries.complete(self.conn, processor=self.processor_id, worker=self.index, outcomes=outcomes,
-                                     leases=self.leases)
+        recorded = self.queries.complete(self.conn, processor=self.processor_id, worker=self.index,
+                                         outcomes=outcomes, leases=self.leases)
+        for name, failures in recorded.disabled.items():
+            self.metrics.recurring_disabled(name)
+            log_recurring_disabled(name, failures, worker=self.index)
+        return recorded.moved
 
     def _complete_one_by_one(self, outcomes: List[TaskOutcome]) -> Set[int]:
         """The batch was refused for its data: record each alone, so one bad outcome cannot
@@ -619,3 +623,10 @@ def _retry_at(outcome: TaskOutcome) -> datetime:
     if outcome.retry_at is not None:
         return outcome.retry_at
     return outcome.finished_at + timedelta(seconds=outcome.retry_in_seconds or 0.0)
+
+
+def log_recurring_disabled(task_name: str, failures: int, **fields) -> None:
+    """Once per disabling, by whoever recorded the failure that did it."""
+    log_event(logger, logging.WARNING, "recurring.disabled", task=task_name, failures=failures, **fields,
+              note="its runs failed too often in a row; no slot runs until an operator enables it "
+                   "(procqueue recurring enable)")
