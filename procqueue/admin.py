@@ -161,7 +161,7 @@ def remove_recurring(conn, queries: Queries, name: str, *, by: str) -> Optional[
 def enable_recurring(conn, queries: Queries, name: str) -> Optional[bool]:
     """Enable a schedule its failures disabled, its count of failures reset: True if it
     was disabled, False if it was not (the count is reset all the same), None when no
-    schedule has that name. Its current slot runs at once."""
+    schedule has that name. If slots passed while it was disabled, the latest runs at once."""
     return queries.enable_recurring(conn, name)
 
 

@@ -277,7 +277,8 @@ def recurring_remove(name: str, database_url: Optional[str], schema: Optional[st
 @user_errors
 def recurring_enable(name: str, database_url: Optional[str], schema: Optional[str]) -> None:
     """Enable a schedule its runs disabled by failing four times in a row, and reset its
-    count of failures. Its current slot runs at once, then it runs on schedule."""
+    count of failures. If slots passed while it was disabled, the latest runs at once;
+    then it runs on schedule."""
     conn, queries = queue_connection(database_url, schema)
     was_disabled = admin.enable_recurring(conn, queries, name)
     if was_disabled is None:

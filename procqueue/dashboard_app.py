@@ -46,7 +46,7 @@ _WHY_NOT = re.compile(r"^(is|has|was|does) [a-z ()]{1,100}$")
 _RESULTS = {"retried": "Retried: queued to run now.", "cancelled": "Cancelled: it will not run.",
             "cancelling": "Cancelling: the processor running it stops it within seconds."}
 # What admin.enable_recurring said, as the schedules page after the Enable button shows it.
-_ENABLE_RESULTS = {"enabled": "Enabled: its current slot runs now, then it runs on schedule.",
+_ENABLE_RESULTS = {"enabled": "Enabled: it runs on schedule again (at once, if a slot passed while it was disabled).",
                    "not-disabled": "It was not disabled (its count of failures is reset).",
                    "gone": "Not done: there is no such schedule (removed meanwhile?)."}
 

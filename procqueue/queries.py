@@ -22,7 +22,11 @@ from .records import (
     ClaimedTask, ExpiredTask, HeldTask, ProcessorRecord, QueueDepth, QueueStats, RecordedOutcomes, ReleasedTask,
     RunOutcome, RunRecord, ScheduledRun, TaskOutcome, TaskRecord, TaskState,
 )
-from .registry import MAX_CONSECUTIVE_FAILURES
+
+# A recurring schedule whose runs fail (raise, or time out) this many times in a row is
+# disabled until an operator enables it again (Flagsmith's RecurringTask.MAX_CONSECUTIVE_
+# FAILURES); `complete` and `release_worker_tasks` count them.
+MAX_CONSECUTIVE_FAILURES = 4
 
 _BLOCK_START = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _PARAMETER = re.compile(r"%\((\w+)\)s")

@@ -22,9 +22,6 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_QUEUE = "default"
 DEFAULT_RETRY_BACKOFF = timedelta(seconds=5)
 MAX_RETRY_BACKOFF = timedelta(hours=1)
-# A recurring schedule whose runs fail (raise, or time out) this many times in a row is
-# disabled until an operator enables it again (Flagsmith's RecurringTask.MAX_CONSECUTIVE_FAILURES).
-MAX_CONSECUTIVE_FAILURES = 4
 
 
 class TaskBackoffError(Exception):

@@ -262,7 +262,7 @@ def test_a_disabled_schedule_is_shown_and_a_logged_in_operator_can_enable_it(db,
         cur.execute("SELECT consecutive_failures, disabled_at FROM procqueue.recurring_tasks")
         assert cur.fetchall() == [(0, None)]
     page = browser.get(done.headers["location"]).body
-    assert "Enabled: its current slot runs now" in page and 'class="state s-disabled"' not in page
+    assert "Enabled: it runs on schedule again" in page and 'class="state s-disabled"' not in page
 
 
 @pytest.mark.parametrize("setting, expected", [
