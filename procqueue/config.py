@@ -27,6 +27,8 @@ ENV_IMPORTS = "PROCQUEUE_IMPORTS"
 ENV_TASK_RUN_METHOD = "TASK_RUN_METHOD"
 ENV_NUM_THREADS = "TASK_PROCESSOR_NUM_THREADS"
 ENV_SLEEP_INTERVAL_MS = "TASK_PROCESSOR_SLEEP_INTERVAL_MS"
+# Flagsmith's older name for the same milliseconds, read only when the _MS one is unset.
+ENV_SLEEP_INTERVAL_LEGACY = "TASK_PROCESSOR_SLEEP_INTERVAL"
 ENV_GRACE_PERIOD_MS = "TASK_PROCESSOR_GRACE_PERIOD_MS"
 ENV_QUEUE_POP_SIZE = "TASK_PROCESSOR_QUEUE_POP_SIZE"
 ENV_TASK_RETENTION_DAYS = "TASK_DELETE_RETENTION_DAYS"
@@ -51,7 +53,7 @@ ENV_POOLER = "PROCQUEUE_POOLER"
 # names a framework's settings may also give (procqueue.contrib.django reads each from
 # Django settings, over the environment).
 SETTING_NAMES = (
-    ENV_SCHEMA, ENV_IMPORTS, ENV_TASK_RUN_METHOD, ENV_NUM_THREADS, ENV_SLEEP_INTERVAL_MS,
+    ENV_SCHEMA, ENV_IMPORTS, ENV_TASK_RUN_METHOD, ENV_NUM_THREADS, ENV_SLEEP_INTERVAL_MS, ENV_SLEEP_INTERVAL_LEGACY,
     ENV_GRACE_PERIOD_MS, ENV_QUEUE_POP_SIZE, ENV_TASK_RETENTION_DAYS, ENV_RUN_RETENTION_DAYS, ENV_DELETE_BATCH_SIZE,
     ENV_CLEAN_UP_ENABLED, ENV_DELETE_INCLUDE_FAILED, ENV_DELETE_RUN_TIME, ENV_DELETE_RUN_EVERY, ENV_METRICS_PORT,
     ENV_METRICS_HOST, ENV_STATUS_FILE, ENV_DATABASE_WAIT, ENV_MAX_ARGUMENTS_BYTES, ENV_DASHBOARD_TOKEN,
@@ -470,7 +472,7 @@ def processor_config(
     return ProcessorConfig(
         database=database,
         num_workers=_int_setting(num_workers, env, ENV_NUM_THREADS, DEFAULT_NUM_WORKERS),
-        sleep_interval_ms=_int_setting(sleep_interval_ms, env, ENV_SLEEP_INTERVAL_MS, DEFAULT_SLEEP_INTERVAL_MS),
+        sleep_interval_ms=_int_setting(sleep_interval_ms, env, _sleep_interval_name(env), DEFAULT_SLEEP_INTERVAL_MS),
         grace_period_ms=_int_setting(grace_period_ms, env, ENV_GRACE_PERIOD_MS, DEFAULT_GRACE_PERIOD_MS),
         queue_pop_size=_int_setting(queue_pop_size, env, ENV_QUEUE_POP_SIZE, DEFAULT_QUEUE_POP_SIZE),
         shutdown_timeout_seconds=(
@@ -490,6 +492,14 @@ def processor_config(
         dashboard=_dashboard_setting(dashboard, env),
         dashboard_token=dashboard_token(dashboard_token_file, env, flag="--dashboard-token-file"),
     )
+
+
+def _sleep_interval_name(env: Mapping[str, str]) -> str:
+    """TASK_PROCESSOR_SLEEP_INTERVAL_MS, or, when that is unset, Flagsmith's older name
+    for the same milliseconds (the one not read is not checked either, as in Flagsmith)."""
+    if (env.get(ENV_SLEEP_INTERVAL_MS) or "").strip() or not (env.get(ENV_SLEEP_INTERVAL_LEGACY) or "").strip():
+        return ENV_SLEEP_INTERVAL_MS
+    return ENV_SLEEP_INTERVAL_LEGACY
 
 
 def _dashboard_setting(cli_value: Optional[bool], env: Mapping[str, str]) -> bool:
