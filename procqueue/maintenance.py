@@ -1,4 +1,5 @@
-"""Built-in recurring tasks every processor registers: retention clean-up."""
+"""Built-in tasks every processor registers: the retention clean-up, and the health
+check's no-op canary (`procqueue.is_processor_healthy()`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ from datetime import timedelta
 
 from .config import DEFAULT_CLEAN_UP_EVERY, RetentionConfig
 from .logs import log_event
-from .registry import register_recurring_task, reschedule_recurring
+from .records import TaskPriority
+from .registry import register_recurring_task, register_task_handler, reschedule_recurring
 
 logger = logging.getLogger("procqueue.maintenance")
 
 CLEANUP_TASK_NAME = "procqueue.clean_up_old_tasks"
+HEALTH_CHECK_TASK_NAME = "procqueue.health_check"
 
 # One run deletes until nothing is left or its time budget has passed, so a backlog is
 # worked off over a few runs without one run hogging a worker: a third of the interval
@@ -76,3 +79,8 @@ def _delete_in_batches(delete_batch, deadline: float) -> int:
             break
     return total
 
+
+@register_task_handler(task_name=HEALTH_CHECK_TASK_NAME, priority=TaskPriority.HIGHEST, max_attempts=1,
+                       timeout=timedelta(seconds=10))
+def health_check(canary: str) -> None:
+    """Does nothing: that a processor ran it is the whole answer (see canary.py)."""

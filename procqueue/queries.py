@@ -358,6 +358,9 @@ class Queries:
     def purge_tasks(self, conn, *, states: Sequence[str], before: datetime, batch: int) -> int:
         return self._execute(conn, "purge_tasks", {"states": list(states), "before": before, "batch": batch})[0][0]
 
+    def delete_canary(self, conn, *, task_id: int, task_name: str) -> int:
+        return self._execute(conn, "delete_canary", {"id": task_id, "name": task_name})[0][0]
+
     def recurring_schedules(self, conn) -> List[tuple]:
         return self._execute(conn, "recurring_schedules")
 

@@ -653,3 +653,16 @@ SELECT id, task_name, queue, locked_by, locked_worker, locked_at, started_at
 FROM {schema}.tasks WHERE state = 'running'
 ORDER BY locked_by, locked_worker, id
 LIMIT %(limit)s;
+
+-- name: delete_canary
+-- The health check's own task row and its runs, once it has its answer: a queued one not
+-- yet claimed, or one finished. One that a worker holds is left to finish; retention
+-- takes it later.
+WITH gone AS (
+    DELETE FROM {schema}.tasks
+    WHERE id = %(id)s AND task_name = %(name)s AND locked_by IS NULL AND state <> 'running'
+    RETURNING id
+), runs AS (
+    DELETE FROM {schema}.task_runs WHERE task_id IN (SELECT id FROM gone)
+)
+SELECT count(*) FROM gone;
