@@ -261,11 +261,12 @@ class Queries:
 
     # -- retention ---------------------------------------------------------------------
 
-    def delete_finished_tasks(self, conn, *, days: int, batch: int) -> int:
-        return self._rowcount(conn, "delete_finished_tasks", {"days": days, "batch": batch})
+    def delete_finished_tasks(self, conn, *, days: int, batch: int, include_failed: bool) -> int:
+        return self._rowcount(conn, "delete_finished_tasks",
+                              {"days": days, "batch": batch, "include_failed": include_failed})
 
-    def delete_old_runs(self, conn, *, days: int, batch: int) -> int:
-        return self._rowcount(conn, "delete_old_runs", {"days": days, "batch": batch})
+    def delete_old_runs(self, conn, *, days: int, batch: int, include_failed: bool) -> int:
+        return self._rowcount(conn, "delete_old_runs", {"days": days, "batch": batch, "include_failed": include_failed})
 
     def _rowcount(self, conn, name: str, params: dict) -> int:
         with conn.cursor() as cur:
@@ -366,6 +367,9 @@ class Queries:
 
     def purge_tasks(self, conn, *, states: Sequence[str], before: datetime, batch: int) -> int:
         return self._execute(conn, "purge_tasks", {"states": list(states), "before": before, "batch": batch})[0][0]
+
+    def delete_canary(self, conn, *, task_id: int, task_name: str) -> int:
+        return self._execute(conn, "delete_canary", {"id": task_id, "name": task_name})[0][0]
 
     def recurring_schedules(self, conn) -> List[tuple]:
         return self._execute(conn, "recurring_schedules")

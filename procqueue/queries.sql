@@ -357,27 +357,32 @@ SELECT extract(epoch FROM min(next_run_at) - now())::float8
 FROM {schema}.recurring_tasks WHERE task_name = ANY(%(names)s::text[]) AND disabled_at IS NULL;
 
 -- name: delete_finished_tasks
--- Retention: one batch of tasks finished before the cut-off, oldest first. The outer
--- WHERE repeats the inner one: a row retried (or cancelled while held) by another
--- transaction while this one waited for its lock is re-checked there, and kept; the
--- subquery alone would delete it. A cancelled task still held is its processor's to let go.
+-- Retention: one batch of tasks finished before the cut-off, oldest first; failed ones
+-- only with %(include_failed)s (TASK_DELETE_INCLUDE_FAILED_TASKS): otherwise they are the
+-- record of what went wrong, kept until an operator purges them. The outer WHERE repeats
+-- the inner one: a row retried (or cancelled while held) by another transaction while
+-- this one waited for its lock is re-checked there, and kept; the subquery alone would
+-- delete it. A cancelled task still held is its processor's to let go.
 DELETE FROM {schema}.tasks
 WHERE id IN (SELECT id FROM {schema}.tasks
-             WHERE state IN ('succeeded', 'failed', 'cancelled', 'missed')
+             WHERE (state IN ('succeeded', 'cancelled', 'missed') OR (%(include_failed)s AND state = 'failed'))
                AND finished_at < now() - %(days)s * interval '1 day'
                AND locked_by IS NULL
              ORDER BY finished_at
              LIMIT %(batch)s)
-  AND state IN ('succeeded', 'failed', 'cancelled', 'missed')
+  AND (state IN ('succeeded', 'cancelled', 'missed') OR (%(include_failed)s AND state = 'failed'))
   AND finished_at < now() - %(days)s * interval '1 day'
   AND locked_by IS NULL;
 
 -- name: delete_old_runs
--- Retention: one batch of run records older than the cut-off.
+-- Retention: one batch of run records older than the cut-off, but never a run of a
+-- failed task that is kept (without %(include_failed)s): its runs are what says why.
 DELETE FROM {schema}.task_runs
-WHERE id IN (SELECT id FROM {schema}.task_runs
-             WHERE finished_at < now() - %(days)s * interval '1 day'
-             ORDER BY finished_at
+WHERE id IN (SELECT r.id FROM {schema}.task_runs AS r
+             WHERE r.finished_at < now() - %(days)s * interval '1 day'
+               AND (%(include_failed)s OR NOT EXISTS (SELECT 1 FROM {schema}.tasks AS t
+                                                      WHERE t.id = r.task_id AND t.state = 'failed'))
+             ORDER BY r.finished_at
              LIMIT %(batch)s);
 
 -- name: processor_heartbeat
@@ -736,3 +741,16 @@ SELECT id, task_name, queue, locked_by, locked_worker, locked_at, started_at
 FROM {schema}.tasks WHERE state = 'running'
 ORDER BY locked_by, locked_worker, id
 LIMIT %(limit)s;
+
+-- name: delete_canary
+-- The health check's own task row and its runs, once it has its answer: a queued one not
+-- yet claimed, or one finished. One that a worker holds is left to finish; retention
+-- takes it later.
+WITH gone AS (
+    DELETE FROM {schema}.tasks
+    WHERE id = %(id)s AND task_name = %(name)s AND locked_by IS NULL AND state <> 'running'
+    RETURNING id
+), runs AS (
+    DELETE FROM {schema}.task_runs WHERE task_id IN (SELECT id FROM gone)
+)
+SELECT count(*) FROM gone;

@@ -222,7 +222,7 @@ class QueueDepth:
     waiting: int = 0  # queued and due: what `{"waiting": N}` counts
     scheduled: int = 0  # queued for later (delay_until, a retry's backoff)
     running: int = 0
-    failed: int = 0  # failed for good, kept for the retention period
+    failed: int = 0  # failed for good, kept until purged (or TASK_DELETE_INCLUDE_FAILED_TASKS)
     oldest_waiting_age_seconds: Optional[float] = None  # how long the oldest due task has waited
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, time, timedelta, timezone
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -218,6 +218,17 @@ def register_recurring_task(
         return handler
 
     return decorator
+
+
+def reschedule_recurring(task_name: str, *, run_every: timedelta, first_run_time: Union[time, datetime, None],
+                         timeout: timedelta) -> None:
+    """Change a registered recurring task's schedule (before a processor registers it):
+    for procqueue's own clean-up, whose schedule is a setting, not code."""
+    schedule = _recurring[task_name]
+    if not isinstance(run_every, timedelta) or run_every <= timedelta(0):
+        raise TaskError(f"recurring task {task_name}: run_every must be a positive timedelta, got {run_every!r}")
+    _recurring[task_name] = replace(schedule, run_every=run_every, first_run_at=_anchor(task_name, first_run_time),
+                                    timeout=_validated_timeout(task_name, timeout))
 
 
 def default_task_name(func: Callable[..., Any]) -> str:
