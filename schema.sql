@@ -1,4 +1,4 @@
--- procqueue schema, version 5.
+-- procqueue schema, version 6.
 --
 -- The one source of truth for procqueue's tables. `procqueue migrate` applies it inside
 -- one transaction with `search_path` set to the target Postgres schema (default
@@ -108,7 +108,11 @@ CREATE TABLE IF NOT EXISTS recurring_tasks (
     -- The next slot to fill. Whoever advances it (under its row lock) enqueues that slot.
     next_run_at     timestamptz NOT NULL,
     last_enqueued_at timestamptz,
-    registered_at   timestamptz NOT NULL DEFAULT now()
+    registered_at   timestamptz NOT NULL DEFAULT now(),
+    -- Version 6 (added below for older databases): failed runs in a row, and when that
+    -- disabled the schedule (NULL: enabled).
+    consecutive_failures integer NOT NULL DEFAULT 0,
+    disabled_at     timestamptz
 );
 
 CREATE INDEX IF NOT EXISTS recurring_tasks_next_run_at ON recurring_tasks (next_run_at);
@@ -187,4 +191,12 @@ CREATE UNIQUE INDEX IF NOT EXISTS tasks_one_recurring_run_at_once
       AND (state = 'running' OR (state = 'cancelled' AND locked_by IS NOT NULL));
 DROP INDEX IF EXISTS tasks_one_recurring_run_at_a_time;
 
-INSERT INTO schema_version (version) VALUES (1), (2), (3), (4), (5) ON CONFLICT (version) DO NOTHING;
+-- Version 6: a recurring schedule whose runs fail (raise or time out) four times in a row
+-- is disabled, as Flagsmith's is: no slot is enqueued until an operator enables it again
+-- (`procqueue recurring enable`, the dashboard); a run that succeeds resets the count.
+-- Counted by the statement that records each run's outcome (queries.sql: complete).
+-- Both columns have a constant default, so adding them rewrites nothing.
+ALTER TABLE recurring_tasks ADD COLUMN IF NOT EXISTS consecutive_failures integer NOT NULL DEFAULT 0;
+ALTER TABLE recurring_tasks ADD COLUMN IF NOT EXISTS disabled_at timestamptz;
+
+INSERT INTO schema_version (version) VALUES (1), (2), (3), (4), (5), (6) ON CONFLICT (version) DO NOTHING;

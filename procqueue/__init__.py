@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "TaskRunMethod": "config",
+    "is_processor_healthy": "canary",
     "cancel": "client",
     "configure": "client",
     "get_task": "client",

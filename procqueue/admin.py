@@ -1,7 +1,8 @@
 """An operator's acts on the queue: find tasks, retry, cancel, purge, and the recurring
-schedules. What `procqueue tasks ...`, `procqueue purge`, `procqueue recurring ...` and
-the dashboard share; each function runs on a connection it is given (autocommit: every
-statement is its own transaction) and returns plain records.
+schedules (list, remove, enable one its failures disabled). What `procqueue tasks ...`,
+`procqueue purge`, `procqueue recurring ...` and the dashboard share; each function runs
+on a connection it is given (autocommit: every statement is its own transaction) and
+returns plain records.
 
 Retrying and cancelling leave a run record naming who did it (`actor`), so a task's
 history tells a retry by an operator from one by the processor.
@@ -67,6 +68,12 @@ class Schedule:
     last_outcome: Optional[str]  # the latest run's task state (queued, running, succeeded, ...)
     last_started_at: Optional[datetime]
     last_finished_at: Optional[datetime]
+    consecutive_failures: int = 0  # its latest runs that failed (raised, timed out) in a row
+    disabled_at: Optional[datetime] = None  # when those failures disabled it; None: enabled
+
+    @property
+    def disabled(self) -> bool:
+        return self.disabled_at is not None
 
 
 def actor(via: str) -> str:
@@ -149,6 +156,13 @@ def remove_recurring(conn, queries: Queries, name: str, *, by: str) -> Optional[
     """Delete a schedule and cancel its waiting runs: how many, or None when no schedule
     has that name. A processor that registers it recreates it when it next starts."""
     return queries.remove_recurring(conn, name, by=by)
+
+
+def enable_recurring(conn, queries: Queries, name: str) -> Optional[bool]:
+    """Enable a schedule its failures disabled, its count of failures reset: True if it
+    was disabled, False if it was not (the count is reset all the same), None when no
+    schedule has that name. If slots passed while it was disabled, the latest runs at once."""
+    return queries.enable_recurring(conn, name)
 
 
 def purgeable(conn, queries: Queries, *, before: datetime, states: Sequence[str] = FINISHED_STATES) -> int:

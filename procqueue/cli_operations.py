@@ -1,5 +1,5 @@
 """The operator's commands: `procqueue tasks list/show/retry/cancel`, `procqueue purge`,
-`procqueue recurring list/remove`. Each is a thin shell over procqueue/admin.py, which
+`procqueue recurring list/remove/enable`. Each is a thin shell over procqueue/admin.py, which
 the dashboard uses too; what is here is parsing, printing and exit codes."""
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def purge_command(older_than: timedelta, states: Tuple[str, ...], dry_run: bool,
 
 @click.group("recurring")
 def recurring_group() -> None:
-    """The recurring schedules in the database, and removing one."""
+    """The recurring schedules in the database: list, remove, enable."""
 
 
 @recurring_group.command("list")
@@ -229,18 +229,21 @@ def recurring_group() -> None:
 @database_options
 @user_errors
 def recurring_list(as_json: bool, database_url: Optional[str], schema: Optional[str]) -> None:
-    """Each schedule: how often, its next slot, and its latest run's outcome."""
+    """Each schedule: how often, its next slot, whether its failures disabled it, how many
+    of its latest runs failed in a row, and its latest run's outcome."""
     conn, queries = queue_connection(database_url, schema)
     schedules = admin.recurring_schedules(conn, queries)
     if as_json:
-        _echo_json([dict(asdict(s), run_every_seconds=s.run_every.total_seconds(), run_every=None)
-                    for s in schedules])
+        _echo_json([dict(asdict(s), run_every_seconds=s.run_every.total_seconds(), run_every=None,
+                         disabled=s.disabled) for s in schedules])
         return
     if not schedules:
         click.echo("no recurring schedules", err=True)
         return
-    _table(("NAME", "EVERY", "NEXT RUN (UTC)", "LAST RUN (UTC)", "LAST OUTCOME"),
-           ((_printable(s.task_name), _interval(s.run_every), _time(s.next_run_at), _time(s.last_started_at),
+    _table(("NAME", "EVERY", "NEXT RUN (UTC)", "STATUS", "FAILED IN A ROW", "LAST RUN (UTC)", "LAST OUTCOME"),
+           ((_printable(s.task_name), _interval(s.run_every), "-" if s.disabled else _time(s.next_run_at),
+             f"disabled {_time(s.disabled_at)}" if s.disabled else "enabled", str(s.consecutive_failures),
+             _time(s.last_started_at),
              (s.last_outcome or "-") + (f" (task {s.last_task_id})" if s.last_task_id else "")) for s in schedules))
 
 
@@ -266,6 +269,23 @@ def recurring_remove(name: str, database_url: Optional[str], schema: Optional[st
         raise TaskError(f"no recurring schedule named {name!r} (schedules: {', '.join(names) or 'none'})")
     click.echo(f"removed {name}" + (f"; cancelled {cancelled} waiting run{'s' if cancelled != 1 else ''}"
                                     if cancelled else ""))
+
+
+@recurring_group.command("enable")
+@click.argument("name")
+@database_options
+@user_errors
+def recurring_enable(name: str, database_url: Optional[str], schema: Optional[str]) -> None:
+    """Enable a schedule its runs disabled by failing four times in a row, and reset its
+    count of failures. If slots passed while it was disabled, the latest runs at once;
+    then it runs on schedule."""
+    conn, queries = queue_connection(database_url, schema)
+    was_disabled = admin.enable_recurring(conn, queries, name)
+    if was_disabled is None:
+        names = [s.task_name for s in admin.recurring_schedules(conn, queries)]
+        raise TaskError(f"no recurring schedule named {name!r} (schedules: {', '.join(names) or 'none'})")
+    shown = _printable(name)
+    click.echo(f"enabled {shown}" if was_disabled else f"{shown} was not disabled; its count of failures is reset")
 
 
 # -- procqueue psql ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import enum
 import os
 import re
 from dataclasses import dataclass, field, replace
+from datetime import time, timedelta
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Tuple
 
@@ -26,11 +27,17 @@ ENV_IMPORTS = "PROCQUEUE_IMPORTS"
 ENV_TASK_RUN_METHOD = "TASK_RUN_METHOD"
 ENV_NUM_THREADS = "TASK_PROCESSOR_NUM_THREADS"
 ENV_SLEEP_INTERVAL_MS = "TASK_PROCESSOR_SLEEP_INTERVAL_MS"
+# Flagsmith's older name for the same milliseconds, read only when the _MS one is unset.
+ENV_SLEEP_INTERVAL_LEGACY = "TASK_PROCESSOR_SLEEP_INTERVAL"
 ENV_GRACE_PERIOD_MS = "TASK_PROCESSOR_GRACE_PERIOD_MS"
 ENV_QUEUE_POP_SIZE = "TASK_PROCESSOR_QUEUE_POP_SIZE"
 ENV_TASK_RETENTION_DAYS = "TASK_DELETE_RETENTION_DAYS"
 ENV_RUN_RETENTION_DAYS = "RECURRING_TASK_RUN_RETENTION_DAYS"
 ENV_DELETE_BATCH_SIZE = "TASK_DELETE_BATCH_SIZE"
+ENV_CLEAN_UP_ENABLED = "ENABLE_CLEAN_UP_OLD_TASKS"
+ENV_DELETE_INCLUDE_FAILED = "TASK_DELETE_INCLUDE_FAILED_TASKS"
+ENV_DELETE_RUN_TIME = "TASK_DELETE_RUN_TIME"
+ENV_DELETE_RUN_EVERY = "TASK_DELETE_RUN_EVERY"
 ENV_METRICS_PORT = "PROCQUEUE_METRICS_PORT"
 ENV_METRICS_HOST = "PROCQUEUE_METRICS_HOST"
 ENV_STATUS_FILE = "PROCQUEUE_STATUS_FILE"
@@ -40,16 +47,18 @@ ENV_MAX_ARGUMENTS_BYTES = "PROCQUEUE_MAX_ARGUMENTS_BYTES"
 ENV_DASHBOARD_TOKEN = "PROCQUEUE_DASHBOARD_TOKEN"
 ENV_DASHBOARD = "PROCQUEUE_DASHBOARD"
 ENV_POOLER = "PROCQUEUE_POOLER"
+ENV_BACKOFF_DEFAULT_DELAY = "TASK_BACKOFF_DEFAULT_DELAY_SECONDS"
 
 # The variables that are settings of the queue and its processor, as against facts of
 # the host (TMPDIR) or where the database is (DATABASE_URL, the embedded server's): the
 # names a framework's settings may also give (procqueue.contrib.django reads each from
 # Django settings, over the environment).
 SETTING_NAMES = (
-    ENV_SCHEMA, ENV_IMPORTS, ENV_TASK_RUN_METHOD, ENV_NUM_THREADS, ENV_SLEEP_INTERVAL_MS, ENV_GRACE_PERIOD_MS,
-    ENV_QUEUE_POP_SIZE, ENV_TASK_RETENTION_DAYS, ENV_RUN_RETENTION_DAYS, ENV_DELETE_BATCH_SIZE, ENV_METRICS_PORT,
+    ENV_SCHEMA, ENV_IMPORTS, ENV_TASK_RUN_METHOD, ENV_NUM_THREADS, ENV_SLEEP_INTERVAL_MS, ENV_SLEEP_INTERVAL_LEGACY,
+    ENV_GRACE_PERIOD_MS, ENV_QUEUE_POP_SIZE, ENV_TASK_RETENTION_DAYS, ENV_RUN_RETENTION_DAYS, ENV_DELETE_BATCH_SIZE,
+    ENV_CLEAN_UP_ENABLED, ENV_DELETE_INCLUDE_FAILED, ENV_DELETE_RUN_TIME, ENV_DELETE_RUN_EVERY, ENV_METRICS_PORT,
     ENV_METRICS_HOST, ENV_STATUS_FILE, ENV_DATABASE_WAIT, ENV_MAX_ARGUMENTS_BYTES, ENV_DASHBOARD_TOKEN,
-    ENV_DASHBOARD, ENV_POOLER,
+    ENV_DASHBOARD, ENV_POOLER, ENV_BACKOFF_DEFAULT_DELAY,
 )
 
 # Arguments are for what a task needs to find its data (ids, small values), not the
@@ -75,6 +84,19 @@ DEFAULT_DATABASE_WAIT_SECONDS = 600.0
 DEFAULT_TASK_RETENTION_DAYS = 15
 DEFAULT_RUN_RETENTION_DAYS = 15
 DEFAULT_DELETE_BATCH_SIZE = 2000
+# How long a task raising TaskBackoffError() without delay_until waits to run again
+# (Flagsmith's TASK_BACKOFF_DEFAULT_DELAY_SECONDS and its default).
+DEFAULT_BACKOFF_DELAY_SECONDS = 5
+# The clean-up's schedule when neither TASK_DELETE_RUN_EVERY nor TASK_DELETE_RUN_TIME is
+# set: small batches often rather than Flagsmith's one big daily sweep, so deleting never
+# builds up into a burst of locks and WAL at one hour of the night.
+DEFAULT_CLEAN_UP_EVERY = timedelta(minutes=15)
+# Flagsmith's, taken as soon as either of the two is set.
+FLAGSMITH_CLEAN_UP_EVERY = timedelta(days=1)
+FLAGSMITH_CLEAN_UP_TIME = time(1, 0)
+MIN_CLEAN_UP_EVERY = timedelta(seconds=1)
+_EXPECTED_INTERVAL = "seconds >= 1, or a duration such as 1d, 12h or 1h30m"
+_EXPECTED_TIME = "a time of day, UTC, as HH:MM or HH:MM:SS"
 # Metrics are served only when a port is given: two processors on one host (a developer's
 # machine, a test run) would otherwise fight over a fixed default. In a pod, set it.
 DEFAULT_METRICS_HOST = "0.0.0.0"
@@ -151,11 +173,52 @@ class DatabaseConfig:
 
 @dataclass(frozen=True)
 class RetentionConfig:
-    """How long finished tasks and runs are kept (Flagsmith's defaults)."""
+    """What the clean-up task deletes, and when it runs (Flagsmith's settings)."""
 
     task_days: int = DEFAULT_TASK_RETENTION_DAYS
     run_days: int = DEFAULT_RUN_RETENTION_DAYS
     batch_size: int = DEFAULT_DELETE_BATCH_SIZE
+    enabled: bool = True  # False: the clean-up task runs and deletes nothing
+    # Failed tasks are the record of what went wrong: kept, with their runs, until an
+    # operator purges them, unless this says they go with the rest.
+    include_failed: bool = False
+    run_every: Optional[timedelta] = None  # None: see `schedule`
+    run_time: Optional[time] = None  # of day, UTC
+
+    def __post_init__(self) -> None:
+        require_int_at_least(ENV_TASK_RETENTION_DAYS, self.task_days, 0)
+        require_int_at_least(ENV_RUN_RETENTION_DAYS, self.run_days, 0)
+        require_int_at_least(ENV_DELETE_BATCH_SIZE, self.batch_size, 1)
+        for name, value in ((ENV_CLEAN_UP_ENABLED, self.enabled), (ENV_DELETE_INCLUDE_FAILED, self.include_failed)):
+            if not isinstance(value, bool):
+                raise ConfigError(f"invalid value for {name}: {value!r} (expected true or false)")
+        if self.run_every is not None and (not isinstance(self.run_every, timedelta)
+                                           or self.run_every < MIN_CLEAN_UP_EVERY):
+            raise ConfigError(f"invalid value for {ENV_DELETE_RUN_EVERY}: {self.run_every!r} "
+                              f"(expected {_EXPECTED_INTERVAL})")
+        if self.run_time is not None and (not isinstance(self.run_time, time) or self.run_time.tzinfo is not None):
+            raise ConfigError(f"invalid value for {ENV_DELETE_RUN_TIME}: {self.run_time!r} "
+                              f"(expected {_EXPECTED_TIME})")
+
+    @property
+    def schedule(self) -> Tuple[timedelta, Optional[time]]:
+        """How often the clean-up runs, and the time of day (UTC) its slots count from:
+        procqueue's every 15 minutes unless either Flagsmith setting is given, and then
+        Flagsmith's daily-at-01:00 for the one not given."""
+        if self.run_every is None and self.run_time is None:
+            return DEFAULT_CLEAN_UP_EVERY, None
+        return self.run_every or FLAGSMITH_CLEAN_UP_EVERY, self.run_time or FLAGSMITH_CLEAN_UP_TIME
+
+    def public_dict(self) -> dict:
+        """For the processor's start line and status: whether, when and what it deletes."""
+        if not self.enabled:
+            return {"clean_up": f"off ({ENV_CLEAN_UP_ENABLED}=false: nothing is deleted)"}
+        every, at = self.schedule
+        seconds = every.total_seconds()
+        return {"clean_up": "on", "clean_up_every_seconds": int(seconds) if seconds.is_integer() else seconds,
+                "clean_up_at": at.isoformat() if at is not None else None,
+                "task_retention_days": self.task_days, "run_retention_days": self.run_days,
+                "clean_up_failed_tasks": self.include_failed}
 
 
 @dataclass(frozen=True)
@@ -175,6 +238,7 @@ class ProcessorConfig:
     max_tasks_per_worker: Optional[int] = None  # recycle a worker after this many tasks
     max_memory_per_worker_mb: Optional[int] = None  # ... or once its RSS passes this
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    backoff_default_delay_seconds: int = DEFAULT_BACKOFF_DELAY_SECONDS  # TaskBackoffError() without delay_until
     metrics_port: Optional[int] = None  # None: no HTTP endpoint; 0: any free port
     metrics_host: str = DEFAULT_METRICS_HOST
     status_file: Path = field(default_factory=lambda: default_status_file())
@@ -196,6 +260,7 @@ class ProcessorConfig:
         wait = self.database_wait_seconds
         if isinstance(wait, bool) or not isinstance(wait, (int, float)) or not 0 <= wait < float("inf"):
             raise ConfigError(f"invalid value for --database-wait: {_shown(wait)} (expected seconds >= 0)")
+        require_int_at_least(ENV_BACKOFF_DEFAULT_DELAY, self.backoff_default_delay_seconds, 0)
         if self.max_tasks_per_worker is not None:
             require_int_at_least("--max-tasks-per-worker", self.max_tasks_per_worker, 1)
         if self.max_memory_per_worker_mb is not None:
@@ -234,9 +299,11 @@ class ProcessorConfig:
             "database_wait": self.database_wait_seconds,
             "max_tasks_per_worker": self.max_tasks_per_worker,
             "max_memory_per_worker_mb": self.max_memory_per_worker_mb,
+            "task_backoff_default_delay_seconds": self.backoff_default_delay_seconds,
             "metrics_host": self.metrics_host if self.metrics_port is not None else None,
             "metrics_port": self.metrics_port,
             "status_file": str(self.status_file),
+            **self.retention.public_dict(),
         }
 
 
@@ -412,7 +479,7 @@ def processor_config(
     return ProcessorConfig(
         database=database,
         num_workers=_int_setting(num_workers, env, ENV_NUM_THREADS, DEFAULT_NUM_WORKERS),
-        sleep_interval_ms=_int_setting(sleep_interval_ms, env, ENV_SLEEP_INTERVAL_MS, DEFAULT_SLEEP_INTERVAL_MS),
+        sleep_interval_ms=_int_setting(sleep_interval_ms, env, _sleep_interval_name(env), DEFAULT_SLEEP_INTERVAL_MS),
         grace_period_ms=_int_setting(grace_period_ms, env, ENV_GRACE_PERIOD_MS, DEFAULT_GRACE_PERIOD_MS),
         queue_pop_size=_int_setting(queue_pop_size, env, ENV_QUEUE_POP_SIZE, DEFAULT_QUEUE_POP_SIZE),
         shutdown_timeout_seconds=(
@@ -426,12 +493,22 @@ def processor_config(
         imports=tuple(imports) + tuple(m for m in imports_from_env(env) if m not in imports),
         queues=tuple(queues),
         retention=retention_config_from_env(env),
+        backoff_default_delay_seconds=_int_setting(None, env, ENV_BACKOFF_DEFAULT_DELAY,
+                                                   DEFAULT_BACKOFF_DELAY_SECONDS, minimum=0),
         metrics_port=_int_setting(metrics_port, env, ENV_METRICS_PORT, None, minimum=0, maximum=65535),
         metrics_host=metrics_host or env.get(ENV_METRICS_HOST) or DEFAULT_METRICS_HOST,
         status_file=_status_file(status_file, env),
         dashboard=_dashboard_setting(dashboard, env),
         dashboard_token=dashboard_token(dashboard_token_file, env, flag="--dashboard-token-file"),
     )
+
+
+def _sleep_interval_name(env: Mapping[str, str]) -> str:
+    """TASK_PROCESSOR_SLEEP_INTERVAL_MS, or, when that is unset, Flagsmith's older name
+    for the same milliseconds (the one not read is not checked either, as in Flagsmith)."""
+    if (env.get(ENV_SLEEP_INTERVAL_MS) or "").strip() or not (env.get(ENV_SLEEP_INTERVAL_LEGACY) or "").strip():
+        return ENV_SLEEP_INTERVAL_MS
+    return ENV_SLEEP_INTERVAL_LEGACY
 
 
 def _dashboard_setting(cli_value: Optional[bool], env: Mapping[str, str]) -> bool:
@@ -461,7 +538,59 @@ def retention_config_from_env(env: Optional[Mapping[str, str]] = None) -> Retent
         task_days=_int_setting(None, env, ENV_TASK_RETENTION_DAYS, DEFAULT_TASK_RETENTION_DAYS, minimum=0),
         run_days=_int_setting(None, env, ENV_RUN_RETENTION_DAYS, DEFAULT_RUN_RETENTION_DAYS, minimum=0),
         batch_size=_int_setting(None, env, ENV_DELETE_BATCH_SIZE, DEFAULT_DELETE_BATCH_SIZE, minimum=1),
+        enabled=_bool_setting(env, ENV_CLEAN_UP_ENABLED, True),
+        include_failed=_bool_setting(env, ENV_DELETE_INCLUDE_FAILED, False),
+        run_every=_env_setting(None, env, ENV_DELETE_RUN_EVERY, None, parse_interval, _EXPECTED_INTERVAL,
+                               lambda value: value >= MIN_CLEAN_UP_EVERY),
+        run_time=_env_setting(None, env, ENV_DELETE_RUN_TIME, None, parse_time_of_day, _EXPECTED_TIME,
+                              lambda value: True),
     )
+
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _bool_setting(env: Mapping[str, str], env_name: str, default: bool) -> bool:
+    raw = env.get(env_name, "")
+    value = raw.strip().lower()
+    if value == "":
+        return default
+    if value in _TRUE + _FALSE:
+        return value in _TRUE
+    raise ConfigError(f"invalid value for {env_name}: {raw!r} (expected true or false)")
+
+
+# Flagsmith's settings read these with environs: env.timedelta takes seconds or a
+# duration with units in descending order (1d, 12h, 1h30m, 2w 3d, 500ms); both work here.
+_DURATION = re.compile(r"^(?:(\d+)\s*w\s*)?(?:(\d+)\s*d\s*)?(?:(\d+)\s*h\s*)?(?:(\d+)\s*m\s*)?"
+                       r"(?:(\d+)\s*s\s*)?(?:(\d+)\s*ms\s*)?(?:(\d+)\s*[uµ]s\s*)?$")
+_TIME_OF_DAY = re.compile(r"^(\d{1,2}):(\d{2})(?::(\d{2}))?$")
+
+
+def parse_interval(text: str) -> timedelta:
+    """`86400`, `0.5`, `1d`, `1h30m`: a ValueError for anything else."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        match = _DURATION.match(text)
+        if match is None or not any(match.groups()):
+            raise ValueError(text) from None
+        weeks, days, hours, minutes, secs, millis, micros = (int(group or 0) for group in match.groups())
+        return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=secs,
+                         milliseconds=millis, microseconds=micros)
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(text)
+    return timedelta(seconds=seconds)
+
+
+def parse_time_of_day(text: str) -> time:
+    """`01:00` or `01:00:00` (UTC): a ValueError for anything else."""
+    match = _TIME_OF_DAY.match(text)
+    if match is None:
+        raise ValueError(text)
+    hour, minute, second = (int(group or 0) for group in match.groups())
+    return time(hour, minute, second)  # itself a ValueError past 23:59:59
 
 
 def _int_setting(

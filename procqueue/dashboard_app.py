@@ -45,6 +45,10 @@ _TASK_PATH = re.compile(r"^/tasks/([0-9]{1,18})(?:/(retry|cancel))?$")
 _WHY_NOT = re.compile(r"^(is|has|was|does) [a-z ()]{1,100}$")
 _RESULTS = {"retried": "Retried: queued to run now.", "cancelled": "Cancelled: it will not run.",
             "cancelling": "Cancelling: the processor running it stops it within seconds."}
+# What admin.enable_recurring said, as the schedules page after the Enable button shows it.
+_ENABLE_RESULTS = {"enabled": "Enabled: it runs on schedule again (at once, if a slot passed while it was disabled).",
+                   "not-disabled": "It was not disabled (its count of failures is reset).",
+                   "gone": "Not done: there is no such schedule (removed meanwhile?)."}
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,9 @@ class DashboardApp:
             return self.logout(request, session)
         if task_match and task_match.group(2) and posting:
             return self.act(request, session, int(task_match.group(1)), task_match.group(2))
-        if posting or (task_match and task_match.group(2)) or path == "/logout":
+        if path == "/schedules/enable" and posting:
+            return self.enable(request, session)
+        if posting or (task_match and task_match.group(2)) or path in ("/logout", "/schedules/enable"):
             return Response(405, b"use the buttons: this path answers POST only\n" if not posting else
                             b"this page answers GET and HEAD\n", "text/plain; charset=utf-8",
                             [("Allow", "POST" if not posting else "GET, HEAD")])
@@ -162,7 +168,8 @@ class DashboardApp:
             return self.task_list(request, view)
         if path == "/schedules":
             return self.page(200, view, pages.schedules_page(
-                view, now=self.now(), schedules=admin.recurring_schedules(self.connection(), self.queries)))
+                view, now=self.now(), schedules=admin.recurring_schedules(self.connection(), self.queries),
+                result=_ENABLE_RESULTS.get(request.param("result"), "")))
         if task_match:
             return self.task(request, view, int(task_match.group(1)))
         return self.page(404, view, pages.message_page(view, "Not found", f"No dashboard page at {path}."))
@@ -231,6 +238,17 @@ class DashboardApp:
         outcome = act(self.connection(), self.queries, [task_id], by=f"dashboard ({request.remote})")[task_id]
         log_event(logger, logging.INFO, f"dashboard.{action}", task_id=task_id, by=request.remote, outcome=outcome)
         return _redirect(f"/tasks/{task_id}?{urlencode({'result': outcome})}")
+
+    def enable(self, request: Request, session: Optional[str]) -> Response:
+        """The Enable button of a schedule its failures disabled (`procqueue recurring enable`)."""
+        refusal = self.refusal(request, session)
+        if refusal is not None:
+            return refusal
+        name = request.form("name")
+        was_disabled = admin.enable_recurring(self.connection(), self.queries, name)
+        outcome = "gone" if was_disabled is None else "enabled" if was_disabled else "not-disabled"
+        log_event(logger, logging.INFO, "dashboard.enable", task=name, by=request.remote, outcome=outcome)
+        return _redirect(f"/schedules?{urlencode({'result': outcome})}")
 
     def refusal(self, request: Request, session: Optional[str]) -> Optional[Response]:
         """Why this POST may not change anything, or None when it may."""

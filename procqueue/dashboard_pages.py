@@ -36,7 +36,7 @@ th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #e3e6ea;vertical-a
 th{background:#eef1f4;font-weight:600}td.num{text-align:right}
 pre{background:#fff;border:1px solid #e3e6ea;padding:8px;overflow:auto;max-height:400px;margin:0}
 .state{padding:1px 6px;border-radius:3px;background:#e3e6ea}
-.s-failed,.s-missed{background:#f8d7da}.s-succeeded{background:#d4edda}
+.s-failed,.s-missed,.s-disabled{background:#f8d7da}.s-succeeded{background:#d4edda}
 .s-running{background:#cce5ff}.s-queued{background:#fff3cd}
 .note{color:#5a6570}.flash{background:#d4edda;padding:6px 10px}.error{background:#f8d7da;padding:6px 10px}
 svg{background:#fff;border:1px solid #e3e6ea}
@@ -337,14 +337,32 @@ def _runs(view: View, runs: Sequence[RunRecord]) -> str:
     return _table(headings, rows, "No run yet.")
 
 
-def schedules_page(view: View, *, now: datetime, schedules: Sequence[Schedule]) -> str:
-    rows = [[_e(s.task_name), _e(_every(s.run_every)), _e(f"{_time(s.next_run_at)} ({_ago(s.next_run_at, now)})"),
+def schedules_page(view: View, *, now: datetime, schedules: Sequence[Schedule], result: str = "") -> str:
+    rows = [[_e(s.task_name), _e(_every(s.run_every)),
+             "-" if s.disabled else _e(f"{_time(s.next_run_at)} ({_ago(s.next_run_at, now)})"),
+             _schedule_status(view, s, now), _e(s.consecutive_failures),
              _task_link(s.last_task_id) if s.last_task_id is not None else "-",
              _state(s.last_outcome) if s.last_outcome else "-", _e(_ago(s.last_started_at, now)),
              _e(_ago(s.last_finished_at, now))] for s in schedules]
-    table = _table(["task", "every", "next run", "latest run", "its state", "started", "finished"], rows,
-                   "No recurring schedule is registered.")
-    return layout("Recurring schedules", table, view)
+    table = _table(["task", "every", "next run", "status", "failed in a row", "latest run", "its state", "started",
+                    "finished"], rows, "No recurring schedule is registered.")
+    flash = f'<p class="flash">{_e(result)}</p>' if result else ""
+    note = ('<p class="note">A schedule whose runs fail four times in a row (raise, or time out) is disabled: '
+            'no slot runs until an operator enables it.</p>')
+    return layout("Recurring schedules", flash + table + note, view)
+
+
+def _schedule_status(view: View, schedule: Schedule, now: datetime) -> str:
+    """Enabled, or disabled since when, with the button to enable it for a logged-in operator
+    (as `procqueue recurring enable`)."""
+    if not schedule.disabled:
+        return "enabled"
+    status = f'{_state("disabled")} {_e(_ago(schedule.disabled_at, now))}'
+    if not view.private:
+        return status
+    return (f'{status} <form class="inline" method="post" action="/schedules/enable">{_csrf_field(view)}'
+            f'<input type="hidden" name="name" value="{_e(schedule.task_name)}">'
+            '<button type="submit">Enable</button></form>')
 
 
 def _every(interval: timedelta) -> str:

@@ -8,6 +8,7 @@ import traceback
 from datetime import datetime, timedelta, timezone
 from typing import Callable, List, Optional
 
+from .config import DEFAULT_BACKOFF_DELAY_SECONDS
 from .logs import log_event
 from .records import ClaimedTask, RunOutcome, TaskOutcome, TaskState, UnreadableJson
 from .registry import TaskBackoffError, TaskHandler, backoff_delay, get_handler
@@ -113,9 +114,12 @@ def utcnow() -> datetime:
 UNKNOWN_TASK_BACKOFF = timedelta(seconds=60)
 
 
-def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow, started: Optional[datetime] = None) -> TaskOutcome:
+def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow, started: Optional[datetime] = None,
+            backoff_delay_seconds: float = DEFAULT_BACKOFF_DELAY_SECONDS) -> TaskOutcome:
     """Run `task` and say what became of it. Never raises for anything the task does.
-    `started`: when the run began, if the database already recorded it (a recurring run)."""
+    `started`: when the run began, if the database already recorded it (a recurring run).
+    `backoff_delay_seconds`: how long a `TaskBackoffError()` without `delay_until` waits
+    (TASK_BACKOFF_DEFAULT_DELAY_SECONDS)."""
     started = started or now()
     handler = get_handler(task.task_name)
     if handler is None:
@@ -140,7 +144,7 @@ def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow, started: Op
             _current = None
             _at_task_boundary()
     except TaskBackoffError as backoff:
-        return _backoff(task, handler, started, now(), backoff)
+        return _backoff(task, started, now(), backoff, backoff_delay_seconds)
     except SupervisorGoneError:
         return _supervisor_gone(task, started, now())
     except TaskTimeoutError:
@@ -208,19 +212,28 @@ def _failure(
 
 
 def _backoff(
-    task: ClaimedTask, handler: TaskHandler, started: datetime, finished: datetime, backoff: TaskBackoffError
+    task: ClaimedTask, started: datetime, finished: datetime, backoff: TaskBackoffError, default_delay_seconds: float
 ) -> TaskOutcome:
+    """A backoff uses an attempt, as a failure does (Flagsmith counts it as one): a task
+    that keeps asking to run later runs at most max_attempts times, whatever the mix of
+    failures and backoffs. Called inside the except clause: the traceback is the task's."""
     message = safe_str(backoff)
     error = clean_text(f"TaskBackoffError: {message}" if message else "TaskBackoffError")
     if task.recurring_slot is not None:
         # A recurring run that started never starts again: the next slot is its retry.
         return TaskOutcome(task.id, TaskState.MISSED, RunOutcome.BACKOFF, started, finished,
                            error=error + " (a recurring run is not run again: the next slot is its retry)")
+    if task.attempts >= task.max_attempts:
+        last = (f"backed off on its last attempt ({task.attempts} of {task.max_attempts}): a backoff uses an "
+                f"attempt, so it is not run again\n")
+        return TaskOutcome(task.id, TaskState.FAILED, RunOutcome.BACKOFF, started, finished,
+                           error=clean_text(last + traceback.format_exc()),
+                           summary=f"{error} (backed off on its last attempt)")
     if backoff.delay_until is not None:
         return TaskOutcome(task.id, TaskState.QUEUED, RunOutcome.BACKOFF, started, finished,
-                           error=error, retry_at=backoff.delay_until, refund_attempt=True)
+                           error=error, retry_at=backoff.delay_until)
     return TaskOutcome(task.id, TaskState.QUEUED, RunOutcome.BACKOFF, started, finished, error=error,
-                       retry_in_seconds=handler.retry_delay_seconds(1), refund_attempt=True)
+                       retry_in_seconds=float(default_delay_seconds))
 
 
 def summarise(exc: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""Built-in recurring tasks every processor registers: retention clean-up."""
+"""Built-in tasks every processor registers: the retention clean-up, and the health
+check's no-op canary (`procqueue.is_processor_healthy()`)."""
 
 from __future__ import annotations
 
@@ -6,44 +7,67 @@ import logging
 import time
 from datetime import timedelta
 
+from .config import DEFAULT_CLEAN_UP_EVERY, RetentionConfig
 from .logs import log_event
-from .registry import register_recurring_task
+from .records import TaskPriority
+from .registry import register_recurring_task, register_task_handler, reschedule_recurring
 
 logger = logging.getLogger("procqueue.maintenance")
 
 CLEANUP_TASK_NAME = "procqueue.clean_up_old_tasks"
-CLEANUP_EVERY = timedelta(minutes=15)
+HEALTH_CHECK_TASK_NAME = "procqueue.health_check"
 
-# One run deletes until nothing is left or this much time has passed, so a backlog is
-# worked off over a few runs without one run hogging a worker.
-TIME_BUDGET_SECONDS = 300.0
+# One run deletes until nothing is left or its time budget has passed, so a backlog is
+# worked off over a few runs without one run hogging a worker: a third of the interval
+# (five minutes of every fifteen by default), at most 25 minutes, so that with a daily
+# schedule it ends, timeout included, within Flagsmith's 30-minute recurring timeout.
+MAX_TIME_BUDGET = timedelta(minutes=25)
+# Past the budget, the batch under way finishes: the timeout leaves it this much room.
+TIMEOUT_MARGIN = timedelta(minutes=5)
 
 
-@register_recurring_task(run_every=CLEANUP_EVERY, timeout=timedelta(minutes=10), task_name=CLEANUP_TASK_NAME)
+def time_budget(run_every: timedelta) -> timedelta:
+    return min(run_every / 3, MAX_TIME_BUDGET)
+
+
+@register_recurring_task(run_every=DEFAULT_CLEAN_UP_EVERY, task_name=CLEANUP_TASK_NAME,
+                         timeout=time_budget(DEFAULT_CLEAN_UP_EVERY) + TIMEOUT_MARGIN)
 def clean_up_old_tasks() -> None:
     """Delete finished tasks and run records past their retention, in batches.
 
     Batches keep each DELETE short, so the clean-up never holds locks long enough to
-    stall claiming; it stops after a bounded number so one run cannot take forever.
+    stall claiming; it stops after a bounded time so one run cannot take forever.
     """
     from . import client
 
     retention = client.settings().retention  # the processor's config (its supervisor set it), else the environment's
+    if not retention.enabled:
+        return  # said once, at the processor's start (clean_up=off); not a statement sent
     conn, queries = client.connection()
     try:
-        deadline = time.monotonic() + TIME_BUDGET_SECONDS
+        deadline = time.monotonic() + time_budget(retention.schedule[0]).total_seconds()
         tasks = _delete_in_batches(
-            lambda: queries.delete_finished_tasks(conn, days=retention.task_days, batch=retention.batch_size),
+            lambda: queries.delete_finished_tasks(conn, days=retention.task_days, batch=retention.batch_size,
+                                                  include_failed=retention.include_failed),
             deadline)
         runs = _delete_in_batches(
-            lambda: queries.delete_old_runs(conn, days=retention.run_days, batch=retention.batch_size), deadline
-        )
+            lambda: queries.delete_old_runs(conn, days=retention.run_days, batch=retention.batch_size,
+                                            include_failed=retention.include_failed),
+            deadline)
     finally:
-        # Closed after each run (every 15 minutes) rather than kept for the worker's life:
-        # between runs a processor holds --numthreads + 1 connections, no more.
+        # Closed after each run rather than kept for the worker's life: between runs a
+        # processor holds --numthreads + 1 connections, no more.
         client.close_connection()
     log_event(logger, logging.INFO, "retention.cleaned", tasks_deleted=tasks, runs_deleted=runs,
               task_days=retention.task_days, run_days=retention.run_days)
+
+
+def schedule_clean_up(retention: RetentionConfig) -> None:
+    """Give the clean-up the schedule of the processor's config (TASK_DELETE_RUN_EVERY,
+    TASK_DELETE_RUN_TIME): the supervisor calls this before registering the schedules."""
+    every, at = retention.schedule
+    reschedule_recurring(CLEANUP_TASK_NAME, run_every=every, first_run_time=at,
+                         timeout=time_budget(every) + TIMEOUT_MARGIN)
 
 
 def _delete_in_batches(delete_batch, deadline: float) -> int:
@@ -54,3 +78,9 @@ def _delete_in_batches(delete_batch, deadline: float) -> int:
         if deleted == 0:
             break
     return total
+
+
+@register_task_handler(task_name=HEALTH_CHECK_TASK_NAME, priority=TaskPriority.HIGHEST, max_attempts=1,
+                       timeout=timedelta(seconds=10))
+def health_check(canary: str) -> None:
+    """Does nothing: that a processor ran it is the whole answer (see canary.py)."""

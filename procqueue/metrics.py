@@ -70,6 +70,17 @@ SLOTS_MISSED = Counter(
     "its processor's death (a recurring slot runs at most once).", ("task_identifier",), registry=None,
 )
 
+# A counter, not a gauge, because the worker that records a schedule's last allowed
+# failure is the one that knows; in multiprocess mode a counter is summed over the
+# workers' files and survives a worker's death (folded into the archive), where a
+# worker's gauge would vanish with it. Alert on its increase; `procqueue recurring list`
+# shows which schedules are disabled now.
+RECURRING_DISABLED = Counter(
+    "procqueue_recurring_disabled", "Recurring schedules disabled because their runs failed "
+    "MAX_CONSECUTIVE_FAILURES (4) times in a row; each stays disabled until an operator enables it.",
+    ("task_identifier",), registry=None,
+)
+
 _ARCHIVED_TYPES = ("counter", "histogram", "summary")  # the types whose values add up
 DIRECTORY_PREFIX = "procqueue-metrics-"  # then the supervisor's pid
 
@@ -106,6 +117,9 @@ class TaskMetrics:
     def slots_missed(self, task_name: str, count: int = 1) -> None:
         SLOTS_MISSED.labels(task_name).inc(count)
 
+    def recurring_disabled(self, task_name: str) -> None:
+        RECURRING_DISABLED.labels(task_name).inc()
+
     def run_started(self, task_name: str, queue: str, latency: float) -> None:
         child = self._pickup.get((task_name, queue))
         if child is None:
@@ -123,6 +137,7 @@ def initialise_series(task_names: Iterable[str], recurring_names: Iterable[str])
             FINISHED.labels(name, task_type(name in recurring), result)
     for name in recurring:
         SLOTS_MISSED.labels(name)
+        RECURRING_DISABLED.labels(name)
 
 
 class MultiprocessMetrics:

@@ -10,7 +10,7 @@ from .db import first_line, is_connection_error
 from .errors import DatabaseError, DatabaseUnavailable
 from .queries import Queries, schema_sql
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 
 def _lock_key(schema: str) -> int:

@@ -19,9 +19,14 @@ import psycopg2.errors
 
 from .db import read_json
 from .records import (
-    ClaimedTask, ExpiredTask, HeldTask, ProcessorRecord, QueueDepth, QueueStats, ReleasedTask, RunOutcome, RunRecord,
-    ScheduledRun, TaskOutcome, TaskRecord, TaskState,
+    ClaimedTask, ExpiredTask, HeldTask, ProcessorRecord, QueueDepth, QueueStats, RecordedOutcomes, ReleasedTask,
+    RunOutcome, RunRecord, ScheduledRun, TaskOutcome, TaskRecord, TaskState,
 )
+
+# A recurring schedule whose runs fail (raise, or time out) this many times in a row is
+# disabled until an operator enables it again (Flagsmith's RecurringTask.MAX_CONSECUTIVE_
+# FAILURES); `complete` and `release_worker_tasks` count them.
+MAX_CONSECUTIVE_FAILURES = 4
 
 _BLOCK_START = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 _PARAMETER = re.compile(r"%\((\w+)\)s")
@@ -147,11 +152,12 @@ class Queries:
 
     def complete(
         self, conn, *, processor: str, worker: int, outcomes: Sequence[TaskOutcome], leases: Mapping[int, datetime]
-    ) -> Set[int]:
+    ) -> RecordedOutcomes:
         """Record a batch of outcomes, each under the lease (`leased_at` of its claim) it ran
-        under; returns the ids this worker still held by that claim (and moved)."""
+        under; returns the ids this worker still held by that claim (and moved), and the
+        recurring schedules the batch disabled."""
         if not outcomes:
-            return set()
+            return RecordedOutcomes(set())
         params = {
             "processor": processor,
             "worker": worker,
@@ -165,8 +171,11 @@ class Queries:
             "finished": [o.finished_at for o in outcomes],
             "refunds": [int(o.refund_attempt) for o in outcomes],
             "leases": [leases[o.task_id] for o in outcomes],
+            "max_failures": MAX_CONSECUTIVE_FAILURES,
         }
-        return {row[0] for row in self._execute(conn, "complete", params)}
+        rows = self._execute(conn, "complete", params)
+        return RecordedOutcomes(moved={task_id for task_id, _, _ in rows if task_id is not None},
+                                disabled={name: failures for task_id, name, failures in rows if task_id is None})
 
     def start_run(
         self, conn, *, processor: str, worker: int, task: ClaimedTask, started_at: Optional[datetime] = None
@@ -197,7 +206,8 @@ class Queries:
     ) -> List[ReleasedTask]:
         """Put back what a worker held; returns the in-flight task, if its run was recorded."""
         params = {"processor": processor, "worker": worker, "in_flight": in_flight, "error": error,
-                  "outcome": outcome.value, "charge": charge, "in_flight_started": in_flight_started}
+                  "outcome": outcome.value, "charge": charge, "in_flight_started": in_flight_started,
+                  "max_failures": MAX_CONSECUTIVE_FAILURES}
         return [_released(row) for row in self._execute(conn, "release_worker_tasks", params)]
 
     # -- the application's statements -------------------------------------------------
@@ -251,11 +261,12 @@ class Queries:
 
     # -- retention ---------------------------------------------------------------------
 
-    def delete_finished_tasks(self, conn, *, days: int, batch: int) -> int:
-        return self._rowcount(conn, "delete_finished_tasks", {"days": days, "batch": batch})
+    def delete_finished_tasks(self, conn, *, days: int, batch: int, include_failed: bool) -> int:
+        return self._rowcount(conn, "delete_finished_tasks",
+                              {"days": days, "batch": batch, "include_failed": include_failed})
 
-    def delete_old_runs(self, conn, *, days: int, batch: int) -> int:
-        return self._rowcount(conn, "delete_old_runs", {"days": days, "batch": batch})
+    def delete_old_runs(self, conn, *, days: int, batch: int, include_failed: bool) -> int:
+        return self._rowcount(conn, "delete_old_runs", {"days": days, "batch": batch, "include_failed": include_failed})
 
     def _rowcount(self, conn, name: str, params: dict) -> int:
         with conn.cursor() as cur:
@@ -357,12 +368,20 @@ class Queries:
     def purge_tasks(self, conn, *, states: Sequence[str], before: datetime, batch: int) -> int:
         return self._execute(conn, "purge_tasks", {"states": list(states), "before": before, "batch": batch})[0][0]
 
+    def delete_canary(self, conn, *, task_id: int, task_name: str) -> int:
+        return self._execute(conn, "delete_canary", {"id": task_id, "name": task_name})[0][0]
+
     def recurring_schedules(self, conn) -> List[tuple]:
         return self._execute(conn, "recurring_schedules")
 
     def remove_recurring(self, conn, name: str, *, by: str) -> Optional[int]:
         """How many waiting runs were cancelled with the schedule; None: no such schedule."""
         rows = self._execute(conn, "remove_recurring", {"name": name, "by": by})
+        return rows[0][0] if rows else None
+
+    def enable_recurring(self, conn, name: str) -> Optional[bool]:
+        """Whether the schedule had been disabled; None: no such schedule."""
+        rows = self._execute(conn, "enable_recurring", {"name": name})
         return rows[0][0] if rows else None
 
     def procqueue_schemas(self, conn) -> List[str]:
@@ -386,9 +405,10 @@ class Queries:
 
 
 def _released(row: tuple) -> ReleasedTask:
-    task_id, task_name, recurring, state, started, *outcome = row
+    task_id, task_name, recurring, state, started, *rest = row
+    outcome, disabled_after = (rest + [None, None])[:2]
     return ReleasedTask(task_id, task_name, recurring, TaskState(state), started,
-                        RunOutcome(outcome[0]) if outcome else RunOutcome.LOST)
+                        RunOutcome(outcome) if outcome else RunOutcome.LOST, disabled_after)
 
 
 @dataclass(frozen=True)

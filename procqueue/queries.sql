@@ -98,6 +98,18 @@ SELECT id, pg_notify(%(channel)s, '') FROM back;
 -- by the very claim that ran them, move: the claim's locked_at is its fencing token, so
 -- a task rescued and claimed again since (even by this same worker slot) keeps its new
 -- state, and an outcome of an older claim can never land on a newer one.
+-- A recurring run's outcome also counts on its schedule, in this same statement, so no
+-- crash can record the one without the other: a failed or timed_out run adds one to
+-- consecutive_failures, a succeeded run resets it (other outcomes leave it); at
+-- %(max_failures)s the schedule is disabled (disabled_at), and the statement returns its
+-- name once, to the worker that disabled it, which logs it. No update is lost between
+-- processors: runs of one schedule never overlap (tasks_one_recurring_run_at_once: the
+-- next run cannot start until this statement's transaction has moved this one out of
+-- 'running'), and whatever else writes the row (schedule_recurring, an operator's
+-- enable) is serialised by the row lock taken in `counted`, whose FOR UPDATE reads the
+-- latest committed version, not this statement's snapshot. A batch holds one run per
+-- schedule (a recurring outcome is recorded the moment it ends), but `tally` counts
+-- right for several too: the failures after the last success, or after the old count.
 WITH outcome AS (
     SELECT *
     FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(outcomes)s::text[],
@@ -124,15 +136,46 @@ WITH outcome AS (
       AND t.locked_by = %(processor)s
       AND t.locked_worker = %(worker)s
       AND t.locked_at = o.leased_at
-    RETURNING t.id, t.task_name, t.attempts + o.refund AS attempt
+    RETURNING t.id, t.task_name, t.attempts + o.refund AS attempt, t.recurring_slot IS NOT NULL AS recurring
+), recorded AS (
+    INSERT INTO {schema}.task_runs
+        (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
+    SELECT m.id, m.task_name, m.attempt, o.started_at, o.finished_at, o.outcome, o.error,
+           %(processor)s, %(worker)s
+    FROM moved AS m
+    JOIN outcome AS o ON o.id = m.id
+    RETURNING task_id
+), results AS (
+    SELECT m.task_name, o.outcome = 'succeeded' AS succeeded, o.finished_at,
+           max(o.finished_at) FILTER (WHERE o.outcome = 'succeeded') OVER (PARTITION BY m.task_name) AS last_success
+    FROM moved AS m
+    JOIN outcome AS o ON o.id = m.id
+    WHERE m.recurring AND o.outcome IN ('succeeded', 'failed', 'timed_out')
+), tally AS (
+    SELECT task_name, bool_or(succeeded) AS reset,
+           count(*) FILTER (WHERE NOT succeeded AND (last_success IS NULL OR finished_at > last_success)) AS failures
+    FROM results
+    GROUP BY task_name
+), counted AS (
+    SELECT r.task_name,
+           CASE WHEN t.reset THEN 0 ELSE r.consecutive_failures END + t.failures AS failures,
+           r.disabled_at IS NULL
+               AND CASE WHEN t.reset THEN 0 ELSE r.consecutive_failures END + t.failures >= %(max_failures)s
+               AS disables
+    FROM {schema}.recurring_tasks AS r
+    JOIN tally AS t ON t.task_name = r.task_name
+    FOR UPDATE OF r
+), schedules AS (
+    UPDATE {schema}.recurring_tasks AS r
+    SET consecutive_failures = c.failures,
+        disabled_at = CASE WHEN c.disables THEN now() ELSE r.disabled_at END
+    FROM counted AS c
+    WHERE r.task_name = c.task_name
+    RETURNING r.task_name, c.disables, c.failures
 )
-INSERT INTO {schema}.task_runs
-    (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
-SELECT m.id, m.task_name, m.attempt, o.started_at, o.finished_at, o.outcome, o.error,
-       %(processor)s, %(worker)s
-FROM moved AS m
-JOIN outcome AS o ON o.id = m.id
-RETURNING task_id;
+SELECT task_id, NULL, NULL FROM recorded
+UNION ALL
+SELECT NULL, task_name, failures FROM schedules WHERE disables;
 
 -- name: release_worker_tasks
 -- running -> queued / failed / missed for every task a dead or stopped worker still held.
@@ -142,8 +185,10 @@ RETURNING task_id;
 -- down). A recurring run that had started (the one in flight, or one that had ended
 -- but whose outcome was not yet written: its start is in the database) is never run
 -- again: in flight and charged, it fails; else it is missed. Tasks it had claimed but
--- not started go back untouched: attempt refunded, no run record. Returns the tasks
--- whose run it recorded.
+-- not started go back untouched: attempt refunded, no run record. A recurring run killed
+-- past its timeout counts as a failure on its schedule, as in complete (which see; a
+-- lost run does not count). Returns the tasks whose run it recorded, and for one whose
+-- failure disabled its schedule, the schedule's count of failures.
 WITH held AS (
     SELECT t.id,
            coalesce(t.id = %(in_flight)s, false) AS in_flight,
@@ -174,7 +219,22 @@ WITH held AS (
     FROM held AS h
     WHERE t.id = h.id
     RETURNING t.id, t.task_name, t.attempts, t.started_at, t.state, t.recurring_slot, t.last_error, h.in_flight,
-              h.in_flight OR h.recurring_run AS recorded, h.charged OR h.recurring_run AS counted
+              h.in_flight OR h.recurring_run AS recorded, h.charged OR h.recurring_run AS counted,
+              h.charged AND h.recurring_run AND %(outcome)s = 'timed_out' AS recurring_failure
+), counted AS (
+    SELECT s.task_name, s.consecutive_failures + 1 AS failures,
+           s.disabled_at IS NULL AND s.consecutive_failures + 1 >= %(max_failures)s AS disables
+    FROM {schema}.recurring_tasks AS s
+    JOIN released AS r ON r.task_name = s.task_name
+    WHERE r.recurring_failure
+    FOR UPDATE OF s
+), schedules AS (
+    UPDATE {schema}.recurring_tasks AS s
+    SET consecutive_failures = c.failures,
+        disabled_at = CASE WHEN c.disables THEN now() ELSE s.disabled_at END
+    FROM counted AS c
+    WHERE s.task_name = c.task_name
+    RETURNING s.task_name, c.disables, c.failures
 ), recorded AS (
     INSERT INTO {schema}.task_runs
         (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
@@ -186,8 +246,10 @@ WITH held AS (
     RETURNING task_id
 )
 SELECT r.id, r.task_name, r.recurring_slot IS NOT NULL, r.state, true,
-       CASE WHEN r.in_flight THEN %(outcome)s ELSE 'lost' END
-FROM released AS r JOIN recorded ON recorded.task_id = r.id;
+       CASE WHEN r.in_flight THEN %(outcome)s ELSE 'lost' END,
+       CASE WHEN r.recurring_failure AND s.disables THEN s.failures END
+FROM released AS r JOIN recorded ON recorded.task_id = r.id
+LEFT JOIN schedules AS s ON s.task_name = r.task_name;
 
 -- name: enqueue
 -- Insert a batch of tasks in one round trip. A row whose task already has queue_size
@@ -232,7 +294,9 @@ RETURNING id, task_name;
 -- name: register_recurring
 -- Upsert one recurring schedule. The next slot is the first one at or after now, counted
 -- from the anchor; it is only recomputed when the schedule itself changed, so processors
--- starting one after another never reset or double a slot.
+-- starting one after another never reset or double a slot. A disabled schedule stays
+-- disabled, with its count of failures (Flagsmith's update_or_create keeps is_disabled
+-- too): a deploy is no fix; an operator enables it.
 INSERT INTO {schema}.recurring_tasks
     (task_name, args, kwargs, run_every, first_run_at, timeout_seconds, next_run_at)
 SELECT %(name)s, %(args)s::jsonb, %(kwargs)s::jsonb, %(run_every)s, anchor, %(timeout)s,
@@ -260,12 +324,13 @@ SET next_run_at = CASE
 -- processor ran are skipped, not run late (counted in the result); the run expires when
 -- the next slot is due, so runs never bunch up after an outage. The row lock (SKIP
 -- LOCKED) makes one processor win each slot; the unique index on (task_name,
--- recurring_slot) backs that up.
+-- recurring_slot) backs that up. A disabled schedule (it failed too often in a row, see
+-- complete) enqueues nothing until an operator enables it again.
 WITH due AS (
     SELECT task_name, run_every,
            floor(extract(epoch FROM now() - next_run_at) / extract(epoch FROM run_every))::bigint AS skipped
     FROM {schema}.recurring_tasks
-    WHERE next_run_at <= now() AND task_name = ANY(%(names)s::text[])
+    WHERE next_run_at <= now() AND task_name = ANY(%(names)s::text[]) AND disabled_at IS NULL
     FOR UPDATE SKIP LOCKED
 ), advanced AS (
     UPDATE {schema}.recurring_tasks AS r
@@ -289,30 +354,35 @@ FROM advanced AS a LEFT JOIN inserted AS i ON i.task_name = a.task_name;
 -- How long until the earliest schedule this processor runs is due (by the database's
 -- clock, the one schedules are kept in): when a worker next needs to look.
 SELECT extract(epoch FROM min(next_run_at) - now())::float8
-FROM {schema}.recurring_tasks WHERE task_name = ANY(%(names)s::text[]);
+FROM {schema}.recurring_tasks WHERE task_name = ANY(%(names)s::text[]) AND disabled_at IS NULL;
 
 -- name: delete_finished_tasks
--- Retention: one batch of tasks finished before the cut-off, oldest first. The outer
--- WHERE repeats the inner one: a row retried (or cancelled while held) by another
--- transaction while this one waited for its lock is re-checked there, and kept; the
--- subquery alone would delete it. A cancelled task still held is its processor's to let go.
+-- Retention: one batch of tasks finished before the cut-off, oldest first; failed ones
+-- only with %(include_failed)s (TASK_DELETE_INCLUDE_FAILED_TASKS): otherwise they are the
+-- record of what went wrong, kept until an operator purges them. The outer WHERE repeats
+-- the inner one: a row retried (or cancelled while held) by another transaction while
+-- this one waited for its lock is re-checked there, and kept; the subquery alone would
+-- delete it. A cancelled task still held is its processor's to let go.
 DELETE FROM {schema}.tasks
 WHERE id IN (SELECT id FROM {schema}.tasks
-             WHERE state IN ('succeeded', 'failed', 'cancelled', 'missed')
+             WHERE (state IN ('succeeded', 'cancelled', 'missed') OR (%(include_failed)s AND state = 'failed'))
                AND finished_at < now() - %(days)s * interval '1 day'
                AND locked_by IS NULL
              ORDER BY finished_at
              LIMIT %(batch)s)
-  AND state IN ('succeeded', 'failed', 'cancelled', 'missed')
+  AND (state IN ('succeeded', 'cancelled', 'missed') OR (%(include_failed)s AND state = 'failed'))
   AND finished_at < now() - %(days)s * interval '1 day'
   AND locked_by IS NULL;
 
 -- name: delete_old_runs
--- Retention: one batch of run records older than the cut-off.
+-- Retention: one batch of run records older than the cut-off, but never a run of a
+-- failed task that is kept (without %(include_failed)s): its runs are what says why.
 DELETE FROM {schema}.task_runs
-WHERE id IN (SELECT id FROM {schema}.task_runs
-             WHERE finished_at < now() - %(days)s * interval '1 day'
-             ORDER BY finished_at
+WHERE id IN (SELECT r.id FROM {schema}.task_runs AS r
+             WHERE r.finished_at < now() - %(days)s * interval '1 day'
+               AND (%(include_failed)s OR NOT EXISTS (SELECT 1 FROM {schema}.tasks AS t
+                                                      WHERE t.id = r.task_id AND t.state = 'failed'))
+             ORDER BY r.finished_at
              LIMIT %(batch)s);
 
 -- name: processor_heartbeat
@@ -591,9 +661,9 @@ SELECT count(*) FROM gone;
 
 -- name: recurring_schedules
 -- Each schedule with its latest run (by slot; the unique index on (task_name,
--- recurring_slot) finds it).
+-- recurring_slot) finds it), and whether it is disabled.
 SELECT r.task_name, r.run_every, r.next_run_at, r.timeout_seconds,
-       last.id, last.state, last.started_at, last.finished_at
+       last.id, last.state, last.started_at, last.finished_at, r.consecutive_failures, r.disabled_at
 FROM {schema}.recurring_tasks AS r
 LEFT JOIN LATERAL (
     SELECT t.id, t.state, t.started_at, t.finished_at
@@ -620,6 +690,29 @@ WITH schedule AS (
     SELECT id, task_name, attempts, now(), 'cancelled', %(by)s FROM waiting
 )
 SELECT (SELECT count(*) FROM waiting) FROM schedule;
+
+-- name: enable_recurring
+-- Enable a schedule again (disabled when its runs failed too often in a row; see
+-- complete), its count of failures back to 0. A disabled schedule's next slot has
+-- usually passed: it moves to the latest slot that has begun, so the schedule runs now,
+-- as Flagsmith's re-enabled task does, and then on its grid, rather than counting every
+-- slot of its disabled time as missed. Returns whether it was disabled; no row when
+-- there is no such schedule. The row lock orders it with any run being recorded.
+WITH schedule AS (
+    SELECT task_name, disabled_at IS NOT NULL AS was_disabled
+    FROM {schema}.recurring_tasks WHERE task_name = %(name)s
+    FOR UPDATE
+)
+UPDATE {schema}.recurring_tasks AS r
+SET consecutive_failures = 0,
+    disabled_at = NULL,
+    next_run_at = CASE WHEN s.was_disabled AND r.next_run_at < now()
+                       THEN r.next_run_at + r.run_every
+                            * floor(extract(epoch FROM now() - r.next_run_at) / extract(epoch FROM r.run_every))::bigint
+                       ELSE r.next_run_at END
+FROM schedule AS s
+WHERE r.task_name = s.task_name
+RETURNING s.was_disabled;
 
 -- name: procqueue_schemas
 -- The schemas of this database that hold a procqueue queue (for "did you mean"). From
@@ -648,3 +741,16 @@ SELECT id, task_name, queue, locked_by, locked_worker, locked_at, started_at
 FROM {schema}.tasks WHERE state = 'running'
 ORDER BY locked_by, locked_worker, id
 LIMIT %(limit)s;
+
+-- name: delete_canary
+-- The health check's own task row and its runs, once it has its answer: a queued one not
+-- yet claimed, or one finished. One that a worker holds is left to finish; retention
+-- takes it later.
+WITH gone AS (
+    DELETE FROM {schema}.tasks
+    WHERE id = %(id)s AND task_name = %(name)s AND locked_by IS NULL AND state <> 'running'
+    RETURNING id
+), runs AS (
+    DELETE FROM {schema}.task_runs WHERE task_id IN (SELECT id FROM gone)
+)
+SELECT count(*) FROM gone;

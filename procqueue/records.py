@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Set, Union
 
 from .errors import TaskError
 
@@ -189,10 +189,22 @@ class ReleasedTask:
     state: TaskState  # where it went: queued (to run again), failed or missed
     started: bool = True  # it had started (else it was only claimed, and went back untouched)
     outcome: RunOutcome = RunOutcome.LOST  # how its run was recorded (timed_out: a killed overrun)
+    # A recurring run whose failure disabled its schedule: the schedule's failures in a row.
+    disabled_schedule_after: Optional[int] = None
 
     @property
     def retrying(self) -> bool:
         return self.state is TaskState.QUEUED
+
+
+@dataclass(frozen=True)
+class RecordedOutcomes:
+    """What `complete` did with a batch of outcomes."""
+
+    moved: Set[int]  # the tasks still held under the claim that ran them: recorded
+    # Recurring schedules this batch disabled (their runs failed too often in a row), by
+    # name, with their count of consecutive failures.
+    disabled: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -221,7 +233,7 @@ class QueueDepth:
     waiting: int = 0  # queued and due: what `{"waiting": N}` counts
     scheduled: int = 0  # queued for later (delay_until, a retry's backoff)
     running: int = 0
-    failed: int = 0  # failed for good, kept for the retention period
+    failed: int = 0  # failed for good, kept until purged (or TASK_DELETE_INCLUDE_FAILED_TASKS)
     oldest_waiting_age_seconds: Optional[float] = None  # how long the oldest due task has waited
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, time, timedelta, timezone
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -31,8 +31,10 @@ class TaskBackoffError(TaskProcessingError):
     """Raise from a task to have it run again later (Flagsmith's name, and, as there, a
     TaskProcessingError).
 
-    `delay_until`: when to run it again (default: the task's usual retry backoff). The run
-    is recorded with outcome `backoff` and does not count against `max_attempts`.
+    `delay_until`: when to run it again (default: TASK_BACKOFF_DEFAULT_DELAY_SECONDS, 5 s,
+    from now). The run is recorded with outcome `backoff` and uses an attempt, as in
+    Flagsmith: on the last of `max_attempts` the task ends `failed` instead. A recurring
+    run that backs off ends `missed`: the next slot is its retry.
     """
 
     def __init__(self, delay_until: Optional[datetime] = None, *args: object) -> None:
@@ -226,6 +228,17 @@ def register_recurring_task(
         return handler
 
     return decorator
+
+
+def reschedule_recurring(task_name: str, *, run_every: timedelta, first_run_time: Union[time, datetime, None],
+                         timeout: timedelta) -> None:
+    """Change a registered recurring task's schedule (before a processor registers it):
+    for procqueue's own clean-up, whose schedule is a setting, not code."""
+    schedule = _recurring[task_name]
+    if not isinstance(run_every, timedelta) or run_every <= timedelta(0):
+        raise TaskError(f"recurring task {task_name}: run_every must be a positive timedelta, got {run_every!r}")
+    _recurring[task_name] = replace(schedule, run_every=run_every, first_run_at=_anchor(task_name, first_run_time),
+                                    timeout=_validated_timeout(task_name, timeout))
 
 
 def default_task_name(func: Callable[..., Any]) -> str:

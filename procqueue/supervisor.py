@@ -21,7 +21,7 @@ from collections import deque
 from datetime import datetime, timedelta, timezone
 from typing import Callable, Deque, Dict, List, Optional
 
-from . import client, registry
+from . import client, maintenance, registry
 from .supervisor_database import Release, SupervisorDatabase
 from .config import ProcessorConfig
 from .db import bound_every_wait
@@ -112,6 +112,7 @@ class Supervisor:
         bound_every_wait(SUPERVISOR_WAIT_SECONDS)
         self.monitor.open()
         self.lifeline = Lifeline()
+        maintenance.schedule_clean_up(self.config.retention)  # before the schedules are registered
         if self.monitor.metrics_store is not None:
             initialise_series(registry.registered_names(), [s.task_name for s in registry.recurring_schedules()])
         client.configure(database_url=self.config.database.url, schema=self.config.database.schema,

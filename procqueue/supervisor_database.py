@@ -28,6 +28,7 @@ from .metrics import TaskMetrics, result_label
 from .migrations import migrate
 from .queries import Queries
 from .records import ExpiredTask, QueueStats, ReleasedTask, RunOutcome, TaskState
+from .worker import log_recurring_disabled
 
 logger = logging.getLogger("procqueue.supervisor")
 
@@ -202,6 +203,9 @@ class SupervisorDatabase:
                 # Named as its run is recorded: a hard-killed overrun is timed_out, not lost.
                 log_event(logger, logging.WARNING, f"task.{task.outcome.value}", task_id=task.task_id,
                           task=task.task_name, worker=index, next=next_step(task), cause=release.cause)
+                if task.disabled_schedule_after is not None:
+                    self.task_metrics.recurring_disabled(task.task_name)
+                    log_recurring_disabled(task.task_name, task.disabled_schedule_after, worker=index)
 
     def count_lost(self, task: ReleasedTask, outcome: RunOutcome) -> None:
         self.task_metrics.run_finished(task.task_name, task.recurring, result_label(outcome, task.retrying), None)

@@ -15,7 +15,7 @@ import select
 import time
 import traceback
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Callable, Dict, List, Optional, Set
 
 import psutil
@@ -278,7 +278,8 @@ class Worker:
         running = self.current = self.in_hand = RunningTask(
             task, self.clock(), start.recorded_at or utcnow(), boot_clock(), marked=start.recorded_at is not None)
         with self.flusher.connection_lent() if self.flusher is not None else contextlib.nullcontext():
-            outcome = execute(task, started=start.recorded_at)
+            outcome = execute(task, started=start.recorded_at,
+                              backoff_delay_seconds=self.config.backoff_default_delay_seconds)
             # Shown as ended before the connection is taken back, which waits for a flush
             # under way: a flush stalled on a lock must not leave a finished task showing
             # as running to its deadline, to be killed and charged a timeout it never had.
@@ -396,7 +397,10 @@ class Worker:
         retrying = outcome.state is TaskState.QUEUED
         duration = (outcome.finished_at - outcome.started_at).total_seconds()
         self.metrics.run_started(task.task_name, task.queue, (outcome.started_at - task.run_at).total_seconds())
-        self.metrics.run_finished(task.task_name, recurring, result_label(outcome.outcome, retrying), duration)
+        result = result_label(outcome.outcome, retrying)
+        if outcome.outcome is RunOutcome.BACKOFF and outcome.state is TaskState.FAILED:
+            result = "failed"  # a backoff on its last attempt: failed for good, as an alert on `failed` expects
+        self.metrics.run_finished(task.task_name, recurring, result, duration)
         if outcome.state is TaskState.MISSED:
             self.metrics.slots_missed(task.task_name)
 
@@ -446,8 +450,12 @@ class Worker:
         self.pending = []
 
     def _complete(self, outcomes: List[TaskOutcome]) -> Set[int]:
-        return self.queries.complete(self.conn, processor=self.processor_id, worker=self.index, outcomes=outcomes,
-                                     leases=self.leases)
+        recorded = self.queries.complete(self.conn, processor=self.processor_id, worker=self.index,
+                                         outcomes=outcomes, leases=self.leases)
+        for name, failures in recorded.disabled.items():
+            self.metrics.recurring_disabled(name)
+            log_recurring_disabled(name, failures, worker=self.index)
+        return recorded.moved
 
     def _complete_one_by_one(self, outcomes: List[TaskOutcome]) -> Set[int]:
         """The batch was refused for its data: record each alone, so one bad outcome cannot
@@ -600,6 +608,25 @@ class Worker:
         if outcome.outcome is RunOutcome.SUCCEEDED:
             log_event(logger, logging.INFO, "task.succeeded", **fields)
             return
+        if outcome.outcome is RunOutcome.BACKOFF and outcome.state is TaskState.QUEUED:
+            # Asked for, not a failure: it uses an attempt all the same (the `attempt` field).
+            log_event(logger, logging.INFO, "task.backoff", **fields, retry_at=_retry_at(outcome).isoformat())
+            return
         next_step = {TaskState.QUEUED: "retry", TaskState.MISSED: "missed"}.get(outcome.state, "failed")
         log_event(logger, logging.WARNING, f"task.{outcome.outcome.value}", **fields, next=next_step,
                   error=outcome.summary or outcome.error or "")
+
+
+def _retry_at(outcome: TaskOutcome) -> datetime:
+    """When a task put back will run again, as the log shows it (the database counts a
+    relative delay from its own clock, a moment later)."""
+    if outcome.retry_at is not None:
+        return outcome.retry_at
+    return outcome.finished_at + timedelta(seconds=outcome.retry_in_seconds or 0.0)
+
+
+def log_recurring_disabled(task_name: str, failures: int, **fields) -> None:
+    """Once per disabling, by whoever recorded the failure that did it."""
+    log_event(logger, logging.WARNING, "recurring.disabled", task=task_name, failures=failures, **fields,
+              note="its runs failed too often in a row; no slot runs until an operator enables it "
+                   "(procqueue recurring enable)")

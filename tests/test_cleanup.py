@@ -42,7 +42,8 @@ def test_cleanup_deletes_old_finished_tasks_and_runs_only(db, retention):
     maintenance.clean_up_old_tasks()
     with db.cursor() as cur:
         cur.execute("SELECT task_name FROM procqueue.tasks ORDER BY id")
-        assert [r[0] for r in cur.fetchall()] == ["recent.ok", "old.still.queued"]
+        # Failed tasks are kept (TASK_DELETE_INCLUDE_FAILED_TASKS is false by default).
+        assert [r[0] for r in cur.fetchall()] == ["old.failed", "recent.ok", "old.still.queued"]
         cur.execute("SELECT task_name FROM procqueue.task_runs")
         assert [r[0] for r in cur.fetchall()] == ["recent.ok"]
 

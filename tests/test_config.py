@@ -66,3 +66,10 @@ def test_the_default_status_file_is_per_user_and_shared_by_processor_and_probe()
     assert default_status_file({"TMPDIR": "/scratch"}) == Path(f"/scratch/procqueue-{uid}/status.json")
     assert default_status_file({"PROCQUEUE_STATUS_FILE": "/run/pq.json", "TMPDIR": "/scratch"}) == Path("/run/pq.json")
     assert processor_config(env={"TMPDIR": "/scratch"}).status_file == default_status_file({"TMPDIR": "/scratch"})
+
+
+def test_the_backoff_delay_is_read_from_the_environment_and_checked():
+    assert processor_config(env={}).backoff_default_delay_seconds == 5
+    assert processor_config(env={"TASK_BACKOFF_DEFAULT_DELAY_SECONDS": "0"}).backoff_default_delay_seconds == 0
+    with pytest.raises(ConfigError, match="TASK_BACKOFF_DEFAULT_DELAY_SECONDS: '-1' .expected an integer >= 0"):
+        processor_config(env={"TASK_BACKOFF_DEFAULT_DELAY_SECONDS": "-1"})

@@ -238,6 +238,33 @@ def test_a_post_needs_session_csrf_and_same_origin_and_a_get_changes_nothing(db,
     assert "Retried" in browser.get(done.headers["location"]).body
 
 
+def test_a_disabled_schedule_is_shown_and_a_logged_in_operator_can_enable_it(db, start_dashboard):
+    with db.cursor() as cur:
+        cur.execute("INSERT INTO procqueue.recurring_tasks (task_name, run_every, first_run_at, next_run_at, "
+                    "consecutive_failures, disabled_at) VALUES ('reports.nightly', interval '1 day', now(), "
+                    "now() - interval '1 hour', 4, now() - interval '1 hour')")
+    port = start_dashboard().port()
+    stranger, browser = Browser(port), Browser(port)
+    page = stranger.get("/schedules").body
+    assert 'class="state s-disabled"' in page and "Enable" not in page  # read-only without a login
+    browser.log_in()
+    page = browser.get("/schedules").body
+    assert 'action="/schedules/enable"' in page and 'name="name" value="reports.nightly"' in page
+    csrf = browser.csrf("/schedules")
+    assert stranger.post("/schedules/enable", {"csrf": csrf, "name": "reports.nightly"}).status == 403
+    assert browser.post("/schedules/enable", {"name": "reports.nightly"}).status == 403  # no CSRF value
+    assert browser.post("/schedules/enable", {"csrf": csrf, "name": "reports.nightly"},
+                        origin="http://evil.example").status == 403
+    assert browser.get("/schedules/enable").status == 405
+    done = browser.post("/schedules/enable", {"csrf": csrf, "name": "reports.nightly"})
+    assert done.status == 303 and done.headers["location"] == "/schedules?result=enabled"
+    with db.cursor() as cur:
+        cur.execute("SELECT consecutive_failures, disabled_at FROM procqueue.recurring_tasks")
+        assert cur.fetchall() == [(0, None)]
+    page = browser.get(done.headers["location"]).body
+    assert "Enabled: it runs on schedule again" in page and 'class="state s-disabled"' not in page
+
+
 @pytest.mark.parametrize("setting, expected", [
     ({"token": "short"}, "invalid dashboard token in PROCQUEUE_DASHBOARD_TOKEN: expected at least 16"),
     ({"args": ("--token-file", "/nonexistent/token")}, "invalid value for --token-file: cannot read"),

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Dict, List
 
 import psycopg2
@@ -23,6 +24,7 @@ from databases import own_database
 from helpers import SESSION_ID, SESSION_MARKER, TESTS, wait_until
 
 PROJECT = TESTS / "django_project"
+EXAMPLE = TESTS.parent / "examples" / "django"
 DRIVERS = ["psycopg", "psycopg2"]
 # What the test run's own environment may hold that would decide for the project.
 NOT_INHERITED = ("DATABASE_URL", "PROCQUEUE_SCHEMA", "TASK_RUN_METHOD", "PROCQUEUE_IMPORTS", "DJANGO_SETTINGS_MODULE")
@@ -34,14 +36,28 @@ def project_environment(database_url: str, **extra: str) -> Dict[str, str]:
     return env
 
 
-def manage(database_url: str, *args: str, timeout: float = 90, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "manage.py", *args], cwd=PROJECT, env=project_environment(database_url, **extra),
+def manage(database_url: str, *args: str, timeout: float = 90, project: Path = PROJECT,
+           **extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "manage.py", *args], cwd=project, env=project_environment(database_url, **extra),
                           capture_output=True, text=True, timeout=timeout)
 
 
-def shell(database_url: str, code: str, **extra: str) -> dict:
+def start_runprocessor(database_url: str, *args: str, log: Path, project: Path = PROJECT, **extra: str) -> subprocess.Popen:
+    with open(log, "wb") as output:
+        return subprocess.Popen([sys.executable, "manage.py", "runprocessor", *args], cwd=project,
+                                env=project_environment(database_url, **extra), stdout=output,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(processor: subprocess.Popen) -> None:
+    if processor.poll() is None:
+        os.killpg(processor.pid, signal.SIGKILL)
+        processor.wait()
+
+
+def shell(database_url: str, code: str, project: Path = PROJECT, **extra: str) -> dict:
     """Run `code` in `manage.py shell`; it prints one JSON object as its last line."""
-    done = manage(database_url, "shell", "-c", code, **extra)
+    done = manage(database_url, "shell", "-c", code, project=project, **extra)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -124,12 +140,8 @@ print(json.dumps(Client().post("/orders/", {"item": "teapot"}).json()))
 """)["order"]
     status_file = tmp_path / "status.json"
     log = tmp_path / "runprocessor.log"
-    with open(log, "wb") as output:
-        processor = subprocess.Popen(
-            [sys.executable, "manage.py", "runprocessor", "--sleepintervalms", "2000", "--numthreads", "2",
-             "--graceperiodms", "20000", "--status-file", str(status_file)],
-            cwd=PROJECT, env=project_environment(shop), stdout=output, stderr=subprocess.STDOUT,
-            start_new_session=True)
+    processor = start_runprocessor(shop, "--sleepintervalms", "2000", "--numthreads", "2", "--graceperiodms", "20000",
+                                   "--status-file", str(status_file), log=log)
     try:
         confirmed = wait_until(lambda: rows(shop, "SELECT confirmed_by_pid FROM orders_order WHERE id = %s AND confirmed",
                                             (order,)), timeout=30, message=lambda: log.read_text())
@@ -143,9 +155,7 @@ print(json.dumps(Client().post("/orders/", {"item": "teapot"}).json()))
         health = manage(shop, "checktaskprocessorthreadhealth", "--status-file", str(status_file))
         assert health.returncode == 1 and "unhealthy" in health.stderr, health
     finally:
-        if processor.poll() is None:
-            os.killpg(processor.pid, signal.SIGKILL)
-            processor.wait()
+        stop(processor)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -240,3 +250,28 @@ def test_runprocessor_takes_run_task_processors_flags(shop_database):
     for flag in ("--numthreads", "--sleepintervalms", "--graceperiodms", "--queuepopsize", "--database-url"):
         assert flag in helped.stdout
     assert helped.stdout.startswith("Usage: manage.py runprocessor [OPTIONS]")
+
+
+def test_the_example_project_welcomes_a_sign_up(server_url, tmp_path):
+    """examples/django, as its README runs it: migrate, a sign-up through the view, the
+    welcome email sent by `runprocessor`'s worker, and the health command."""
+    with own_database(server_url, schema=None, prefix="procqueue_example_") as url:
+        example = {"project": EXAMPLE, "DATABASE_URL": url, "PROCQUEUE_METRICS_PORT": "0"}
+        migrated = manage(url, "migrate", "--noinput", **example)
+        assert migrated.returncode == 0, migrated.stderr
+        signup = shell(url, """
+import json
+from django.test import Client
+print(json.dumps(Client().post("/sign-up/", {"email": "ada@example.com"}).json()))
+""", **example)["signup"]
+        status_file = tmp_path / "status.json"
+        log = tmp_path / "runprocessor.log"
+        processor = start_runprocessor(url, "--numthreads", "2", "--status-file", str(status_file), log=log, **example)
+        try:
+            wait_until(lambda: rows(url, "SELECT welcomed_at IS NOT NULL FROM signups_signup WHERE id = %s",
+                                    (signup,)) == [(True,)], timeout=30, message=lambda: log.read_text())
+            health = manage(url, "checktaskprocessorthreadhealth", "--status-file", str(status_file), **example)
+            assert health.returncode == 0, health
+            assert ("tasks.report_unwelcomed",) in rows(url, "SELECT task_name FROM procqueue.recurring_tasks")
+        finally:
+            stop(processor)

@@ -160,7 +160,15 @@ def test_a_recurring_run_asking_for_a_backoff_is_missed_not_run_again_in_its_slo
     assert (outcome.state, outcome.outcome) == (TaskState.MISSED, RunOutcome.BACKOFF)
     assert "the next slot is its retry" in outcome.error
     ordinary = run(claimed(ask_for_backoff))
-    assert (ordinary.state, ordinary.refund_attempt) == (TaskState.QUEUED, True)
+    assert (ordinary.state, ordinary.refund_attempt) == (TaskState.QUEUED, False)  # a backoff uses an attempt
+
+
+def test_a_backoff_on_the_last_attempt_fails_with_its_traceback():
+    outcome = run(claimed(ask_for_backoff, attempts=3, max_attempts=3))
+    assert (outcome.state, outcome.outcome) == (TaskState.FAILED, RunOutcome.BACKOFF)
+    assert outcome.error.startswith("backed off on its last attempt (3 of 3)")
+    assert "Traceback" in outcome.error and "in ask_for_backoff" in outcome.error
+    assert outcome.summary == "TaskBackoffError (backed off on its last attempt)"
 
 
 def test_a_row_whose_args_are_not_an_array_or_kwargs_not_an_object_fails_without_running(db, worker):

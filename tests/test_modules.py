@@ -16,18 +16,27 @@ import procqueue
 PACKAGE = Path(procqueue.__file__).parent
 
 
+def module_name(path: Path) -> str:
+    """procqueue/contrib/django/wiring.py -> procqueue.contrib.django.wiring"""
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def imported_modules(path: Path) -> Set[str]:
     """The procqueue modules a module imports (as `procqueue.x` names)."""
     names = set()
+    package = module_name(path).split(".") if path.stem == "__init__" else module_name(path).split(".")[:-1]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.ImportFrom):
-            if node.level == 1:  # from .x import y / from . import x
+            if node.level:  # from .x import y / from ... import x
+                base = ".".join(package[:len(package) - node.level + 1])
                 if node.module:
-                    names.add(f"procqueue.{node.module}")
+                    names.add(f"{base}.{node.module}")
                 else:
-                    names.update(f"procqueue.{alias.name}" for alias in node.names)
-            elif node.level == 0 and (node.module or "").startswith("procqueue"):
+                    names.update(f"{base}.{alias.name}" for alias in node.names)
+            elif (node.module or "").startswith("procqueue"):
                 names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)  # from procqueue import cli
         elif isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names if alias.name.startswith("procqueue."))
         elif isinstance(node, ast.Call) and _called_name(node.func) == "import_module" and node.args \
@@ -41,8 +50,13 @@ def _called_name(func: ast.expr) -> str:
     return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
 
 
+def package_modules() -> List[Path]:
+    """Every module of the package, its subpackages' (procqueue.contrib.django) too."""
+    return sorted(path for path in PACKAGE.rglob("*.py") if path.stem != "__init__")
+
+
 def import_graph() -> Dict[str, Set[str]]:
-    modules = {f"procqueue.{path.stem}": path for path in PACKAGE.glob("*.py") if path.stem != "__init__"}
+    modules = {module_name(path): path for path in package_modules()}
     return {name: imported_modules(path) & set(modules) for name, path in modules.items()}
 
 
@@ -76,5 +90,11 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_the_readme_says_where_every_module_belongs():
     readme = (PACKAGE.parent / "README.md").read_text()
     development = readme[readme.index("## Development"):]
-    modules = sorted(path.name for path in PACKAGE.glob("*.py") if path.stem not in ("__init__", "__main__"))
+    modules = [str(path.relative_to(PACKAGE)) for path in package_modules() if path.stem != "__main__"]
     assert [name for name in modules if f"`{name}`" not in development] == []
+
+
+def test_the_import_graph_sees_imports_of_subpackages():
+    graph = import_graph()
+    assert {"procqueue.client", "procqueue.contrib.django.settings"} <= graph["procqueue.contrib.django.wiring"]
+    assert "procqueue.contrib.django.commands" in graph["procqueue.contrib.django.management.commands.runprocessor"]

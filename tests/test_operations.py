@@ -287,6 +287,37 @@ def test_recurring_list_and_remove(db, cli):
                                       "(schedules: reports.daily)")
 
 
+def test_recurring_enable_and_the_list_showing_a_disabled_schedule(db, cli):
+    with db.cursor() as cur:  # reports.daily failed four times in a row an hour ago
+        cur.execute(f"INSERT INTO {SCHEMA}.recurring_tasks (task_name, run_every, first_run_at, next_run_at, "
+                    "consecutive_failures, disabled_at) VALUES "
+                    "('reports.daily', '1 minute', now() - interval '1 day', now() - interval '59 minutes 30 seconds', "
+                    "4, now() - interval '1 hour'), "
+                    "('cache.warm', '15 minutes', now(), now() + interval '15 minutes', 2, NULL)")
+    lines = cli("recurring", "list").stdout.splitlines()
+    assert lines[0].split()[:5] == ["NAME", "EVERY", "NEXT", "RUN", "(UTC)"] and "FAILED IN A ROW" in lines[0]
+    assert lines[1].split()[:2] == ["cache.warm", "15m"] and " enabled " in lines[1] and " 2 " in lines[1]
+    assert lines[2].split()[:4] == ["reports.daily", "1m", "-", "disabled"] and " 4 " in lines[2]
+    as_json = {s["task_name"]: s for s in json.loads(cli("recurring", "list", "--json").stdout)}
+    assert (as_json["reports.daily"]["disabled"], as_json["reports.daily"]["consecutive_failures"]) == (True, 4)
+    assert as_json["reports.daily"]["disabled_at"] is not None
+    assert (as_json["cache.warm"]["disabled"], as_json["cache.warm"]["disabled_at"]) == (False, None)
+
+    enabled = cli("recurring", "enable", "reports.daily")
+    assert (enabled.returncode, enabled.stdout.strip()) == (0, "enabled reports.daily"), enabled.stderr
+    with db.cursor() as cur:
+        cur.execute(f"SELECT consecutive_failures, disabled_at, next_run_at <= now(), next_run_at > now() - "
+                    f"interval '1 minute' FROM {SCHEMA}.recurring_tasks WHERE task_name = 'reports.daily'")
+        # Due now, at the latest slot that has begun: not an hour of minute slots late.
+        assert cur.fetchone() == (0, None, True, True)
+    again = cli("recurring", "enable", "cache.warm")
+    assert (again.returncode, again.stdout.strip()) == (0, "cache.warm was not disabled; its count of failures is reset")
+    missing = cli("recurring", "enable", "no.such")
+    assert missing.returncode == 4
+    assert missing.stderr.strip() == ("procqueue: error: no recurring schedule named 'no.such' "
+                                      "(schedules: cache.warm, reports.daily)")
+
+
 def test_a_schema_without_a_queue_names_the_schemas_with_one(db, cli):
     result = cli("stats", "--schema", "not_here")
     assert result.returncode == 3

@@ -195,3 +195,30 @@ def test_a_recurring_run_cut_short_by_its_supervisors_death_is_missed_and_never_
     assert runs[task_id]["starts"] == 1 and runs[task_id]["end"] is None  # cut short, never run again
     assert [r.outcome for r in procqueue.get_task_runs(task_id)] == [RunOutcome.LOST]
     assert_never_overlapping(runs, lambda tid: recorded_end(db, tid))
+
+
+def test_a_recurring_run_the_supervisor_killed_past_its_timeout_counts_as_a_failure(db):
+    """The supervisor records a run it hard-killed (timed_out) in release_worker_tasks, not
+    through complete: it counts on the schedule all the same; a run lost to a crash does not."""
+    queries.register_recurring(db, name="r.hang", run_every=timedelta(minutes=1), first_run_at=None,
+                               timeout_seconds=1)
+    with db.cursor() as cur:
+        cur.execute("UPDATE procqueue.recurring_tasks SET consecutive_failures = 3 WHERE task_name = 'r.hang'")
+
+    def release_a_started_run(outcome):
+        [run] = queries.schedule_recurring(db, ["r.hang"])
+        [claimed] = queries.claim(db, processor="p", worker=0, limit=1)
+        assert queries.start_run(db, processor="p", worker=0, task=claimed) is not None
+        with db.cursor() as cur:  # the next slot due at once, for the next call
+            cur.execute("UPDATE procqueue.recurring_tasks SET next_run_at = now() WHERE task_name = 'r.hang'")
+        return queries.release_worker_tasks(db, processor="p", worker=0, in_flight=run.task_id, error="killed",
+                                            outcome=outcome)
+
+    [lost] = release_a_started_run(RunOutcome.LOST)
+    assert (lost.state, lost.disabled_schedule_after) == (TaskState.FAILED, None)
+    [killed] = release_a_started_run(RunOutcome.TIMED_OUT)
+    assert (killed.state, killed.outcome, killed.disabled_schedule_after) == (TaskState.FAILED, RunOutcome.TIMED_OUT, 4)
+    with db.cursor() as cur:
+        cur.execute("SELECT consecutive_failures, disabled_at IS NOT NULL FROM procqueue.recurring_tasks")
+        assert cur.fetchall() == [(4, True)]
+    assert queries.schedule_recurring(db, ["r.hang"]) == []  # disabled: nothing enqueued

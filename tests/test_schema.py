@@ -121,3 +121,25 @@ def test_version_3_database_with_tasks_in_flight_is_upgraded_in_place(fresh_sche
         cur.execute("SELECT to_regclass(%s), to_regclass(%s)", (f"{name}.tasks_finished_at", f"{name}.tasks_finished"))
         assert cur.fetchone() == (None, f"{name}.tasks_finished")  # the retention index counts 'missed' now
 
+
+
+def test_version_5_database_with_schedules_is_upgraded_to_count_failures(fresh_schema):
+    conn, name = fresh_schema
+    migrate(conn, name)
+    table = sql.Identifier(name)
+    with conn.cursor() as cur:  # wind it back to version 5, with a schedule and one of its runs
+        cur.execute(sql.SQL("ALTER TABLE {}.recurring_tasks DROP COLUMN consecutive_failures, "
+                            "DROP COLUMN disabled_at").format(table))
+        cur.execute(sql.SQL("DELETE FROM {}.schema_version WHERE version >= 6").format(table))
+        cur.execute(sql.SQL("INSERT INTO {}.recurring_tasks (task_name, run_every, first_run_at, next_run_at) "
+                            "VALUES ('reports.daily', '1 day', now(), now() + interval '1 day')").format(table))
+        cur.execute(sql.SQL("INSERT INTO {}.tasks (task_name, state, recurring_slot, expires_at, finished_at) "
+                            "VALUES ('reports.daily', 'failed', now(), now() + interval '1 day', now())").format(table))
+    assert installed_version(conn, name) == 5
+    assert migrate(conn, name) is True
+    assert installed_version(conn, name) == SCHEMA_VERSION == 6
+    with conn.cursor() as cur:  # every existing schedule starts enabled, with no failure counted
+        cur.execute(sql.SQL("SELECT task_name, consecutive_failures, disabled_at FROM {}.recurring_tasks").format(table))
+        assert cur.fetchall() == [("reports.daily", 0, None)]
+        cur.execute(sql.SQL("SELECT task_name, state FROM {}.tasks").format(table))
+        assert cur.fetchall() == [("reports.daily", "failed")]

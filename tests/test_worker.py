@@ -25,7 +25,7 @@ def explode(message):
     raise RuntimeError(message)
 
 
-@register_task_handler(task_name="test_worker.backoff", max_attempts=1)
+@register_task_handler(task_name="test_worker.backoff", max_attempts=2)
 def backoff(seconds):
     raise TaskBackoffError(delay_until=datetime.now(timezone.utc) + timedelta(seconds=seconds))
 
@@ -241,15 +241,21 @@ def test_unknown_task_is_never_run_nor_dropped(db, worker):
     assert [r.outcome for r in runs_of(task_id)] == [RunOutcome.FAILED, RunOutcome.FAILED]
 
 
-def test_backoff_error_reschedules_without_using_an_attempt(worker):
+def test_backoff_error_reschedules_and_uses_an_attempt(db, worker):
     task_id = backoff.delay(args=(30,))
     worker.step()
     task = procqueue.get_task(task_id)
     assert task.state is TaskState.QUEUED
-    assert task.attempts == 0  # max_attempts=1, yet it will run again
+    assert task.attempts == 1  # a backoff counts, as in Flagsmith
     assert timedelta(seconds=28) <= task.run_at - datetime.now(timezone.utc) <= timedelta(seconds=31)
     [run] = runs_of(task_id)
     assert run.outcome is RunOutcome.BACKOFF and run.attempt == 1
+    make_due(db, task_id)
+    worker.step()  # its second and last attempt backs off too: failed
+    task = procqueue.get_task(task_id)
+    assert task.state is TaskState.FAILED and task.attempts == 2
+    assert "backed off on its last attempt (2 of 2)" in task.last_error
+    assert [r.outcome for r in runs_of(task_id)] == [RunOutcome.BACKOFF, RunOutcome.BACKOFF]
 
 
 def test_task_past_its_timeout_is_interrupted_and_retried(worker):

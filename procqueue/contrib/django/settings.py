@@ -10,6 +10,7 @@ procqueue's. The result is an environment-shaped mapping, so every rule about a 
 
 from __future__ import annotations
 
+import datetime
 import enum
 import os
 from pathlib import PurePath
@@ -99,8 +100,17 @@ def setting_text(name: str, value: Any) -> str:
         return str(value.name)
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, datetime.timedelta):  # Flagsmith's TASK_DELETE_RUN_EVERY = env.timedelta(...)
+        seconds = value.total_seconds()
+        return str(int(seconds)) if seconds.is_integer() else str(seconds)
+    if isinstance(value, datetime.time):  # Flagsmith's TASK_DELETE_RUN_TIME = env.time(...), UTC
+        if value.utcoffset() not in (None, datetime.timedelta(0)) or value.microsecond:
+            raise ConfigError(f"invalid value for settings.{name}: {value!r} (expected a time of day in UTC, "
+                              "to the second)")
+        return value.replace(tzinfo=None).isoformat()
     if isinstance(value, (str, int, float, PurePath)):
         return str(value)
     if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
         return ",".join(value)  # PROCQUEUE_IMPORTS
-    raise ConfigError(f"invalid value for settings.{name}: {value!r} (expected a string, a number or a boolean)")
+    raise ConfigError(f"invalid value for settings.{name}: {value!r} (expected a string, a number, a boolean, "
+                      "a datetime.time or a datetime.timedelta)")
