@@ -1076,3 +1076,106 @@ def test_timeout_none_is_shown_as_none(db, throwaway_tasks):
     page = task_page(View(token_configured=False, private=False), now=datetime.datetime.now(timezone.utc),
                      task=procqueue.get_task(unlimited.delay()), runs=[])
     assert "<tr><th>timeout</th><td>none</td></tr>" in page
+
+
+# -- the rest of the processor's and the models' tests (test_unit_task_processor_processor.py, _models.py,
+#    _threads.py) --
+
+
+def test_run_recurring_task_unregistered_new_task_does_nothing(db, worker, throwaway_tasks):
+    """Mirrors `test_unit_task_processor_processor.py::test_run_recurring_task__unregistered_new_task__does_nothing`:
+    a due schedule whose task this processor does not know is not run, and its row stays.
+    (Flagsmith deletes such a row once it is 30 minutes old; procqueue keeps it until an
+    operator removes it: a deliberate difference, in README's porting table.)"""
+    with db.cursor() as cur:
+        cur.execute(f"INSERT INTO {SCHEMA}.recurring_tasks (task_name, run_every, first_run_at, timeout_seconds, "
+                    "next_run_at, registered_at) VALUES ('parity.unknown', interval '1 hour', now(), 60, now(), "
+                    "now() - interval '1 day')")
+    assert run_slot(db, worker, "parity.unknown", due=False) == 0
+    with db.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {SCHEMA}.recurring_tasks WHERE task_name = 'parity.unknown'")
+        assert cur.fetchone() == (1,)
+        cur.execute(f"SELECT count(*) FROM {SCHEMA}.tasks")
+        assert cur.fetchone() == (0,)
+
+
+def first_slot_seconds_from_now(db, name, first_run_time) -> float:
+    handler = procqueue.register_recurring_task(run_every=timedelta(days=1), task_name=f"parity.{name}",
+                                                first_run_time=first_run_time)(succeed)
+    register(db, handler.task_name)
+    with db.cursor() as cur:
+        cur.execute(f"SELECT extract(epoch FROM next_run_at - now()) FROM {SCHEMA}.recurring_tasks "
+                    "WHERE task_name = %s", (handler.task_name,))
+        return float(cur.fetchone()[0])
+
+
+def test_recurring_task_first_run_time_ahead_waits_for_it(db, throwaway_tasks):
+    """Mirrors `test_unit_task_processor_models.py::test_recurring_task_run_should_execute_first_run_at`
+    (first_run_time an hour ahead: not yet) and
+    `::test_recurring_task_should_execute__first_run_time_after_midnight__returns_false`
+    (23:05:23 with a first_run_time of 00:05:23: not yet): a new schedule's first run waits
+    for that time of day, across midnight too."""
+    now = datetime.datetime.now(timezone.utc)
+    ahead = (now + timedelta(hours=1)).time().replace(microsecond=0)
+    assert 3590 <= first_slot_seconds_from_now(db, "an_hour_ahead", ahead) <= 3601
+
+
+def test_recurring_task_first_run_time_passed_waits_for_the_next_day(db, throwaway_tasks):
+    """The other half of `test_unit_task_processor_models.py::test_recurring_task_run_should_execute_first_run_at`
+    and `::test_recurring_task_should_execute__first_run_time_before_midnight__returns_true`,
+    where procqueue differs on purpose (README's porting table): a first_run_time that passed
+    an hour ago runs tomorrow at that time, not now."""
+    now = datetime.datetime.now(timezone.utc)
+    passed = (now - timedelta(hours=1)).time().replace(microsecond=0)
+    assert 23 * 3600 - 10 <= first_slot_seconds_from_now(db, "an_hour_ago", passed) <= 23 * 3600 + 1
+
+
+def test_run_tasks__tasks_executed__expected_metrics(db, worker, throwaway_tasks):
+    """Mirrors `test_unit_task_processor_processor.py::test_run_tasks__tasks_executed__expected_metrics`:
+    each run is counted in the finished counter and the duration histogram labelled with
+    task_identifier, task_type (standard, recurring) and result, as Flagsmith labels them
+    (procqueue_tasks_finished_total for flagsmith_task_processor_finished_tasks_total,
+    results `succeeded` for `success`, `retried`/`failed` for `failure`)."""
+    from prometheus_client import CollectorRegistry
+
+    from procqueue.metrics import DURATION, FINISHED
+
+    exported = CollectorRegistry()  # as the processor exports them, from its workers' files
+    exported.register(FINISHED)
+    exported.register(DURATION)
+
+    def counted(name, task_type, result, metric="procqueue_tasks_finished_total"):
+        labels = {"task_identifier": name, "task_type": task_type, "result": result}
+        return exported.get_sample_value(metric, labels) or 0.0
+
+    dummy = standard_task("metrics_dummy", succeed)
+    raising = standard_task("metrics_raise", fail)
+    expected = [(dummy.task_name, "standard", "succeeded"), (raising.task_name, "standard", "retried"),
+                ("parity.metrics_recurring", "recurring", "succeeded")]
+    before = {key: (counted(*key), counted(*key, metric="procqueue_task_duration_seconds_count")) for key in expected}
+    dummy.delay()
+    raising.delay()
+    assert worker.step() == 2
+    recurring = recurring_task(db, worker, "metrics_recurring", succeed)
+    assert run_slot(db, worker, recurring.task_name) == 1
+    for key in expected:
+        assert (counted(*key), counted(*key, metric="procqueue_task_duration_seconds_count")) == \
+            (before[key][0] + 1, before[key][1] + 1), key
+
+
+@pytest.mark.timeout(60)
+def test_task_runner_is_resilient_to_errors(db, start_processor):
+    """Mirrors `test_unit_task_processor_threads.py::test_task_runner_is_resilient_to_errors`:
+    a database error in a worker's round is logged and the worker carries on: its
+    connection killed under it, it reconnects and runs the next task."""
+    import sample_tasks
+
+    processor = start_processor("--numthreads", "1")
+    processor.wait_for_status(lambda document: document["workers"][0]["state"] == "idle", message="an idle worker")
+    with db.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'procqueue-worker-0'")
+        assert cur.fetchone() == (True,)
+    task_id = sample_tasks.record_task.delay(args=("after the error",))
+    wait_until(lambda: procqueue.get_task(task_id).state is TaskState.SUCCEEDED, timeout=30,
+               message=lambda: processor.log())
+    assert "event=worker.database_error" in processor.log() or "event=worker.reconnected" in processor.log()
