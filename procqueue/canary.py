@@ -31,11 +31,17 @@ def is_processor_healthy(max_tries: int = 5, factor: float = 0.1) -> bool:
     # procqueue's own autocommit connection, not the application's default one: inside
     # a request's transaction the canary would stay invisible to every processor.
     conn, queries = client.connection(create_schema=True)
-    task_id = health_check.delay(args=(canary,), connection=conn)
     try:
-        return _succeeds(queries, conn, task_id, max_tries, factor)
+        task_id = health_check.delay(args=(canary,), connection=conn)
+        try:
+            return _succeeds(queries, conn, task_id, max_tries, factor)
+        finally:
+            queries.delete_canary(conn, task_id=task_id, task_name=HEALTH_CHECK_TASK_NAME)
     finally:
-        queries.delete_canary(conn, task_id=task_id, task_name=HEALTH_CHECK_TASK_NAME)
+        # Not kept open between checks: a health check every few seconds does not need
+        # it, and under Django's test runner it would keep the test database from being
+        # dropped.
+        client.close_connection()
 
 
 def _succeeds(queries, conn, task_id: int, max_tries: int, factor: float) -> bool:

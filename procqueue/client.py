@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Mapping, Optional, Tuple, Union
 
 from . import config as config_module
@@ -28,7 +28,7 @@ class ClientSettings:
     max_arguments_bytes: Optional[int] = config_module.DEFAULT_MAX_ARGUMENTS_BYTES  # None: no limit
     # How long finished tasks are kept, for the clean-up task: a processor's supervisor
     # sets its config's before forking the workers that run it.
-    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    retention: Optional[RetentionConfig] = None  # None: read from the environment where the clean-up runs
     # Where `.delay()` writes when the caller passes no connection: a function returning
     # one (the Django app's: Django's connection, so the task joins its transaction), or
     # None for procqueue's own autocommit connection.
@@ -101,7 +101,9 @@ def settings_from_environment(env: Optional[Mapping[str, str]] = None, **hooks: 
     (`default_connection`, `on_commit`) as `configure` takes them."""
     return ClientSettings(
         config_module.database_config_from_env(env), config_module.task_run_method_from_env(env),
-        config_module.max_arguments_bytes_from_env(env), config_module.retention_config_from_env(env), **hooks,
+        # Not the retention: only the clean-up task, in a processor, needs it, and a mistake in
+        # it must not break every `.delay()` of the application.
+        config_module.max_arguments_bytes_from_env(env), None, **hooks,
     )
 
 

@@ -33,6 +33,11 @@ def lent(connection: Any) -> Any:
         return connection
     psycopg = sys.modules.get("psycopg")
     if psycopg is not None and isinstance(connection, psycopg.Connection):
+        if connection.pgconn.pipeline_status:  # libpq's PQpipelineStatus: 0 is off
+            # Results arrive only at the pipeline's next sync, so the new task's id (and
+            # whether queue_size skipped it) cannot be known when .delay() returns.
+            raise TypeError("connection= is a psycopg 3 connection in pipeline mode; call .delay() outside "
+                            "its `with conn.pipeline():` block")
         return Psycopg3Connection(connection)
     kind = type(connection)
     raise TypeError(f"connection= must be {ACCEPTED}; got {kind.__module__}.{kind.__qualname__}")

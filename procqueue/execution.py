@@ -30,6 +30,9 @@ class SupervisorGoneError(BaseException):
     TaskTimeoutError is one."""
 
 
+MAX_ALARM_SECONDS = 10 ** 8  # about three years
+
+
 class _SoftTimeout:
     """SIGALRM-based timeout for the task running in this (main) thread.
 
@@ -55,7 +58,10 @@ class _SoftTimeout:
     def arm(self, seconds: float) -> None:
         if self.installed:
             self.armed, self.cause = True, TaskTimeoutError
-            signal.setitimer(signal.ITIMER_REAL, seconds)
+            # Armed, so a stop can still interrupt the task (interrupt_within), but with no
+            # timer past MAX_ALARM_SECONDS: timeout=None is ten years, which some kernels'
+            # setitimer refuses (BSD's, over 10**8 s), and no alarm that far off matters.
+            signal.setitimer(signal.ITIMER_REAL, seconds if seconds <= MAX_ALARM_SECONDS else 0)
 
     def interrupt_within(self, seconds: float, cause: type) -> None:
         """Have the running task (if any) interrupted with `cause` within `seconds`, unless

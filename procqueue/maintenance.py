@@ -7,7 +7,7 @@ import logging
 import time
 from datetime import timedelta
 
-from .config import DEFAULT_CLEAN_UP_EVERY, RetentionConfig
+from .config import DEFAULT_CLEAN_UP_EVERY, RetentionConfig, retention_config_from_env
 from .logs import log_event
 from .records import TaskPriority
 from .registry import register_recurring_task, register_task_handler, reschedule_recurring
@@ -40,7 +40,8 @@ def clean_up_old_tasks() -> None:
     """
     from . import client
 
-    retention = client.settings().retention  # the processor's config (its supervisor set it), else the environment's
+    # The processor's config (its supervisor set it), else the environment's.
+    retention = client.settings().retention or retention_config_from_env()
     if not retention.enabled:
         return  # said once, at the processor's start (clean_up=off); not a statement sent
     conn, queries = client.connection()

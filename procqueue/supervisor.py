@@ -170,7 +170,10 @@ class Supervisor:
                       note="no DATABASE_URL: fine for development; processors and apps elsewhere cannot see it")
         log_event(logger, logging.INFO, "processor.started", processor=self.processor_id,
                   pid=os.getpid(), tasks=len(registry.registered_names()), **self.config.public_dict())
-        if not self.config.imports:
+        if not self.config.imports and not any(name.split(".", 1)[0] != "procqueue"
+                                               for name in registry.registered_names()):
+            # Only procqueue's own tasks: with none imported (by --import, or by a
+            # framework such as Django's app before the processor started), say so.
             log_event(logger, logging.WARNING, "processor.no_task_modules",
                       note="no --import (PROCQUEUE_IMPORTS): only procqueue's own tasks are registered; "
                            "any other task is put back as unknown, and fails after its attempts")

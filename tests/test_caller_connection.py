@@ -129,6 +129,19 @@ def test_a_connection_of_another_kind_is_refused_by_name(db, make, named):
     assert tasks(db) == []
 
 
+def test_a_psycopg_connection_in_pipeline_mode_is_refused(db, database_url):
+    """In a pipeline the insert's result (the id, or queue_size's skip) comes only at the
+    next sync: refused, rather than a written task reported as skipped."""
+    import psycopg
+
+    with psycopg.connect(database_url) as lent:
+        with lent.pipeline():
+            with pytest.raises(TypeError, match="pipeline mode; call .delay\\(\\) outside"):
+                greet.delay(args=("x",), connection=lent)
+        lent.commit()
+    assert tasks(db) == []
+
+
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg", "psycopg-server-binding"])
 def test_a_django_connection_follows_djangos_transactions(db, database_url, driver):
     """Through Django's cursor: autocommit outside atomic(), atomic() commits or rolls back."""

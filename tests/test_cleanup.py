@@ -14,9 +14,9 @@ from procqueue.registry import recurring_schedules
 def retention():
     """Sets the retention the clean-up task uses, as a processor's supervisor does;
     puts back what was there after the test."""
-    before = procqueue.client.settings().retention
+    before = procqueue.client.settings()
     yield lambda **settings: procqueue.configure(retention=RetentionConfig(**settings))
-    procqueue.configure(retention=before)
+    procqueue.client.use_settings(before)
 
 
 def test_cleanup_is_a_registered_recurring_task():

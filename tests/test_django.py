@@ -9,6 +9,7 @@ test server, on both of Django's PostgreSQL drivers where the driver matters.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -197,12 +198,13 @@ print(json.dumps({"started_inside": started_inside, "ran": sorted(ran),
 
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_the_projects_own_tests_see_tasks_in_djangos_test_database(shop, driver):
-    """`manage.py test`: `.delay()`, `procqueue.get_task` and `procqueue.cancel` in a
+    """`manage.py test`: `.delay()`, `procqueue.get_task`, `procqueue.cancel` and
+    `procqueue.is_processor_healthy` in a
     TestCase go to the test database, inside the test's transaction, and Django can drop
     that database afterwards (nothing of procqueue's holds it open)."""
     ran = manage(shop, "test", "orders", "--noinput", timeout=120, SHOP_DRIVER=driver)
     assert ran.returncode == 0, ran.stderr
-    assert "OK" in ran.stderr and "Ran 1 test" in ran.stderr
+    assert "OK" in ran.stderr and "Ran 2 tests" in ran.stderr
     assert rows(shop, "SELECT count(*) FROM procqueue.tasks") == [(0,)]  # nothing written to the real one
 
 
@@ -225,8 +227,9 @@ print(json.dumps(confirm_order.delay(args=(1,))))
 
 
 def test_settings_mistakes_are_one_line_from_every_command(shop):
-    """A bad setting stops nothing from starting with a traceback: `check` names it,
-    `runprocessor` exits 2 with one line, and `.delay()` raises it."""
+    """A bad setting stops nothing from starting with a traceback: `check` names it and
+    `runprocessor` exits 2 with one line; a mistake in what `.delay()` needs (here the
+    queue's alias) is also the error every `.delay()` raises."""
     bad = {"SHOP_BAD_SETTING": "1"}
     checked = manage(shop, "check", **bad)
     assert checked.returncode == 1
@@ -236,11 +239,107 @@ def test_settings_mistakes_are_one_line_from_every_command(shop):
     assert (run.returncode, run.stderr) == (
         2, "manage.py runprocessor: error: invalid value for TASK_PROCESSOR_NUM_THREADS: 'lots' "
            "(expected an integer >= 1)\n")
-    unknown_alias = {"SHOP_TASK_DATABASE_URL": ""}
-    flag = manage(shop, "runprocessor", "--numthreads", "none", **unknown_alias)
+    unknown_alias = {"SHOP_QUEUE_ALIAS": "queue"}
+    expected = "invalid value for PROCQUEUE_DATABASE: the DATABASES alias 'queue' is not in DATABASES " \
+               "(expected one of 'default')"
+    assert f"(procqueue.E001) {expected}" in manage(shop, "check", **unknown_alias).stderr
+    refused = shell(shop, """
+import json
+from orders.tasks import confirm_order
+try:
+    confirm_order.delay(args=(1,))
+except Exception as exc:
+    print(json.dumps([type(exc).__name__, str(exc)]))
+""", **unknown_alias)
+    assert refused == ["ConfigError", expected]
+    flag = manage(shop, "runprocessor", "--numthreads", "none")
     assert (flag.returncode, flag.stderr) == (
         2, "manage.py runprocessor: error: invalid value for --numthreads: 'none' is not a valid integer "
            "(see manage.py runprocessor --help)\n")
+
+
+def test_a_projects_own_postgresql_backend_is_postgresql(shop):
+    """A backend subclassing Django's (django-prometheus', a pooling wrapper's) is accepted:
+    the check is the backend's vendor, not the ENGINE's name."""
+    engine = {"SHOP_ENGINE": "shop.backend"}
+    assert manage(shop, "check", **engine).returncode == 0
+    task_id = shell(shop, """
+import json
+from orders.tasks import confirm_order
+print(json.dumps(confirm_order.delay(args=(5,))))
+""", **engine)
+    assert rows(shop, "SELECT args FROM procqueue.tasks WHERE id = %s", (task_id,)) == [([5],)]
+
+
+def test_the_commands_take_their_flags_from_call_command_too(shop, tmp_path):
+    """`call_command("checktaskprocessorthreadhealth", "--status-file", PATH)`: the flags
+    reach procqueue's parser as they do from `manage.py`."""
+    missing = tmp_path / "none.json"
+    answer = shell(shop, f"""
+import json
+from django.core.management import call_command
+try:
+    call_command("checktaskprocessorthreadhealth", "--status-file", {str(missing)!r})
+    code = 0
+except SystemExit as exit:
+    code = exit.code
+print(json.dumps(code))
+""")
+    assert answer == 1
+
+
+@pytest.mark.timeout(90)
+def test_workers_never_share_a_django_connection_opened_before_they_forked(shop, tmp_path):
+    """A task module that queries when imported (`-i orders.warm`), with persistent
+    connections: each worker still gets a database session of its own, never the one
+    the supervisor opened before forking."""
+    ids = shell(shop, """
+import json
+from orders.tasks import note_backend
+print(json.dumps([note_backend.delay() for _ in range(12)]))
+""")
+    persistent = {"SHOP_PERSISTENT_CONNECTIONS": "1"}
+    log = tmp_path / "runprocessor.log"
+    processor = start_runprocessor(shop, "--numthreads", "3", "-i", "orders.warm", "--queuepopsize", "1",
+                                   "--status-file", str(tmp_path / "status.json"), log=log, **persistent)
+    try:
+        wait_until(lambda: rows(shop, "SELECT count(*) FROM procqueue.tasks WHERE id = ANY(%s) AND state = 'succeeded'",
+                                (ids,)) == [(12,)], timeout=60, message=lambda: log.read_text())
+    finally:
+        stop(processor)
+    seen = rows(shop, "SELECT DISTINCT worker_pid, backend_pid FROM backends_seen")
+    by_backend = collections.defaultdict(set)
+    for worker_pid, backend_pid in seen:
+        by_backend[backend_pid].add(worker_pid)
+    assert all(len(workers) == 1 for workers in by_backend.values()), seen
+
+
+def test_transaction_on_commit_waits_for_the_default_database_with_a_separate_task_database(server_url, shop):
+    """With Flagsmith's separate task database, a SEPARATE_THREAD task still waits for the
+    caller's transaction, on the default database, as Flagsmith hooks it."""
+    with own_database(server_url, schema=None, prefix="procqueue_django_tasks_") as task_url:
+        seen = shell(shop, """
+import json
+from django.db import transaction
+from procqueue import register_task_handler
+
+@register_task_handler(task_name="shop.note_separate")
+def note():
+    pass
+
+with transaction.atomic():
+    committed = note.run_in_thread()
+    started_inside = committed.ident is not None
+committed.join(10)
+try:
+    with transaction.atomic():
+        rolled_back = note.run_in_thread()
+        raise RuntimeError
+except RuntimeError:
+    pass
+print(json.dumps([started_inside, committed.ident is not None, rolled_back.ident is not None]))
+""", SHOP_TASK_DATABASE_URL=task_url, SHOP_TASK_RUN_METHOD="SEPARATE_THREAD")
+    assert seen == [False, True, False]
 
 
 def test_runprocessor_takes_run_task_processors_flags(shop_database):

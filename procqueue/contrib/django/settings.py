@@ -53,13 +53,20 @@ def database_alias() -> str:
         alias, source = ((FLAGSMITH_TASK_ALIAS, FLAGSMITH_DATABASES_SETTING) if FLAGSMITH_TASK_ALIAS in listed
                          else ("default", "DATABASES"))
     databases = django_settings.DATABASES
-    if alias not in databases:
+    if not isinstance(alias, str) or alias not in databases:
         raise ConfigError(f"invalid value for {source}: the DATABASES alias {alias!r} is not in DATABASES "
                           f"(expected one of {', '.join(map(repr, databases)) or 'none: DATABASES is empty'})")
-    engine = databases[alias].get("ENGINE", "")
-    if engine not in POSTGRES_ENGINES:
-        raise ConfigError(f"invalid value for DATABASES[{alias!r}]['ENGINE']: {engine!r} "
-                          f"(expected {POSTGRES_ENGINES[0]!r}: procqueue's queue lives in PostgreSQL)")
+    # By the backend's vendor, not its ENGINE's name: a project's own backend (a
+    # subclass of Django's, for metrics or pooling) is as much PostgreSQL.
+    try:
+        vendor = connections[alias].vendor
+    except Exception as exc:  # an ENGINE Django cannot load: its own message says which
+        raise ConfigError(f"invalid value for DATABASES[{alias!r}]['ENGINE']: {exc}") from None
+    if vendor != "postgresql":
+        engine = databases[alias].get("ENGINE", "")
+        raise ConfigError(f"invalid value for DATABASES[{alias!r}]['ENGINE']: {engine!r} is {vendor} "
+                          f"(expected a PostgreSQL backend such as {POSTGRES_ENGINES[0]!r}: procqueue's queue "
+                          "lives in PostgreSQL)")
     return alias
 
 
@@ -77,7 +84,11 @@ def database_dsn(alias: str) -> str:
         "port": settings_dict.get("PORT"),
     }
     for key, value in (settings_dict.get("OPTIONS") or {}).items():
-        if key in LIBPQ_KEYWORDS and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        if key not in LIBPQ_KEYWORDS:
+            continue  # Django's own (isolation_level, server_side_binding, pool, assume_role, ...)
+        if isinstance(value, os.PathLike):  # sslrootcert=BASE_DIR / "ca.pem"
+            value = os.fspath(value)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             params[key] = value
     return make_dsn(**{key: str(value) for key, value in params.items() if value not in (None, "")})
 
@@ -112,5 +123,6 @@ def setting_text(name: str, value: Any) -> str:
         return str(value)
     if isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value):
         return ",".join(value)  # PROCQUEUE_IMPORTS
-    raise ConfigError(f"invalid value for settings.{name}: {value!r} (expected a string, a number, a boolean, "
-                      "a datetime.time or a datetime.timedelta)")
+    # The type, not the value: it may be a secret (PROCQUEUE_DASHBOARD_TOKEN).
+    raise ConfigError(f"invalid value for settings.{name}: a {type(value).__name__} (expected a string, a number, "
+                      "a boolean, a datetime.time or a datetime.timedelta)")

@@ -18,6 +18,7 @@ import sys
 from typing import Any, Callable, Optional
 
 from django.core import checks
+from django.core.management.base import CommandError
 from django.db import close_old_connections, connections, transaction
 from django.db.models.signals import post_migrate
 
@@ -46,7 +47,10 @@ def configure() -> None:
         settings = client.settings_from_environment(
             environment(),
             default_connection=lambda: connections[alias],
-            on_commit=lambda start: transaction.on_commit(start, using=alias),
+            # The default database's transaction, as Flagsmith hooks it: a SEPARATE_THREAD
+            # task writes nothing to the queue's database, and must wait for the caller's
+            # data, which lives in the default one (also with a separate task database).
+            on_commit=transaction.on_commit,
         )
     except ProcqueueError as exc:
         _problem, _alias = exc, None
@@ -79,11 +83,14 @@ def apply_schema(sender: Any, using: str, verbosity: int = 1, **kwargs: Any) -> 
     from ...migrations import SCHEMA_VERSION, migrate
 
     database = client.settings().database
-    conn = connect_to(database, application_name="procqueue-migrate")
     try:
-        applied = migrate(conn, database.schema)
-    finally:
-        conn.close()
+        conn = connect_to(database, application_name="procqueue-migrate")
+        try:
+            applied = migrate(conn, database.schema)
+        finally:
+            conn.close()
+    except ProcqueueError as exc:  # one line, as a failed migration of Django's own reads
+        raise CommandError(str(exc)) from None
     if verbosity >= 1:
         state = "applied" if applied else "already up to date"
         sys.stdout.write(f"  procqueue schema {database.schema!r} version {SCHEMA_VERSION}: {state}\n")

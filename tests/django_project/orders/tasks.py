@@ -16,3 +16,14 @@ def confirm_order(order_id: int) -> None:
 @register_recurring_task(run_every=timedelta(seconds=1))
 def tick() -> None:
     Tick.objects.create()
+
+
+@register_task_handler()
+def note_backend() -> None:
+    """Which database session this worker's Django connection is: each worker must have
+    its own."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS backends_seen (worker_pid int, backend_pid int)")
+        cursor.execute("INSERT INTO backends_seen VALUES (%s, pg_backend_pid())", [os.getpid()])

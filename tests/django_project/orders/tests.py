@@ -16,3 +16,8 @@ class EnqueueInTheTestDatabase(TestCase):
         self.assertTrue(procqueue.cancel(task_id))
         self.assertEqual(procqueue.get_task(task_id).state.value, "cancelled")
         self.assertEqual([run.outcome.value for run in procqueue.get_task_runs(task_id)], ["cancelled"])
+
+    def test_asking_whether_a_processor_is_healthy_leaves_no_connection_behind(self):
+        # No processor runs during these tests: False, and Django can still drop its
+        # test database afterwards.
+        self.assertFalse(procqueue.is_processor_healthy(max_tries=1))

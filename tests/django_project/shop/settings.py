@@ -32,7 +32,7 @@ MIDDLEWARE = []
 def _database(url):
     parts = parse_dsn(url)
     return {
-        "ENGINE": "django.db.backends.postgresql",
+        "ENGINE": os.environ.get("SHOP_ENGINE", "django.db.backends.postgresql"),
         "NAME": parts.get("dbname"),
         "USER": parts.get("user", ""),
         "PASSWORD": parts.get("password", ""),
@@ -43,6 +43,8 @@ def _database(url):
 
 
 DATABASES = {"default": _database(os.environ["SHOP_DATABASE_URL"])}
+if os.environ.get("SHOP_PERSISTENT_CONNECTIONS"):
+    DATABASES["default"]["CONN_MAX_AGE"] = None
 if os.environ.get("SHOP_TASK_DATABASE_URL"):  # Flagsmith's separate task database
     DATABASES["task_processor"] = _database(os.environ["SHOP_TASK_DATABASE_URL"])
     TASK_PROCESSOR_DATABASES = ["task_processor"]
@@ -52,5 +54,7 @@ TASK_RUN_METHOD = TaskRunMethod[os.environ.get("SHOP_TASK_RUN_METHOD", "TASK_PRO
 TASK_DELETE_RETENTION_DAYS = 15
 if os.environ.get("SHOP_BAD_SETTING"):
     TASK_PROCESSOR_NUM_THREADS = "lots"
+if os.environ.get("SHOP_QUEUE_ALIAS"):
+    PROCQUEUE_DATABASE = os.environ["SHOP_QUEUE_ALIAS"]
 
 LOGGING = {"version": 1, "disable_existing_loggers": False}

@@ -8,38 +8,34 @@ modules registered when Django started.
 
 from __future__ import annotations
 
-from typing import Any, List
+import os
+from typing import List
 
-from django.core.management.base import BaseCommand
 from django.db import connections
 
-from ... import commands
+from ...commands import PassThroughCommand
 
 
-class Command(BaseCommand):
+class Command(PassThroughCommand):
     help = "Run the procqueue task processor: run-task-processor's flags, the project's settings and tasks."
-    requires_system_checks: List[str] = []
 
-    def run_from_argv(self, argv: List[str]) -> None:
-        # The processor's own parser reads the flags, so they are the same in both commands.
-        self.run_processor(commands.own_arguments(argv), commands.program_name(argv))
-
-    def handle(self, *args: Any, **options: Any) -> None:  # call_command("runprocessor")
-        self.run_processor(list(args), "runprocessor")
-
-    def print_help(self, prog_name: str, subcommand: str) -> None:  # manage.py help runprocessor
-        self.run_processor(["--help"], f"{prog_name} {subcommand}")
-
-    @staticmethod
-    def run_processor(arguments: List[str], prog_name: str) -> None:
+    def run(self, arguments: List[str], prog: str) -> int:
         from procqueue.cli import run_task_processor_cli
         from procqueue.entry_points import guarded
 
         from ...settings import environment
 
-        commands.exit_on_settings_problem(prog_name)
-        # The workers fork from this process: none may inherit a Django connection's
-        # socket, which two processes would then talk over at once.
-        connections.close_all()
+        # Workers fork from this process, and task modules imported on the way may have
+        # opened Django connections: none may be inherited, or two processes would talk
+        # over one socket. Closed before every fork, not only now.
+        os.register_at_fork(before=_close_django_connections)
         settings = environment()
-        guarded(lambda: run_task_processor_cli(arguments, prog_name, settings), processor=True)
+        guarded(lambda: run_task_processor_cli(arguments, prog, settings), processor=True)
+        return 0
+
+
+def _close_django_connections() -> None:
+    try:
+        connections.close_all()
+    except Exception:  # a connection already broken: nothing left to share
+        pass
