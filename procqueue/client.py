@@ -62,7 +62,8 @@ def configure(
     `default_connection`: a function returning the connection `.delay()` writes on when
     given none (its transaction then decides whether the task exists). `on_commit`: a
     function taking a callback to run when the current transaction commits, for
-    SEPARATE_THREAD's `transaction_on_commit`."""
+    SEPARATE_THREAD's `transaction_on_commit`. None leaves a value as it is (a hook once
+    set stays; `use_settings(settings_from_environment())` starts over)."""
     global _settings
     with _settings_lock:
         current = _current_settings_unlocked()
