@@ -100,7 +100,10 @@ SELECT id, pg_notify(%(channel)s, '') FROM back;
 -- state, and an outcome of an older claim can never land on a newer one.
 -- A recurring run's outcome also counts on its schedule, in this same statement, so no
 -- crash can record the one without the other: a failed or timed_out run adds one to
--- consecutive_failures, a succeeded run resets it (other outcomes leave it); at
+-- consecutive_failures, a succeeded run resets it (other outcomes leave it, and so does a
+-- run failed only because this processor does not know its name, task_unknown: an older
+-- release's processor during a rolling deploy claimed a new schedule's run; that says
+-- nothing about the task, and four such would otherwise disable a healthy schedule); at
 -- %(max_failures)s the schedule is disabled (disabled_at), and the statement returns its
 -- name once, to the worker that disabled it, which logs it. No update is lost between
 -- processors: runs of one schedule never overlap (tasks_one_recurring_run_at_once: the
@@ -115,8 +118,9 @@ WITH outcome AS (
     FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(outcomes)s::text[],
                 %(retry_in)s::float8[], %(retry_at)s::timestamptz[], %(errors)s::text[],
                 %(started)s::timestamptz[], %(finished)s::timestamptz[], %(refunds)s::int[],
-                %(leases)s::timestamptz[])
-         AS o(id, state, outcome, retry_in, retry_at, error, started_at, finished_at, refund, leased_at)
+                %(leases)s::timestamptz[], %(unknown)s::bool[])
+         AS o(id, state, outcome, retry_in, retry_at, error, started_at, finished_at, refund, leased_at,
+              task_unknown)
 ), moved AS (
     UPDATE {schema}.tasks AS t
     SET state = o.state,
@@ -150,7 +154,7 @@ WITH outcome AS (
            max(o.finished_at) FILTER (WHERE o.outcome = 'succeeded') OVER (PARTITION BY m.task_name) AS last_success
     FROM moved AS m
     JOIN outcome AS o ON o.id = m.id
-    WHERE m.recurring AND o.outcome IN ('succeeded', 'failed', 'timed_out')
+    WHERE m.recurring AND o.outcome IN ('succeeded', 'failed', 'timed_out') AND NOT o.task_unknown
 ), tally AS (
     SELECT task_name, bool_or(succeeded) AS reset,
            count(*) FILTER (WHERE NOT succeeded AND (last_success IS NULL OR finished_at > last_success)) AS failures

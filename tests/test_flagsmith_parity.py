@@ -723,6 +723,23 @@ def test_run_recurring_task_reregistered_at_start_stays_disabled(db, worker, thr
     assert run_slot(db, worker, handler.task_name) == 0
 
 
+
+def test_run_recurring_task_unknown_to_this_processor_does_not_count_towards_disabling(db, worker, throwaway_tasks):
+    """Beyond Flagsmith (its processors skip a schedule they do not know): during a rolling
+    deploy, a processor of the older release claims a run of a schedule only the newer
+    release has. The run is recorded failed ("not registered in this processor"), but that
+    says nothing about the task: its schedule's count stays, and it is not disabled."""
+    name = "parity.new_in_next_release"
+    queries.register_recurring(db, name=name, run_every=timedelta(hours=1), first_run_at=None,
+                               timeout_seconds=60, args_json="[]", kwargs_json="{}")
+    with db.cursor() as cur:  # three real failures already: a fourth would disable it
+        cur.execute(f"UPDATE {SCHEMA}.recurring_tasks SET consecutive_failures = 3 WHERE task_name = %s", (name,))
+    [run] = queries.schedule_recurring(db, [name])  # a processor of the newer release enqueued it
+    assert worker.step() == 1  # this one does not know it
+    [record] = runs(run.task_id)
+    assert record.outcome is RunOutcome.FAILED and "not registered in this processor" in record.error
+    assert schedule_state(db, name) == (3, False)
+
 # -- arguments, decorators and enqueueing (test_unit_task_processor_decorators.py, _models.py) --
 
 received: list = []
