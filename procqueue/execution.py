@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import traceback
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Callable, List, Optional
 
@@ -133,7 +134,9 @@ def execute(task: ClaimedTask, now: Callable[[], datetime] = utcnow, started: Op
             f"task {task.task_name!r} is not registered in this processor "
             "(is its module passed with --import?)"
         )
-        return _failure(task, None, started, now(), RunOutcome.FAILED, error)
+        # Flagged: this failure says nothing about the task itself, so a recurring run's
+        # does not count towards disabling its schedule (see `complete` in queries.sql).
+        return replace(_failure(task, None, started, now(), RunOutcome.FAILED, error), task_unknown=True)
     malformed = malformed_arguments(task)
     if malformed:  # a row written by hand: no attempt would go differently
         return TaskOutcome(task.id, TaskState.FAILED, RunOutcome.FAILED, started, now(), error=malformed,

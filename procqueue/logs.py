@@ -24,6 +24,14 @@ def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> 
     logger.log(level, " ".join(parts), extra={"procqueue_event": event, "procqueue_fields": fields})
 
 
+
+def log_recurring_disabled(logger: logging.Logger, task_name: str, failures: int, **fields: Any) -> None:
+    """Once per disabling of a recurring schedule, by whoever recorded the failure that did
+    it: a worker (complete) or the supervisor (release_worker_tasks, a run it killed)."""
+    log_event(logger, logging.WARNING, "recurring.disabled", task=task_name, failures=failures, **fields,
+              note="its runs failed too often in a row; no slot runs until an operator enables it "
+                   "(procqueue recurring enable)")
+
 _NEEDS_QUOTES = ' "='
 # One event, one line: every control character is escaped, never emitted raw.
 _ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"', ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"}

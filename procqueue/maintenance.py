@@ -65,10 +65,17 @@ def clean_up_old_tasks() -> None:
 
 def schedule_clean_up(retention: RetentionConfig) -> None:
     """Give the clean-up the schedule of the processor's config (TASK_DELETE_RUN_EVERY,
-    TASK_DELETE_RUN_TIME): the supervisor calls this before registering the schedules."""
+    TASK_DELETE_RUN_TIME): the supervisor calls this before registering the schedules.
+
+    With ENABLE_CLEAN_UP_OLD_TASKS=false the processor does not schedule it at all (a run
+    per interval that deletes nothing only adds rows nothing deletes), nor touches its
+    schedule's row, which a processor with the clean-up on may be keeping: registering it
+    would impose this processor's interval on that one's, and workers watching a slot they
+    never enqueue would find it due at every look. Its handler stays registered, for a run
+    such a processor enqueued and this one claims (it deletes nothing here)."""
     every, at = retention.schedule
     reschedule_recurring(CLEANUP_TASK_NAME, run_every=every, first_run_time=at,
-                         timeout=time_budget(every) + TIMEOUT_MARGIN)
+                         timeout=time_budget(every) + TIMEOUT_MARGIN, enabled=retention.enabled)
 
 
 def _delete_in_batches(delete_batch, deadline: float) -> int:

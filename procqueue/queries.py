@@ -171,6 +171,7 @@ class Queries:
             "finished": [o.finished_at for o in outcomes],
             "refunds": [int(o.refund_attempt) for o in outcomes],
             "leases": [leases[o.task_id] for o in outcomes],
+            "unknown": [o.task_unknown for o in outcomes],
             "max_failures": MAX_CONSECUTIVE_FAILURES,
         }
         rows = self._execute(conn, "complete", params)

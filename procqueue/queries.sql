@@ -100,10 +100,19 @@ SELECT id, pg_notify(%(channel)s, '') FROM back;
 -- state, and an outcome of an older claim can never land on a newer one.
 -- A recurring run's outcome also counts on its schedule, in this same statement, so no
 -- crash can record the one without the other: a failed or timed_out run adds one to
--- consecutive_failures, a succeeded run resets it (other outcomes leave it); at
+-- consecutive_failures, a succeeded run resets it (other outcomes leave it, and so does a
+-- run failed only because this processor does not know its name, task_unknown: an older
+-- release's processor during a rolling deploy claimed a new schedule's run; that says
+-- nothing about the task, and four such would otherwise disable a healthy schedule); at
 -- %(max_failures)s the schedule is disabled (disabled_at), and the statement returns its
--- name once, to the worker that disabled it, which logs it. No update is lost between
--- processors: runs of one schedule never overlap (tasks_one_recurring_run_at_once: the
+-- name once, to the worker that disabled it, which logs it. Disabling also ends the
+-- schedule's runs still queued (`ended`; a run longer than the interval leaves the next
+-- slot enqueued, which would otherwise run on the disabled schedule) as `missed`, without
+-- a run record (nothing ran), as miss_expired_tasks ends a run that could not start; one
+-- a worker already holds is left to it. A schedule already disabled is not counted on
+-- at all (a run held or under way when it was disabled ends as it may): its count keeps
+-- saying why it was disabled until an operator enables it, which resets it. No update is
+-- lost between processors: runs of one schedule never overlap (tasks_one_recurring_run_at_once: the
 -- next run cannot start until this statement's transaction has moved this one out of
 -- 'running'), and whatever else writes the row (schedule_recurring, an operator's
 -- enable) is serialised by the row lock taken in `counted`, whose FOR UPDATE reads the
@@ -115,8 +124,9 @@ WITH outcome AS (
     FROM unnest(%(ids)s::bigint[], %(states)s::text[], %(outcomes)s::text[],
                 %(retry_in)s::float8[], %(retry_at)s::timestamptz[], %(errors)s::text[],
                 %(started)s::timestamptz[], %(finished)s::timestamptz[], %(refunds)s::int[],
-                %(leases)s::timestamptz[])
-         AS o(id, state, outcome, retry_in, retry_at, error, started_at, finished_at, refund, leased_at)
+                %(leases)s::timestamptz[], %(unknown)s::bool[])
+         AS o(id, state, outcome, retry_in, retry_at, error, started_at, finished_at, refund, leased_at,
+              task_unknown)
 ), moved AS (
     UPDATE {schema}.tasks AS t
     SET state = o.state,
@@ -150,7 +160,7 @@ WITH outcome AS (
            max(o.finished_at) FILTER (WHERE o.outcome = 'succeeded') OVER (PARTITION BY m.task_name) AS last_success
     FROM moved AS m
     JOIN outcome AS o ON o.id = m.id
-    WHERE m.recurring AND o.outcome IN ('succeeded', 'failed', 'timed_out')
+    WHERE m.recurring AND o.outcome IN ('succeeded', 'failed', 'timed_out') AND NOT o.task_unknown
 ), tally AS (
     SELECT task_name, bool_or(succeeded) AS reset,
            count(*) FILTER (WHERE NOT succeeded AND (last_success IS NULL OR finished_at > last_success)) AS failures
@@ -159,11 +169,10 @@ WITH outcome AS (
 ), counted AS (
     SELECT r.task_name,
            CASE WHEN t.reset THEN 0 ELSE r.consecutive_failures END + t.failures AS failures,
-           r.disabled_at IS NULL
-               AND CASE WHEN t.reset THEN 0 ELSE r.consecutive_failures END + t.failures >= %(max_failures)s
-               AS disables
+           CASE WHEN t.reset THEN 0 ELSE r.consecutive_failures END + t.failures >= %(max_failures)s AS disables
     FROM {schema}.recurring_tasks AS r
     JOIN tally AS t ON t.task_name = r.task_name
+    WHERE r.disabled_at IS NULL  -- rechecked on the latest version once the row lock is had
     FOR UPDATE OF r
 ), schedules AS (
     UPDATE {schema}.recurring_tasks AS r
@@ -172,6 +181,13 @@ WITH outcome AS (
     FROM counted AS c
     WHERE r.task_name = c.task_name
     RETURNING r.task_name, c.disables, c.failures
+), ended AS (
+    UPDATE {schema}.tasks AS t
+    SET state = 'missed', finished_at = now(),
+        last_error = 'not started: its recurring schedule was disabled (' || s.failures
+                     || ' failures in a row) before it could start; no slot runs until an operator enables it'
+    FROM schedules AS s
+    WHERE s.disables AND t.task_name = s.task_name AND t.recurring_slot IS NOT NULL AND t.state = 'queued'
 )
 SELECT task_id, NULL, NULL FROM recorded
 UNION ALL
@@ -186,8 +202,9 @@ SELECT NULL, task_name, failures FROM schedules WHERE disables;
 -- but whose outcome was not yet written: its start is in the database) is never run
 -- again: in flight and charged, it fails; else it is missed. Tasks it had claimed but
 -- not started go back untouched: attempt refunded, no run record. A recurring run killed
--- past its timeout counts as a failure on its schedule, as in complete (which see; a
--- lost run does not count). Returns the tasks whose run it recorded, and for one whose
+-- past its timeout counts as a failure on its schedule, as in complete (which see: a
+-- lost run does not count, a disabled schedule is not counted on, and disabling ends its
+-- queued runs missed). Returns the tasks whose run it recorded, and for one whose
 -- failure disabled its schedule, the schedule's count of failures.
 WITH held AS (
     SELECT t.id,
@@ -223,10 +240,10 @@ WITH held AS (
               h.charged AND h.recurring_run AND %(outcome)s = 'timed_out' AS recurring_failure
 ), counted AS (
     SELECT s.task_name, s.consecutive_failures + 1 AS failures,
-           s.disabled_at IS NULL AND s.consecutive_failures + 1 >= %(max_failures)s AS disables
+           s.consecutive_failures + 1 >= %(max_failures)s AS disables
     FROM {schema}.recurring_tasks AS s
     JOIN released AS r ON r.task_name = s.task_name
-    WHERE r.recurring_failure
+    WHERE r.recurring_failure AND s.disabled_at IS NULL
     FOR UPDATE OF s
 ), schedules AS (
     UPDATE {schema}.recurring_tasks AS s
@@ -235,6 +252,13 @@ WITH held AS (
     FROM counted AS c
     WHERE s.task_name = c.task_name
     RETURNING s.task_name, c.disables, c.failures
+), ended AS (
+    UPDATE {schema}.tasks AS t
+    SET state = 'missed', finished_at = now(),
+        last_error = 'not started: its recurring schedule was disabled (' || s.failures
+                     || ' failures in a row) before it could start; no slot runs until an operator enables it'
+    FROM schedules AS s
+    WHERE s.disables AND t.task_name = s.task_name AND t.recurring_slot IS NOT NULL AND t.state = 'queued'
 ), recorded AS (
     INSERT INTO {schema}.task_runs
         (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)

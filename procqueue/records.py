@@ -134,6 +134,9 @@ class TaskOutcome:
     retry_at: Optional[datetime] = None  # absolute retry (TaskBackoffError.delay_until)
     refund_attempt: bool = False  # the run does not count against max_attempts
     summary: Optional[str] = None  # one line for the log: the exception type and message
+    # Not run: its name is not registered in this processor (an older release's, during a
+    # rolling deploy). A recurring run's failure of that kind is not counted on its schedule.
+    task_unknown: bool = False
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import functools
 import threading
 from dataclasses import dataclass, replace
 from datetime import datetime, time, timedelta, timezone
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from .arguments import require_fitting, serialise_arguments, signature_of
 from .errors import TaskError, TaskProcessingError
@@ -150,6 +150,9 @@ class RecurringSchedule:
 
 _handlers: Dict[str, TaskHandler] = {}
 _recurring: Dict[str, RecurringSchedule] = {}
+# Recurring tasks whose schedule is switched off by a setting (the clean-up, with
+# ENABLE_CLEAN_UP_OLD_TASKS=false): left out of recurring_schedules(), handler kept.
+_unscheduled: Set[str] = set()
 
 
 def register_task_handler(
@@ -231,14 +234,20 @@ def register_recurring_task(
 
 
 def reschedule_recurring(task_name: str, *, run_every: timedelta, first_run_time: Union[time, datetime, None],
-                         timeout: timedelta) -> None:
+                         timeout: timedelta, enabled: bool = True) -> None:
     """Change a registered recurring task's schedule (before a processor registers it):
-    for procqueue's own clean-up, whose schedule is a setting, not code."""
+    for procqueue's own clean-up, whose schedule is a setting, not code. `enabled=False`:
+    this processor does not schedule it at all (neither registers the schedule nor
+    enqueues its runs); its handler stays, for a run another processor enqueued."""
     schedule = _recurring[task_name]
     if not isinstance(run_every, timedelta) or run_every <= timedelta(0):
         raise TaskError(f"recurring task {task_name}: run_every must be a positive timedelta, got {run_every!r}")
     _recurring[task_name] = replace(schedule, run_every=run_every, first_run_at=_anchor(task_name, first_run_time),
                                     timeout=_validated_timeout(task_name, timeout))
+    if enabled:
+        _unscheduled.discard(task_name)
+    else:
+        _unscheduled.add(task_name)
 
 
 def default_task_name(func: Callable[..., Any]) -> str:
@@ -261,7 +270,8 @@ def registered_queues() -> List[str]:
 
 
 def recurring_schedules() -> List[RecurringSchedule]:
-    return [_recurring[name] for name in sorted(_recurring)]
+    """The schedules this processor registers and runs."""
+    return [_recurring[name] for name in sorted(_recurring) if name not in _unscheduled]
 
 
 def unregister(task_names: Iterable[str]) -> None:
@@ -269,6 +279,7 @@ def unregister(task_names: Iterable[str]) -> None:
     for name in task_names:
         _handlers.pop(name, None)
         _recurring.pop(name, None)
+        _unscheduled.discard(name)
 
 
 def _register(handler: TaskHandler) -> None:

@@ -23,12 +23,11 @@ from . import admin, registry
 from .config import Pooler, ProcessorConfig
 from .db import Connection, connect, first_line, is_connection_error, one_transaction, savepoint, waits_unbounded
 from .errors import DatabaseError, DatabaseUnavailable
-from .logs import log_event
+from .logs import log_event, log_recurring_disabled
 from .metrics import TaskMetrics, result_label
 from .migrations import migrate
 from .queries import Queries
 from .records import ExpiredTask, QueueStats, ReleasedTask, RunOutcome, TaskState
-from .worker import log_recurring_disabled
 
 logger = logging.getLogger("procqueue.supervisor")
 
@@ -205,7 +204,7 @@ class SupervisorDatabase:
                           task=task.task_name, worker=index, next=next_step(task), cause=release.cause)
                 if task.disabled_schedule_after is not None:
                     self.task_metrics.recurring_disabled(task.task_name)
-                    log_recurring_disabled(task.task_name, task.disabled_schedule_after, worker=index)
+                    log_recurring_disabled(logger, task.task_name, task.disabled_schedule_after, worker=index)
 
     def count_lost(self, task: ReleasedTask, outcome: RunOutcome) -> None:
         self.task_metrics.run_finished(task.task_name, task.recurring, result_label(outcome, task.retrying), None)

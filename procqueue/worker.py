@@ -30,7 +30,7 @@ from .errors import DatabaseError
 from .execution import SupervisorGoneError, execute, soft_timeout, utcnow
 from .flusher import FlushDuringTasks
 from .heartbeat import SlotWriter, WorkerSlot, WorkerState, allocate_last_look
-from .logs import OutputWatch, log_event
+from .logs import OutputWatch, log_event, log_recurring_disabled
 from .metrics import TaskMetrics, result_label
 from .process_tree import boot_clock, reap_exited_children, stop_descendants
 from .queries import Queries
@@ -454,7 +454,7 @@ class Worker:
                                          outcomes=outcomes, leases=self.leases)
         for name, failures in recorded.disabled.items():
             self.metrics.recurring_disabled(name)
-            log_recurring_disabled(name, failures, worker=self.index)
+            log_recurring_disabled(logger, name, failures, worker=self.index)
         return recorded.moved
 
     def _complete_one_by_one(self, outcomes: List[TaskOutcome]) -> Set[int]:
@@ -623,10 +623,3 @@ def _retry_at(outcome: TaskOutcome) -> datetime:
     if outcome.retry_at is not None:
         return outcome.retry_at
     return outcome.finished_at + timedelta(seconds=outcome.retry_in_seconds or 0.0)
-
-
-def log_recurring_disabled(task_name: str, failures: int, **fields) -> None:
-    """Once per disabling, by whoever recorded the failure that did it."""
-    log_event(logger, logging.WARNING, "recurring.disabled", task=task_name, failures=failures, **fields,
-              note="its runs failed too often in a row; no slot runs until an operator enables it "
-                   "(procqueue recurring enable)")

@@ -5,9 +5,12 @@ from __future__ import annotations
 import pytest
 
 import procqueue
-from procqueue import maintenance
+from procqueue import maintenance, registry
 from procqueue.config import RetentionConfig
+from procqueue.queries import Queries
 from procqueue.registry import recurring_schedules
+
+queries = Queries("procqueue")
 
 
 @pytest.fixture
@@ -68,3 +71,51 @@ def test_a_processors_retention_is_what_its_clean_up_uses(db, retention, monkeyp
     with db.cursor() as cur:
         cur.execute("SELECT count(*) FROM procqueue.tasks")
         assert cur.fetchone()[0] == 0
+
+
+@pytest.fixture
+def clean_up_setting():
+    """Sets the clean-up's schedule as a processor's supervisor does at start; back to the
+    default after the test."""
+    yield lambda **settings: maintenance.schedule_clean_up(RetentionConfig(**settings))
+    maintenance.schedule_clean_up(RetentionConfig())
+
+
+def clean_up_tasks(db) -> list:
+    with db.cursor() as cur:
+        cur.execute("SELECT state FROM procqueue.tasks WHERE task_name = %s", (maintenance.CLEANUP_TASK_NAME,))
+        return [state for state, in cur.fetchall()]
+
+
+def test_a_processor_with_the_clean_up_off_does_not_schedule_it(db, processor_config, clean_up_setting):
+    """ENABLE_CLEAN_UP_OLD_TASKS=false: no clean-up run every interval (each would add task
+    and run rows nothing deletes). The processor neither registers the schedule nor looks
+    for its slots, so one kept by a processor with the clean-up on is left to that one: due,
+    it is enqueued and run once, by that processor's worker. The handler stays registered."""
+    from procqueue.worker import Worker
+
+    clean_up_setting(enabled=False)
+    assert maintenance.CLEANUP_TASK_NAME not in [s.task_name for s in recurring_schedules()]
+    assert registry.get_handler(maintenance.CLEANUP_TASK_NAME) is not None
+    off = Worker(processor_config, processor_id="clean-up-off", index=0)
+    off.ensure_connected()
+    try:
+        assert maintenance.CLEANUP_TASK_NAME not in off.recurring_names
+        # A processor with the clean-up on registered it; its slot is due now.
+        clean_up_setting(enabled=True)
+        [schedule] = [s for s in recurring_schedules() if s.task_name == maintenance.CLEANUP_TASK_NAME]
+        queries.register_recurring(db, name=schedule.task_name, run_every=schedule.run_every,
+                                   first_run_at=schedule.first_run_at,
+                                   timeout_seconds=schedule.timeout.total_seconds())
+        assert off.step() == 0
+        assert clean_up_tasks(db) == []
+        on = Worker(processor_config, processor_id="clean-up-on", index=0)
+        on.ensure_connected()
+        try:
+            assert on.step() == 1
+            assert off.step() == 0 and on.step() == 0
+        finally:
+            on.close()
+    finally:
+        off.close()
+    assert clean_up_tasks(db) == ["succeeded"]

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import uuid
 from datetime import date, time as time_of_day, timedelta, timezone
 from decimal import Decimal
@@ -722,6 +723,72 @@ def test_run_recurring_task_reregistered_at_start_stays_disabled(db, worker, thr
     assert schedule_state(db, handler.task_name) == (4, True)
     assert run_slot(db, worker, handler.task_name) == 0
 
+
+
+def test_run_recurring_task_unknown_to_this_processor_does_not_count_towards_disabling(db, worker, throwaway_tasks):
+    """Beyond Flagsmith (its processors skip a schedule they do not know): during a rolling
+    deploy, a processor of the older release claims a run of a schedule only the newer
+    release has. The run is recorded failed ("not registered in this processor"), but that
+    says nothing about the task: its schedule's count stays, and it is not disabled."""
+    name = "parity.new_in_next_release"
+    queries.register_recurring(db, name=name, run_every=timedelta(hours=1), first_run_at=None,
+                               timeout_seconds=60, args_json="[]", kwargs_json="{}")
+    with db.cursor() as cur:  # three real failures already: a fourth would disable it
+        cur.execute(f"UPDATE {SCHEMA}.recurring_tasks SET consecutive_failures = 3 WHERE task_name = %s", (name,))
+    [run] = queries.schedule_recurring(db, [name])  # a processor of the newer release enqueued it
+    assert worker.step() == 1  # this one does not know it
+    [record] = runs(run.task_id)
+    assert record.outcome is RunOutcome.FAILED and "not registered in this processor" in record.error
+    assert schedule_state(db, name) == (3, False)
+
+
+def test_run_recurring_task_disabled_ends_its_next_slot_already_queued_missed(db, worker, throwaway_tasks):
+    """Beyond Flagsmith: a run longer than its interval leaves the next slot enqueued when
+    its fourth failure in a row disables the schedule. That run never starts: it ends
+    missed (no run record: nothing ran), and the schedule keeps its count of 4. Were it to
+    run and succeed, the schedule would show (0, disabled): no count saying why."""
+    calls = []
+
+    def fails_four_times_then_succeeds():
+        calls.append(1)
+        if len(calls) < MAX_CONSECUTIVE_FAILURES:
+            raise RuntimeError("Error!")
+        if len(calls) == MAX_CONSECUTIVE_FAILURES:
+            # The fourth run outlasts its interval: meanwhile the next slot is enqueued.
+            with db.cursor() as cur:
+                cur.execute(f"UPDATE {SCHEMA}.recurring_tasks SET next_run_at = now() WHERE task_name = %s",
+                            (handler.task_name,))
+            [next_slot.id] = [run.task_id for run in queries.schedule_recurring(db, [handler.task_name])]
+            raise RuntimeError("Error!")
+
+    next_slot = types.SimpleNamespace(id=None)
+    handler = recurring_task(db, worker, "slow_and_failing", fails_four_times_then_succeeds)
+    for _ in range(MAX_CONSECUTIVE_FAILURES):
+        assert run_slot(db, worker, handler.task_name) == 1
+    assert schedule_state(db, handler.task_name) == (4, True)
+    task = procqueue.get_task(next_slot.id)
+    assert task.state is TaskState.MISSED and "schedule was disabled (4 failures in a row)" in task.last_error
+    assert runs(next_slot.id) == []
+    assert run_slot(db, worker, handler.task_name, due=False) == 0  # nothing left to run
+    assert len(calls) == MAX_CONSECUTIVE_FAILURES
+    assert schedule_state(db, handler.task_name) == (4, True)
+
+
+@pytest.mark.parametrize("func", [succeed, fail], ids=["succeeds", "fails"])
+def test_run_recurring_task_under_way_when_disabled_leaves_the_count(db, worker, throwaway_tasks, func):
+    """Beyond Flagsmith: a run already under way when its schedule is disabled (by another
+    run's fourth failure, recorded meanwhile) ends as it may, but neither resets nor adds to
+    the disabled schedule's count: it says why it was disabled until an operator enables it."""
+    def disabled_meanwhile():
+        with db.cursor() as cur:
+            cur.execute(f"UPDATE {SCHEMA}.recurring_tasks SET consecutive_failures = 4, disabled_at = now() "
+                        "WHERE task_name = %s", (handler.task_name,))
+        func()
+
+    handler = recurring_task(db, worker, "disabled_meanwhile", disabled_meanwhile)
+    assert run_slot(db, worker, handler.task_name) == 1
+    assert recurring_runs(db, handler.task_name) == [RunOutcome.SUCCEEDED if func is succeed else RunOutcome.FAILED]
+    assert schedule_state(db, handler.task_name) == (4, True)
 
 # -- arguments, decorators and enqueueing (test_unit_task_processor_decorators.py, _models.py) --
 

@@ -98,3 +98,9 @@ def test_the_import_graph_sees_imports_of_subpackages():
     graph = import_graph()
     assert {"procqueue.client", "procqueue.contrib.django.settings"} <= graph["procqueue.contrib.django.wiring"]
     assert "procqueue.contrib.django.commands" in graph["procqueue.contrib.django.management.commands.runprocessor"]
+
+
+def test_the_supervisors_database_work_does_not_depend_on_the_worker_loop():
+    """What both record (a schedule disabled by a run's failure) is logged by a helper
+    they share (logs.py), not borrowed from the worker's module."""
+    assert "procqueue.worker" not in import_graph()["procqueue.supervisor_database"]

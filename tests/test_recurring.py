@@ -222,3 +222,45 @@ def test_a_recurring_run_the_supervisor_killed_past_its_timeout_counts_as_a_fail
         cur.execute("SELECT consecutive_failures, disabled_at IS NOT NULL FROM procqueue.recurring_tasks")
         assert cur.fetchall() == [(4, True)]
     assert queries.schedule_recurring(db, ["r.hang"]) == []  # disabled: nothing enqueued
+
+
+def test_a_killed_run_that_disables_its_schedule_ends_the_next_slot_queued_and_a_disabled_count_stays(db):
+    """release_worker_tasks disables as complete does: the schedule's run already queued for
+    the next slot ends missed (no run record), and a later killed run of the disabled
+    schedule (one held when it was disabled) does not add to its count."""
+    queries.register_recurring(db, name="r.hang", run_every=timedelta(minutes=1), first_run_at=None,
+                               timeout_seconds=1)
+    with db.cursor() as cur:
+        cur.execute("UPDATE procqueue.recurring_tasks SET consecutive_failures = 3 WHERE task_name = 'r.hang'")
+
+    def claim_and_start():
+        [claimed] = queries.claim(db, processor="p", worker=0, limit=1)
+        assert queries.start_run(db, processor="p", worker=0, task=claimed) is not None
+        return claimed
+
+    def next_slot_due():
+        with db.cursor() as cur:
+            cur.execute("UPDATE procqueue.recurring_tasks SET next_run_at = now() WHERE task_name = 'r.hang'")
+        [run] = queries.schedule_recurring(db, ["r.hang"])
+        return run.task_id
+
+    next_slot_due()
+    killed = claim_and_start()
+    queued = next_slot_due()  # enqueued while the first run overran
+    [released] = queries.release_worker_tasks(db, processor="p", worker=0, in_flight=killed.id, error="killed",
+                                              outcome=RunOutcome.TIMED_OUT)
+    assert released.disabled_schedule_after == 4
+    task = procqueue.get_task(queued)
+    assert task.state is TaskState.MISSED and "disabled (4 failures in a row)" in task.last_error
+    assert procqueue.get_task_runs(queued) == []
+
+    with db.cursor() as cur:  # a run of the same schedule, held by a worker when it was disabled
+        cur.execute("UPDATE procqueue.tasks SET state = 'queued', finished_at = NULL, last_error = NULL "
+                    "WHERE id = %s", (queued,))
+    held = claim_and_start()
+    [released] = queries.release_worker_tasks(db, processor="p", worker=0, in_flight=held.id, error="killed",
+                                              outcome=RunOutcome.TIMED_OUT)
+    assert released.disabled_schedule_after is None
+    with db.cursor() as cur:
+        cur.execute("SELECT consecutive_failures, disabled_at IS NOT NULL FROM procqueue.recurring_tasks")
+        assert cur.fetchall() == [(4, True)]
