@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from datetime import datetime, timezone
 from typing import Any, Optional, Tuple
 
@@ -107,13 +108,21 @@ class _StderrHandler(logging.StreamHandler):
         super().handleError(record)
 
 
+def _utc_text_formatter() -> logging.Formatter:
+    # UTC, as the JSON lines, `procqueue tasks list` and the database: a host's TZ (which
+    # Django sets from its TIME_ZONE setting) must not shift one log against another.
+    formatter = logging.Formatter(_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S")
+    formatter.converter = time.gmtime
+    return formatter
+
+
 def setup_logging(level: str, log_format: str = "text") -> None:
     """Configure the root logger for a procqueue command (stderr, one line per event)."""
     handler = _StderrHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%Y-%m-%dT%H:%M:%S"))
+        handler.setFormatter(_utc_text_formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -209,14 +209,18 @@ def test_the_projects_own_tests_see_tasks_in_djangos_test_database(shop, driver)
 
 
 def test_a_separate_task_database_as_flagsmith_configures_it(server_url, shop):
-    """TASK_PROCESSOR_DATABASES = ["task_processor"] with DATABASES["task_processor"]:
-    the queue lives there, `manage.py migrate --database task_processor` creates it, and
+    """TASK_PROCESSOR_DATABASES = ["task_processor"] with DATABASES["task_processor"] and
+    procqueue's router in DATABASE_ROUTERS: the queue lives there, `manage.py migrate
+    --database task_processor` creates it (and none of the project's tables), and
     `.delay()` writes there."""
     with own_database(server_url, schema=None, prefix="procqueue_django_tasks_") as task_url:
         extra = {"SHOP_TASK_DATABASE_URL": task_url}
         migrated = manage(shop, "migrate", "--database", "task_processor", "--noinput", **extra)
         assert migrated.returncode == 0, migrated.stderr
         assert "procqueue schema 'procqueue' version" in migrated.stdout
+        # The router keeps the project's own apps out of the queue's database.
+        assert rows(task_url, "SELECT to_regclass('public.orders_order') IS NULL, "
+                              "to_regclass('procqueue.tasks') IS NOT NULL") == [(True, True)]
         task_id = shell(shop, """
 import json
 from orders.tasks import confirm_order
@@ -349,6 +353,20 @@ def test_runprocessor_takes_run_task_processors_flags(shop_database):
     for flag in ("--numthreads", "--sleepintervalms", "--graceperiodms", "--queuepopsize", "--database-url"):
         assert flag in helped.stdout
     assert helped.stdout.startswith("Usage: manage.py runprocessor [OPTIONS]")
+    elsewhere = manage(url, "runprocessor", "--database-url", "postgresql://elsewhere/db")
+    assert (elsewhere.returncode, elsewhere.stderr) == (
+        2, "manage.py runprocessor: error: --database-url is not taken here: the queue's database is DATABASES' "
+           "(PROCQUEUE_DATABASE names the alias; run-task-processor takes a URL)\n")
+
+
+def test_djangos_own_options_are_taken_as_by_any_management_command(shop_database, tmp_path):
+    """Flagsmith's commands were Django commands: -v 2, --traceback, --no-color and
+    --settings are taken (and mean nothing more here), never refused as unknown flags."""
+    url, _ = shop_database
+    missing = tmp_path / "none.json"
+    checked = manage(url, "checktaskprocessorthreadhealth", "-v", "2", "--traceback", "--no-color",
+                     "--settings", "shop.settings", "--status-file", str(missing))
+    assert checked.returncode == 1 and "does not exist" in checked.stderr, checked
 
 
 def test_the_example_project_welcomes_a_sign_up(server_url, tmp_path):

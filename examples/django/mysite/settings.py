@@ -24,7 +24,9 @@ INSTALLED_APPS = [
 
 # One database: the tasks live beside the data, so .delay() commits with it. (A separate
 # task database: add DATABASES["task_processor"] and TASK_PROCESSOR_DATABASES =
-# ["task_processor"], as with Flagsmith; the DATABASE_ROUTERS entry is no longer needed.)
+# ["task_processor"], as with Flagsmith, and in DATABASE_ROUTERS replace
+# "task_processor.routers.TaskProcessorRouter" with
+# "procqueue.contrib.django.routers.TaskDatabaseRouter".)
 _url = parse_dsn(os.environ.get("DATABASE_URL", "postgresql:///mysite"))
 DATABASES = {
     "default": {
@@ -38,10 +40,10 @@ DATABASES = {
 }
 
 # Flagsmith's settings, by Flagsmith's names: procqueue reads them from here.
-TASK_RUN_METHOD = TaskRunMethod[os.environ.get("TASK_RUN_METHOD", "TASK_PROCESSOR")]
+TASK_RUN_METHOD = os.environ.get("TASK_RUN_METHOD", TaskRunMethod.TASK_PROCESSOR.value)  # a string is fine too
 TASK_DELETE_RETENTION_DAYS = 15
 RECURRING_TASK_RUN_RETENTION_DAYS = 15
 TASK_DELETE_BATCH_SIZE = 2000
 # procqueue's own settings go here too (or in the environment): PROCQUEUE_SCHEMA,
 # PROCQUEUE_METRICS_PORT, PROCQUEUE_STATUS_FILE, ...
-PROCQUEUE_METRICS_PORT = int(os.environ.get("PROCQUEUE_METRICS_PORT", "9464"))
+PROCQUEUE_METRICS_PORT = os.environ.get("PROCQUEUE_METRICS_PORT", "9464")  # procqueue checks the value

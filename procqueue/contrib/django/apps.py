@@ -8,7 +8,7 @@ from django.utils.module_loading import autodiscover_modules
 
 class ProcqueueConfig(AppConfig):
     name = "procqueue.contrib.django"
-    label = "procqueue"
+    label = "procqueue"  # wiring.APP_LABEL
     verbose_name = "procqueue"
 
     def ready(self) -> None:

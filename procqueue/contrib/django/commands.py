@@ -12,9 +12,11 @@ from django.core.management.base import BaseCommand
 
 from . import wiring
 
-# Options every `manage.py` command takes, which ManagementUtility has acted on already
-# (DJANGO_SETTINGS_MODULE, sys.path) before handing the command its argv.
-DJANGO_OPTIONS_WITH_VALUE = ("--settings", "--pythonpath")
+# Options every `manage.py` command takes (Flagsmith's commands took them too): the first
+# two ManagementUtility has acted on before handing the command its argv; the rest mean
+# nothing to procqueue's commands, which log and fail in one way whatever the verbosity.
+DJANGO_OPTIONS_WITH_VALUE = ("--settings", "--pythonpath", "--verbosity", "-v")
+DJANGO_FLAGS = ("--traceback", "--no-color", "--force-color", "--skip-checks")
 
 
 class PassThroughCommand(BaseCommand):
@@ -57,14 +59,20 @@ class PassThroughCommand(BaseCommand):
 
 
 def own_arguments(argv: Sequence[str]) -> List[str]:
-    """`manage.py COMMAND ...`'s arguments after the command, less Django's own options."""
+    """`manage.py COMMAND ...`'s arguments after the command, less Django's own options
+    (only before a `--`, after which everything is the command's)."""
     arguments: List[str] = []
     rest = list(argv[2:])
     while rest:
         argument = rest.pop(0)
+        if argument == "--":
+            arguments += [argument, *rest]
+            break
         if argument in DJANGO_OPTIONS_WITH_VALUE:
             if rest:
                 rest.pop(0)
+        elif argument in DJANGO_FLAGS or (argument.startswith("-v") and argument[2:].isdigit()):
+            continue  # -v2 as well as -v 2
         elif not argument.startswith(tuple(f"{option}=" for option in DJANGO_OPTIONS_WITH_VALUE)):
             arguments.append(argument)
     return arguments

@@ -61,6 +61,14 @@ def configure() -> None:
     client.use_settings(settings)
 
 
+APP_LABEL = "procqueue"  # apps.ProcqueueConfig.label
+
+
+def queue_alias() -> Optional[str]:
+    """The DATABASES alias of the queue, or None while the settings are wrong."""
+    return _alias
+
+
 def problem() -> Optional[ProcqueueError]:
     """What is wrong with the settings, as the management commands report it."""
     return _problem

@@ -48,6 +48,7 @@ if os.environ.get("SHOP_PERSISTENT_CONNECTIONS"):
 if os.environ.get("SHOP_TASK_DATABASE_URL"):  # Flagsmith's separate task database
     DATABASES["task_processor"] = _database(os.environ["SHOP_TASK_DATABASE_URL"])
     TASK_PROCESSOR_DATABASES = ["task_processor"]
+    DATABASE_ROUTERS = ["procqueue.contrib.django.routers.TaskDatabaseRouter"]
 
 # Flagsmith's settings, by Flagsmith's names.
 TASK_RUN_METHOD = TaskRunMethod[os.environ.get("SHOP_TASK_RUN_METHOD", "TASK_PROCESSOR")]

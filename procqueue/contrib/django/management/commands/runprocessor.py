@@ -9,6 +9,7 @@ modules registered when Django started.
 from __future__ import annotations
 
 import os
+import sys
 from typing import List
 
 from django.db import connections
@@ -25,6 +26,11 @@ class Command(PassThroughCommand):
 
         from ...settings import environment
 
+        if any(argument == "--database-url" or argument.startswith("--database-url=") for argument in arguments):
+            # The processor must drain the database .delay() writes to: DATABASES'.
+            sys.stderr.write(f"{prog}: error: --database-url is not taken here: the queue's database is "
+                             "DATABASES' (PROCQUEUE_DATABASE names the alias; run-task-processor takes a URL)\n")
+            return 2
         # Workers fork from this process, and task modules imported on the way may have
         # opened Django connections: none may be inherited, or two processes would talk
         # over one socket. Closed before every fork, not only now.
