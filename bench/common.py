@@ -308,6 +308,26 @@ class Processor:
         return self.log.read().decode(errors="replace")
 
 
+# -- a benchmark-only virtualenv for peers ---------------------------------------------
+
+
+def ensure_venv(venv: Path, requirements: Sequence[str], what: str) -> Path:
+    """`venv` with `requirements` and procqueue (editable) installed; its python. Remade
+    when the pinned requirements change. Never the project's .venv: a peer's dependencies
+    stay out of it."""
+    python, stamp, wanted = venv / "bin" / "python", venv / "requirements.txt", "\n".join(requirements) + "\n"
+    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
+        return python
+    progress(f"installing {what} into {venv} (once)")
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(REPO), *requirements],
+                               capture_output=True, text=True)
+    if installed.returncode != 0:
+        raise SystemExit(f"pip could not install {', '.join(requirements)}:\n{installed.stderr[-2000:]}")
+    stamp.write_text(wanted)
+    return python
+
+
 # -- signals -------------------------------------------------------------------------
 
 

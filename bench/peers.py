@@ -27,7 +27,6 @@ import signal
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -94,21 +93,7 @@ class Options:
 # -- the benchmark's own virtualenv ----------------------------------------------------------
 
 def ensure_bench_venv() -> Path:
-    """.bench-venv with the peers and procqueue (editable) installed; remade when the pinned
-    requirements change. Never the project's .venv: the peers' dependencies stay out of it."""
-    python = BENCH_VENV / "bin" / "python"
-    stamp = BENCH_VENV / "requirements.txt"
-    wanted = "\n".join(PEER_REQUIREMENTS) + "\n"
-    if python.exists() and stamp.exists() and stamp.read_text() == wanted:
-        return python
-    common.progress(f"installing the peers into {BENCH_VENV} (once)")
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(BENCH_VENV)], check=True)
-    installed = subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(common.REPO), *PEER_REQUIREMENTS],
-                               capture_output=True, text=True)
-    if installed.returncode != 0:
-        raise SystemExit(f"peers: pip could not install {', '.join(PEER_REQUIREMENTS)}:\n{installed.stderr[-2000:]}")
-    stamp.write_text(wanted)
-    return python
+    return common.ensure_venv(BENCH_VENV, PEER_REQUIREMENTS, "the peers")
 
 
 # -- Redis, for Celery ---------------------------------------------------------------------------
