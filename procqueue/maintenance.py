@@ -52,8 +52,7 @@ def clean_up_old_tasks() -> None:
                                                   include_failed=retention.include_failed),
             deadline)
         runs = _delete_in_batches(
-            lambda: queries.delete_old_runs(conn, days=retention.run_days, batch=retention.batch_size,
-                                            include_failed=retention.include_failed),
+            lambda: queries.delete_old_runs(conn, days=retention.run_days, batch=retention.batch_size),
             deadline)
     finally:
         # Closed after each run rather than kept for the worker's life: between runs a

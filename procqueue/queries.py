@@ -263,11 +263,11 @@ class Queries:
     # -- retention ---------------------------------------------------------------------
 
     def delete_finished_tasks(self, conn, *, days: int, batch: int, include_failed: bool) -> int:
-        return self._rowcount(conn, "delete_finished_tasks",
-                              {"days": days, "batch": batch, "include_failed": include_failed})
+        name = "delete_finished_and_failed_tasks" if include_failed else "delete_finished_tasks"
+        return self._rowcount(conn, name, {"days": days, "batch": batch})
 
-    def delete_old_runs(self, conn, *, days: int, batch: int, include_failed: bool) -> int:
-        return self._rowcount(conn, "delete_old_runs", {"days": days, "batch": batch, "include_failed": include_failed})
+    def delete_old_runs(self, conn, *, days: int, batch: int) -> int:
+        return self._rowcount(conn, "delete_old_runs", {"days": days, "batch": batch})
 
     def _rowcount(self, conn, name: str, params: dict) -> int:
         with conn.cursor() as cur:

@@ -381,32 +381,47 @@ SELECT extract(epoch FROM min(next_run_at) - now())::float8
 FROM {schema}.recurring_tasks WHERE task_name = ANY(%(names)s::text[]) AND disabled_at IS NULL;
 
 -- name: delete_finished_tasks
--- Retention: one batch of tasks finished before the cut-off, oldest first; failed ones
--- only with %(include_failed)s (TASK_DELETE_INCLUDE_FAILED_TASKS): otherwise they are the
--- record of what went wrong, kept until an operator purges them. The outer WHERE repeats
--- the inner one: a row retried (or cancelled while held) by another transaction while
--- this one waited for its lock is re-checked there, and kept; the subquery alone would
--- delete it. A cancelled task still held is its processor's to let go.
+-- Retention: one batch of tasks finished before the cut-off, oldest first, failed ones
+-- excepted: they are the record of what went wrong, kept until an operator purges them
+-- (or TASK_DELETE_INCLUDE_FAILED_TASKS: delete_finished_and_failed_tasks; two statements,
+-- so that each one's states are constants the planner sees). The outer WHERE repeats the
+-- inner one: a row retried (or cancelled while held) by another transaction while this
+-- one waited for its lock is re-checked there, and kept; the subquery alone would delete
+-- it. A cancelled task still held is its processor's to let go.
 DELETE FROM {schema}.tasks
 WHERE id IN (SELECT id FROM {schema}.tasks
-             WHERE (state IN ('succeeded', 'cancelled', 'missed') OR (%(include_failed)s AND state = 'failed'))
+             WHERE state IN ('succeeded', 'cancelled', 'missed')
                AND finished_at < now() - %(days)s * interval '1 day'
                AND locked_by IS NULL
              ORDER BY finished_at
              LIMIT %(batch)s)
-  AND (state IN ('succeeded', 'cancelled', 'missed') OR (%(include_failed)s AND state = 'failed'))
+  AND state IN ('succeeded', 'cancelled', 'missed')
+  AND finished_at < now() - %(days)s * interval '1 day'
+  AND locked_by IS NULL;
+
+-- name: delete_finished_and_failed_tasks
+-- delete_finished_tasks with TASK_DELETE_INCLUDE_FAILED_TASKS: failed tasks too (the
+-- index tasks_finished holds every finished state).
+DELETE FROM {schema}.tasks
+WHERE id IN (SELECT id FROM {schema}.tasks
+             WHERE state IN ('succeeded', 'failed', 'cancelled', 'missed')
+               AND finished_at < now() - %(days)s * interval '1 day'
+               AND locked_by IS NULL
+             ORDER BY finished_at
+             LIMIT %(batch)s)
+  AND state IN ('succeeded', 'failed', 'cancelled', 'missed')
   AND finished_at < now() - %(days)s * interval '1 day'
   AND locked_by IS NULL;
 
 -- name: delete_old_runs
--- Retention: one batch of run records older than the cut-off, but never a run of a
--- failed task that is kept (without %(include_failed)s): its runs are what says why.
+-- Retention: one batch of run records older than the cut-off, whatever their task (a
+-- failed task kept keeps its last error and traceback in its own row). Filtering on the
+-- task's state here would walk past every kept failed task's runs in every batch: they
+-- sort first and only grow.
 DELETE FROM {schema}.task_runs
-WHERE id IN (SELECT r.id FROM {schema}.task_runs AS r
-             WHERE r.finished_at < now() - %(days)s * interval '1 day'
-               AND (%(include_failed)s OR NOT EXISTS (SELECT 1 FROM {schema}.tasks AS t
-                                                      WHERE t.id = r.task_id AND t.state = 'failed'))
-             ORDER BY r.finished_at
+WHERE id IN (SELECT id FROM {schema}.task_runs
+             WHERE finished_at < now() - %(days)s * interval '1 day'
+             ORDER BY finished_at
              LIMIT %(batch)s);
 
 -- name: processor_heartbeat

@@ -96,24 +96,26 @@ def test_clean_up_deletes_finished_tasks_past_retention_and_keeps_failed_ones(db
     """Mirrors `test_unit_task_processor_tasks.py::test_clean_up_old_tasks`: with a retention
     of 2 days and batches of 1, the two tasks completed 3 days ago are deleted; the one
     completed 1 day ago, the one not yet due, and the failed one from 3 days ago are kept
-    (TASK_DELETE_INCLUDE_FAILED_TASKS is false by default), and so are the failed one's runs."""
+    (TASK_DELETE_INCLUDE_FAILED_TASKS is false by default). (Its run records go by their
+    own retention, as every run's: the task keeps its last error.)"""
     insert_task(db, "succeeded", finished_days_ago=3)
     insert_task(db, "succeeded", finished_days_ago=3)
     recent = insert_task(db, "succeeded", finished_days_ago=1)
     future = insert_task(db, "queued", run_in_hours=1)
     failed = insert_task(db, "failed", finished_days_ago=3)
     insert_run(db, failed, finished_days_ago=3)
+    insert_run(db, failed, finished_days_ago=1)
     retention(task_days=2, run_days=2, batch_size=1)
     maintenance.clean_up_old_tasks()
     assert task_ids(db) == [recent, future, failed]
-    assert run_task_ids(db) == [failed]
+    assert run_task_ids(db) == [failed]  # the recent run only
 
 
 def test_clean_up_deletes_run_records_past_retention(db, retention):
     """Mirrors `test_unit_task_processor_tasks.py::test_clean_up_old_recurring_task_runs`:
     with RECURRING_TASK_RUN_RETENTION_DAYS 2, the two runs finished 3 days ago are deleted and
     the one finished 1 day ago is kept (procqueue applies it to every run record, of
-    recurring tasks and others, whose task is not kept as failed)."""
+    recurring tasks and others)."""
     for task_id in (101, 102):
         insert_run(db, task_id, finished_days_ago=3)
     insert_run(db, 103, finished_days_ago=1)
