@@ -28,7 +28,9 @@ from .records import (
 # FAILURES); `complete` and `release_worker_tasks` count them.
 MAX_CONSECUTIVE_FAILURES = 4
 
-_BLOCK_START = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+# `-- name: X` starts a statement; `-- fragment: Y` a piece of one that several
+# statements write as `{Y}` (composed in before the schema is).
+_BLOCK_START = re.compile(r"^-- (name|fragment): (\w+)\s*$", re.MULTILINE)
 _PARAMETER = re.compile(r"%\((\w+)\)s")
 # The statements prepared on each connection (server-side PREPARE lives as long as the
 # session): connection -> names. A new connection (a reconnect) prepares afresh.
@@ -39,9 +41,16 @@ _unpreparable: "weakref.WeakSet[object]" = weakref.WeakSet()
 @functools.lru_cache(maxsize=None)
 def _statement_templates() -> Dict[str, str]:
     text = resources.files("procqueue").joinpath("queries.sql").read_text(encoding="utf-8")
-    names = _BLOCK_START.findall(text)
-    bodies = _BLOCK_START.split(text)[2::2]
-    return {name: _strip_comments(body) for name, body in zip(names, bodies)}
+    parts = _BLOCK_START.split(text)[1:]  # kind, name, body, kind, name, body, ...
+    blocks = [(kind, name, _strip_comments(body)) for kind, name, body in zip(parts[::3], parts[1::3], parts[2::3])]
+    fragments = {f"{{{name}}}": body for kind, name, body in blocks if kind == "fragment"}
+    statements = {}
+    for kind, name, body in blocks:
+        if kind == "name":
+            for placeholder, fragment in fragments.items():
+                body = body.replace(placeholder, fragment)
+            statements[name] = body
+    return statements
 
 
 def _strip_comments(body: str) -> str:

@@ -174,7 +174,19 @@ WITH outcome AS (
     JOIN tally AS t ON t.task_name = r.task_name
     WHERE r.disabled_at IS NULL  -- rechecked on the latest version once the row lock is had
     FOR UPDATE OF r
-), schedules AS (
+), {count_schedule_failures}
+SELECT task_id, NULL, NULL FROM recorded
+UNION ALL
+SELECT NULL, task_name, failures FROM schedules WHERE disables;
+
+-- fragment: count_schedule_failures
+-- The CTEs `complete` and `release_worker_tasks` share, after their own `counted` (one
+-- row per recurring schedule whose runs they record: task_name, the new count of
+-- failures in a row, whether it disables the schedule, its row locked): the schedule's
+-- count written, and, when it is disabled, its runs still waiting ended `missed` (a run
+-- queued before the disable would otherwise start, and reset the count of a schedule
+-- that stays disabled).
+schedules AS (
     UPDATE {schema}.recurring_tasks AS r
     SET consecutive_failures = c.failures,
         disabled_at = CASE WHEN c.disables THEN now() ELSE r.disabled_at END
@@ -189,9 +201,6 @@ WITH outcome AS (
     FROM schedules AS s
     WHERE s.disables AND t.task_name = s.task_name AND t.recurring_slot IS NOT NULL AND t.state = 'queued'
 )
-SELECT task_id, NULL, NULL FROM recorded
-UNION ALL
-SELECT NULL, task_name, failures FROM schedules WHERE disables;
 
 -- name: release_worker_tasks
 -- running -> queued / failed / missed for every task a dead or stopped worker still held.
@@ -245,21 +254,7 @@ WITH held AS (
     JOIN released AS r ON r.task_name = s.task_name
     WHERE r.recurring_failure AND s.disabled_at IS NULL
     FOR UPDATE OF s
-), schedules AS (
-    UPDATE {schema}.recurring_tasks AS s
-    SET consecutive_failures = c.failures,
-        disabled_at = CASE WHEN c.disables THEN now() ELSE s.disabled_at END
-    FROM counted AS c
-    WHERE s.task_name = c.task_name
-    RETURNING s.task_name, c.disables, c.failures
-), ended AS (
-    UPDATE {schema}.tasks AS t
-    SET state = 'missed', finished_at = now(),
-        last_error = 'not started: its recurring schedule was disabled (' || s.failures
-                     || ' failures in a row) before it could start; no slot runs until an operator enables it'
-    FROM schedules AS s
-    WHERE s.disables AND t.task_name = s.task_name AND t.recurring_slot IS NOT NULL AND t.state = 'queued'
-), recorded AS (
+), {count_schedule_failures}, recorded AS (
     INSERT INTO {schema}.task_runs
         (task_id, task_name, attempt, started_at, finished_at, outcome, error, processor, worker)
     SELECT r.id, r.task_name, r.attempts + CASE WHEN r.counted THEN 0 ELSE 1 END,
