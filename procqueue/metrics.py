@@ -32,7 +32,7 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from . import __version__
-from .records import RunOutcome
+from .records import RunOutcome, TaskState
 
 # Flagsmith's label names, so its dashboards and alerts port by renaming the metric.
 TASK_LABELS = ("task_identifier", "task_type", "result")
@@ -85,11 +85,14 @@ _ARCHIVED_TYPES = ("counter", "histogram", "summary")  # the types whose values 
 DIRECTORY_PREFIX = "procqueue-metrics-"  # then the supervisor's pid
 
 
-def result_label(outcome: RunOutcome, retrying: bool) -> str:
-    """The `result` label of a run: its outcome, but a failure that will be retried is
-    `retried`, so `failed` counts only tasks that failed for good."""
-    if outcome is RunOutcome.FAILED and retrying:
+def result_label(outcome: RunOutcome, state: TaskState) -> str:
+    """The `result` label of a run, by its outcome and where it left its task: a failure
+    that will be retried is `retried`, and a backoff on the last attempt, which ends the
+    task, `failed`, so that `failed` counts exactly the tasks that failed for good."""
+    if outcome is RunOutcome.FAILED and state is TaskState.QUEUED:
         return "retried"
+    if outcome is RunOutcome.BACKOFF and state is TaskState.FAILED:
+        return "failed"
     return outcome.value
 
 

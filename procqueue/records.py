@@ -195,10 +195,6 @@ class ReleasedTask:
     # A recurring run whose failure disabled its schedule: the schedule's failures in a row.
     disabled_schedule_after: Optional[int] = None
 
-    @property
-    def retrying(self) -> bool:
-        return self.state is TaskState.QUEUED
-
 
 @dataclass(frozen=True)
 class RecordedOutcomes:

@@ -207,7 +207,7 @@ class SupervisorDatabase:
                     log_recurring_disabled(logger, task.task_name, task.disabled_schedule_after, worker=index)
 
     def count_lost(self, task: ReleasedTask, outcome: RunOutcome) -> None:
-        self.task_metrics.run_finished(task.task_name, task.recurring, result_label(outcome, task.retrying), None)
+        self.task_metrics.run_finished(task.task_name, task.recurring, result_label(outcome, task.state), None)
         if task.state is TaskState.MISSED:
             self.task_metrics.slots_missed(task.task_name)
 

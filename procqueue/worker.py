@@ -394,13 +394,9 @@ class Worker:
 
     def record_metrics(self, task: ClaimedTask, outcome: TaskOutcome) -> None:
         recurring = task.recurring_slot is not None
-        retrying = outcome.state is TaskState.QUEUED
         duration = (outcome.finished_at - outcome.started_at).total_seconds()
         self.metrics.run_started(task.task_name, task.queue, (outcome.started_at - task.run_at).total_seconds())
-        result = result_label(outcome.outcome, retrying)
-        if outcome.outcome is RunOutcome.BACKOFF and outcome.state is TaskState.FAILED:
-            result = "failed"  # a backoff on its last attempt: failed for good, as an alert on `failed` expects
-        self.metrics.run_finished(task.task_name, recurring, result, duration)
+        self.metrics.run_finished(task.task_name, recurring, result_label(outcome.outcome, outcome.state), duration)
         if outcome.state is TaskState.MISSED:
             self.metrics.slots_missed(task.task_name)
 
