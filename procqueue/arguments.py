@@ -55,10 +55,7 @@ def serialise_arguments(
         except _Refused as refused:
             raise InvalidArgumentsError(f"task {task_name}: kwargs {refused.problem}") from None
     try:
-        for position, value in enumerate(args):
-            require_json(task_name, f"args[{position}]", value)
-        for key, value in kwargs.items():
-            require_json(task_name, f"kwargs[{key!r}]", value)
+        _require_all_json(task_name, args, kwargs)
     except _Converts:
         args, kwargs = _converted_arguments(task_name, args, kwargs)
     args_json, kwargs_json = json.dumps(list(args), allow_nan=False), json.dumps(dict(kwargs), allow_nan=False)
@@ -118,11 +115,15 @@ def _converted_arguments(task_name: str, args: Sequence[Any], kwargs: Mapping[st
     as plain JSON: that finds any problem left and names where it is."""
     args = [_json_ready(value, 0, {}) for value in args]
     kwargs = {key: _json_ready(value, 0, {}) for key, value in kwargs.items()}
+    _require_all_json(task_name, args, kwargs)
+    return args, kwargs
+
+
+def _require_all_json(task_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
     for position, value in enumerate(args):
         require_json(task_name, f"args[{position}]", value)
     for key, value in kwargs.items():
         require_json(task_name, f"kwargs[{key!r}]", value)
-    return args, kwargs
 
 
 class _Refused(Exception):

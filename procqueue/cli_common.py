@@ -14,10 +14,10 @@ import psycopg2
 
 from . import config as config_module
 from .db import first_line, tables_missing
+from .driver import UNDEFINED_TABLE
 from .errors import DatabaseError, ProcqueueError
 from .records import UnreadableJson
 
-UNDEFINED_TABLE = "42P01"  # SQLSTATE (psycopg2.errorcodes.UNDEFINED_TABLE)
 
 
 def set_program(name: str) -> None:

@@ -265,10 +265,14 @@ def recurring_remove(name: str, database_url: Optional[str], schema: Optional[st
     conn, queries = queue_connection(database_url, schema)
     cancelled = admin.remove_recurring(conn, queries, name, by=admin.actor("procqueue recurring remove"))
     if cancelled is None:
-        names = [s.task_name for s in admin.recurring_schedules(conn, queries)]
-        raise TaskError(f"no recurring schedule named {name!r} (schedules: {', '.join(names) or 'none'})")
+        raise _no_such_schedule(conn, queries, name)
     click.echo(f"removed {name}" + (f"; cancelled {cancelled} waiting run{'s' if cancelled != 1 else ''}"
                                     if cancelled else ""))
+
+
+def _no_such_schedule(conn, queries, name: str) -> TaskError:
+    names = [s.task_name for s in admin.recurring_schedules(conn, queries)]
+    return TaskError(f"no recurring schedule named {name!r} (schedules: {', '.join(names) or 'none'})")
 
 
 @recurring_group.command("enable")
@@ -282,8 +286,7 @@ def recurring_enable(name: str, database_url: Optional[str], schema: Optional[st
     conn, queries = queue_connection(database_url, schema)
     was_disabled = admin.enable_recurring(conn, queries, name)
     if was_disabled is None:
-        names = [s.task_name for s in admin.recurring_schedules(conn, queries)]
-        raise TaskError(f"no recurring schedule named {name!r} (schedules: {', '.join(names) or 'none'})")
+        raise _no_such_schedule(conn, queries, name)
     shown = _printable(name)
     click.echo(f"enabled {shown}" if was_disabled else f"{shown} was not disabled; its count of failures is reset")
 

@@ -178,9 +178,9 @@ class RetentionConfig:
     task_days: int = DEFAULT_TASK_RETENTION_DAYS
     run_days: int = DEFAULT_RUN_RETENTION_DAYS
     batch_size: int = DEFAULT_DELETE_BATCH_SIZE
-    enabled: bool = True  # False: the clean-up task runs and deletes nothing
-    # Failed tasks are the record of what went wrong: kept, with their runs, until an
-    # operator purges them, unless this says they go with the rest.
+    enabled: bool = True  # False: the clean-up is not scheduled, and a run of it deletes nothing
+    # Failed tasks are the record of what went wrong: kept until an operator purges them
+    # (their runs go by age, as every run's), unless this says they go with the rest.
     include_failed: bool = False
     run_every: Optional[timedelta] = None  # None: see `schedule`
     run_time: Optional[time] = None  # of day, UTC
@@ -514,12 +514,7 @@ def _sleep_interval_name(env: Mapping[str, str]) -> str:
 def _dashboard_setting(cli_value: Optional[bool], env: Mapping[str, str]) -> bool:
     if cli_value is not None:
         return cli_value
-    raw = env.get(ENV_DASHBOARD, "").strip().lower()
-    if raw in ("", "1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"invalid value for {ENV_DASHBOARD}: {raw!r} (expected on or off)")
+    return _bool_setting(env, ENV_DASHBOARD, True, expected="on or off")
 
 
 def _status_file(cli_value: Optional[Path], env: Mapping[str, str]) -> Path:
@@ -551,14 +546,14 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def _bool_setting(env: Mapping[str, str], env_name: str, default: bool) -> bool:
+def _bool_setting(env: Mapping[str, str], env_name: str, default: bool, expected: str = "true or false") -> bool:
     raw = env.get(env_name, "")
     value = raw.strip().lower()
     if value == "":
         return default
     if value in _TRUE + _FALSE:
         return value in _TRUE
-    raise ConfigError(f"invalid value for {env_name}: {raw!r} (expected true or false)")
+    raise ConfigError(f"invalid value for {env_name}: {raw!r} (expected {expected})")
 
 
 # Flagsmith's settings read these with environs: env.timedelta takes seconds or a

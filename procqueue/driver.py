@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import psycopg2.extensions
 
-UNDEFINED_TABLE = "42P01"
+UNDEFINED_TABLE = "42P01"  # SQLSTATE (psycopg2.errorcodes.UNDEFINED_TABLE)
 
 ACCEPTED = ("a psycopg2 connection, a psycopg 3 psycopg.Connection, or a Django PostgreSQL connection "
             "(django.db.connection, django.db.connections[alias])")

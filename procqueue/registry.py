@@ -210,8 +210,7 @@ def register_recurring_task(
 
     def decorator(func: Callable[..., Any]) -> TaskHandler:
         name = task_name or default_task_name(func)
-        if not isinstance(run_every, timedelta) or run_every <= timedelta(0):
-            raise TaskError(f"recurring task {name}: run_every must be a positive timedelta, got {run_every!r}")
+        _validated_run_every(name, run_every)
         handler = TaskHandler(
             func,
             task_name=name,
@@ -240,9 +239,8 @@ def reschedule_recurring(task_name: str, *, run_every: timedelta, first_run_time
     this processor does not schedule it at all (neither registers the schedule nor
     enqueues its runs); its handler stays, for a run another processor enqueued."""
     schedule = _recurring[task_name]
-    if not isinstance(run_every, timedelta) or run_every <= timedelta(0):
-        raise TaskError(f"recurring task {task_name}: run_every must be a positive timedelta, got {run_every!r}")
-    _recurring[task_name] = replace(schedule, run_every=run_every, first_run_at=_anchor(task_name, first_run_time),
+    _recurring[task_name] = replace(schedule, run_every=_validated_run_every(task_name, run_every),
+                                    first_run_at=_anchor(task_name, first_run_time),
                                     timeout=_validated_timeout(task_name, timeout))
     if enabled:
         _unscheduled.discard(task_name)
@@ -316,6 +314,12 @@ def _validated_queue_size(name: str, queue_size: Optional[int]) -> Optional[int]
     if queue_size is not None and (not isinstance(queue_size, int) or queue_size < 0):
         raise TaskError(f"task {name}: queue_size must be an integer >= 0 or None, got {queue_size!r}")
     return queue_size or None  # 0 is no limit, as in Flagsmith (`if queue_size and ...`)
+
+
+def _validated_run_every(name: str, run_every: timedelta) -> timedelta:
+    if not isinstance(run_every, timedelta) or run_every <= timedelta(0):
+        raise TaskError(f"recurring task {name}: run_every must be a positive timedelta, got {run_every!r}")
+    return run_every
 
 
 def _validated_timeout(name: str, timeout: timedelta) -> timedelta:
