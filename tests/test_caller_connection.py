@@ -99,7 +99,8 @@ def test_missing_tables_are_procqueues_error(db, conn):
     procqueue.configure(schema="nosuch")
     try:
         with pytest.raises(procqueue.DatabaseError, match=r'^the procqueue tables are not in schema "nosuch" of '
-                                                          r"this database: .* run `procqueue migrate`$"):
+                                                          r"this database: is the schema name right .* "
+                                                          r"run `procqueue migrate`$"):
             greet.delay(args=("x",), connection=conn)
     finally:
         procqueue.configure(schema="procqueue")

@@ -539,13 +539,3 @@ def test_recurring_task_arguments_must_fit_the_function(throwaway_tasks):
         register_recurring_task(run_every=timedelta(minutes=1), task_name="test_enqueue.unfit_recurring")(
             lambda when: None)
     assert "test_enqueue.unfit_recurring" not in procqueue.registry.registered_names()
-
-
-def test_enqueue_into_a_schema_without_the_tables_names_it(db):
-    procqueue.configure(schema="nosuch")
-    try:
-        with pytest.raises(procqueue.DatabaseError, match=r'^the procqueue tables are not in schema "nosuch" of '
-                                                          r"this database: is the schema name right .* run `procqueue migrate`$"):
-            greet.delay(args=("ada",), connection=db)
-    finally:
-        procqueue.configure(schema="procqueue")

@@ -55,7 +55,9 @@ class PassThroughCommand(BaseCommand):
             sys.exit(code)
 
     def print_help(self, prog_name: str, subcommand: str) -> None:  # manage.py help COMMAND
-        self.run(["--help"], f"{prog_name} {subcommand}")
+        prog = f"{prog_name} {subcommand}"
+        exit_on_settings_problem(prog)  # the help is made with the settings, as the command runs with them
+        self.run(["--help"], prog)
 
 
 def own_arguments(argv: Sequence[str]) -> List[str]:
